@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# Build the control-plane binaries (etcd, kube-apiserver, kubectl, helm) from the Go module proxy
+# into a cache keyed by version, the way envtest ships them, because the build machines have no
+# Docker engine and cannot download release tarballs.
+#
+#   hack/build-binaries.sh            build what is missing, print the bin dir
+#   TESTBIN_DIR=/some/dir hack/...    use another cache (CI points this outside the clone)
+#
+# A warm cache is detected per binary (it exists and reports the pinned version), so a second run
+# takes seconds. Progress is printed while the Go builds run: a cold build is minutes of work.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+# shellcheck source=versions.env
+source "$here/versions.env"
+
+TESTBIN_DIR=${TESTBIN_DIR:-$repo/.testbin}
+mkdir -p "$TESTBIN_DIR"
+build_root="$TESTBIN_DIR/.build"
+export CGO_ENABLED=0
+export GOFLAGS=${GOFLAGS:--mod=mod}
+
+start_all=$(date +%s)
+log() { printf '[build-binaries %4ss] %s\n' "$(( $(date +%s) - start_all ))" "$*" >&2; }
+
+# Run a long command, printing a heartbeat every 30 s so CI logs show it is alive.
+with_progress() {
+  local what=$1; shift
+  local t0; t0=$(date +%s)
+  "$@" &
+  local pid=$!
+  while kill -0 "$pid" 2>/dev/null; do
+    for _ in $(seq 1 30); do
+      sleep 1
+      kill -0 "$pid" 2>/dev/null || break
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      log "  ... still $what ($(( $(date +%s) - t0 ))s)"
+    fi
+  done
+  wait "$pid"
+  log "  $what took $(( $(date +%s) - t0 ))s"
+}
+
+bin_dir() { echo "$TESTBIN_DIR/$1-$2"; }
+
+have() { # have NAME VERSION CHECK-COMMAND...: the cached binary runs and reports VERSION
+  local name=$1 version=$2; shift 2
+  local path; path="$(bin_dir "$name" "$version")/$name"
+  [ -x "$path" ] && "$path" "$@" 2>/dev/null | grep -q -- "$version"
+}
+
+check_toolchain() {
+  command -v go >/dev/null || { echo "go is not installed: the control-plane build needs Go >= 1.26" >&2; exit 1; }
+  log "toolchain: $(go version), GOPROXY=$(go env GOPROXY)"
+}
+
+build_kubernetes() {
+  local v=$KUBERNETES_VERSION
+  local minor=${v#*.}; minor=${minor%%.*}
+  local out; out=$(bin_dir kubernetes "$v")
+  if [ -x "$out/kube-apiserver" ] && "$out/kube-apiserver" --version 2>/dev/null | grep -q "v$v" \
+     && [ -x "$out/kubectl" ] && "$out/kubectl" version --client 2>/dev/null | grep -q "v$v"; then
+    log "kube-apiserver and kubectl v$v: cached in $out"
+    return
+  fi
+  log "kube-apiserver and kubectl v$v: building (cold: several minutes)"
+  local wd="$build_root/kubernetes-$v"
+  rm -rf "$wd"; mkdir -p "$wd" "$out"
+  (
+    cd "$wd"
+    go mod init captchatask.dev/testbin/kubernetes >/dev/null 2>&1
+    # Derive the staging replace list from k8s.io/kubernetes's own go.mod: each
+    # `k8s.io/<m> => ./staging/src/k8s.io/<m>` becomes `k8s.io/<m> => k8s.io/<m> v0.<minor>.<patch>`.
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@v$v" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+    local staging
+    staging=$(sed -n 's#^[[:space:]]*\(k8s.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/src/.*#\1#p' "$gomod")
+    local n=0
+    for m in $staging; do
+      go mod edit -replace "$m=$m@v0.${v#*.}"
+      n=$((n + 1))
+    done
+    log "  derived $n staging replaces from k8s.io/kubernetes@v$v go.mod"
+    [ "$n" -gt 0 ] || { echo "no staging replaces found in $gomod" >&2; exit 1; }
+    with_progress "resolving modules" go get "k8s.io/kubernetes@v$v" \
+      "k8s.io/kubernetes/cmd/kube-apiserver@v$v" "k8s.io/kubernetes/cmd/kubectl@v$v"
+    # Stamp the real version the way hack/lib/version.sh does, in both version packages, so
+    # `kubectl version` and helm's kubeVersion checks see v$v instead of v0.0.0-master.
+    local info commit date
+    info=$(go mod download -json "k8s.io/kubernetes@v$v" | sed -n 's/.*"Info": "\(.*\)".*/\1/p')
+    commit=$(sed -n 's/.*"Hash":"\([0-9a-f]*\)".*/\1/p' "$info")
+    date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info")
+    local ld="-s -w"
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ld+=" -X $pkg.gitVersion=v$v -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+      ld+=" -X $pkg.gitCommit=${commit:-unknown} -X $pkg.gitTreeState=clean"
+      ld+=" -X $pkg.buildDate=${date:-1970-01-01T00:00:00Z}"
+    done
+    with_progress "building kube-apiserver" go build -trimpath -ldflags "$ld" \
+      -o "$out/kube-apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
+    with_progress "building kubectl" go build -trimpath -ldflags "$ld" \
+      -o "$out/kubectl.tmp" k8s.io/kubernetes/cmd/kubectl
+  )
+  mv "$out/kube-apiserver.tmp" "$out/kube-apiserver"
+  mv "$out/kubectl.tmp" "$out/kubectl"
+  "$out/kube-apiserver" --version >&2
+}
+
+build_etcd() {
+  local v=$ETCD_VERSION
+  local out; out=$(bin_dir etcd "$v")
+  if [ -x "$out/etcd" ] && "$out/etcd" --version 2>/dev/null | grep -q "etcd Version: $v"; then
+    log "etcd v$v: cached in $out"
+    return
+  fi
+  log "etcd v$v: building"
+  local wd="$build_root/etcd-$v"
+  rm -rf "$wd"; mkdir -p "$wd" "$out"
+  (
+    cd "$wd"
+    go mod init captchatask.dev/testbin/etcd >/dev/null 2>&1
+    with_progress "resolving modules" go get "go.etcd.io/etcd/server/v3@v$v"
+    with_progress "building etcd" go build -trimpath -ldflags "-s -w" -o "$out/etcd.tmp" \
+      go.etcd.io/etcd/server/v3
+  )
+  mv "$out/etcd.tmp" "$out/etcd"
+}
+
+build_helm() {
+  local v=$HELM_VERSION
+  local out; out=$(bin_dir helm "$v")
+  if [ -x "$out/helm" ] && "$out/helm" version --short 2>/dev/null | grep -q "v$v"; then
+    log "helm v$v: cached in $out"
+    return
+  fi
+  log "helm v$v: building"
+  mkdir -p "$out"
+  local major=${v%%.*}
+  with_progress "building helm" env GOBIN="$out" go install -trimpath \
+    -ldflags "-s -w -X helm.sh/helm/v$major/internal/version.version=v$v -X helm.sh/helm/v$major/internal/version.gitTreeState=clean" \
+    "helm.sh/helm/v$major/cmd/helm@v$v"
+}
+
+check_toolchain
+build_etcd
+build_helm
+build_kubernetes
+# One stable folder of links, so PATH and the testbed need no version arithmetic.
+mkdir -p "$TESTBIN_DIR/bin"
+ln -sf "$(bin_dir etcd "$ETCD_VERSION")/etcd" "$TESTBIN_DIR/bin/etcd"
+ln -sf "$(bin_dir kubernetes "$KUBERNETES_VERSION")/kube-apiserver" "$TESTBIN_DIR/bin/kube-apiserver"
+ln -sf "$(bin_dir kubernetes "$KUBERNETES_VERSION")/kubectl" "$TESTBIN_DIR/bin/kubectl"
+ln -sf "$(bin_dir helm "$HELM_VERSION")/helm" "$TESTBIN_DIR/bin/helm"
+log "done: binaries in $TESTBIN_DIR/bin"
+echo "$TESTBIN_DIR/bin"

@@ -1,0 +1,374 @@
+"""A small asynchronous Kubernetes REST client for our three resources, Events and Secrets.
+
+Why not the generated clients: the sync ``kubernetes`` client would have to run in a thread pool
+on the pingback hot path, and its model (de)serialisation costs more than the request itself;
+``kubernetes_asyncio`` is a second large generated client. We need a handful of verbs on a
+handful of resources, all JSON, so this module speaks REST over the component's one
+``aiohttp.ClientSession``. The ``kubernetes`` package is still used for what it does best:
+loading a kubeconfig or the in-cluster service-account configuration, once, at startup
+(:func:`load_config`).
+
+Errors are typed so callers can tell "the API server answered no" (:class:`ApiError` with the
+HTTP status) from "the API server did not answer" (:class:`KubeUnavailable`), which is the
+sidecar's cue to spool instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import quote
+
+import aiohttp
+
+from captchatask import model
+
+#: Service-account tokens are rotated by the kubelet; re-read the file this often.
+TOKEN_REFRESH_SECONDS: Final = 60.0
+#: Default per-request budget. Callers on the hot path pass a tighter one.
+DEFAULT_TIMEOUT_SECONDS: Final = 10.0
+
+JSON_PATCH: Final = "application/json-patch+json"
+#: The API server's message when a JSON patch does not apply (e.g. a failed ``test`` op).
+PATCH_NOT_APPLICABLE: Final = "the server rejected our request due to an error in our request"
+MERGE_PATCH: Final = "application/merge-patch+json"
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One API resource: where it lives in the URL space."""
+
+    group: str
+    version: str
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None, name: str | None = None) -> str:
+        """Return the collection or object path, URL-escaped."""
+        base = f"/api/{self.version}" if not self.group else f"/apis/{self.group}/{self.version}"
+        if self.namespaced and namespace is not None:
+            base += f"/namespaces/{quote(namespace, safe='')}"
+        base += f"/{self.plural}"
+        if name is not None:
+            base += f"/{quote(name, safe='')}"
+        return base
+
+
+TASKS: Final = Resource(model.GROUP, model.VERSION, model.TASK_PLURAL)
+PROVIDERS: Final = Resource(model.GROUP, model.VERSION, model.PROVIDER_PLURAL)
+DEAD_LETTERS: Final = Resource(model.GROUP, model.VERSION, model.DEAD_LETTER_PLURAL)
+EVENTS: Final = Resource("", "v1", "events")
+SECRETS: Final = Resource("", "v1", "secrets")
+NAMESPACES: Final = Resource("", "v1", "namespaces", namespaced=False)
+
+
+class KubeError(Exception):
+    """Base of the errors of this client."""
+
+
+class KubeUnavailable(KubeError):
+    """The API server could not be reached or did not answer in time."""
+
+
+class ApiError(KubeError):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+    @property
+    def not_found(self) -> bool:
+        """The object (or its namespace) does not exist."""
+        return self.status == 404
+
+    @property
+    def conflict(self) -> bool:
+        """Optimistic-concurrency failure: a stale resourceVersion or a failed JSON-patch test."""
+        if self.status == 409:
+            return True
+        # A JSON patch that cannot be applied (a failed "test" op above all) comes back as a
+        # bare 422 with this generic message and no field causes; schema rejections name fields.
+        return self.status == 422 and self.message == PATCH_NOT_APPLICABLE
+
+
+@dataclass(frozen=True, slots=True)
+class KubeConfig:
+    """Connection settings, loaded once at startup; see :func:`load_config`."""
+
+    server: str
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    token: str | None = field(default=None, repr=False)
+    token_file: str | None = None
+    verify: bool = True
+    namespace: str = "default"
+
+
+def load_config(kubeconfig: str | None = None, *, context: str | None = None) -> KubeConfig:
+    """Load in-cluster config when running in a pod, else the kubeconfig (``KUBECONFIG``).
+
+    This is a one-off, blocking file read at startup, done with the official ``kubernetes``
+    package so every kubeconfig shape it understands (certificate data, files, tokens) works.
+    """
+    from kubernetes import client as k8s_client  # noqa: PLC0415 - heavy import, startup only
+    from kubernetes import config as k8s_config  # noqa: PLC0415
+
+    configuration = k8s_client.Configuration()
+    namespace = "default"
+    token_file: str | None = None
+    sa_dir = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+    if kubeconfig is None and (sa_dir / "token").exists():
+        # The kubernetes package ships no type information; these three calls are its only use.
+        k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        token_file = str(sa_dir / "token")
+        namespace = (sa_dir / "namespace").read_text(encoding="utf-8").strip() or namespace
+    else:
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig, context=context, client_configuration=configuration
+        )
+        _contexts, active = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
+            config_file=kubeconfig
+        )
+        namespace = (active or {}).get("context", {}).get("namespace") or namespace
+    auth = configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken")
+    token = None
+    if auth:
+        token = auth.split(" ", 1)[1] if auth.lower().startswith("bearer ") else auth
+    return KubeConfig(
+        server=str(configuration.host).rstrip("/"),
+        ca_file=configuration.ssl_ca_cert,
+        cert_file=configuration.cert_file,
+        key_file=configuration.key_file,
+        token=token,
+        token_file=token_file,
+        verify=bool(configuration.verify_ssl),
+        namespace=namespace,
+    )
+
+
+def ssl_context(config: KubeConfig) -> ssl.SSLContext | bool:
+    """Build the TLS context for the API server (CA trust plus client certificate)."""
+    if not config.server.startswith("https"):
+        return False
+    ctx = ssl.create_default_context(cafile=config.ca_file)
+    if not config.verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    if config.cert_file and config.key_file:
+        ctx.load_cert_chain(config.cert_file, config.key_file)
+    return ctx
+
+
+def connector(config: KubeConfig, *, limit: int = 100) -> aiohttp.TCPConnector:
+    """A connector for the component's API-server session (keep-alive, bounded pool)."""
+    return aiohttp.TCPConnector(ssl=ssl_context(config), limit=limit)
+
+
+class KubeClient:
+    """REST verbs on our resources over one shared session (owned by the caller).
+
+    Parameters
+    ----------
+    config
+        Where and how to connect.
+    session
+        The caller's session, created with :func:`connector` and closed by the caller.
+    """
+
+    def __init__(self, config: KubeConfig, session: aiohttp.ClientSession) -> None:
+        self.config = config
+        self._session = session
+        self._token = config.token
+        self._token_read_at = 0.0
+
+    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+        if self.config.token_file:
+            now = time.monotonic()
+            if now - self._token_read_at > TOKEN_REFRESH_SECONDS:
+                self._token = Path(self.config.token_file).read_text(encoding="utf-8").strip()
+                self._token_read_at = now
+        headers = {"Accept": "application/json"}
+        if self._token:
+            headers["Authorization"] = f"Bearer {self._token}"
+        if content_type:
+            headers["Content-Type"] = content_type
+        return headers
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> dict[str, Any]:
+        """Send one request and decode the JSON answer; raise typed errors."""
+        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        try:
+            async with self._session.request(
+                method,
+                self.config.server + path,
+                data=data,
+                params=params,
+                headers=self._headers(content_type if data is not None else None),
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as response:
+                raw = await response.read()
+                status = response.status
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        decoded: Any
+        try:
+            decoded = json.loads(raw) if raw else {}
+        except ValueError:
+            decoded = {"message": raw[:200].decode("utf-8", "replace")}
+        if status >= 400:
+            if status in (429, 500, 502, 503, 504) and not isinstance(decoded, dict):
+                raise KubeUnavailable(f"{method} {path}: HTTP {status}")
+            message = str(decoded.get("message", "")) if isinstance(decoded, dict) else ""
+            reason = str(decoded.get("reason", "")) if isinstance(decoded, dict) else ""
+            if status in (429, 503, 504):
+                raise KubeUnavailable(f"{method} {path}: HTTP {status} {reason}: {message}")
+            raise ApiError(status, reason, message)
+        if not isinstance(decoded, dict):
+            raise ApiError(status, "BadResponse", "the API server answered with a non-object")
+        return decoded
+
+    async def get(
+        self, resource: Resource, namespace: str | None, name: str, **kw: Any
+    ) -> dict[str, Any]:
+        """GET one object."""
+        return await self.request("GET", resource.path(namespace, name), **kw)
+
+    async def list(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> dict[str, Any]:
+        """LIST a collection, in one namespace or (``namespace=None``) all of them."""
+        params: dict[str, str] = {}
+        if label_selector:
+            params["labelSelector"] = label_selector
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        return await self.request(
+            "GET", resource.path(namespace), params=params or None, timeout=timeout
+        )
+
+    async def create(
+        self, resource: Resource, namespace: str | None, body: Mapping[str, Any], **kw: Any
+    ) -> dict[str, Any]:
+        """POST a new object."""
+        return await self.request("POST", resource.path(namespace), body=body, **kw)
+
+    async def patch(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        body: object,
+        *,
+        patch_type: str = MERGE_PATCH,
+        subresource: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> dict[str, Any]:
+        """PATCH an object or its subresource (``status``)."""
+        path = resource.path(namespace, name)
+        if subresource:
+            path += f"/{subresource}"
+        return await self.request(
+            "PATCH", path, body=body, content_type=patch_type, timeout=timeout
+        )
+
+    async def delete(
+        self,
+        resource: Resource,
+        namespace: str | None,
+        name: str,
+        *,
+        uid: str | None = None,
+        resource_version: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> dict[str, Any]:
+        """DELETE an object, optionally only if it is still the same instance/version."""
+        preconditions: dict[str, str] = {}
+        if uid:
+            preconditions["uid"] = uid
+        if resource_version:
+            preconditions["resourceVersion"] = resource_version
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1"}
+        if preconditions:
+            body["preconditions"] = preconditions
+        return await self.request(
+            "DELETE", resource.path(namespace, name), body=body, timeout=timeout
+        )
+
+    async def watch(
+        self,
+        resource: Resource,
+        namespace: str | None = None,
+        *,
+        resource_version: str | None = None,
+        field_selector: str | None = None,
+        timeout_seconds: int = 60,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Stream watch events (``{"type": ..., "object": ...}``) until the server closes.
+
+        The caller re-lists/re-watches; bookmarks are requested so a restart is cheap.
+        """
+        params = {
+            "watch": "1",
+            "allowWatchBookmarks": "true",
+            "timeoutSeconds": str(timeout_seconds),
+        }
+        if resource_version:
+            params["resourceVersion"] = resource_version
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        try:
+            async with self._session.get(
+                self.config.server + resource.path(namespace),
+                params=params,
+                headers=self._headers(),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=DEFAULT_TIMEOUT_SECONDS),
+            ) as response:
+                if response.status >= 400:
+                    raw = await response.read()
+                    raise ApiError(
+                        response.status, "WatchFailed", raw[:200].decode("utf-8", "replace")
+                    )
+                async for line in response.content:
+                    if line.strip():
+                        yield json.loads(line)
+        except (aiohttp.ClientError, OSError) as exc:
+            raise KubeUnavailable(f"watch {resource.plural}: {type(exc).__name__}") from exc
+
+
+async def wait_until_reachable(client: KubeClient, *, timeout: float) -> None:
+    """Poll ``/readyz`` until the API server answers (startup of components and tests)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await client.request("GET", "/readyz", timeout=2.0)
+        except KubeError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        else:
+            return

@@ -1,0 +1,512 @@
+"""The ledger: every write of a task's outcome, as a compare-and-set, shared by all writers.
+
+A task's result can arrive by pingback (sidecar), by fallback poll (operator) or from a dead
+letter (operator requeue), possibly at the same moment. All three call :meth:`Ledger.record`,
+which guarantees *exactly one outcome per task*:
+
+* every status write is a JSON patch whose ``test`` operations pin what the writer observed
+  (the task's uid, its phase, its provider task id, or its whole resourceVersion); if another
+  writer got there first, the API server refuses the patch and we re-read and re-decide;
+* the decision itself is the pure function :func:`decide`, so the race rules are unit-tested
+  without a cluster: the first result wins, a later identical one is a *duplicate*, a pingback
+  for a task that already ended by poll (or failed) is *late*, and a result that belongs to no
+  task instance becomes a dead letter, never a drop.
+
+The hot path for a pingback is a single PATCH (uid, phase ``Submitted`` and provider id are
+tested server-side); only a refused patch costs a GET.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from captchatask import kube, model
+from captchatask.model import DeadLetterReason, DeliveredBy, Phase, TaskRef, TaskView
+
+#: How often record() re-reads and retries after losing a compare-and-set race before giving up.
+MAX_CAS_ATTEMPTS: Final = 8
+#: Condition types on CaptchaTask.
+CONDITION_SUBMITTED: Final = "Submitted"
+CONDITION_COMPLETE: Final = "Complete"
+
+Clock = Callable[[], dt.datetime]
+JsonPatch = list[dict[str, Any]]
+
+
+def utcnow() -> dt.datetime:
+    """The real clock; tests inject their own."""
+    return dt.datetime.now(dt.UTC)
+
+
+class ResultKind(StrEnum):
+    """A result is either an answer or a permanent failure the provider reported."""
+
+    SOLVED = "solved"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One result for one provider task, however it arrived."""
+
+    kind: ResultKind
+    delivered_by: DeliveredBy
+    provider_task_id: str | None
+    token: str | None = None
+    user_agent: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+    @classmethod
+    def solved(
+        cls,
+        *,
+        token: str,
+        delivered_by: DeliveredBy,
+        provider_task_id: str | None,
+        user_agent: str | None = None,
+    ) -> Result:
+        """An answer."""
+        return cls(
+            kind=ResultKind.SOLVED,
+            delivered_by=delivered_by,
+            provider_task_id=provider_task_id,
+            token=token,
+            user_agent=user_agent,
+        )
+
+    @classmethod
+    def failed(
+        cls,
+        *,
+        code: str,
+        message: str,
+        delivered_by: DeliveredBy,
+        provider_task_id: str | None,
+    ) -> Result:
+        """A permanent failure (``ERROR_CAPTCHA_UNSOLVABLE`` and the like)."""
+        return cls(
+            kind=ResultKind.FAILED,
+            delivered_by=delivered_by,
+            provider_task_id=provider_task_id,
+            code=code,
+            message=message,
+        )
+
+
+class Outcome(StrEnum):
+    """What recording a result did; the sidecar's metric outcomes use the same words."""
+
+    RECORDED = "recorded"
+    DUPLICATE = "duplicate"
+    LATE = "late"
+    DEAD_LETTER = "dead_lettered"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The pure verdict on one result against one observed task."""
+
+    outcome: Outcome
+    reason: DeadLetterReason | None = None
+    message: str = ""
+
+
+def decide(task: TaskView | None, ref: TaskRef, result: Result) -> Decision:
+    """Decide what a result means for the task as observed (pure; the race rules live here).
+
+    Parameters
+    ----------
+    task
+        The task as last read, or ``None`` if it does not exist.
+    ref
+        The task instance the result was addressed to (from the signed URL or the poller).
+    result
+        The result.
+    """
+    if task is None or task.deleting:
+        return Decision(Outcome.DEAD_LETTER, DeadLetterReason.TASK_NOT_FOUND, "task not found")
+    if task.ref.uid != ref.uid:
+        return Decision(
+            Outcome.DEAD_LETTER,
+            DeadLetterReason.TASK_RECREATED,
+            "the task was deleted and recreated under the same name",
+        )
+    known = task.known_provider_task_id
+    if known and result.provider_task_id and known != result.provider_task_id:
+        return Decision(
+            Outcome.DEAD_LETTER,
+            DeadLetterReason.PROVIDER_TASK_MISMATCH,
+            "the result names another provider task than the one on record",
+        )
+    if task.phase is not None and task.phase.terminal:
+        came_by_pingback = result.delivered_by is DeliveredBy.PINGBACK
+        ended_by_pingback = task.delivered_by is DeliveredBy.PINGBACK
+        if came_by_pingback and not ended_by_pingback:
+            return Decision(Outcome.LATE, message=f"task already {task.phase}")
+        return Decision(Outcome.DUPLICATE, message=f"task already {task.phase}")
+    return Decision(Outcome.RECORDED)
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    *,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int,
+    now: dt.datetime,
+) -> list[dict[str, Any]]:
+    """Return conditions with one replaced, keeping ``lastTransitionTime`` unless status flips."""
+    out: list[dict[str, Any]] = []
+    previous: Mapping[str, Any] | None = None
+    for condition in conditions:
+        if condition.get("type") == type_:
+            previous = condition
+        else:
+            out.append(dict(condition))
+    transition = model.format_time(now)
+    if previous is not None and previous.get("status") == status:
+        transition = str(previous.get("lastTransitionTime") or transition)
+    out.append(
+        {
+            "type": type_,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": transition,
+            "observedGeneration": generation,
+        }
+    )
+    return out
+
+
+def result_status(task: TaskView, result: Result, now: dt.datetime) -> dict[str, Any]:
+    """The status fields a recorded result sets (pure)."""
+    fields: dict[str, Any] = {
+        "finishedAt": model.format_time(now),
+        "deliveredBy": str(result.delivered_by),
+        "observedGeneration": task.generation,
+    }
+    provider_task_id = task.known_provider_task_id or result.provider_task_id
+    if provider_task_id:
+        fields["providerTaskId"] = provider_task_id
+    if result.delivered_by is DeliveredBy.PINGBACK and "pingbackAt" not in task.status:
+        fields["pingbackAt"] = model.format_time(now)
+    if result.kind is ResultKind.SOLVED:
+        fields["phase"] = str(Phase.SOLVED)
+        solution: dict[str, str] = {"token": result.token or ""}
+        if result.user_agent:
+            solution["userAgent"] = result.user_agent
+        fields["solution"] = solution
+        reason, message, status = "Solved", f"solved, delivered by {result.delivered_by}", "True"
+    else:
+        fields["phase"] = str(Phase.FAILED)
+        fields["failure"] = {"code": result.code or "Unknown", "message": result.message or ""}
+        reason = _condition_reason(result.code or "Failed")
+        message, status = f"failed: {result.code}", "True"
+    fields["conditions"] = set_condition(
+        task.status.get("conditions") or [],
+        type_=CONDITION_COMPLETE,
+        status=status,
+        reason=reason,
+        message=message,
+        generation=task.generation,
+        now=now,
+    )
+    return fields
+
+
+def _condition_reason(code: str) -> str:
+    """Turn ``ERROR_CAPTCHA_UNSOLVABLE`` into the CamelCase ``CaptchaUnsolvable``."""
+    words = code.removeprefix("ERROR_").replace(":", " ").replace("_", " ").split()
+    camel = "".join(word[:1].upper() + word[1:].lower() for word in words if word.isalnum())
+    return camel or "Failed"
+
+
+def cas_patch(
+    *,
+    uid: str,
+    fields: Mapping[str, Any],
+    resource_version: str | None = None,
+    phase: Phase | None = None,
+    provider_task_id: str | None = None,
+    had_status: bool = True,
+) -> JsonPatch:
+    """Build a JSON patch that sets status ``fields`` only if the pinned observations still hold.
+
+    Each ``test`` op makes the API server refuse the whole patch when another writer changed
+    what we based our decision on; that refusal is our compare-and-set failure.
+    """
+    ops: JsonPatch = [{"op": "test", "path": "/metadata/uid", "value": uid}]
+    if resource_version is not None:
+        ops.append({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version})
+    if phase is not None:
+        ops.append({"op": "test", "path": "/status/phase", "value": str(phase)})
+    if provider_task_id is not None:
+        ops.append({"op": "test", "path": "/status/providerTaskId", "value": provider_task_id})
+    if not had_status:
+        ops.append({"op": "add", "path": "/status", "value": dict(fields)})
+        return ops
+    ops.extend(
+        {"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()
+    )
+    return ops
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What :meth:`Ledger.record` did, with the task as it is afterwards when known."""
+
+    outcome: Outcome
+    task: TaskView | None
+    reason: DeadLetterReason | None = None
+    message: str = ""
+
+
+class Ledger:
+    """Compare-and-set writes of task state, over the component's :class:`kube.KubeClient`.
+
+    Parameters
+    ----------
+    client
+        The API client.
+    clock
+        Source of "now" (tests pass a fake clock).
+    timeout
+        Per-request budget; the sidecar keeps it short so it can spool instead of waiting.
+    """
+
+    def __init__(
+        self,
+        client: kube.KubeClient,
+        *,
+        clock: Clock = utcnow,
+        timeout: float = kube.DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        self.client = client
+        self.clock = clock
+        self.timeout = timeout
+
+    async def get_task(self, namespace: str, name: str) -> TaskView | None:
+        """Read a task; ``None`` if it does not exist."""
+        try:
+            body = await self.client.get(kube.TASKS, namespace, name, timeout=self.timeout)
+        except kube.ApiError as exc:
+            if exc.not_found:
+                return None
+            raise
+        return TaskView.from_body(body)
+
+    async def patch_status(self, task: TaskView, ops: JsonPatch) -> TaskView | None:
+        """Apply a CAS patch to a task's status; ``None`` if a test failed (someone else won)."""
+        try:
+            body = await self.client.patch(
+                kube.TASKS,
+                task.ref.namespace,
+                task.ref.name,
+                ops,
+                patch_type=kube.JSON_PATCH,
+                subresource="status",
+                timeout=self.timeout,
+            )
+        except kube.ApiError as exc:
+            if exc.conflict or exc.not_found:
+                return None
+            raise
+        return TaskView.from_body(body)
+
+    async def update_status(
+        self, task: TaskView, fields: Mapping[str, Any], *, pin_version: bool = False
+    ) -> TaskView | None:
+        """Set status fields if the task is still in the phase (and instance) we observed.
+
+        With ``pin_version`` the whole resourceVersion is pinned instead, for writes that must
+        not interleave with anything (the first status write, the submission intent).
+        Returns the updated task, or ``None`` when the compare-and-set failed.
+        """
+        had_status = bool(task.status)
+        ops = cas_patch(
+            uid=task.ref.uid,
+            fields=fields,
+            resource_version=task.resource_version if (pin_version or not had_status) else None,
+            phase=task.phase if (had_status and task.phase and not pin_version) else None,
+            had_status=had_status,
+        )
+        return await self.patch_status(task, ops)
+
+    async def record(
+        self, ref: TaskRef, result: Result, *, hint: TaskView | None = None
+    ) -> Recorded:
+        """Record one result for one task instance, exactly once, whoever else is racing.
+
+        Parameters
+        ----------
+        ref
+            The task instance the result belongs to.
+        result
+            The result.
+        hint
+            The task as the caller last saw it (the poller has it); without one the first
+            attempt optimistically assumes a ``Submitted`` task with this provider id.
+
+        Returns
+        -------
+        Recorded
+            ``recorded``, ``duplicate``, ``late`` or ``dead_lettered`` (with the reason; creating
+            the dead letter object is the caller's job, see :meth:`dead_letter`).
+
+        Raises
+        ------
+        kube.KubeUnavailable
+            The API server did not answer; nothing is known to be written.
+        """
+        if hint is None and result.provider_task_id:
+            updated = await self._fast_path(ref, result)
+            if updated is not None:
+                return Recorded(Outcome.RECORDED, updated)
+        task = hint
+        for _attempt in range(MAX_CAS_ATTEMPTS):
+            if task is None:
+                task = await self.get_task(ref.namespace, ref.name)
+            decision = decide(task, ref, result)
+            if decision.outcome is Outcome.DEAD_LETTER or task is None:
+                return Recorded(decision.outcome, task, decision.reason, decision.message)
+            if decision.outcome is not Outcome.RECORDED:
+                if decision.outcome is Outcome.LATE and "pingbackAt" not in task.status:
+                    task = await self._mark_late(task) or task
+                return Recorded(decision.outcome, task, message=decision.message)
+            fields = result_status(task, result, self.clock())
+            ops = cas_patch(
+                uid=task.ref.uid,
+                fields=fields,
+                resource_version=task.resource_version,
+                had_status=bool(task.status),
+            )
+            try:
+                updated = await self.patch_status(task, ops)
+            except kube.ApiError as exc:
+                if exc.status == 422:
+                    return Recorded(
+                        Outcome.DEAD_LETTER,
+                        task,
+                        DeadLetterReason.LEDGER_REJECTED,
+                        f"the API server rejected the result: {exc.message[:300]}",
+                    )
+                raise
+            if updated is not None:
+                return Recorded(Outcome.RECORDED, updated)
+            task = None  # lost the race: re-read and decide again
+        raise kube.KubeUnavailable(f"{ref.namespace}/{ref.name}: too much write contention")
+
+    async def _fast_path(self, ref: TaskRef, result: Result) -> TaskView | None:
+        """Send one PATCH, applied iff the task is this instance, Submitted, same provider id."""
+        now = self.clock()
+        fields = {
+            key: value
+            for key, value in result_status(_SUBMITTED_PLACEHOLDER, result, now).items()
+            if key not in ("conditions", "observedGeneration")
+        }
+        ops = cas_patch(
+            uid=ref.uid,
+            fields=fields,
+            phase=Phase.SUBMITTED,
+            provider_task_id=result.provider_task_id,
+        )
+        ops.append(
+            {
+                "op": "add",
+                "path": "/status/conditions/-",
+                "value": {
+                    "type": CONDITION_COMPLETE,
+                    "status": "True",
+                    "reason": "Solved"
+                    if result.kind is ResultKind.SOLVED
+                    else _condition_reason(result.code or "Failed"),
+                    "message": f"{result.kind}, delivered by {result.delivered_by}",
+                    "lastTransitionTime": model.format_time(now),
+                },
+            }
+        )
+        probe = TaskView.from_body(
+            {"metadata": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid}}
+        )
+        try:
+            return await self.patch_status(probe, ops)
+        except kube.ApiError as exc:
+            if exc.status == 422:  # e.g. no conditions list yet: take the careful path
+                return None
+            raise
+
+    async def _mark_late(self, task: TaskView) -> TaskView | None:
+        """Note when a late pingback arrived (first one only); losing this race is harmless."""
+        return await self.update_status(task, {"pingbackAt": model.format_time(self.clock())})
+
+    async def dead_letter(
+        self,
+        *,
+        namespace: str,
+        reason: DeadLetterReason,
+        message: str,
+        ref: TaskRef | None,
+        result: Result,
+        received_at: dt.datetime,
+        received_by: str,
+        source: str,
+    ) -> str:
+        """Create the dead letter for a result that could not be applied; idempotent.
+
+        The name is derived from the task, the provider id and the payload, so the same
+        pingback (or a spool replay of it) never makes two letters.
+        """
+        code = result.token if result.kind is ResultKind.SOLVED else result.code
+        digest = hashlib.sha256(
+            "\n".join(
+                (
+                    ref.name if ref else "",
+                    ref.uid if ref else "",
+                    result.provider_task_id or "",
+                    code or "",
+                )
+            ).encode()
+        ).hexdigest()[:12]
+        base = (ref.name if ref else "unknown")[:40].rstrip("-.")
+        name = f"{base}-{digest}"
+        payload: dict[str, Any] = {"code": code or "", "source": source}
+        if result.user_agent:
+            payload["userAgent"] = result.user_agent
+        spec: dict[str, Any] = {
+            "reason": str(reason),
+            "message": message[:1024],
+            "payload": payload,
+            "receivedAt": model.format_time(received_at),
+            "receivedBy": received_by[:253],
+        }
+        if ref is not None:
+            spec["taskRef"] = {"name": ref.name, "uid": ref.uid}
+        if result.provider_task_id:
+            spec["providerTaskId"] = result.provider_task_id
+        labels = {model.TASK_NAME_LABEL: base} if ref else {}
+        body = {
+            "apiVersion": model.API_VERSION,
+            "kind": model.DEAD_LETTER_KIND,
+            "metadata": {"name": name, "namespace": namespace, "labels": labels},
+            "spec": spec,
+        }
+        try:
+            await self.client.create(kube.DEAD_LETTERS, namespace, body, timeout=self.timeout)
+        except kube.ApiError as exc:
+            if exc.status != 409:  # AlreadyExists: the same letter was written before
+                raise
+        return name
+
+
+_SUBMITTED_PLACEHOLDER: Final = TaskView.from_body(
+    {"metadata": {}, "status": {"phase": "Submitted"}}
+)

@@ -1,0 +1,134 @@
+"""Pingback URL signing: an unguessable, stateless, per-task-instance token in the URL path.
+
+Solver pingbacks are unauthenticated (provider-api.md §3), so anyone who knows our URL scheme
+could post a forged answer. Each task's pingback URL therefore carries
+``HMAC-SHA256(key, namespace | name | uid)`` in its path:
+
+* the sidecar verifies it from the path alone, in constant time, before it reads anything or
+  calls any API, so forged requests cost nothing;
+* the uid binds the token to one task *instance*: a task deleted and recreated under the same name
+  gets a new uid, and its predecessor's pingback is recognised as such (a dead letter), never
+  applied to the newcomer;
+* everything is in the path, because 2captcha keeps only the first query parameter of a pingback
+  URL on GET submits and CaptchaAI appends ``?id=&code=`` to whatever URL it was given.
+
+Keys come from a Secret generated once at install. Several keys may be configured: the first
+signs, all verify, which is how a key is rotated without losing in-flight pingbacks.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from captchatask.model import TaskRef
+
+#: Path prefix of every pingback URL; the sidecar routes on it.
+PINGBACK_PREFIX: Final = "/v1/pingback"
+#: 144 bits of MAC: far beyond guessing, and a 24-character URL-safe path segment.
+TOKEN_BYTES: Final = 18
+#: A key shorter than this is a configuration mistake (HMAC keys should match the hash size).
+MIN_KEY_BYTES: Final = 32
+_DOMAIN: Final = b"captchatask.dev/pingback/v1"
+_TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]{24}$")
+# Kubernetes names: DNS-1123 labels (namespace) and subdomains (object names); uids are UUIDs.
+_NAMESPACE_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_NAME_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_UID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+class SigningKeyError(ValueError):
+    """The configured signing key is missing or too weak."""
+
+
+@dataclass(frozen=True, slots=True)
+class PingbackPath:
+    """The parts of a pingback path, shape-checked but not yet authenticated."""
+
+    ref: TaskRef
+    token: str
+
+
+class PingbackSigner:
+    """Signs and verifies pingback tokens with one active key and optional retired keys.
+
+    Parameters
+    ----------
+    keys
+        Raw key bytes; ``keys[0]`` signs, every key verifies.
+    """
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        if not keys:
+            raise SigningKeyError("no pingback signing key configured")
+        for key in keys:
+            if len(key) < MIN_KEY_BYTES:
+                raise SigningKeyError(
+                    f"pingback signing keys must be at least {MIN_KEY_BYTES} bytes"
+                )
+        self._keys = tuple(keys)
+
+    def __repr__(self) -> str:
+        return f"PingbackSigner(keys=<{len(self._keys)} redacted>)"
+
+    @staticmethod
+    def _mac(key: bytes, ref: TaskRef) -> str:
+        message = b"\n".join((_DOMAIN, ref.namespace.encode(), ref.name.encode(), ref.uid.encode()))
+        digest = hmac.new(key, message, hashlib.sha256).digest()[:TOKEN_BYTES]
+        return base64.urlsafe_b64encode(digest).decode("ascii")
+
+    def token(self, ref: TaskRef) -> str:
+        """Return the token for one task instance (deterministic: safe to recompute)."""
+        return self._mac(self._keys[0], ref)
+
+    def verify(self, ref: TaskRef, token: str) -> bool:
+        """Check a token against every key, in constant time per key."""
+        if not _TOKEN_RE.fullmatch(token):
+            return False
+        ok = False
+        for key in self._keys:
+            # No early exit: the time taken does not tell which key matched.
+            ok |= hmac.compare_digest(self._mac(key, ref), token)
+        return ok
+
+    def path(self, ref: TaskRef) -> str:
+        """Return the signed path ``/v1/pingback/<ns>/<name>/<uid>/<token>``."""
+        return f"{PINGBACK_PREFIX}/{ref.namespace}/{ref.name}/{ref.uid}/{self.token(ref)}"
+
+    def url(self, public_base_url: str, ref: TaskRef) -> str:
+        """Return the full pingback URL under a receiver's public base URL."""
+        return public_base_url.rstrip("/") + self.path(ref)
+
+
+def parse_path_parts(namespace: str, name: str, uid: str, token: str) -> PingbackPath | None:
+    """Shape-check the four path segments; ``None`` for anything that cannot be ours.
+
+    This runs before the MAC check, so it must be cheap and must not depend on any state.
+    """
+    if not (
+        _NAMESPACE_RE.fullmatch(namespace)
+        and _NAME_RE.fullmatch(name)
+        and _UID_RE.fullmatch(uid)
+        and _TOKEN_RE.fullmatch(token)
+    ):
+        return None
+    return PingbackPath(ref=TaskRef(namespace=namespace, name=name, uid=uid), token=token)
+
+
+def load_keys(path: Path) -> list[bytes]:
+    """Read signing keys from a file (one per line; the Secret is mounted as such a file).
+
+    Each line is the key material itself (the chart generates 48 random alphanumerics); blank
+    lines are ignored. The first line signs.
+    """
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    keys = [line.encode() for line in lines if line]
+    if not keys:
+        raise SigningKeyError(f"the pingback key file {path.name!r} is empty")
+    return keys

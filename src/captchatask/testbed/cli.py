@@ -1,0 +1,138 @@
+"""``captchatask testbed up|down|env``: a control plane that outlives the command.
+
+``up`` starts the processes detached (their own sessions; output to log files, never to the
+terminal or a pipe, so ``eval "$(captchatask testbed up)"`` returns), records them in
+``<state-dir>/testbed.json`` and prints shell ``export`` lines on stdout; progress goes to
+stderr. ``down`` and ``env`` find the processes again through that record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from captchatask.testbed.errors import ControlPlaneError, KubectlError
+from captchatask.testbed.plane import STATE_FILE, ControlPlane, default_crd_documents
+from captchatask.testbed.processes import pid_alive
+
+__all__ = ["DEFAULT_STATE_DIR", "cli_main"]
+
+#: Where ``captchatask testbed`` keeps its state unless told otherwise (git-ignored).
+DEFAULT_STATE_DIR: Final = Path(".testbed")
+
+
+def _stderr(message: str) -> None:
+    print(f"[testbed] {message}", file=sys.stderr, flush=True)
+
+
+def _exports(plane: ControlPlane) -> str:
+    """Shell lines that point ``kubectl`` at ``plane`` (for ``eval "$(...)"``)."""
+    return (
+        f"export KUBECONFIG={shlex.quote(str(plane.kubeconfig))}\n"
+        f'export PATH={shlex.quote(str(plane.toolchain.bin_dir))}:"$PATH"\n'
+    )
+
+
+def _claim_state_dir(state_dir: Path) -> None:
+    """Make ``state_dir`` empty and ours, refusing to wipe a directory we did not create."""
+    if state_dir.exists():
+        if not (state_dir / STATE_FILE).exists() and any(state_dir.iterdir()):
+            raise ControlPlaneError(
+                f"{state_dir} is not empty and holds no {STATE_FILE}; refusing to use it as the "
+                "test bed's state directory"
+            )
+        shutil.rmtree(state_dir)
+    state_dir.mkdir(parents=True)
+
+
+def _cmd_up(state_dir: Path) -> int:
+    existing = ControlPlane.attach(state_dir, progress=_stderr)
+    if existing is not None:
+        if existing.is_running():
+            _stderr(f"already running at {existing.server}")
+            sys.stdout.write(_exports(existing))
+            return 0
+        _stderr("found a stale test bed; cleaning it up")
+        existing.stop()
+    _claim_state_dir(state_dir)
+    plane = ControlPlane(state_dir, progress=_stderr)
+    try:
+        plane.start()
+        names = plane.install_crds(default_crd_documents())
+        _stderr(f"installed {len(names)} CRD(s)" if names else "no CRDs to install")
+    except BaseException:
+        plane.stop()
+        raise
+    _stderr(f"logs in {plane.logs_dir}; stop with `captchatask testbed down`")
+    sys.stdout.write(_exports(plane))
+    return 0
+
+
+def _cmd_down(state_dir: Path) -> int:
+    plane = ControlPlane.attach(state_dir, progress=_stderr)
+    if plane is None:
+        _stderr(f"no test bed recorded in {state_dir}; nothing to stop")
+        return 0
+    pids = plane.pids
+    plane.stop()
+    survivors = [f"{name} (pid {pid})" for name, pid in pids.items() if pid_alive(pid)]
+    if survivors:
+        _stderr(f"still running: {', '.join(survivors)}")
+        return 1
+    shutil.rmtree(state_dir)
+    _stderr(f"stopped {', '.join(f'{n} (pid {p})' for n, p in pids.items())}; removed {state_dir}")
+    return 0
+
+
+def _cmd_env(state_dir: Path) -> int:
+    plane = ControlPlane.attach(state_dir)
+    if plane is None or not plane.is_running():
+        _stderr(f"no running test bed in {state_dir}; start one with `captchatask testbed up`")
+        return 1
+    sys.stdout.write(_exports(plane))
+    return 0
+
+
+def cli_main(argv: list[str]) -> int:
+    """Run ``captchatask testbed up|down|env [--state-dir DIR]``.
+
+    Parameters
+    ----------
+    argv
+        The arguments after ``testbed``, e.g. ``["up", "--state-dir", ".testbed"]``.
+
+    Returns
+    -------
+    int
+        The process exit status. Export lines go to stdout (``eval "$(captchatask testbed
+        up)"`` works); progress and errors go to stderr.
+    """
+    parser = argparse.ArgumentParser(
+        prog="captchatask testbed",
+        description="Run a local etcd + kube-apiserver on 127.0.0.1 for development and tests.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("up", "start the test bed (idempotent), install the CRDs, print export lines"),
+        ("down", "stop the test bed and remove its state directory"),
+        ("env", "print export lines for the running test bed"),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument(
+            "--state-dir",
+            type=Path,
+            default=DEFAULT_STATE_DIR,
+            help=f"where the test bed keeps its state (default: ./{DEFAULT_STATE_DIR})",
+        )
+    args = parser.parse_args(argv)
+    handlers: dict[str, Callable[[Path], int]] = {"up": _cmd_up, "down": _cmd_down, "env": _cmd_env}
+    try:
+        return handlers[args.command](args.state_dir.resolve())
+    except (ControlPlaneError, KubectlError) as err:
+        _stderr(f"error: {err}")
+        return 1

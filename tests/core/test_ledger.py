@@ -1,0 +1,165 @@
+"""The ledger against the real API server: compare-and-set, exactly one outcome, dead letters."""
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from captchatask import kube, model, testbed
+from captchatask.ledger import Ledger, Outcome, Result, set_condition, utcnow
+from captchatask.model import DeadLetterReason, DeliveredBy, Phase, TaskRef, TaskView
+
+
+@pytest.fixture
+async def ledger(control_plane: testbed.ControlPlane) -> AsyncIterator[Ledger]:
+    config = kube.load_config(str(control_plane.kubeconfig))
+    async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
+        yield Ledger(kube.KubeClient(config, session))
+
+
+async def create_task(ledger: Ledger, namespace: str, name: str, **spec: Any) -> TaskView:
+    body = {
+        "apiVersion": model.API_VERSION,
+        "kind": model.TASK_KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"type": "Turnstile", "siteKey": "k", "pageURL": "https://a.example/", **spec},
+    }
+    return TaskView.from_body(await ledger.client.create(kube.TASKS, namespace, body))
+
+
+async def submitted(ledger: Ledger, namespace: str, name: str, pid: str) -> TaskView:
+    task = await create_task(ledger, namespace, name)
+    now = utcnow()
+    fields = {
+        "phase": "Submitted",
+        "providerTaskId": pid,
+        "submittedAt": model.format_time(now),
+        "conditions": set_condition(
+            [],
+            type_="Submitted",
+            status="True",
+            reason="Accepted",
+            message="accepted",
+            generation=task.generation,
+            now=now,
+        ),
+    }
+    updated = await ledger.update_status(task, fields)
+    assert updated is not None
+    return updated
+
+
+def solved(pid: str, by: DeliveredBy = DeliveredBy.PINGBACK, token: str = "TOK") -> Result:
+    return Result.solved(token=token, delivered_by=by, provider_task_id=pid)
+
+
+async def test_a_pingback_for_a_submitted_task_is_recorded_in_one_write(
+    ledger: Ledger, namespace: str
+) -> None:
+    task = await submitted(ledger, namespace, "t1", "1000000001")
+    recorded = await ledger.record(task.ref, solved("1000000001", token="03AF-token"))
+    assert recorded.outcome is Outcome.RECORDED
+    after = await ledger.get_task(namespace, "t1")
+    assert after is not None
+    assert after.phase is Phase.SOLVED
+    assert after.solution_token == "03AF-token"
+    assert after.delivered_by is DeliveredBy.PINGBACK
+    types = [c["type"] for c in after.status["conditions"]]
+    assert types == ["Submitted", "Complete"]
+
+
+async def test_fifty_racing_results_yield_exactly_one_outcome(
+    ledger: Ledger, namespace: str
+) -> None:
+    for round_ in range(3):
+        task = await submitted(ledger, namespace, f"race-{round_}", f"20000000{round_}")
+        pid = task.provider_task_id
+        assert pid is not None
+        results = [
+            solved(pid, DeliveredBy.PINGBACK if i % 2 else DeliveredBy.POLL) for i in range(50)
+        ]
+        outcomes = Counter(
+            r.outcome for r in await asyncio.gather(*(ledger.record(task.ref, r) for r in results))
+        )
+        assert outcomes[Outcome.RECORDED] == 1
+        assert (
+            outcomes[Outcome.RECORDED] + outcomes[Outcome.DUPLICATE] + outcomes[Outcome.LATE] == 50
+        )
+
+
+async def test_a_pending_task_without_provider_id_takes_the_id_from_the_result(
+    ledger: Ledger, namespace: str
+) -> None:
+    # The app reserved a URL and submitted itself; its pingback beat the `track` call.
+    task = await create_task(ledger, namespace, "external", external=True)
+    recorded = await ledger.record(task.ref, solved("3000000001"))
+    assert recorded.outcome is Outcome.RECORDED
+    assert recorded.task is not None
+    assert recorded.task.provider_task_id == "3000000001"
+    assert recorded.task.phase is Phase.SOLVED
+
+
+async def test_unapplicable_results_are_reported_as_dead_letters(
+    ledger: Ledger, namespace: str
+) -> None:
+    task = await submitted(ledger, namespace, "t2", "4000000001")
+    gone = TaskRef(namespace, "missing", task.ref.uid)
+    recreated = TaskRef(namespace, "t2", "00000000-0000-4000-8000-000000000000")
+    assert (await ledger.record(gone, solved("1"))).reason is DeadLetterReason.TASK_NOT_FOUND
+    assert (
+        await ledger.record(recreated, solved("4000000001"))
+    ).reason is DeadLetterReason.TASK_RECREATED
+    assert (
+        await ledger.record(task.ref, solved("4000000002"))
+    ).reason is DeadLetterReason.PROVIDER_TASK_MISMATCH
+    after = await ledger.get_task(namespace, "t2")
+    assert after is not None
+    assert after.phase is Phase.SUBMITTED
+
+
+async def test_a_result_the_schema_rejects_becomes_a_dead_letter_not_an_error(
+    ledger: Ledger, namespace: str
+) -> None:
+    task = await submitted(ledger, namespace, "t3", "5000000001")
+    huge = solved("5000000001", token="x" * 70_000)  # over the CRD's maxLength
+    recorded = await ledger.record(task.ref, huge)
+    assert recorded.outcome is Outcome.DEAD_LETTER
+    assert recorded.reason is DeadLetterReason.LEDGER_REJECTED
+
+
+async def test_dead_letters_are_idempotent(ledger: Ledger, namespace: str) -> None:
+    ref = TaskRef(namespace, "gone", "00000000-0000-4000-8000-000000000001")
+    kwargs: dict[str, Any] = {
+        "namespace": namespace,
+        "reason": DeadLetterReason.TASK_NOT_FOUND,
+        "message": "task not found",
+        "ref": ref,
+        "result": solved("6000000001"),
+        "received_at": utcnow(),
+        "received_by": "test",
+        "source": "get",
+    }
+    first = await ledger.dead_letter(**kwargs)
+    second = await ledger.dead_letter(**kwargs)
+    assert first == second
+    letters = await ledger.client.list(kube.DEAD_LETTERS, namespace)
+    assert [item["metadata"]["name"] for item in letters["items"]] == [first]
+    spec = letters["items"][0]["spec"]
+    assert spec["providerTaskId"] == "6000000001"
+    assert spec["taskRef"] == {"name": "gone", "uid": ref.uid}
+
+
+async def test_update_status_loses_cleanly_to_a_concurrent_terminal_write(
+    ledger: Ledger, namespace: str
+) -> None:
+    task = await submitted(ledger, namespace, "t4", "7000000001")
+    assert (await ledger.record(task.ref, solved("7000000001"))).outcome is Outcome.RECORDED
+    # The poller still holds the Submitted view and tries to bump its poll counter.
+    assert await ledger.update_status(task, {"polls": 1}) is None
+    after = await ledger.get_task(namespace, "t4")
+    assert after is not None
+    assert after.phase is Phase.SOLVED
+    assert after.polls == 0

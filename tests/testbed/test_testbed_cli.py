@@ -1,0 +1,109 @@
+"""``captchatask testbed up|env|down`` as a user runs it: detached processes, idempotent up."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from captchatask import testbed
+
+#: Seconds init may take to reap a stopped process (a zombie already counts as gone).
+REAP_SECONDS = 10.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in {"Z", "X"}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "captchatask.testbed", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _recorded_pids(state_dir: Path) -> dict[str, int]:
+    state = json.loads((state_dir / testbed.STATE_FILE).read_text())
+    return {"etcd": state["etcd"]["pid"], "kube-apiserver": state["apiserver"]["pid"]}
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    state_dir = tmp_path / "testbed"
+    yield state_dir
+    _cli("down", "--state-dir", str(state_dir))  # never leave a detached control plane behind
+
+
+@pytest.mark.controlplane
+def test_up_up_env_kubectl_down_leaves_no_process_behind(state_dir: Path, tmp_path: Path) -> None:
+    where = ("--state-dir", str(state_dir))
+
+    first = _cli("up", *where)
+    assert first.returncode == 0, first.stderr
+    assert f"export KUBECONFIG={state_dir / 'kubeconfig'}" in first.stdout
+    pids = _recorded_pids(state_dir)
+    assert all(_alive(pid) for pid in pids.values())
+
+    second = _cli("up", *where)
+    assert second.returncode == 0, second.stderr
+    assert "already running" in second.stderr
+    assert second.stdout == first.stdout
+    assert _recorded_pids(state_dir) == pids
+
+    env = _cli("env", *where)
+    assert env.returncode == 0, env.stderr
+    assert env.stdout == first.stdout
+
+    # What a newcomer types right after `up`: the pinned kubectl, the exported kubeconfig, a
+    # fresh kubectl cache (HOME) and the `captcha` category served by discovery.
+    script = 'set -e; eval "$1"; kubectl get namespaces --output=name; kubectl get captcha -A'
+    shell = subprocess.run(
+        ["bash", "-c", script, "bash", env.stdout],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert shell.returncode == 0, shell.stderr
+    assert "namespace/default" in shell.stdout.splitlines()
+    assert "No resources found" in shell.stderr
+
+    down = _cli("down", *where)
+    assert down.returncode == 0, down.stderr
+    deadline = time.monotonic() + REAP_SECONDS
+    while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids.values())
+    assert not state_dir.exists()
+
+    after = _cli("env", *where)
+    assert after.returncode == 1
+    assert "no running test bed" in after.stderr
+    assert "captchatask testbed up" in after.stderr
+
+
+def test_down_without_a_test_bed_is_a_no_op(tmp_path: Path) -> None:
+    assert testbed.cli_main(["down", "--state-dir", str(tmp_path / "none")]) == 0
+
+
+def test_up_refuses_to_take_over_a_directory_it_did_not_create(tmp_path: Path) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me")
+
+    assert testbed.cli_main(["up", "--state-dir", str(tmp_path)]) == 1
+    assert precious.read_text() == "keep me"
