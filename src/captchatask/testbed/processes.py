@@ -101,7 +101,15 @@ class ManagedProcess:
     popen: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @classmethod
-    def launch(cls, *, name: str, argv: list[str], log: Path, marker: str) -> ManagedProcess:
+    def launch(
+        cls,
+        *,
+        name: str,
+        argv: list[str],
+        log: Path,
+        marker: str,
+        env: Mapping[str, str] | None = None,
+    ) -> ManagedProcess:
         """Start ``argv`` in a new session, appending its output to ``log``.
 
         Parameters
@@ -114,6 +122,8 @@ class ManagedProcess:
             The log file (appended to, so restarts keep the earlier output).
         marker
             See the attribute of the same name.
+        env
+            The environment (default: inherit this process's).
 
         Returns
         -------
@@ -131,6 +141,7 @@ class ManagedProcess:
                 stdout=sink,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=None if env is None else dict(env),
             )
         return cls(
             name=name,
