@@ -1,0 +1,214 @@
+"""kopf wiring: thin handlers that feed the engine, and the runtime they share.
+
+Handlers are registered on an explicit :class:`kopf.OperatorRegistry` built by
+:func:`build_registry` (no import-time registration): importing this module has no side
+effects. All task and provider handlers are ``@kopf.on.event``: they cost no API call (no
+progress annotations, no last-handled-configuration, **no finalizers**, so deleting a task is
+instant) and only hand the body to the engine.
+
+Active/standby: with ``--peering NAME`` a kopf daemon runs on our KopfPeering object. kopf stops
+all daemons while the operator is paused by a higher-priority peer and respawns them when it
+resumes, so the daemon's lifetime *is* "this replica is active"; it activates the engine on
+start and deactivates it on stop. Without peering the engine is activated at startup.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any, Final
+
+import aiohttp
+import kopf
+from prometheus_client import CollectorRegistry
+
+from captchatask import kube, model
+from captchatask.events import EventRecorder
+from captchatask.signing import PingbackSigner
+from captchatask_operator.admin import AdminServer, Health, create_app
+from captchatask_operator.engine import COMPONENT, Engine, utcnow
+from captchatask_operator.metrics import Metrics
+from captchatask_operator.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PEERING_GROUP: Final = "kopf.dev"
+PEERING_VERSION: Final = "v1"
+#: Connections to the solver API: polls and submits run concurrently, across providers.
+PROVIDER_CONNECTIONS: Final = 64
+#: Grace for the leader daemon to hand over when kopf stops it.
+DAEMON_CANCELLATION_TIMEOUT: Final = 10.0
+
+
+class Runtime:
+    """Everything built at startup and torn down at cleanup (resources acquired in pairs).
+
+    Parameters
+    ----------
+    settings
+        Operator settings.
+    registry
+        Prometheus registry (``prometheus_client.REGISTRY`` in production).
+    signer
+        Pingback signer, or ``None`` without a key file.
+    """
+
+    def __init__(
+        self, settings: Settings, *, registry: CollectorRegistry, signer: PingbackSigner | None
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = Metrics(registry)
+        self.signer = signer
+        self.engine: Engine | None = None
+        self.started = False
+        self._kube_session: aiohttp.ClientSession | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._events: EventRecorder | None = None
+        self._admin: AdminServer | None = None
+        self.admin_port: int | None = None
+
+    def require_engine(self) -> Engine:
+        """The engine (startup has run)."""
+        if self.engine is None:
+            raise kopf.TemporaryError("the operator is still starting", delay=1)
+        return self.engine
+
+    async def start(self) -> None:
+        """Connect, build the engine, serve the admin port, activate unless peering decides."""
+        config = kube.load_config()
+        self._kube_session = aiohttp.ClientSession(connector=kube.connector(config))
+        self._http = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=PROVIDER_CONNECTIONS)
+        )
+        client = kube.KubeClient(config, self._kube_session)
+        self._events = EventRecorder(
+            client,
+            component=COMPONENT,
+            instance=socket.gethostname(),
+            clock=utcnow,
+            enabled=self.settings.events,
+        )
+        self._events.start()
+        engine = Engine(
+            client=client,
+            http=self._http,
+            signer=self.signer,
+            settings=self.settings,
+            metrics=self.metrics,
+            events=self._events,
+        )
+        self.engine = engine
+        self._admin = AdminServer(
+            create_app(
+                self.registry,
+                Health(
+                    started=lambda: self.started,
+                    active=lambda: engine.active,
+                    before_scrape=engine.refresh_gauges,
+                ),
+            ),
+            host=self.settings.admin_host,
+            port=self.settings.admin_port,
+        )
+        self.admin_port = await self._admin.start()
+        logger.info("admin endpoints on %s:%s", self.settings.admin_host, self.admin_port)
+        if not self.settings.peering_enabled:
+            await engine.activate()
+        self.started = True
+
+    async def stop(self) -> None:
+        """Deactivate and release everything started in :meth:`start`."""
+        if self.engine is not None:
+            while self.engine.active:
+                await self.engine.deactivate()
+        if self._events is not None:
+            await self._events.close()
+        if self._admin is not None:
+            await self._admin.stop()
+        for session in (self._http, self._kube_session):
+            if session is not None:
+                await session.close()
+
+
+def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:
+    """Tune kopf for an event-only operator of many small objects (each value explained)."""
+    # Watches end server-side after this long and are re-opened: half-dead connections heal,
+    # and shutdown never waits for a long-poll.
+    kopf_settings.watching.server_timeout = settings.watch_server_timeout
+    kopf_settings.watching.client_timeout = settings.watch_server_timeout + 30
+    kopf_settings.watching.connect_timeout = 10
+    # We post our own Events on every transition; kopf's are only useful for its problems.
+    kopf_settings.posting.level = logging.WARNING
+    # An event handler is a dictionary update. kopf keeps one worker per object with pending
+    # events; bound them so a 10,000-object re-list does not start 10,000 coroutines at once.
+    kopf_settings.queueing.worker_limit = 256
+    # Errors in our handlers are bugs; retry them quickly rather than after kopf's minute.
+    kopf_settings.execution.default_backoff = 5
+    # Peering (only used with --peering): takeover happens within one lifetime of silence.
+    kopf_settings.peering.lifetime = settings.peering_lifetime
+    kopf_settings.peering.priority = settings.peering_priority
+    # No finalizers are ever needed (no on.delete/create/update handlers); keep kopf's default
+    # finalizer name unused. The leader daemon's finalizer only lands on the KopfPeering object.
+
+
+def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
+    """Register every handler on a fresh registry bound to ``runtime``."""
+    registry = kopf.OperatorRegistry()
+    settings = runtime.settings
+
+    @kopf.on.login(registry=registry, id="login")
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        """Log in like ``kopf run``: in-cluster service account, else the kubeconfig."""
+        return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+
+    @kopf.on.startup(registry=registry, id="startup")
+    async def startup(**_: Any) -> None:
+        """Build the runtime once (settings were read before kopf started)."""
+        await runtime.start()
+
+    @kopf.on.cleanup(registry=registry, id="cleanup")
+    async def cleanup(**_: Any) -> None:
+        """Release what startup acquired."""
+        await runtime.stop()
+
+    @kopf.on.event(
+        model.GROUP, model.VERSION, model.TASK_PLURAL, registry=registry, id="task-event"
+    )
+    async def task_event(event: kopf.RawEvent, **_: Any) -> None:
+        """Every CaptchaTask watch event: update the index and the schedule (no API call)."""
+        runtime.require_engine().observe_task(event.get("type"), event["object"])
+
+    @kopf.on.event(
+        model.GROUP, model.VERSION, model.PROVIDER_PLURAL, registry=registry, id="provider-event"
+    )
+    async def provider_event(event: kopf.RawEvent, **_: Any) -> None:
+        """Every CaptchaProvider watch event: (re)check it when its spec changed."""
+        runtime.require_engine().observe_provider(event.get("type"), event["object"])
+
+    if settings.peering_enabled:
+        plural = "clusterkopfpeerings" if settings.all_namespaces else "kopfpeerings"
+        peering_name = settings.peering
+
+        def is_ours(name: str, **_: Any) -> bool:
+            return name == peering_name
+
+        @kopf.daemon(
+            PEERING_GROUP,
+            PEERING_VERSION,
+            plural,
+            registry=registry,
+            when=is_ours,
+            id="leader",
+            cancellation_timeout=DAEMON_CANCELLATION_TIMEOUT,
+        )
+        async def leader(stopped: kopf.DaemonStopped, **_: Any) -> None:
+            """Active while kopf runs this daemon, i.e. while no peer outranks this replica."""
+            engine = runtime.require_engine()
+            await engine.activate()
+            try:
+                await stopped.wait()
+            finally:
+                await engine.deactivate()
+
+    return registry

@@ -1,0 +1,330 @@
+"""The operator's decisions as pure functions: submission steps, poll timing, provider health.
+
+Nothing here performs I/O or reads a clock; the engine passes ``now`` and applies the verdicts
+through the ledger. This is where the time-based rules live, so they are unit-tested with a
+fake clock:
+
+* **Submission** (:func:`submission_step`): adopt, wait for an external id, park while the
+  provider is not Ready, wait out a back-off or an unresolved intent, fail after the bounded
+  number of ambiguous attempts, or submit.
+* **Polling** (:func:`first_poll_at`, :func:`resume_polls`, :func:`after_poll`): the first poll
+  exactly at ``submittedAt + callbackTimeoutSeconds`` (poll-only: the documented first-poll
+  delay), then every ``intervalSeconds``, never more than ``maxPolls``. Poll counters are
+  persisted only every ``poll_status_every`` polls; after a restart the unpersisted polls are
+  *assumed* to have happened (at most ``every - 1`` of them), so ``maxPolls`` is never exceeded.
+* **Provider health** (:func:`provider_verdict`): a Ready condition reason from a check.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+from captchatask.model import Phase
+from captchatask.provider import codes
+from captchatask.provider.codes import Classification, Dialect, Verdict
+from captchatask.provider.replies import Solution, ThreadsInfo
+from captchatask_operator.records import ProviderSpec, TaskRecord
+
+#: Codes meaning "the provider no longer holds (or never held) this id's result".
+RESULT_GONE_CODES: Final = frozenset(
+    {"ERROR_WRONG_CAPTCHA_ID", "ERROR_NO_SUCH_CAPCHA_ID", "ERROR_TASK_ABSENT"}
+)
+_INVALID_KEY_CODES: Final = frozenset({"ERROR_WRONG_USER_KEY", "ERROR_KEY_DOES_NOT_EXIST"})
+_IP_CODES: Final = frozenset({"IP_BANNED", "ERROR_IP_BLOCKED", "ERROR_IP_NOT_ALLOWED"})
+
+
+class FailureCode(StrEnum):
+    """Failure codes the operator itself decides (provider codes are used as they come)."""
+
+    DEADLINE_EXCEEDED = "DeadlineExceeded"
+    POLLS_EXHAUSTED = "PollsExhausted"
+    RESULT_EXPIRED = "ResultExpired"
+    SUBMIT_ATTEMPTS_EXHAUSTED = "SubmitAttemptsExhausted"
+    INVALID_SPEC = "InvalidSpec"
+
+
+class WaitReason(StrEnum):
+    """Reasons of the task condition ``Submitted=False`` while a task waits."""
+
+    PROVIDER_NOT_FOUND = "ProviderNotFound"
+    PROVIDER_NOT_READY = "ProviderNotReady"
+    AWAITING_PROVIDER_TASK_ID = "AwaitingProviderTaskId"
+    QUEUED = "MaxInFlightReached"
+    BACKING_OFF = "BackingOff"
+
+
+class ProviderReason(StrEnum):
+    """Reasons of the provider condition ``Ready``."""
+
+    READY = "Ready"
+    SECRET_NOT_FOUND = "SecretNotFound"  # noqa: S105 - a reason, not a password
+    SECRET_KEY_MISSING = "SecretKeyMissing"  # noqa: S105 - a reason, not a password
+    INVALID_KEY = "InvalidKey"
+    NO_BALANCE = "NoBalance"
+    NO_THREADS = "NoThreads"
+    IP_BLOCKED = "IpBlocked"
+    CONFIG_ERROR = "ConfigError"
+    UNREACHABLE = "Unreachable"
+    PINGBACK_KEY_MISSING = "PingbackKeyMissing"
+
+
+# -- submission --------------------------------------------------------------------------------
+
+
+class StepKind(StrEnum):
+    """What to do next for a task that has no provider task id yet."""
+
+    NONE = "none"
+    ADOPT = "adopt"
+    AWAIT_ID = "await_id"
+    PARK = "park"
+    WAIT = "wait"
+    FAIL = "fail"
+    SUBMIT = "submit"
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One submission decision."""
+
+    kind: StepKind
+    at: dt.datetime | None = None
+    reason: str = ""
+    message: str = ""
+    resubmit: bool = False
+
+
+def intent_grace(provider: ProviderSpec, *, poll_only_grace: float) -> float:
+    """How long an unresolved intent waits for a pingback before the task is resubmitted.
+
+    With pingbacks, a task that did reach the provider reports back within about
+    ``callbackTimeoutSeconds`` (the same patience that triggers the first fallback poll), and the
+    ledger records it under its provider id; poll-only providers can never deliver an unknown id,
+    so they wait only the short configured grace.
+    """
+    return poll_only_grace if provider.poll_only else provider.polling.callback_timeout
+
+
+def submission_step(  # noqa: PLR0911 - one return per documented step, in order
+    task: TaskRecord,
+    *,
+    provider: ProviderSpec | None,
+    provider_ready: bool,
+    provider_reason: str,
+    now: dt.datetime,
+    max_attempts: int,
+    poll_only_grace: float,
+) -> Step:
+    """Decide the next submission step of a task (see the module docstring)."""
+    if task.deleting or task.terminal or task.phase is Phase.SUBMITTED:
+        return Step(StepKind.NONE)
+    if task.spec_provider_task_id:
+        return Step(StepKind.ADOPT)
+    if task.external:
+        return Step(
+            StepKind.AWAIT_ID,
+            reason=WaitReason.AWAITING_PROVIDER_TASK_ID,
+            message="external task: waiting for spec.providerTaskId",
+        )
+    if provider is None:
+        return Step(
+            StepKind.PARK,
+            reason=WaitReason.PROVIDER_NOT_FOUND,
+            message=f"CaptchaProvider {task.provider!r} does not exist",
+        )
+    if not provider_ready:
+        return Step(
+            StepKind.PARK,
+            reason=WaitReason.PROVIDER_NOT_READY,
+            message=f"provider {provider.name} is not Ready ({provider_reason})",
+        )
+    if task.unresolved_intent:
+        assert task.intent_at is not None
+        resolve_at = task.intent_at + dt.timedelta(
+            seconds=intent_grace(provider, poll_only_grace=poll_only_grace)
+        )
+        if now < resolve_at:
+            return Step(StepKind.WAIT, at=resolve_at, reason="UnresolvedIntent")
+        if task.attempts >= max_attempts:
+            return _exhausted(task)
+        return Step(StepKind.SUBMIT, resubmit=True)
+    if task.next_attempt_at is not None and now < task.next_attempt_at:
+        return Step(StepKind.WAIT, at=task.next_attempt_at, reason=WaitReason.BACKING_OFF)
+    if task.attempts >= max_attempts:
+        return _exhausted(task)
+    return Step(StepKind.SUBMIT)
+
+
+def _exhausted(task: TaskRecord) -> Step:
+    return Step(
+        StepKind.FAIL,
+        reason=FailureCode.SUBMIT_ATTEMPTS_EXHAUSTED,
+        message=f"{task.attempts} in.php calls without a recorded provider task id",
+    )
+
+
+def is_ambiguous(classification: Classification) -> bool:
+    """Whether a failed submit may still have created a task at the provider.
+
+    A reply code means the provider answered and created nothing; a transport failure, an
+    HTML 5xx page or an unparseable reply leaves it open.
+    """
+    return classification.code in {
+        codes.TRANSPORT_ERROR,
+        codes.HTTP_5XX,
+        codes.UNPARSEABLE_REPLY,
+    }
+
+
+# -- polling -----------------------------------------------------------------------------------
+
+
+def first_poll_at(task: TaskRecord, provider: ProviderSpec) -> dt.datetime:
+    """When a submitted task is first polled: callback timeout, or the poll-only delay."""
+    submitted = task.submitted_at or task.created_at
+    if provider.poll_only:
+        delay = codes.first_poll_delay(task.task_type, dialect=provider.dialect)
+    else:
+        delay = provider.polling.callback_timeout
+    return submitted + dt.timedelta(seconds=delay)
+
+
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    """Polls already made (persisted or assumed) and when the next one is due."""
+
+    polls: int
+    due: dt.datetime
+
+
+def resume_polls(
+    task: TaskRecord, provider: ProviderSpec, *, now: dt.datetime, checkpoint_every: int
+) -> PollPlan:
+    """Plan polling for a submitted task the engine (re)discovers, e.g. after a restart."""
+    if task.polls == 0 and task.last_poll_at is None:
+        return PollPlan(0, task.next_poll_at or first_poll_at(task, provider))
+    interval = provider.polling.interval
+    last = task.last_poll_at or first_poll_at(task, provider)
+    elapsed = max(0.0, (now - last).total_seconds())
+    unrecorded = min(checkpoint_every - 1, math.floor(elapsed / interval))
+    if unrecorded == 0 and task.next_poll_at is not None:
+        return PollPlan(task.polls, task.next_poll_at)
+    due = last + dt.timedelta(seconds=interval * (unrecorded + 1))
+    return PollPlan(task.polls + unrecorded, due)
+
+
+class PollOutcome(StrEnum):
+    """What one poll of one task found (the fallback-poll metric's ``outcome`` label)."""
+
+    SOLVED = "solved"
+    NOT_READY = "not_ready"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    UNKNOWN = "unknown"
+    ERROR = "error"
+
+
+def classify_poll(result: Solution | Classification) -> PollOutcome:
+    """Sort a per-task poll result into an outcome."""
+    if isinstance(result, Solution):
+        return PollOutcome.SOLVED
+    if result.verdict is Verdict.NOT_READY:
+        return PollOutcome.NOT_READY
+    if result.verdict is Verdict.TASK_FAILED:
+        if result.code in RESULT_GONE_CODES:
+            return PollOutcome.EXPIRED
+        return PollOutcome.FAILED
+    return PollOutcome.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class AfterPoll:
+    """The consequence of a poll that found no final answer."""
+
+    polls: int
+    next_due: dt.datetime | None
+    exhausted: bool
+    checkpoint: bool
+
+
+def after_poll(
+    *,
+    polls_before: int,
+    provider: ProviderSpec,
+    now: dt.datetime,
+    checkpoint_every: int,
+    wait_seconds: float | None = None,
+) -> AfterPoll:
+    """Count a not-ready (or unknown) poll and plan the next one, or give up at ``maxPolls``.
+
+    ``wait_seconds`` (an unknown code's conservative wait) stretches the interval, never
+    shortens it.
+    """
+    polls = polls_before + 1
+    if polls >= provider.polling.max_polls:
+        return AfterPoll(polls, None, exhausted=True, checkpoint=True)
+    interval = max(provider.polling.interval, wait_seconds or 0.0)
+    checkpoint = polls == 1 or polls % checkpoint_every == 0
+    return AfterPoll(polls, now + dt.timedelta(seconds=interval), False, checkpoint)
+
+
+# -- TTL -----------------------------------------------------------------------------------------
+
+
+def ttl_due(task: TaskRecord) -> dt.datetime | None:
+    """When a finished task is deleted (``finishedAt + ttlSecondsAfterFinished``)."""
+    if not task.terminal:
+        return None
+    finished = task.finished_at or task.created_at
+    return finished + dt.timedelta(seconds=task.ttl_seconds)
+
+
+# -- providers -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderVerdict:
+    """The outcome of one provider check."""
+
+    ready: bool
+    reason: ProviderReason
+    message: str
+    error_code: str | None = None
+
+
+def provider_verdict(
+    dialect: Dialect,
+    *,
+    threads: ThreadsInfo | None = None,
+    balance: float | None = None,
+    error: Classification | None = None,
+) -> ProviderVerdict:
+    """Turn a ``threadsinfo``/``getbalance`` answer (or its error) into a Ready verdict."""
+    if error is not None:
+        code = error.code
+        if code in _INVALID_KEY_CODES:
+            reason = ProviderReason.INVALID_KEY
+        elif code == "ERROR_ZERO_BALANCE" and dialect is Dialect.TWOCAPTCHA:
+            reason = ProviderReason.NO_BALANCE
+        elif code in _IP_CODES:
+            reason = ProviderReason.IP_BLOCKED
+        elif error.verdict is Verdict.CONFIG_ERROR:
+            reason = ProviderReason.CONFIG_ERROR
+        else:
+            reason = ProviderReason.UNREACHABLE
+        return ProviderVerdict(False, reason, f"{code}: {error.reason}", code)
+    if threads is not None and threads.threads <= 0:
+        return ProviderVerdict(False, ProviderReason.NO_THREADS, "the plan has no threads")
+    if balance is not None and balance <= 0:
+        return ProviderVerdict(False, ProviderReason.NO_BALANCE, "the account balance is zero")
+    if threads is not None:
+        message = f"{threads.threads} threads, {threads.working_threads} working"
+    elif balance is not None:
+        message = f"balance {balance}"
+    else:
+        message = "checked"
+    return ProviderVerdict(True, ProviderReason.READY, message)

@@ -1,0 +1,284 @@
+"""Operator settings: environment first, command-line flags override, read once at startup.
+
+Config flow: the Helm chart sets ``CAPTCHATASK_*`` environment variables (one per value in
+``values.yaml``); :func:`parse` reads them into defaults for an :mod:`argparse` parser whose
+flags can override each one; the result is one frozen :class:`Settings` that ``cli.main`` hands
+to everything else. Nothing below this module reads ``os.environ``.
+
+Only the *location* of the pingback HMAC key is a setting (``CAPTCHATASK_PINGBACK_KEY_FILE``, the
+mounted install-time Secret); the key itself is read by ``cli.main`` into the signer and never
+stored here, logged or printed. Provider API keys are not settings at all: they live in the
+Secrets that ``CaptchaProvider`` objects reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+ENV_PREFIX: Final = "CAPTCHATASK_"
+
+#: Default admin port for /metrics, /healthz and /readyz (not kopf's liveness port).
+DEFAULT_ADMIN_PORT: Final = 9090
+#: Long enough to keep watch reconnects rare, short enough that a half-dead connection heals.
+DEFAULT_WATCH_SERVER_TIMEOUT: Final = 300
+#: How often a provider that is not Ready is re-checked (a fixed Secret is noticed this fast).
+DEFAULT_PROVIDER_RETRY_SECONDS: Final = 10.0
+#: Per-request budget towards the solver API (the official SDKs use 30 s).
+DEFAULT_PROVIDER_TIMEOUT: Final = 30.0
+#: Transport retries inside one solver request (the client backs off from the documented 5 s).
+DEFAULT_PROVIDER_TRANSPORT_RETRIES: Final = 2
+#: in.php calls one task may cost when their outcome stays unknown (crash, timeout): no storm.
+DEFAULT_MAX_SUBMIT_ATTEMPTS: Final = 3
+#: How long an unresolved submission intent of a poll-only provider waits before resubmitting.
+DEFAULT_INTENT_GRACE_SECONDS: Final = 30.0
+#: Concurrent in.php calls across all providers.
+DEFAULT_SUBMIT_CONCURRENCY: Final = 16
+#: Concurrent res.php batches (one batch = the tasks of one provider due at the same moment).
+DEFAULT_POLL_CONCURRENCY: Final = 8
+#: Polls due within this window are sent together (bulk); a poll is late by at most this much.
+DEFAULT_POLL_BATCH_WINDOW: Final = 0.2
+#: Persist polls/lastPollAt/nextPollAt every Nth poll only: API writes per poll matter at scale.
+DEFAULT_POLL_STATUS_EVERY: Final = 5
+#: Upper bound for the random default peering priority (any two replicas differ, see parse()).
+_PRIORITY_RANGE: Final = 1_000_000
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the operator is configured with; see the module docstring for the flow."""
+
+    namespaces: tuple[str, ...] = ()
+    all_namespaces: bool = False
+    standalone: bool = False
+    peering: str | None = None
+    peering_priority: int = 0
+    peering_lifetime: int = 60
+    admin_host: str = "0.0.0.0"  # noqa: S104 - the admin port must be scrapeable in-cluster
+    admin_port: int = DEFAULT_ADMIN_PORT
+    pingback_key_file: str | None = None
+    watch_server_timeout: int = DEFAULT_WATCH_SERVER_TIMEOUT
+    provider_retry_seconds: float = DEFAULT_PROVIDER_RETRY_SECONDS
+    provider_timeout: float = DEFAULT_PROVIDER_TIMEOUT
+    provider_transport_retries: int = DEFAULT_PROVIDER_TRANSPORT_RETRIES
+    max_submit_attempts: int = DEFAULT_MAX_SUBMIT_ATTEMPTS
+    intent_grace_seconds: float = DEFAULT_INTENT_GRACE_SECONDS
+    submit_concurrency: int = DEFAULT_SUBMIT_CONCURRENCY
+    poll_concurrency: int = DEFAULT_POLL_CONCURRENCY
+    poll_batch_window: float = DEFAULT_POLL_BATCH_WINDOW
+    poll_status_every: int = DEFAULT_POLL_STATUS_EVERY
+    events: bool = True
+    log_level: str = "INFO"
+
+    @property
+    def peering_enabled(self) -> bool:
+        """Whether this replica takes part in active/standby peering."""
+        return self.peering is not None and not self.standalone
+
+
+@dataclass(frozen=True, slots=True)
+class _Option:
+    """One setting: its flag, its environment variable and how to parse it."""
+
+    flag: str
+    env: str
+    kind: type
+    help: str
+
+
+_OPTIONS: Final[dict[str, _Option]] = {
+    "namespaces": _Option(
+        "--namespace",
+        "NAMESPACES",
+        list,
+        "watch this namespace (repeatable; env: comma-separated); globs are allowed",
+    ),
+    "all_namespaces": _Option("--all-namespaces", "ALL_NAMESPACES", bool, "watch every namespace"),
+    "standalone": _Option("--standalone", "STANDALONE", bool, "no peering: always active"),
+    "peering": _Option(
+        "--peering",
+        "PEERING",
+        str,
+        "KopfPeering object name for active/standby replicas (the object must exist)",
+    ),
+    "peering_priority": _Option(
+        "--peering-priority",
+        "PEERING_PRIORITY",
+        int,
+        "priority among peers (default: random per process)",
+    ),
+    "peering_lifetime": _Option(
+        "--peering-lifetime",
+        "PEERING_LIFETIME_SECONDS",
+        int,
+        "seconds a silent peer is presumed alive (takeover time)",
+    ),
+    "admin_host": _Option("--admin-host", "ADMIN_HOST", str, "address of /metrics and /healthz"),
+    "admin_port": _Option("--admin-port", "ADMIN_PORT", int, "port of /metrics and /healthz"),
+    "pingback_key_file": _Option(
+        "--pingback-key-file",
+        "PINGBACK_KEY_FILE",
+        str,
+        "file with the pingback HMAC key(s), one per line",
+    ),
+    "watch_server_timeout": _Option(
+        "--watch-server-timeout",
+        "WATCH_SERVER_TIMEOUT_SECONDS",
+        int,
+        "server-side timeout of kopf's watch requests",
+    ),
+    "provider_retry_seconds": _Option(
+        "--provider-retry-seconds",
+        "PROVIDER_RETRY_SECONDS",
+        float,
+        "re-check interval of a provider that is not Ready",
+    ),
+    "provider_timeout": _Option(
+        "--provider-timeout", "PROVIDER_TIMEOUT_SECONDS", float, "timeout of one solver-API request"
+    ),
+    "provider_transport_retries": _Option(
+        "--provider-transport-retries",
+        "PROVIDER_TRANSPORT_RETRIES",
+        int,
+        "transport retries inside one solver request",
+    ),
+    "max_submit_attempts": _Option(
+        "--max-submit-attempts",
+        "MAX_SUBMIT_ATTEMPTS",
+        int,
+        "in.php calls per task whose outcome may be unknown",
+    ),
+    "intent_grace_seconds": _Option(
+        "--intent-grace-seconds",
+        "INTENT_GRACE_SECONDS",
+        float,
+        "wait before resubmitting an unresolved intent (poll-only)",
+    ),
+    "submit_concurrency": _Option(
+        "--submit-concurrency", "SUBMIT_CONCURRENCY", int, "concurrent in.php calls"
+    ),
+    "poll_concurrency": _Option(
+        "--poll-concurrency", "POLL_CONCURRENCY", int, "concurrent res.php batches"
+    ),
+    "poll_batch_window": _Option(
+        "--poll-batch-window",
+        "POLL_BATCH_WINDOW_SECONDS",
+        float,
+        "polls due within this window share one bulk request",
+    ),
+    "poll_status_every": _Option(
+        "--poll-status-every",
+        "POLL_STATUS_EVERY",
+        int,
+        "persist poll counters every Nth poll (1 = every poll)",
+    ),
+    "events": _Option("--events", "EVENTS", bool, "post Kubernetes Events on transitions"),
+    "log_level": _Option("--log-level", "LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
+}
+
+
+def env_name(setting: str) -> str:
+    """Return the environment variable of a setting (``CAPTCHATASK_...``)."""
+    return ENV_PREFIX + _OPTIONS[setting].env
+
+
+def _from_text(kind: type, text: str) -> object:
+    if kind is bool:
+        return text.strip().lower() in _TRUE
+    if kind is list:
+        return tuple(part.strip() for part in text.split(",") if part.strip())
+    if kind is int:
+        return int(text)
+    if kind is float:
+        return float(text)
+    return text
+
+
+def build_parser(defaults: Mapping[str, object]) -> argparse.ArgumentParser:
+    """Return the ``captchatask operator`` parser with ``defaults`` from the environment."""
+    parser = argparse.ArgumentParser(
+        prog="captchatask operator",
+        description="Run the CaptchaTask operator (kopf): submit, poll, fail, clean up.",
+    )
+    for name, option in _OPTIONS.items():
+        env_help = f"{option.help} [env {ENV_PREFIX}{option.env}]"
+        if option.kind is bool:
+            parser.add_argument(
+                option.flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=defaults.get(name),
+                help=env_help,
+            )
+        elif option.kind is list:
+            parser.add_argument(
+                option.flag,
+                dest=name,
+                action="append",
+                default=None,
+                metavar="NAME",
+                help=env_help,
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                dest=name,
+                type=option.kind,
+                default=defaults.get(name),
+                help=env_help,
+            )
+    parser.add_argument("-A", dest="all_namespaces", action="store_true", help="--all-namespaces")
+    return parser
+
+
+def parse(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
+    """Build :class:`Settings` from the environment and the command line (flags win).
+
+    Raises
+    ------
+    SystemExit
+        On invalid flags or an invalid combination (argparse's usual exit status 2).
+    """
+    defaults: dict[str, object] = {}
+    for name, option in _OPTIONS.items():
+        raw = environ.get(ENV_PREFIX + option.env)
+        if raw is not None and raw != "":
+            try:
+                defaults[name] = _from_text(option.kind, raw)
+            except ValueError as exc:
+                raise SystemExit(f"{ENV_PREFIX}{option.env}: {exc}") from exc
+    parser = build_parser(defaults)
+    args = parser.parse_args(list(argv))
+    values: dict[str, object] = {k: v for k, v in vars(args).items() if v is not None}
+    if args.namespaces is not None:
+        values["namespaces"] = tuple(args.namespaces)
+    elif "namespaces" in defaults:
+        values["namespaces"] = defaults["namespaces"]
+    if values.get("all_namespaces") and values.get("namespaces"):
+        parser.error("--namespace and --all-namespaces exclude each other")
+    if not values.get("all_namespaces") and not values.get("namespaces"):
+        parser.error("give --namespace NAME (repeatable) or --all-namespaces")
+    if values.get("peering") and values.get("standalone"):
+        parser.error("--peering and --standalone exclude each other")
+    if "peering_priority" not in values:
+        # Two replicas with equal priority both freeze (kopf); a random priority per process
+        # makes every pair distinct, and any replica may be the active one.
+        values["peering_priority"] = random.randrange(1, _PRIORITY_RANGE)  # noqa: S311
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _validate(parser, settings)
+    return settings
+
+
+def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
+    if not 0 <= settings.admin_port <= 65535:
+        parser.error("--admin-port must be a TCP port")
+    if settings.max_submit_attempts < 1 or settings.poll_status_every < 1:
+        parser.error("--max-submit-attempts and --poll-status-every must be >= 1")
+    if settings.submit_concurrency < 1 or settings.poll_concurrency < 1:
+        parser.error("concurrency limits must be >= 1")
+    if settings.poll_batch_window < 0 or settings.intent_grace_seconds < 0:
+        parser.error("windows and grace periods must be >= 0")

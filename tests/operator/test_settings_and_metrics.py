@@ -1,0 +1,129 @@
+"""Settings (env then flags), metrics pre-creation, Events bodies, and the package layout."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from captchatask.events import EventType, ObjectRef, build_event
+from captchatask.model import TaskRef
+from captchatask_operator import settings as settings_module
+from captchatask_operator.metrics import Metrics
+
+
+def test_flags_override_the_environment() -> None:
+    env = {"CAPTCHATASK_NAMESPACES": "a,b", "CAPTCHATASK_ADMIN_PORT": "9999"}
+
+    from_env = settings_module.parse([], env)
+    from_flags = settings_module.parse(["--namespace", "c", "--admin-port", "1234"], env)
+
+    assert (from_env.namespaces, from_env.admin_port) == (("a", "b"), 9999)
+    assert (from_flags.namespaces, from_flags.admin_port) == (("c",), 1234)
+
+
+def test_every_setting_has_a_flag_and_an_environment_variable() -> None:
+    fields = set(settings_module.Settings.__dataclass_fields__)
+    assert {name for name in fields if settings_module.env_name(name)} == fields
+
+
+def test_a_scope_is_required_and_scopes_exclude_each_other() -> None:
+    with pytest.raises(SystemExit):
+        settings_module.parse([], {})
+    with pytest.raises(SystemExit):
+        settings_module.parse(["--namespace", "a", "--all-namespaces"], {})
+    with pytest.raises(SystemExit):
+        settings_module.parse(["-A", "--peering", "p", "--standalone"], {})
+
+
+def test_peering_is_opt_in_and_priorities_default_to_distinct_random_values() -> None:
+    plain = settings_module.parse(["-A"], {})
+    peered = settings_module.parse(["-A", "--peering", "captchatask"], {})
+
+    assert not plain.peering_enabled
+    assert peered.peering_enabled
+    priorities = {settings_module.parse(["-A"], {}).peering_priority for _ in range(20)}
+    assert len(priorities) > 1
+
+
+def test_settings_are_frozen() -> None:
+    settings = settings_module.parse(["-A"], {"CAPTCHATASK_EVENTS": "false"})
+    assert settings.events is False
+    with pytest.raises(AttributeError):
+        settings.events = True  # type: ignore[misc]
+
+
+def test_provider_series_are_pre_created_at_zero() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    metrics.ensure_provider("default")
+
+    sample = registry.get_sample_value
+    assert sample("captchatask_tasks", {"provider": "default", "phase": "Queued"}) == 0
+    assert (
+        sample("captchatask_submissions_total", {"provider": "default", "outcome": "submitted"})
+        == 0
+    )
+    assert sample("captchatask_fallback_recoveries_total", {"provider": "default"}) == 0
+    assert (
+        sample(
+            "captchatask_permanent_failures_total",
+            {"provider": "default", "code": "DeadlineExceeded"},
+        )
+        == 0
+    )
+    assert (
+        sample(
+            "captchatask_provider_requests_total",
+            {"provider": "default", "endpoint": "get", "outcome": "ok"},
+        )
+        == 0
+    )
+    assert sample("captchatask_provider_ready", {"provider": "default"}) == 0
+
+
+def test_task_counts_reset_phases_that_emptied() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.set_task_counts({("p", "Submitted"): 3})
+    metrics.set_task_counts({("p", "Solved"): 3})
+
+    sample = registry.get_sample_value
+    assert sample("captchatask_tasks", {"provider": "p", "phase": "Submitted"}) == 0
+    assert sample("captchatask_tasks", {"provider": "p", "phase": "Solved"}) == 3
+
+
+def test_unknown_failure_codes_share_one_label() -> None:
+    from captchatask_operator.metrics import failure_label  # noqa: PLC0415
+
+    assert failure_label("ERROR_CAPTCHA_UNSOLVABLE") == "ERROR_CAPTCHA_UNSOLVABLE"
+    assert failure_label("something new 123") == "other"
+
+
+def test_event_bodies_point_at_the_task_instance() -> None:
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    ref = TaskRef("ns", "t", "0f0e0d0c-0b0a-4909-8807-060504030201")
+
+    body = build_event(
+        involved=ObjectRef.task(ref),
+        type_=EventType.WARNING,
+        reason="Failed",
+        message="x" * 5000,
+        component="captchatask-operator",
+        instance="pod-1",
+        now=now,
+    )
+
+    assert body["involvedObject"]["uid"] == ref.uid
+    assert body["involvedObject"]["kind"] == "CaptchaTask"
+    assert body["metadata"]["name"].startswith("t.")
+    assert (body["type"], body["reason"]) == ("Warning", "Failed")
+    assert len(body["message"]) == 1024
+
+
+def test_the_operator_source_root_is_not_a_package(repo_root: Path) -> None:
+    assert not (repo_root / "operator" / "__init__.py").exists()
+    assert (repo_root / "operator" / "captchatask_operator" / "peering-crd.yaml").exists()
