@@ -1,0 +1,1 @@
+"""The aiohttp pingback sidecar: receive, authenticate, record durably, never drop."""

@@ -1,0 +1,167 @@
+"""The drainer: replays spooled results into the ledger as soon as the API server answers.
+
+Replays are idempotent because :meth:`captchatask.ledger.Ledger.record` is: a result that did
+reach its task before (a spooled pingback whose cancelled PATCH still landed, a replay after a
+crash) comes back ``duplicate``. A replay that dead-letters writes the dead letter; if that
+write fails too, the record simply stays spooled.
+
+While the API server is away the drainer sends one probe replay at a time, with exponential
+backoff capped at :data:`MAX_BACKOFF_SECONDS`, so a recovered API server is noticed within about
+a second; then it replays with full concurrency and closes the recorder's circuit. A record the
+API server keeps refusing (RBAC, a vanished namespace) backs off on its own so it cannot block
+the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Final
+
+from captchatask import kube
+from captchatask.ledger import Ledger
+from captchatask_sidecar.metrics import Metrics
+from captchatask_sidecar.recorder import Recorder
+from captchatask_sidecar.spool import Entry, Spool
+
+logger = logging.getLogger(__name__)
+
+INITIAL_BACKOFF_SECONDS: Final = 0.05
+#: Cap of the "API server away" backoff: bounds how late a recovery is noticed.
+MAX_BACKOFF_SECONDS: Final = 1.0
+#: Cap of one refused record's own backoff.
+MAX_RECORD_BACKOFF_SECONDS: Final = 60.0
+#: Sleep when there is nothing to do and nothing wakes us (safety net for missed wake-ups).
+IDLE_SECONDS: Final = 1.0
+#: Source recorded in dead letters written from the spool (the CRD's ``payload.source``).
+SPOOL_SOURCE: Final = "spool"
+_UNAVAILABLE: Final = "unavailable"
+
+
+class Drainer:
+    """Background replay of the spool.
+
+    Parameters
+    ----------
+    recorder
+        The hot-path recorder (its circuit is opened/closed here, its ``apply`` is reused).
+    ledger
+        A ledger with the drainer's (longer) per-request timeout.
+    spool
+        The spool to drain.
+    metrics
+        The sidecar's metrics.
+    concurrency
+        Replays in flight at once when the API server is up.
+    """
+
+    def __init__(
+        self,
+        *,
+        recorder: Recorder,
+        ledger: Ledger,
+        spool: Spool,
+        metrics: Metrics,
+        concurrency: int,
+    ) -> None:
+        self.recorder = recorder
+        self.ledger = ledger
+        self.spool = spool
+        self.metrics = metrics
+        self.concurrency = concurrency
+        self.wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Drain forever (cancelled at shutdown; unresolved records stay on disk)."""
+        backoff = INITIAL_BACKOFF_SECONDS
+        while True:
+            self.wake.clear()
+            now = time.monotonic()
+            limit = self.concurrency if self.recorder.api_available else 1
+            due = list(
+                itertools.islice(
+                    (
+                        entry
+                        for entry in self.spool.pending.values()
+                        if not entry.in_flight and entry.next_attempt <= now
+                    ),
+                    limit,
+                )
+            )
+            if not due:
+                if not self.recorder.api_available and not self.spool.pending:
+                    await self._probe()
+                await self._sleep(self._next_due(now))
+                continue
+            outcomes = await asyncio.gather(*(self._replay(entry) for entry in due))
+            if _UNAVAILABLE in outcomes:
+                self.recorder.api_available = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                continue
+            backoff = INITIAL_BACKOFF_SECONDS
+            if not self.recorder.api_available:
+                logger.info(
+                    "API server answers again: draining %d spooled results", self.spool.depth
+                )
+                self.recorder.api_available = True
+
+    def _next_due(self, now: float) -> float:
+        """Seconds until the earliest backed-off record is due (bounded by the idle sleep)."""
+        soonest = min(
+            (e.next_attempt for e in self.spool.pending.values() if not e.in_flight),
+            default=now + IDLE_SECONDS,
+        )
+        return min(IDLE_SECONDS, max(0.0, soonest - now))
+
+    async def _sleep(self, seconds: float) -> None:
+        try:
+            async with asyncio.timeout(seconds):
+                await self.wake.wait()
+        except TimeoutError:
+            pass
+
+    async def _probe(self) -> None:
+        """With nothing spooled but the circuit open, ask the API server directly."""
+        try:
+            await self.ledger.client.request("GET", "/readyz", timeout=self.ledger.timeout)
+        except kube.KubeError:
+            return
+        self.recorder.api_available = True
+
+    async def _replay(self, entry: Entry) -> str:
+        record = entry.record
+        entry.in_flight = True
+        try:
+            outcome = await self.recorder.apply(
+                self.ledger,
+                record.ref,
+                record.result,
+                source=SPOOL_SOURCE,
+                received_at=record.received_at,
+            )
+        except kube.KubeUnavailable:
+            self.metrics.replay_outcome["retry"].inc()
+            return _UNAVAILABLE
+        except kube.ApiError as exc:
+            self.metrics.replay_outcome["retry"].inc()
+            self.metrics.ledger_error["api_error"].inc()
+            entry.attempts += 1
+            delay = min(MAX_RECORD_BACKOFF_SECONDS, 0.5 * 2**entry.attempts)
+            entry.next_attempt = time.monotonic() + delay
+            logger.warning(
+                "spooled result for %s/%s refused (%s %s); retrying in %.1fs",
+                record.ref.namespace,
+                record.ref.name,
+                exc.status,
+                exc.reason,
+                delay,
+            )
+            return "refused"
+        finally:
+            entry.in_flight = False
+        self.metrics.replay_outcome[outcome].inc()
+        self.spool.resolve(entry)
+        return outcome

@@ -1,0 +1,209 @@
+"""Pingback payloads: the three wire shapes, parsed strictly into one :class:`Pingback`.
+
+Pure (no I/O): the handler reads the body, these functions decide whether it is a well-formed
+result. Accepted shapes (``provider-api.md`` section 3):
+
+* CaptchaAI: ``GET <url>?id=<task id>&code=<answer or ERROR_...>``;
+* 2captcha: ``POST`` with the same two fields, urlencoded or ``multipart/form-data``;
+* Anti-Captcha style JSON, the body of ``getTaskResult``:
+  ``{"taskId": .., "errorId": 0, "status": "ready", "solution": {"gRecaptchaResponse" |
+  "token" | "text": .., "userAgent": ..}}`` or ``{"errorId": 12, "errorCode": "ERROR_..."}``.
+
+Anything else is malformed: a missing or repeated field, an id that is not a provider task id,
+an empty or oversize answer. The limits are the CRD's, so a result accepted here always fits the
+ledger.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+from captchatask.ledger import Result
+from captchatask.model import DeliveredBy
+from captchatask.provider import codes
+
+#: The CRD's ``spec.providerTaskId`` pattern (and what both providers issue: digits).
+PROVIDER_TASK_ID_RE: Final = re.compile(r"^[0-9A-Za-z_-]{1,64}$")
+#: The CRD's ``status.solution.token`` / ``payload.code`` limit.
+MAX_CODE_CHARS: Final = 65536
+#: The CRD's ``status.failure.code`` limit.
+MAX_ERROR_CODE_CHARS: Final = 128
+#: The CRD's ``status.solution.userAgent`` limit.
+MAX_USER_AGENT_CHARS: Final = 1024
+#: Field names a form pingback may carry a user agent under (not documented; tolerated).
+USER_AGENT_FIELDS: Final = ("userAgent", "useragent", "user_agent")
+#: Anti-Captcha's solution keys, most specific first.
+SOLUTION_KEYS: Final = ("gRecaptchaResponse", "token", "text")
+#: A form pingback has two fields; anything far beyond that is not a pingback.
+MAX_FIELDS: Final = 16
+
+
+class Source(StrEnum):
+    """How a pingback arrived (the dead-letter CRD's ``payload.source`` enum)."""
+
+    GET = "get"
+    FORM = "form"
+    MULTIPART = "multipart"
+    JSON = "json"
+
+
+class MalformedPingbackError(ValueError):
+    """The request is not a well-formed pingback; the message is safe to show the sender."""
+
+
+class NotAResultError(ValueError):
+    """An authentic pingback whose code is not a final result.
+
+    ``CAPCHA_NOT_READY``, a rate limit or an undocumented code: fallback polling settles the
+    task instead.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Pingback:
+    """One well-formed pingback (authenticity is checked from the path, not here)."""
+
+    provider_task_id: str
+    code: str
+    source: Source
+    user_agent: str | None = None
+    error: bool = False
+
+    def to_result(self, *, dialect: codes.Dialect) -> Result:
+        """Turn the pingback into a ledger :class:`Result`.
+
+        ``ERROR_...`` codes are classified like the operator classifies ``res.php`` replies:
+        a per-task failure becomes ``Result.failed``; anything else is not a result.
+
+        Raises
+        ------
+        NotAResultError
+            The code is a status or account-level error, not this task's outcome.
+        """
+        if self.error or is_error_code(self.code):
+            verdict = codes.classify(self.code, dialect=dialect, endpoint="res")
+            if verdict.verdict is not codes.Verdict.TASK_FAILED:
+                raise NotAResultError(f"{verdict.verdict}: not a final result")
+            if len(verdict.code) > MAX_ERROR_CODE_CHARS:
+                raise MalformedPingbackError("malformed code")
+            return Result.failed(
+                code=verdict.code,
+                message=verdict.reason,
+                delivered_by=DeliveredBy.PINGBACK,
+                provider_task_id=self.provider_task_id,
+            )
+        return Result.solved(
+            token=self.code,
+            delivered_by=DeliveredBy.PINGBACK,
+            provider_task_id=self.provider_task_id,
+            user_agent=self.user_agent,
+        )
+
+
+@functools.cache
+def _known_codes() -> frozenset[str]:
+    return codes.known_codes()
+
+
+def is_error_code(code: str) -> bool:
+    """Whether a pingback ``code`` is a status/error code rather than an answer."""
+    return code.startswith("ERROR") or code in _known_codes()
+
+
+def _task_id(value: object) -> str:
+    if isinstance(value, bool):
+        raise MalformedPingbackError("malformed id")
+    if isinstance(value, int) and value >= 0:
+        value = str(value)
+    if not isinstance(value, str) or not PROVIDER_TASK_ID_RE.fullmatch(value):
+        raise MalformedPingbackError("malformed id")
+    return value
+
+
+def _code(value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_CODE_CHARS:
+        raise MalformedPingbackError("malformed code")
+    return value
+
+
+def _user_agent(value: object) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_USER_AGENT_CHARS:
+        raise MalformedPingbackError("malformed user agent")
+    return value
+
+
+def from_fields(pairs: Iterable[tuple[str, str]], *, source: Source) -> Pingback:
+    """Parse ``id``/``code`` (+ optional user agent) from query or form fields.
+
+    Raises
+    ------
+    MalformedPingbackError
+        A field is missing, repeated or malformed.
+    """
+    seen: dict[str, str] = {}
+    for count, (key, value) in enumerate(pairs, start=1):
+        if count > MAX_FIELDS:
+            raise MalformedPingbackError("too many fields")
+        if key in seen:
+            raise MalformedPingbackError(f"repeated field {key!r}"[:64])
+        seen[key] = value
+    if "id" not in seen or "code" not in seen:
+        raise MalformedPingbackError("id and code are required")
+    agent: str | None = None
+    for name in USER_AGENT_FIELDS:
+        if name in seen:
+            agent = _user_agent(seen[name])
+            break
+    return Pingback(
+        provider_task_id=_task_id(seen["id"]),
+        code=_code(seen["code"]),
+        source=source,
+        user_agent=agent,
+    )
+
+
+def from_json(raw: bytes) -> Pingback:
+    """Parse an Anti-Captcha style JSON pingback.
+
+    Raises
+    ------
+    MalformedPingbackError
+        Not JSON, not an object, or missing the fields of a finished task.
+    """
+    try:
+        body: Any = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MalformedPingbackError("malformed JSON") from exc
+    if not isinstance(body, Mapping):
+        raise MalformedPingbackError("JSON body must be an object")
+    task_id = _task_id(body.get("taskId", body.get("id")))
+    error_id = body.get("errorId", 0)
+    if isinstance(error_id, bool) or not isinstance(error_id, int):
+        raise MalformedPingbackError("malformed errorId")
+    if error_id != 0:
+        code = body.get("errorCode")
+        if not isinstance(code, str) or not code or len(code) > MAX_ERROR_CODE_CHARS:
+            raise MalformedPingbackError("errorCode is required when errorId is not 0")
+        return Pingback(provider_task_id=task_id, code=code, source=Source.JSON, error=True)
+    if body.get("status") != "ready":
+        raise MalformedPingbackError("status must be 'ready'")
+    solution = body.get("solution")
+    if not isinstance(solution, Mapping):
+        raise MalformedPingbackError("solution is required")
+    for key in SOLUTION_KEYS:
+        if key in solution:
+            return Pingback(
+                provider_task_id=task_id,
+                code=_code(solution[key]),
+                source=Source.JSON,
+                user_agent=_user_agent(solution.get("userAgent")),
+            )
+    raise MalformedPingbackError("solution has no answer")

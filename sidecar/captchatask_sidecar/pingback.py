@@ -1,0 +1,236 @@
+"""The pingback listener: authenticate, parse, make durable, answer.
+
+Route: ``GET|POST /v1/pingback/{namespace}/{name}/{uid}/{token}`` (the signed path the operator
+and ``tasks:reserve`` hand to the provider). The order of checks is the security design:
+
+1. the namespace must be one this receiver serves, the four segments must have the shapes of a
+   namespace, a name, a uid and a token (404 otherwise);
+2. the token must verify (HMAC over namespace, name and uid; constant time; stateless) - 403
+   otherwise. Both happen **before the body is read and before any API call**, so forged
+   requests cost a regex and an HMAC;
+3. the body is read under a size limit (413, checked from ``Content-Length`` before reading)
+   and a time limit (408), then parsed strictly (400 malformed, 415 unsupported type, 422 a
+   code that is no final result).
+
+Only then does :class:`~.recorder.Recorder` make the result durable, and only then is ``200``
+sent, with the outcome in the ``X-Captchatask-Outcome`` header. Rejections are terse problem
+documents with nothing an attacker can use; they never write anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from captchatask import signing
+from captchatask.provider import codes
+from captchatask_sidecar import keys
+from captchatask_sidecar.drainer import Drainer
+from captchatask_sidecar.errors import problem, problem_middleware
+from captchatask_sidecar.metrics import Metrics
+from captchatask_sidecar.payload import (
+    MalformedPingbackError,
+    NotAResultError,
+    Pingback,
+    Source,
+    from_fields,
+    from_json,
+)
+from captchatask_sidecar.recorder import Recorder
+from captchatask_sidecar.spool import SpoolWriteError
+from captchatask_sidecar.verify import NotConfirmedError, Verifier, VerifyUnavailableError
+
+logger = logging.getLogger(__name__)
+
+ROUTE: Final = signing.PINGBACK_PREFIX + "/{namespace}/{name}/{uid}/{token}"
+OUTCOME_HEADER: Final = "X-Captchatask-Outcome"
+FORM: Final = "application/x-www-form-urlencoded"
+MULTIPART: Final = "multipart/form-data"
+JSON_TYPES: Final = frozenset({"application/json", "text/json"})
+#: The answer body: providers only look at the status; "OK" is what the seed's handler sent.
+OK_BODY: Final = b"OK"
+
+
+class RejectedError(Exception):
+    """A pingback refused with a 4xx (or 503): nothing was written."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class PingbackReceiver:
+    """Everything the pingback handler needs, looked up once per request.
+
+    Parameters
+    ----------
+    namespaces
+        The namespaces whose pingbacks are accepted.
+    signer
+        Verifies path tokens.
+    recorder
+        Makes results durable.
+    metrics
+        The sidecar's metrics.
+    dialect
+        How ``ERROR_...`` codes are classified.
+    max_body_bytes
+        Largest accepted body.
+    read_timeout
+        Seconds the body may take to arrive.
+    verifier
+        Confirms answers with ``res.php`` (verify-by-poll), or ``None``.
+    """
+
+    namespaces: frozenset[str]
+    signer: signing.PingbackSigner
+    recorder: Recorder
+    metrics: Metrics
+    dialect: codes.Dialect
+    max_body_bytes: int
+    read_timeout: float
+    verifier: Verifier | None = None
+
+    async def handle(self, request: web.Request) -> str:
+        """Authenticate, parse and record one pingback; return its outcome label.
+
+        Raises
+        ------
+        RejectedError
+            The request is refused; nothing was written and no API call was made.
+        SpoolWriteError
+            The result could not be made durable.
+        """
+        match = request.match_info
+        namespace = match["namespace"]
+        if namespace not in self.namespaces:
+            raise RejectedError(404, "not found")
+        path = signing.parse_path_parts(namespace, match["name"], match["uid"], match["token"])
+        if path is None:
+            raise RejectedError(404, "not found")
+        if not self.signer.verify(path.ref, path.token):
+            raise RejectedError(403, "forbidden")
+        pingback = await self._read(request)
+        try:
+            result = pingback.to_result(dialect=self.dialect)
+        except NotAResultError as exc:
+            raise RejectedError(422, "not a final result") from exc
+        except MalformedPingbackError as exc:
+            raise RejectedError(400, str(exc)) from exc
+        if self.verifier is not None:
+            try:
+                result = await self.verifier.confirm(path.ref, result)
+            except NotConfirmedError as exc:
+                raise RejectedError(409, "not confirmed by the provider") from exc
+            except VerifyUnavailableError as exc:
+                raise RejectedError(503, "cannot confirm now") from exc
+        return await self.recorder.accept(path.ref, result, source=pingback.source.value)
+
+    async def _read(self, request: web.Request) -> Pingback:
+        try:
+            if request.method == "GET":
+                return from_fields(request.query.items(), source=Source.GET)
+            return await self._read_body(request)
+        except MalformedPingbackError as exc:
+            raise RejectedError(400, str(exc)) from exc
+
+    async def _read_body(self, request: web.Request) -> Pingback:
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise RejectedError(413, "body too large")
+        content_type = request.content_type
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                if content_type == MULTIPART:
+                    return from_fields(_form_fields(await request.post()), source=Source.MULTIPART)
+                raw = await request.read()
+        except TimeoutError as exc:
+            raise RejectedError(408, "request timeout") from exc
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise RejectedError(413, "body too large") from exc
+        except (ValueError, web.HTTPException) as exc:  # malformed multipart and the like
+            raise RejectedError(400, "malformed body") from exc
+        if content_type in JSON_TYPES or content_type.endswith("+json"):
+            return from_json(raw)
+        if not raw:
+            # A POST to a URL that carries ?id=&code= (CaptchaAI appends them to any URL).
+            return from_fields(request.query.items(), source=Source.GET)
+        if content_type in (FORM, "application/octet-stream", "text/plain"):
+            return from_fields(_parse_form(raw), source=Source.FORM)
+        raise RejectedError(415, "unsupported media type")
+
+
+def _parse_form(raw: bytes) -> list[tuple[str, str]]:
+    try:
+        text = raw.decode("utf-8")
+        return parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=16)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedPingbackError("malformed form body") from exc
+
+
+def _form_fields(
+    form: MultiDictProxy[str | bytes | bytearray | web.FileField],
+) -> Iterable[tuple[str, str]]:
+    for key, value in form.items():
+        if not isinstance(value, str):
+            raise MalformedPingbackError("unexpected file field")
+        yield key, value
+
+
+async def receive_pingback(request: web.Request) -> web.Response:
+    """Handle one pingback (see the module docstring); idempotent per result."""
+    receiver = request.app[keys.PINGBACK]
+    metrics = receiver.metrics
+    started = time.perf_counter()
+    try:
+        outcome = await receiver.handle(request)
+    except RejectedError as exc:
+        if exc.status != 503:
+            metrics.pingback_outcome["rejected"].inc()
+        return problem(exc.status, exc.detail)
+    except SpoolWriteError:
+        metrics.spool_write_errors.inc()
+        return problem(503, "not stored, retry later")
+    finally:
+        metrics.handle_duration.observe(time.perf_counter() - started)
+    metrics.pingback_outcome[outcome].inc()
+    return web.Response(body=OK_BODY, content_type="text/plain", headers={OUTCOME_HEADER: outcome})
+
+
+def create_pingback_app(
+    receiver: PingbackReceiver, *, drainer: Drainer | None = None
+) -> web.Application:
+    """Build the pingback application (one route, problem-JSON errors).
+
+    Parameters
+    ----------
+    receiver
+        The handler's dependencies.
+    drainer
+        Started with the app and stopped after in-flight pingbacks finished, so nothing is
+        replayed while the last requests still write to the spool.
+    """
+    app = web.Application(middlewares=[problem_middleware], client_max_size=receiver.max_body_bytes)
+    app[keys.PINGBACK] = receiver
+    app.router.add_route("GET", ROUTE, receive_pingback)
+    app.router.add_route("POST", ROUTE, receive_pingback)
+    if drainer is not None:
+
+        async def run_drainer(_app: web.Application) -> AsyncIterator[None]:
+            task = asyncio.create_task(drainer.run(), name="spool-drainer")
+            yield
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+        app.cleanup_ctx.append(run_drainer)
+    return app

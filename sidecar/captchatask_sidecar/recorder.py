@@ -1,0 +1,175 @@
+"""Durable acknowledgement: put a pingback's result in the ledger, a dead letter, or the spool.
+
+This is the promise of the sidecar in one class. :meth:`Recorder.accept` returns (and the
+handler answers ``200``) only once the result is
+
+* applied to its task through :meth:`captchatask.ledger.Ledger.record` (outcomes ``recorded``,
+  ``duplicate``, ``late``), or
+* written as a ``CaptchaDeadLetter`` when it belongs to no task instance (``dead_lettered``), or
+* appended to the local spool and fsync'd (``spooled``) when the API server did not answer
+  within the ledger budget, refused the write for a reason worth retrying, or the dead letter
+  could not be written.
+
+If even the spool fails, :class:`~.spool.SpoolWriteError` propagates and the handler answers
+``503``: the sender may not retry, but the sidecar never claims a result it does not hold.
+
+A circuit breaker keeps the spool path fast while the API server is away: after one timeout
+the hot path skips the ledger and spools at once (no 0.5 s wait per pingback) until the
+drainer (:mod:`.drainer`) gets an answer from the API server again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable
+from typing import Final
+
+from captchatask import kube
+from captchatask.ledger import Ledger, Outcome, Result
+from captchatask.model import DeadLetterReason, TaskRef, TaskView
+from captchatask_sidecar.metrics import Metrics
+from captchatask_sidecar.spool import Spool, SpoolRecord
+
+logger = logging.getLogger(__name__)
+
+SPOOLED: Final = "spooled"
+
+Publish = Callable[[TaskView], None]
+
+
+class Recorder:
+    """Applies results to the ledger within a budget, else spools them.
+
+    Parameters
+    ----------
+    ledger
+        The hot-path ledger (its per-request timeout is the budget).
+    spool
+        The open spool.
+    metrics
+        The sidecar's metrics.
+    budget
+        Seconds a pingback may wait for the API server in total before it is spooled.
+    received_by
+        This receiver's name, written into dead letters.
+    publish
+        Called with a task after a result reached it (wakes local-API long-polls at once).
+    """
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        spool: Spool,
+        metrics: Metrics,
+        budget: float,
+        received_by: str,
+        publish: Publish | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.spool = spool
+        self.metrics = metrics
+        self.budget = budget
+        self.received_by = received_by
+        self.publish = publish
+        #: The circuit: ``False`` while the API server is known to be away (set by timeouts
+        #: here, cleared by the drainer when the API server answers again).
+        self.api_available = True
+
+    async def accept(self, ref: TaskRef, result: Result, *, source: str) -> str:
+        """Make one result durable and say how (the pingback outcome label).
+
+        Raises
+        ------
+        SpoolWriteError
+            Neither the ledger nor the spool could take it; do not acknowledge.
+        """
+        received_at = time.time()
+        if self.api_available:
+            try:
+                async with asyncio.timeout(self.budget):
+                    return await self.apply(
+                        self.ledger, ref, result, source=source, received_at=received_at
+                    )
+            except TimeoutError:
+                self.metrics.ledger_error["timeout"].inc()
+                self._open_circuit("the ledger budget was exceeded")
+            except kube.KubeUnavailable as exc:
+                self.metrics.ledger_error["unavailable"].inc()
+                self._open_circuit(str(exc))
+            except kube.ApiError as exc:
+                self.metrics.ledger_error["api_error"].inc()
+                logger.warning(
+                    "ledger write for %s/%s refused (%s %s); spooling it",
+                    ref.namespace,
+                    ref.name,
+                    exc.status,
+                    exc.reason,
+                )
+        await self.spool.append(
+            SpoolRecord(
+                ref=ref,
+                result=result,
+                received_at=received_at,
+                received_by=self.received_by,
+                source=source,
+            )
+        )
+        return SPOOLED
+
+    def _open_circuit(self, why: str) -> None:
+        if self.api_available:
+            logger.warning("API server unavailable (%s): spooling pingbacks until it answers", why)
+        self.api_available = False
+
+    async def apply(
+        self,
+        ledger: Ledger,
+        ref: TaskRef,
+        result: Result,
+        *,
+        source: str,
+        received_at: float,
+    ) -> str:
+        """Record one result, writing the dead letter when it belongs to no task instance.
+
+        Shared by the hot path and the drainer (which passes its more patient ledger).
+
+        Raises
+        ------
+        kube.KubeError
+            Nothing durable was written (or the dead letter failed); the caller keeps the
+            result (spools it, or leaves it spooled).
+        """
+        recorded = await ledger.record(ref, result)
+        if recorded.outcome is Outcome.DEAD_LETTER:
+            try:
+                await ledger.dead_letter(
+                    namespace=ref.namespace,
+                    reason=recorded.reason or DeadLetterReason.LEDGER_REJECTED,
+                    message=recorded.message,
+                    ref=ref,
+                    result=result,
+                    received_at=_as_datetime(received_at),
+                    received_by=self.received_by,
+                    source=source,
+                )
+            except kube.KubeError:
+                self.metrics.ledger_error["dead_letter_failed"].inc()
+                raise
+            logger.info(
+                "result for %s/%s dead-lettered: %s",
+                ref.namespace,
+                ref.name,
+                recorded.reason,
+            )
+        elif recorded.task is not None and self.publish is not None:
+            self.publish(recorded.task)
+        return recorded.outcome.value
+
+
+def _as_datetime(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)

@@ -1,0 +1,455 @@
+"""The spool: an append-only, fsync'd local log of results the ledger could not take in time.
+
+A pingback is acknowledged only once its result is durable. When the API server is away (or
+slower than the ledger budget) "durable" means: appended here and ``fdatasync``'d. The spool
+lives on a volume, survives a restart (it is replayed at startup) and is drained into the ledger
+by :mod:`.drainer` as soon as the API server answers.
+
+Format. Segment files ``spool-<seq>.log``; each record is a 10-byte header (magic ``CT``,
+little-endian payload length and CRC-32) followed by a compact JSON payload. A crash can leave a
+torn record at the end of a segment: it fails its length or checksum, is skipped with a warning,
+and the reader resynchronises on the next valid header (so a corrupt record in the middle costs
+only itself). A process never appends to a segment it did not create, so garbage is never
+followed by new data in the same file.
+
+Group commit. Appends from concurrent requests are buffered; one writer job at a time writes the
+whole buffer and calls ``fdatasync`` once, in a dedicated single-thread executor (writes stay
+ordered, and the event loop never blocks on the disk). Each request waits for the batch holding
+its record: at high load a batch holds hundreds of records and costs one thread hop and one
+fsync, which is what makes the spool path nearly as fast as an empty handler.
+
+Compaction. Records are not rewritten or tombstoned: a replayed record that comes back after a
+crash is a duplicate the ledger recognises. A segment is deleted once every record in it is
+resolved, and the current segment is rotated as soon as the spool is empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from captchatask.ledger import Result, ResultKind
+from captchatask.model import DeliveredBy, TaskRef
+
+logger = logging.getLogger(__name__)
+
+MAGIC: Final = b"CT"
+HEADER: Final = struct.Struct("<2sII")  # magic, payload length, crc32(payload)
+#: No single record comes near this (a 64 KiB token plus fields); a longer length is garbage.
+MAX_RECORD_BYTES: Final = 1 << 20
+FORMAT_VERSION: Final = 1
+SEGMENT_PREFIX: Final = "spool-"
+SEGMENT_SUFFIX: Final = ".log"
+PROBE_NAME: Final = ".probe"
+#: The readiness probe writes this much (more than a typical record) and fsyncs it, so a full
+#: or read-only volume shows as unready before a pingback finds out.
+PROBE_BYTES: Final = 8192
+#: Built once: ``json.dumps`` with options constructs a new encoder on every call.
+_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+class SpoolWriteError(Exception):
+    """The record could not be made durable; the caller must not acknowledge it."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolRecord:
+    """One acknowledged result waiting for the ledger."""
+
+    ref: TaskRef
+    result: Result
+    received_at: float  # wall-clock seconds (for the age gauge and the dead letter)
+    received_by: str
+    source: str
+
+    def encode(self) -> bytes:
+        """The record's payload: compact JSON, short keys (the spool path is hot)."""
+        result = self.result
+        doc: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "ns": self.ref.namespace,
+            "n": self.ref.name,
+            "u": self.ref.uid,
+            "k": result.kind.value,
+            "d": result.delivered_by.value,
+            "p": result.provider_task_id,
+            "at": self.received_at,
+            "by": self.received_by,
+            "s": self.source,
+        }
+        if result.token is not None:
+            doc["t"] = result.token
+        if result.user_agent is not None:
+            doc["ua"] = result.user_agent
+        if result.code is not None:
+            doc["c"] = result.code
+        if result.message is not None:
+            doc["m"] = result.message
+        return _ENCODER.encode(doc).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> SpoolRecord:
+        """Inverse of :meth:`encode`; raises ``ValueError``/``KeyError`` on anything else."""
+        doc = json.loads(payload)
+        if doc.get("v") != FORMAT_VERSION:
+            raise ValueError(f"unknown spool record version {doc.get('v')!r}")
+        result = Result(
+            kind=ResultKind(doc["k"]),
+            delivered_by=DeliveredBy(doc["d"]),
+            provider_task_id=doc.get("p"),
+            token=doc.get("t"),
+            user_agent=doc.get("ua"),
+            code=doc.get("c"),
+            message=doc.get("m"),
+        )
+        return cls(
+            ref=TaskRef(namespace=doc["ns"], name=doc["n"], uid=doc["u"]),
+            result=result,
+            received_at=float(doc["at"]),
+            received_by=str(doc["by"]),
+            source=str(doc["s"]),
+        )
+
+    @property
+    def received_datetime(self) -> dt.datetime:
+        """``received_at`` as an aware datetime."""
+        return dt.datetime.fromtimestamp(self.received_at, tz=dt.UTC)
+
+
+def frame(payload: bytes) -> bytes:
+    """Header + payload, as written to a segment."""
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
+
+
+@dataclass(slots=True, eq=False)
+class Segment:
+    """One segment file and how many of its records are not yet resolved."""
+
+    seq: int
+    path: Path
+    unresolved: int = 0
+    size: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Entry:
+    """A durable record in the spool, plus the drainer's bookkeeping for it."""
+
+    id: int
+    record: SpoolRecord
+    segment: Segment
+    attempts: int = 0
+    next_attempt: float = 0.0  # monotonic
+    in_flight: bool = False
+
+
+@dataclass(slots=True)
+class ScanReport:
+    """What reading one segment found."""
+
+    records: list[SpoolRecord] = field(default_factory=list)
+    skipped_bytes: int = 0
+    skipped_at: list[int] = field(default_factory=list)
+
+
+def scan(data: bytes) -> ScanReport:
+    """Read every valid record of a segment; skip (and report) torn or corrupt ones."""
+    report = ScanReport()
+    offset = 0
+    end = len(data)
+    while offset < end:
+        if end - offset >= HEADER.size:
+            magic, length, crc = HEADER.unpack_from(data, offset)
+            start = offset + HEADER.size
+            if (
+                magic == MAGIC
+                and length <= MAX_RECORD_BYTES
+                and start + length <= end
+                and zlib.crc32(data[start : start + length]) == crc
+            ):
+                try:
+                    report.records.append(SpoolRecord.decode(data[start : start + length]))
+                except (ValueError, KeyError, TypeError):
+                    report.skipped_at.append(offset)
+                    report.skipped_bytes += HEADER.size + length
+                offset = start + length
+                continue
+        # Not a valid record here: resynchronise on the next magic that starts a valid one.
+        report.skipped_at.append(offset)
+        following = data.find(MAGIC, offset + 1)
+        next_offset = end if following < 0 else following
+        report.skipped_bytes += next_offset - offset
+        offset = next_offset
+    return report
+
+
+class Spool:
+    """The spool directory: replay at open, group-committed appends, compaction.
+
+    Parameters
+    ----------
+    directory
+        The spool volume (created if missing).
+    on_append
+        Called (on the loop) after records became durable, e.g. to wake the drainer.
+    clock
+        Wall clock in seconds (tests inject one).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        on_append: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.directory = directory
+        self.on_append = on_append
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
+        self._segments: dict[int, Segment] = {}
+        self._current: Segment | None = None
+        self._fd = -1
+        self._next_id = 0
+        self.pending: dict[int, Entry] = {}
+        self._buffer: list[bytes] = []
+        self._batch: list[tuple[SpoolRecord, asyncio.Future[Entry]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.writable = True
+        self.closed = False
+
+    # -- startup ------------------------------------------------------------------------------
+
+    def open(self) -> int:
+        """Replay existing segments into :attr:`pending` and start a fresh segment.
+
+        Blocking (startup only). Returns the number of records replayed.
+        """
+        self.directory.mkdir(parents=True, exist_ok=True)
+        highest = 0
+        replayed = 0
+        for path in sorted(self.directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")):
+            seq_text = path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
+            if not seq_text.isdigit():
+                continue
+            seq = int(seq_text)
+            highest = max(highest, seq)
+            report = scan(path.read_bytes())
+            if report.skipped_bytes:
+                logger.warning(
+                    "spool segment %s: skipped %d bytes of torn or corrupt records at offsets %s",
+                    path.name,
+                    report.skipped_bytes,
+                    report.skipped_at[:10],
+                )
+            if not report.records:
+                path.unlink()
+                continue
+            segment = Segment(seq=seq, path=path, size=path.stat().st_size)
+            self._segments[seq] = segment
+            for record in report.records:
+                self._add_pending(record, segment)
+            replayed += len(report.records)
+        if replayed:
+            logger.warning("spool: %d acknowledged results replayed from disk", replayed)
+        self._start_segment(highest + 1)
+        return replayed
+
+    def _start_segment(self, seq: int) -> None:
+        path = self.directory / f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._fsync_directory()
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self._current = Segment(seq=seq, path=path)
+        self._segments[seq] = self._current
+
+    def _fsync_directory(self) -> None:
+        """Make a created or deleted segment's directory entry durable."""
+        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _add_pending(self, record: SpoolRecord, segment: Segment) -> Entry:
+        self._next_id += 1
+        entry = Entry(id=self._next_id, record=record, segment=segment)
+        self.pending[entry.id] = entry
+        segment.unresolved += 1
+        return entry
+
+    # -- appends ------------------------------------------------------------------------------
+
+    async def append(self, record: SpoolRecord) -> Entry:
+        """Append one record and return once it is fsync'd (group commit).
+
+        Raises
+        ------
+        SpoolWriteError
+            The write or the fsync failed; the record is not durable.
+        """
+        if self.closed or self._current is None:
+            raise SpoolWriteError("the spool is closed")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Entry] = loop.create_future()
+        self._buffer.append(frame(record.encode()))
+        self._batch.append((record, future))
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush_loop())
+        # Each request has its own future: a cancelled request cancels only that future, and
+        # its record is still written and registered with the batch.
+        return await future
+
+    async def _flush_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._buffer:
+                data = b"".join(self._buffer)
+                batch = self._batch
+                self._buffer, self._batch = [], []
+                segment = self._current
+                assert segment is not None
+                try:
+                    await loop.run_in_executor(self._executor, self._write, data, segment)
+                except OSError as exc:
+                    self.writable = False
+                    error = SpoolWriteError(f"spool write failed: {exc.strerror or exc}")
+                    logger.error("spool: %d results could not be written: %s", len(batch), exc)  # noqa: TRY400 - errno is enough
+                    for _record, future in batch:
+                        if not future.done():
+                            future.set_exception(error)
+                    continue
+                self.writable = True
+                for record, future in batch:
+                    entry = self._add_pending(record, segment)
+                    if not future.done():
+                        future.set_result(entry)
+                if self.on_append is not None:
+                    self.on_append()
+        finally:
+            self._flusher = None
+            self._maybe_rotate()
+
+    def _write(self, data: bytes, segment: Segment) -> None:
+        """Runs on the writer thread: write all of ``data``, then fdatasync once."""
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(view):
+                written += os.write(self._fd, view[written:])
+            os.fdatasync(self._fd)
+        except OSError:
+            # Cut the partial batch off so the next batch does not follow garbage.
+            try:
+                os.ftruncate(self._fd, segment.size)
+            except OSError:
+                logger.warning("spool: could not truncate a failed write (torn tail remains)")
+            raise
+        segment.size += len(data)
+
+    # -- resolution and compaction ------------------------------------------------------------
+
+    def resolve(self, entry: Entry) -> None:
+        """The entry's result is in the ledger or a dead letter: forget it (idempotent)."""
+        if self.pending.pop(entry.id, None) is None:
+            return
+        entry.segment.unresolved -= 1
+        if entry.segment is not self._current and entry.segment.unresolved == 0:
+            self._delete(entry.segment)
+        self._maybe_rotate()
+
+    def _delete(self, segment: Segment) -> None:
+        self._segments.pop(segment.seq, None)
+        try:
+            segment.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            logger.warning("spool: could not delete drained segment %s: %s", segment.path.name, exc)
+
+    def _maybe_rotate(self) -> None:
+        """Start a new segment when the current one is fully drained (and nothing is in flight)."""
+        current = self._current
+        if (
+            current is None
+            or self.closed
+            or self._flusher is not None
+            or current.unresolved
+            or not current.size
+        ):
+            return
+        try:
+            self._start_segment(current.seq + 1)
+        except OSError as exc:
+            logger.warning("spool: could not rotate segment: %s", exc)
+            return
+        self._delete(current)
+
+    # -- observation --------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Results acknowledged but not yet in the ledger."""
+        return len(self.pending)
+
+    def oldest_age(self) -> float:
+        """Seconds since the oldest pending result was received (0 when empty)."""
+        for entry in self.pending.values():
+            return max(0.0, self._clock() - entry.record.received_at)
+        return 0.0
+
+    def segment_files(self) -> list[Path]:
+        """The segment files currently on disk (for tests and diagnostics)."""
+        return sorted(self.directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"))
+
+    async def probe(self) -> bool:
+        """Check that the volume takes a write and an fsync; updates :attr:`writable`."""
+        if self.closed:
+            return self.writable
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._probe)
+        except OSError as exc:
+            if self.writable:
+                logger.error("spool: the volume cannot be written: %s", exc)  # noqa: TRY400
+            self.writable = False
+            return False
+        self.writable = True
+        return True
+
+    def _probe(self) -> None:
+        path = self.directory / PROBE_NAME
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, b"\0" * PROBE_BYTES)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+
+    # -- shutdown -----------------------------------------------------------------------------
+
+    async def close(self) -> None:
+        """Flush what is buffered, then close; pending records stay on disk for the next start."""
+        if self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        self.closed = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._current is not None and not self._current.size:
+            self._delete(self._current)
+        self._executor.shutdown(wait=True)

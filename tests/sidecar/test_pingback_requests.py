@@ -1,0 +1,222 @@
+"""Request validation of the pingback route, in process, against an API server that is not there.
+
+The receiver's API client points at a closed port, so any API call would fail and be counted
+(``ledger_write_errors{unavailable}``) and the result spooled. Every refusal below must leave
+both at zero: nothing written, no API call made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from prometheus_client import CollectorRegistry
+
+from captchatask import kube, signing, testbed
+from captchatask.ledger import Ledger
+from captchatask.model import TaskRef
+from captchatask.provider.codes import Dialect
+from captchatask_sidecar.metrics import Metrics
+from captchatask_sidecar.pingback import OUTCOME_HEADER, PingbackReceiver, create_pingback_app
+from captchatask_sidecar.recorder import Recorder
+from captchatask_sidecar.spool import Spool
+
+NAMESPACE = "apps"
+REF = TaskRef(NAMESPACE, "task-1", "6a1f8a43-0a51-4b8e-9d5c-3f3b7e0d2a11")
+MAX_BODY = 4096
+
+AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
+
+
+@dataclass
+class Receiver:
+    client: TestClient[web.Request, web.Application]
+    metrics: Metrics
+    spool: Spool
+    signer: signing.PingbackSigner
+
+    def path(self, ref: TaskRef = REF) -> str:
+        return self.signer.path(ref)
+
+    def value(self, name: str, **labels: str) -> float:
+        sample = self.metrics.registry.get_sample_value(name, labels)
+        assert sample is not None, name
+        return sample
+
+    def assert_nothing_written(self) -> None:
+        assert self.spool.depth == 0
+        for outcome in ("recorded", "duplicate", "late", "spooled", "dead_lettered"):
+            assert self.value("captchatask_pingbacks_total", outcome=outcome) == 0
+        for reason in ("timeout", "unavailable", "api_error", "dead_letter_failed"):
+            assert self.value("captchatask_ledger_write_errors_total", reason=reason) == 0
+
+
+@pytest.fixture
+async def receiver(
+    tmp_path: Path, aiohttp_client: AiohttpClient, signer: signing.PingbackSigner
+) -> AsyncIterator[Receiver]:
+    (closed_port,) = testbed.free_ports(1)
+    config = kube.KubeConfig(server=f"https://127.0.0.1:{closed_port}", verify=False)
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
+        recorder = Recorder(
+            ledger=Ledger(kube.KubeClient(config, session), timeout=0.5),
+            spool=spool,
+            metrics=metrics,
+            budget=0.5,
+            received_by="test",
+        )
+        app = create_pingback_app(
+            PingbackReceiver(
+                namespaces=frozenset({NAMESPACE}),
+                signer=signer,
+                recorder=recorder,
+                metrics=metrics,
+                dialect=Dialect.CAPTCHAAI,
+                max_body_bytes=MAX_BODY,
+                read_timeout=0.5,
+            )
+        )
+        client = await aiohttp_client(app)
+        yield Receiver(client=client, metrics=metrics, spool=spool, signer=signer)
+    await spool.close()
+
+
+async def test_a_forged_token_is_refused_before_anything_happens(receiver: Receiver) -> None:
+    forged = receiver.path()[:-4] + "AAAA"
+    response = await receiver.client.get(forged, params={"id": "1", "code": "tok"})
+    assert response.status == 403
+    assert response.content_type == "application/problem+json"
+    assert (await response.json())["detail"] == "forbidden"
+    receiver.assert_nothing_written()
+    assert receiver.value("captchatask_pingbacks_total", outcome="rejected") == 1
+
+
+async def test_a_token_for_one_task_does_not_open_another(receiver: Receiver) -> None:
+    other = TaskRef(NAMESPACE, "task-2", REF.uid)
+    token = receiver.path().rsplit("/", 1)[1]
+    path = receiver.path(other).rsplit("/", 1)[0] + "/" + token
+    response = await receiver.client.post(path, data={"id": "1", "code": "tok"})
+    assert response.status == 403
+    receiver.assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/pingback/other-ns/task-1/6a1f8a43-0a51-4b8e-9d5c-3f3b7e0d2a11/AAAAAAAAAAAAAAAAAAAAAAAA",
+        "/v1/pingback/apps/Task_1/6a1f8a43-0a51-4b8e-9d5c-3f3b7e0d2a11/AAAAAAAAAAAAAAAAAAAAAAAA",
+        "/v1/pingback/apps/task-1/not-a-uid/AAAAAAAAAAAAAAAAAAAAAAAA",
+        "/v1/pingback/apps/task-1/6a1f8a43-0a51-4b8e-9d5c-3f3b7e0d2a11/short",
+        "/v1/pingback/apps/task-1",
+        "/v1/pingbacks",
+    ],
+)
+async def test_paths_that_cannot_be_ours_are_not_found(receiver: Receiver, path: str) -> None:
+    response = await receiver.client.get(path, params={"id": "1", "code": "tok"})
+    assert response.status == 404
+    assert response.content_type == "application/problem+json"
+    receiver.assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        {},
+        {"id": "1"},
+        {"code": "tok"},
+        {"id": "1;DROP", "code": "tok"},
+        {"id": "1", "code": ""},
+    ],
+)
+async def test_a_malformed_query_is_a_bad_request(
+    receiver: Receiver, query: dict[str, str]
+) -> None:
+    response = await receiver.client.get(receiver.path(), params=query)
+    assert response.status == 400
+    receiver.assert_nothing_written()
+
+
+async def test_an_oversize_body_is_refused_without_being_read(receiver: Receiver) -> None:
+    body = b"id=1&code=" + b"x" * (MAX_BODY * 4)
+    response = await receiver.client.post(
+        receiver.path(),
+        data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 413
+    receiver.assert_nothing_written()
+
+
+async def test_an_oversize_chunked_body_is_refused(receiver: Receiver) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"id=1&code="
+        for _ in range(16):
+            yield b"x" * 1024
+
+    response = await receiver.client.post(
+        receiver.path(),
+        data=chunks(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 413
+    receiver.assert_nothing_written()
+
+
+async def test_a_body_that_trickles_in_too_slowly_times_out(receiver: Receiver) -> None:
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"id=1&"
+        await asyncio.sleep(2)
+        yield b"code=x"
+
+    response = await receiver.client.post(
+        receiver.path(),
+        data=slow(),
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status == 408
+    receiver.assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status"),
+    [
+        ("application/json", b'{"taskId": 1, "status": "processing"}', 400),
+        ("application/json", b"{", 400),
+        ("application/x-www-form-urlencoded", b"id=1&code=a&code=b", 400),
+        ("application/x-www-form-urlencoded", b"\xff\xfe=1", 400),
+        ("application/xml", b"<id>1</id>", 415),
+        ("application/x-www-form-urlencoded", b"id=1&code=CAPCHA_NOT_READY", 422),
+    ],
+)
+async def test_malformed_bodies_are_refused(
+    receiver: Receiver, content_type: str, body: bytes, status: int
+) -> None:
+    response = await receiver.client.post(
+        receiver.path(), data=body, headers={"Content-Type": content_type}
+    )
+    assert response.status == status
+    receiver.assert_nothing_written()
+
+
+async def test_other_methods_get_a_problem_document(receiver: Receiver) -> None:
+    response = await receiver.client.put(receiver.path(), data=b"id=1&code=x")
+    assert response.status == 405
+    assert response.content_type == "application/problem+json"
+    receiver.assert_nothing_written()
+
+
+async def test_a_valid_pingback_with_the_api_server_away_is_spooled(receiver: Receiver) -> None:
+    response = await receiver.client.get(receiver.path(), params={"id": "1", "code": "tok"})
+    assert response.status == 200
+    assert response.headers[OUTCOME_HEADER] == "spooled"
+    assert receiver.spool.depth == 1
+    assert receiver.value("captchatask_ledger_write_errors_total", reason="unavailable") == 1
