@@ -1,0 +1,116 @@
+{{/*
+=====================================================================================================
+THE COMPONENT CONTRACT: every flag, environment variable, port and path the chart hands to the
+`captchatask operator` and `captchatask sidecar` processes is spelled here and nowhere else.
+When a component renames a flag or variable, change this file (and the table in the chart README).
+
+  operator  captchatask operator (operator/captchatask_operator/settings.py)
+              --all-namespaces | --namespace=NS (repeated)     <- operator.watch.*
+              --peering=NAME | --standalone                    <- operator.ha.* (the peering
+                                                                  priority is random per process)
+              env CAPTCHATASK_PINGBACK_KEY_FILE                <- the pingback key Secret, mounted
+              env CAPTCHATASK_ADMIN_PORT=9090                  /metrics /healthz /readyz
+              env CAPTCHATASK_NAMESPACE, CAPTCHATASK_POD_NAME  <- downward API
+  receiver  captchatask sidecar (sidecar/captchatask_sidecar/settings.py, ENV)
+              env CAPTCHATASK_PINGBACK_ADDR=0.0.0.0:8080       pingbacks (the Service targets it)
+              env CAPTCHATASK_ADMIN_ADDR=0.0.0.0:9090          /metrics /healthz /readyz
+              env CAPTCHATASK_LOCAL_ADDR=""                    no local task API (no app here)
+              env CAPTCHATASK_PINGBACK_NAMESPACES=a,b          <- receiver.namespaces
+              env CAPTCHATASK_SPOOL_DIR                        <- receiver.spool.path (a volume)
+              env CAPTCHATASK_PINGBACK_KEY_FILE, CAPTCHATASK_NAMESPACE, CAPTCHATASK_POD_NAME
+  sidecar   the same, inside an app pod (files/sidecar-pod.yaml): local task API on
+              127.0.0.1:8081, CAPTCHATASK_PUBLIC_URL and CAPTCHATASK_PROVIDER for adopted tasks
+=====================================================================================================
+*/}}
+
+{{- define "captchatask.contract.adminPort" -}}9090{{- end }}
+{{- define "captchatask.contract.pingbackPort" -}}8080{{- end }}
+{{- define "captchatask.contract.localApiPort" -}}8081{{- end }}
+{{- define "captchatask.contract.keyDir" -}}/etc/captchatask/pingback-key{{- end }}
+
+{{/* Arguments of the operator container (the image's entrypoint is `captchatask`). */}}
+{{- define "captchatask.contract.operatorArgs" -}}
+- operator
+{{- if .Values.operator.watch.allNamespaces }}
+- --all-namespaces
+{{- else }}
+{{- range (include "captchatask.operator.namespaces" . | fromJsonArray) }}
+- --namespace={{ . }}
+{{- end }}
+{{- end }}
+{{- if .Values.operator.ha.enabled }}
+- --peering={{ .Values.operator.ha.peeringName }}
+{{- else }}
+- --standalone
+{{- end }}
+{{- with .Values.operator.extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Arguments of the receiver / sidecar container. */}}
+{{- define "captchatask.contract.sidecarArgs" -}}
+- sidecar
+{{- with .extraArgs }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by both components: who am I, where is the pingback key. */}}
+{{- define "captchatask.contract.commonEnv" -}}
+- name: CAPTCHATASK_PINGBACK_KEY_FILE
+  value: {{ include "captchatask.contract.keyDir" . }}/{{ .Values.pingbackKey.secretKey }}
+- name: CAPTCHATASK_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+- name: CAPTCHATASK_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+{{- end }}
+
+{{/* Environment of the operator container. */}}
+{{- define "captchatask.contract.operatorEnv" -}}
+{{ include "captchatask.contract.commonEnv" . }}
+- name: CAPTCHATASK_ADMIN_PORT
+  value: {{ include "captchatask.contract.adminPort" . | quote }}
+{{- with .Values.operator.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of the receiver container. */}}
+{{- define "captchatask.contract.receiverEnv" -}}
+{{ include "captchatask.contract.commonEnv" . }}
+- name: CAPTCHATASK_PINGBACK_ADDR
+  value: "0.0.0.0:{{ include "captchatask.contract.pingbackPort" . }}"
+- name: CAPTCHATASK_ADMIN_ADDR
+  value: "0.0.0.0:{{ include "captchatask.contract.adminPort" . }}"
+- name: CAPTCHATASK_LOCAL_ADDR
+  value: ""
+- name: CAPTCHATASK_PINGBACK_NAMESPACES
+  value: {{ include "captchatask.receiver.namespaces" . | fromJsonArray | join "," | quote }}
+- name: CAPTCHATASK_SPOOL_DIR
+  value: {{ .Values.receiver.spool.path | quote }}
+{{- with .Values.receiver.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* The pingback key volume (a Secret, read-only, only the key file, owner-readable). */}}
+{{- define "captchatask.contract.keyVolume" -}}
+- name: pingback-key
+  secret:
+    secretName: {{ include "captchatask.pingbackKey.secretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.pingbackKey.secretKey }}
+        path: {{ .Values.pingbackKey.secretKey }}
+{{- end }}
+
+{{- define "captchatask.contract.keyVolumeMount" -}}
+- name: pingback-key
+  mountPath: {{ include "captchatask.contract.keyDir" . }}
+  readOnly: true
+{{- end }}

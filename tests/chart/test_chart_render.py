@@ -1,0 +1,399 @@
+"""The chart without a cluster: lint, schema, documented values, and what every render contains.
+
+These follow the prometheus-community review checklist (house-style rule 11): labels and
+immutable selectors, hardened pods, no default resources, optional objects off by default, the
+component contract (flags, env, ports) and the Helm CRD caveat.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.chart.conftest import Helm, Render
+
+CONTAINER_KINDS = {"Deployment"}
+REQUIRED_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "app.kubernetes.io/part-of",
+    "helm.sh/chart",
+)
+
+
+def _by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def _deployment(objects: list[dict[str, Any]], component: str) -> dict[str, Any]:
+    (found,) = [
+        obj
+        for obj in _by_kind(objects, "Deployment")
+        if obj["metadata"]["labels"]["app.kubernetes.io/component"] == component
+    ]
+    return found
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container["env"]}
+
+
+def test_helm_lint_passes_with_the_defaults(helm: Helm, chart_dir: Path) -> None:
+    result = helm("lint", str(chart_dir), "--strict")
+    assert "0 chart(s) failed" in result.stdout
+
+
+def test_helm_lint_passes_with_every_ci_scenario(
+    helm: Helm, chart_dir: Path, ci_values_files: list[Path]
+) -> None:
+    for values in ci_values_files:
+        result = helm("lint", str(chart_dir), "--strict", "--values", str(values), check=False)
+        assert result.returncode == 0, f"{values.name}: {result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("operator.replicas=3", "additional properties 'replicas' not allowed"),
+        ("defaultProvider.dialect=anticaptcha", "value must be one of"),
+        ("operator.ha.replicas=1", "minimum"),
+        ("receiver.service.port=0", "minimum"),
+    ],
+)
+def test_the_schema_rejects_typos_and_bad_values(
+    helm: Helm, chart_dir: Path, kube_version: str, setting: str, message: str
+) -> None:
+    result = helm(
+        "template",
+        "ct",
+        str(chart_dir),
+        "--kube-version",
+        kube_version,
+        "--set",
+        setting,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["receiver.spool.persistence.enabled=true"], "needs receiver.replicas: 1"),
+        (["pingbackKey.create=false"], "name your own Secret in existingSecret"),
+    ],
+)
+def test_inconsistent_values_fail_with_an_explanation(
+    helm: Helm, chart_dir: Path, kube_version: str, sets: list[str], message: str
+) -> None:
+    args = ["template", "ct", str(chart_dir), "--kube-version", kube_version]
+    for item in sets:
+        args += ["--set", item]
+    result = helm(*args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def _leaf_paths(values: Any, prefix: str = "") -> list[str]:
+    if isinstance(values, dict) and values:
+        paths: list[str] = []
+        for key, value in values.items():
+            paths += _leaf_paths(value, f"{prefix}.{key}" if prefix else key)
+        return paths
+    return [prefix]
+
+
+def _schema_has(schema: dict[str, Any], path: str) -> bool:
+    node = schema
+    for part in path.split("."):
+        properties = node.get("properties", {})
+        if part not in properties:
+            # A free-form object (securityContext, resources...) or a typed map (labels).
+            extra = node.get("additionalProperties")
+            return node.get("type") == "object" and (extra is None or isinstance(extra, dict))
+        node = properties[part]
+    return True
+
+
+def test_every_value_is_typed_in_the_schema(chart_dir: Path) -> None:
+    values = yaml.safe_load((chart_dir / "values.yaml").read_text(encoding="utf-8"))
+    schema = json.loads((chart_dir / "values.schema.json").read_text(encoding="utf-8"))
+    missing = [path for path in _leaf_paths(values) if not _schema_has(schema, path)]
+    assert missing == []
+
+
+def test_every_value_is_commented(chart_dir: Path) -> None:
+    """Each key has a comment directly above it, or sits inside a commented block value."""
+    lines = (chart_dir / "values.yaml").read_text(encoding="utf-8").splitlines()
+    key_re = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][\w-]*):")
+    documented_indents: list[int] = []  # indents of enclosing keys documented as a whole
+    undocumented = []
+    for number, line in enumerate(lines):
+        match = key_re.match(line)
+        if not match:
+            continue
+        indent = len(match["indent"])
+        documented_indents = [i for i in documented_indents if i < indent]
+        previous = lines[number - 1].strip() if number else ""
+        commented = previous.startswith("#")
+        has_value = line.split(":", 1)[1].strip() != ""
+        # Section headers (a key whose value is the following indented block) may rely on
+        # their children's comments; leaves may not.
+        if not commented and not documented_indents and has_value:
+            undocumented.append(f"{number + 1}: {line.strip()}")
+        if commented and previous.startswith("# --") and not has_value:
+            documented_indents.append(indent)
+    assert undocumented == []
+
+
+def test_every_object_carries_the_standard_labels(
+    render: Render, ci_values_files: list[Path]
+) -> None:
+    for values in ci_values_files:
+        for obj in render(values):
+            labels = obj["metadata"].get("labels", {})
+            missing = [label for label in REQUIRED_LABELS if label not in labels]
+            assert missing == [], f"{values.name}: {obj['kind']}/{obj['metadata']['name']}"
+
+
+def test_selectors_never_include_the_chart_version(
+    render: Render, ci_values_files: list[Path]
+) -> None:
+    for values in ci_values_files:
+        for obj in render(values):
+            selector = obj.get("spec", {}).get("selector", {})
+            match_labels = selector.get("matchLabels", selector if obj["kind"] == "Service" else {})
+            assert "helm.sh/chart" not in match_labels
+            assert "app.kubernetes.io/version" not in match_labels
+
+
+def test_pods_are_hardened_and_probed_on_the_admin_port(
+    render: Render, ci_values_files: list[Path]
+) -> None:
+    for values in ci_values_files:
+        for deployment in _by_kind(render(values), "Deployment"):
+            pod = deployment["spec"]["template"]["spec"]
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+            for container in pod["containers"]:
+                security = container["securityContext"]
+                assert security["allowPrivilegeEscalation"] is False
+                assert security["readOnlyRootFilesystem"] is True
+                assert security["capabilities"] == {"drop": ["ALL"]}
+                ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+                assert ports["admin"] == 9090
+                assert container["livenessProbe"]["httpGet"] == {
+                    "path": "/healthz",
+                    "port": "admin",
+                }
+                assert container["readinessProbe"]["httpGet"] == {
+                    "path": "/readyz",
+                    "port": "admin",
+                }
+
+
+def test_no_resources_are_set_by_default(render: Render) -> None:
+    for deployment in _by_kind(render(), "Deployment"):
+        for container in deployment["spec"]["template"]["spec"]["containers"]:
+            assert container["resources"] == {}
+
+
+def test_the_default_operator_is_one_standalone_replica_with_recreate(render: Render) -> None:
+    objects = render()
+    operator = _deployment(objects, "operator")
+    assert operator["spec"]["replicas"] == 1
+    assert operator["spec"]["strategy"] == {"type": "Recreate"}
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["operator", "--all-namespaces", "--standalone"]
+    env = _env(container)
+    assert env["CAPTCHATASK_PINGBACK_KEY_FILE"] == "/etc/captchatask/pingback-key/hmacKey"
+    assert env["CAPTCHATASK_ADMIN_PORT"] == "9090"
+    assert env["CAPTCHATASK_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert _by_kind(objects, "PodDisruptionBudget")[0]["metadata"]["name"].endswith("receiver")
+    assert not _by_kind(objects, "ClusterKopfPeering")
+
+
+def test_ha_runs_two_peered_replicas_with_a_peering_object_and_a_pdb(
+    render: Render, chart_dir: Path
+) -> None:
+    objects = render(chart_dir / "ci" / "02-ha-values.yaml", include_crds=True)
+    operator = _deployment(objects, "operator")
+    assert operator["spec"]["replicas"] == 2
+    assert operator["spec"]["strategy"]["type"] == "RollingUpdate"
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == ["operator", "--all-namespaces", "--peering=captchatask-ci"]
+    (peering,) = _by_kind(objects, "ClusterKopfPeering")
+    assert peering["metadata"]["name"] == "captchatask-ci"
+    crd_names = {crd["metadata"]["name"] for crd in _by_kind(objects, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crd_names
+    pdbs = {pdb["metadata"]["name"] for pdb in _by_kind(objects, "PodDisruptionBudget")}
+    assert "ct-captchatask-operator" in pdbs
+
+
+def test_the_peering_crds_are_installed_only_in_ha_mode(render: Render) -> None:
+    crds = _by_kind(render(include_crds=True), "CustomResourceDefinition")
+    assert {crd["spec"]["group"] for crd in crds} == {"captchatask.dev"}
+
+
+def test_the_chart_peering_crds_match_the_operator_package(
+    repo_root: Path, chart_dir: Path
+) -> None:
+    """The operator ships its own copy for non-Helm users; both must define the same API."""
+    shipped = repo_root / "operator" / "captchatask_operator" / "peering-crd.yaml"
+    assert shipped.is_file(), "the operator package ships kopf's peering CRDs"
+
+    def shape(path: Path) -> dict[str, tuple[str, str, list[str]]]:
+        return {
+            doc["metadata"]["name"]: (
+                doc["spec"]["scope"],
+                doc["spec"]["names"]["kind"],
+                [version["name"] for version in doc["spec"]["versions"]],
+            )
+            for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+            if doc
+        }
+
+    chart_copy = chart_dir / "charts" / "kopf-peering" / "crds" / "kopfpeerings.kopf.dev.yaml"
+    assert shape(chart_copy) == shape(shipped)
+
+
+def test_namespaced_mode_uses_roles_and_a_peering_object_per_namespace(
+    render: Render, chart_dir: Path
+) -> None:
+    objects = render(chart_dir / "ci" / "03-namespaced-values.yaml")
+    operator = _deployment(objects, "operator")
+    (container,) = operator["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == [
+        "operator",
+        "--namespace=ci-team-a",
+        "--namespace=ci-team-b",
+        "--peering=captchatask",
+    ]
+    roles = {
+        (role["metadata"]["namespace"], role["metadata"]["name"])
+        for role in _by_kind(objects, "Role")
+    }
+    for namespace in ("ci-team-a", "ci-team-b"):
+        assert (namespace, "ct-captchatask-operator") in roles
+        assert (namespace, "ct-captchatask-receiver") in roles
+    peerings = {p["metadata"]["namespace"] for p in _by_kind(objects, "KopfPeering")}
+    assert peerings == {"ci-team-a", "ci-team-b"}
+    (cluster_role,) = _by_kind(objects, "ClusterRole")
+    resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
+    assert resources == {"customresourcedefinitions", "namespaces"}
+    receiver = _deployment(objects, "receiver")
+    env = _env(receiver["spec"]["template"]["spec"]["containers"][0])
+    assert env["CAPTCHATASK_PINGBACK_NAMESPACES"] == "ci-team-a,ci-team-b"
+
+
+def test_the_receiver_serves_pingbacks_only_and_has_a_spool_volume(render: Render) -> None:
+    objects = render()
+    receiver = _deployment(objects, "receiver")
+    pod = receiver["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = _env(container)
+    assert container["args"] == ["sidecar"]
+    assert env["CAPTCHATASK_LOCAL_ADDR"] == ""
+    assert env["CAPTCHATASK_PINGBACK_ADDR"] == "0.0.0.0:8080"
+    assert env["CAPTCHATASK_SPOOL_DIR"] == "/var/spool/captchatask"
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert mounts["spool"] == "/var/spool/captchatask"
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["spool"]["emptyDir"] == {"sizeLimit": "256Mi"}
+    service = next(
+        svc
+        for svc in _by_kind(objects, "Service")
+        if svc["metadata"]["name"] == "ct-captchatask-receiver"
+    )
+    assert [port["targetPort"] for port in service["spec"]["ports"]] == ["pingback"]
+
+
+def test_a_persistent_spool_uses_a_kept_claim_and_recreate(render: Render, chart_dir: Path) -> None:
+    objects = render(chart_dir / "ci" / "04-receiver-persistent-values.yaml")
+    (claim,) = _by_kind(objects, "PersistentVolumeClaim")
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    receiver = _deployment(objects, "receiver")
+    assert receiver["spec"]["strategy"] == {"type": "Recreate"}
+    (ingress,) = _by_kind(objects, "Ingress")
+    (rule,) = ingress["spec"]["rules"]
+    assert [path["path"] for path in rule["http"]["paths"]] == ["/v1/pingback"]
+
+
+def test_monitoring_objects_are_off_by_default(render: Render) -> None:
+    kinds = {obj["kind"] for obj in render()}
+    assert not kinds & {"ServiceMonitor", "PrometheusRule", "ConfigMap", "NetworkPolicy", "Ingress"}
+
+
+def test_monitoring_objects_ship_the_canonical_files(render: Render, chart_dir: Path) -> None:
+    objects = render(chart_dir / "ci" / "05-monitoring-values.yaml")
+    (rule,) = _by_kind(objects, "PrometheusRule")
+    canonical = yaml.safe_load((chart_dir / "files" / "prometheus-rules.yaml").read_text())
+    assert rule["spec"] == canonical
+    (monitor,) = _by_kind(objects, "ServiceMonitor")
+    assert monitor["spec"]["jobLabel"] == "captchatask.dev/job"
+    maps = {cm["metadata"]["name"]: cm for cm in _by_kind(objects, "ConfigMap")}
+    dashboards = maps["ct-captchatask-dashboards"]
+    assert dashboards["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(dashboards["data"]["captchatask.json"])
+    assert dashboard["uid"] == "captchatask-overview"
+    alerts = yaml.safe_load(
+        maps["ct-captchatask-grafana-alerts"]["data"]["captchatask-alerts.yaml"]
+    )
+    uids = {step["datasourceUid"] for rule in alerts["groups"][0]["rules"] for step in rule["data"]}
+    assert uids == {"prom-main", "__expr__"}
+    jobs = {
+        svc["metadata"]["labels"].get("captchatask.dev/job") for svc in _by_kind(objects, "Service")
+    }
+    assert {"captchatask-operator", "captchatask-receiver"} <= jobs
+
+
+def test_nothing_makes_the_api_server_dial_a_service(
+    render: Render, ci_values_files: list[Path]
+) -> None:
+    """No Service-referenced webhooks or APIServices (they would dial a ClusterIP)."""
+    forbidden = {"ValidatingWebhookConfiguration", "MutatingWebhookConfiguration", "APIService"}
+    for values in ci_values_files:
+        assert not {obj["kind"] for obj in render(values, include_crds=True)} & forbidden
+
+
+def test_the_pingback_key_is_identical_in_every_namespace_of_one_render(
+    render: Render, chart_dir: Path
+) -> None:
+    objects = render(chart_dir / "ci" / "06-sidecar-provider-netpol-values.yaml")
+    secrets = _by_kind(objects, "Secret")
+    assert {secret["metadata"]["namespace"] for secret in secrets} == {"captchatask", "ci-shop"}
+    assert len({secret["data"]["hmacKey"] for secret in secrets}) == 1
+    for secret in secrets:
+        assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_an_existing_secret_is_mounted_and_none_is_created(render: Render, chart_dir: Path) -> None:
+    objects = render(chart_dir / "ci" / "07-existing-secret-values.yaml")
+    assert not _by_kind(objects, "Secret")
+    operator = _deployment(objects, "operator")
+    volumes = {v["name"]: v for v in operator["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["pingback-key"]["secret"]["secretName"] == "my-pingback-key"
+
+
+def test_the_default_provider_is_rendered_from_values(render: Render, chart_dir: Path) -> None:
+    objects = render(chart_dir / "ci" / "06-sidecar-provider-netpol-values.yaml")
+    (provider,) = _by_kind(objects, "CaptchaProvider")
+    assert provider["metadata"]["name"] == "default"
+    assert provider["spec"]["apiKeySecretRef"] == {"name": "captchaai-api-key", "key": "apiKey"}
+    assert provider["spec"]["pingback"] == {"publicURL": "https://pingbacks.example.com"}
+    assert provider["spec"]["polling"] == {"callbackTimeoutSeconds": 60, "intervalSeconds": 10}
+    assert provider["spec"]["maxInFlight"] == 20
+
+
+def test_rbac_is_grouped_under_framework_and_component_comments(chart_dir: Path) -> None:
+    text = (chart_dir / "templates" / "_rbac.tpl").read_text(encoding="utf-8")
+    assert "# Framework (kopf):" in text
+    assert "# Operator:" in text
+    assert "# Sidecar:" in text

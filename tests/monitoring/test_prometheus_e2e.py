@@ -1,0 +1,275 @@
+"""A real Prometheus scrapes a real operator and sidecar; the DLQ alert goes inactive -> firing.
+
+Everything runs on 127.0.0.1: the test control plane, ``captchatask operator`` and
+``captchatask sidecar`` as subprocesses (as in production, with a pingback key file), and the
+Debian package's ``prometheus`` with a temporary config and data directory.
+
+Real Prometheus cannot override ``for:`` the way promtool tests can, so it loads a *test copy*
+of the canonical rules in which every ``for:`` is shortened to :data:`SHORT_FOR` and which it
+evaluates every second (:data:`EVALUATION_INTERVAL`). Expressions, labels and annotations are
+untouched: only the waiting is shorter.
+
+Dead letters accumulate the way they do in production: signed pingbacks for tasks that do not
+exist reach the sidecar, which writes a ``CaptchaDeadLetter`` for each, and the operator's
+``captchatask_dead_letters`` gauge counts them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tests.monitoring.conftest import binary
+
+from captchatask import testbed
+from captchatask.model import TaskRef
+from captchatask.signing import PingbackSigner
+
+pytestmark = pytest.mark.slow
+
+#: Prometheus scrapes and evaluates every second, so each step below takes seconds, not minutes.
+SCRAPE_INTERVAL = "1s"
+EVALUATION_INTERVAL = "1s"
+#: Every alert's `for:` in the test copy of the rules.
+SHORT_FOR = "3s"
+#: Upper bounds for things to happen (waits, not timing assertions: a slow machine passes too).
+STARTUP_DEADLINE_SECONDS = 60.0
+ALERT_DEADLINE_SECONDS = 60.0
+#: Dead letters sent while waiting for the alert, one per round.
+MAX_DEAD_LETTERS = 40
+DLQ_ALERT = "CaptchataskDeadLettersGrowing"
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait_for(what: str, probe: Callable[[], bool], *, deadline: float, logs: list[Path]) -> None:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            if probe():
+                return
+        except (OSError, urllib.error.URLError, ValueError):
+            pass
+        if time.monotonic() > end:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in logs if p.exists())
+            pytest.fail(f"timed out waiting for {what}\n{tails}")
+        time.sleep(0.2)
+
+
+def _http_ok(url: str) -> bool:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return bool(response.status == 200)
+
+
+class Processes:
+    """Child processes of this test, each in its own session, stopped by pid at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.logs: list[Path] = []
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = self.directory / f"{name}.log"
+        self.logs.append(log)
+        with log.open("wb") as out:
+            self.children.append(
+                subprocess.Popen(
+                    argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            )
+
+    def stop(self) -> None:
+        for child in self.children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in self.children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop()
+
+
+def _test_rules(rules_file: Path, target: Path) -> None:
+    """Write the canonical rules with every `for:` shortened (see the module docstring)."""
+    document = yaml.safe_load(rules_file.read_text(encoding="utf-8"))
+    for group in document["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule:
+                rule["for"] = SHORT_FOR
+    target.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+
+
+def _alert_state(prometheus: str, name: str) -> tuple[str, int]:
+    """The alert's state (inactive|pending|firing) and how often its group was evaluated."""
+    data = _get(f"{prometheus}/api/v1/rules?type=alert")
+    for group in data["data"]["groups"]:
+        for rule in group["rules"]:
+            if rule["name"] == name:
+                evaluated = 0 if group.get("lastEvaluation", "").startswith("0001") else 1
+                return str(rule["state"]), evaluated
+    raise AssertionError(f"{name} is not loaded")
+
+
+def _alert_is(prometheus: str, name: str, state: str) -> bool:
+    return _alert_state(prometheus, name)[0] == state
+
+
+def test_the_dlq_alert_fires_as_dead_letters_accumulate(
+    control_plane: testbed.ControlPlane,
+    namespace: str,
+    rules_file: Path,
+    tmp_path: Path,
+    processes: Processes,
+) -> None:
+    prometheus_bin = binary("prometheus")
+    key = secrets.token_urlsafe(36)[:48]
+    key_file = tmp_path / "hmacKey"
+    key_file.write_text(key + "\n")
+    op_admin, rx_pingback, rx_admin, prom_port = testbed.free_ports(4)
+    base_env = control_plane.env()
+    base_env["CAPTCHATASK_PINGBACK_KEY_FILE"] = str(key_file)
+
+    operator_env = dict(base_env, CAPTCHATASK_ADMIN_HOST="127.0.0.1")
+    operator_env["CAPTCHATASK_ADMIN_PORT"] = str(op_admin)
+    processes.start(
+        "operator",
+        [sys.executable, "-m", "captchatask", "operator", "--namespace", namespace, "--standalone"],
+        operator_env,
+    )
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    sidecar_env = dict(
+        base_env,
+        CAPTCHATASK_PINGBACK_ADDR=f"127.0.0.1:{rx_pingback}",
+        CAPTCHATASK_ADMIN_ADDR=f"127.0.0.1:{rx_admin}",
+        CAPTCHATASK_LOCAL_ADDR="",
+        CAPTCHATASK_NAMESPACE=namespace,
+        CAPTCHATASK_PINGBACK_NAMESPACES=namespace,
+        CAPTCHATASK_SPOOL_DIR=str(spool),
+        CAPTCHATASK_POD_NAME="e2e-receiver",
+    )
+    processes.start("sidecar", [sys.executable, "-m", "captchatask", "sidecar"], sidecar_env)
+    for port in (op_admin, rx_admin):
+        _wait_for(
+            f"/readyz on {port}",
+            functools.partial(_http_ok, f"http://127.0.0.1:{port}/readyz"),
+            deadline=STARTUP_DEADLINE_SECONDS,
+            logs=processes.logs,
+        )
+
+    rules_copy = tmp_path / "rules.yaml"
+    _test_rules(rules_file, rules_copy)
+    config = {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": EVALUATION_INTERVAL},
+        "rule_files": [str(rules_copy)],
+        "scrape_configs": [
+            {"job_name": "captchatask-operator",
+             "static_configs": [{"targets": [f"127.0.0.1:{op_admin}"]}]},
+            {"job_name": "captchatask-receiver",
+             "static_configs": [{"targets": [f"127.0.0.1:{rx_admin}"]}]},
+        ],
+    }  # fmt: skip
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    processes.start(
+        "prometheus",
+        [
+            str(prometheus_bin),
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        dict(os.environ),
+    )
+    prometheus = f"http://127.0.0.1:{prom_port}"
+
+    def both_targets_up() -> bool:
+        result = _get(f"{prometheus}/api/v1/query?query=up")["data"]["result"]
+        return sorted((r["metric"]["job"], r["value"][1]) for r in result) == [
+            ("captchatask-operator", "1"),
+            ("captchatask-receiver", "1"),
+        ]
+
+    _wait_for("both targets up", both_targets_up, deadline=STARTUP_DEADLINE_SECONDS,
+              logs=processes.logs)  # fmt: skip
+
+    # Before any dead letter: the rules have been evaluated and the alert is inactive.
+    _wait_for(
+        "a rule evaluation",
+        lambda: _alert_state(prometheus, DLQ_ALERT)[1] == 1,
+        deadline=STARTUP_DEADLINE_SECONDS,
+        logs=processes.logs,
+    )
+    # With `for:` shortened to seconds, Prometheus's first evaluations (before the first scrape)
+    # can briefly see the targets as absent; once both are scraped the "down" alerts resolve.
+    for down in ("CaptchataskOperatorDown", "CaptchataskReceiverDown"):
+        _wait_for(
+            f"{down} inactive",
+            functools.partial(_alert_is, prometheus, down, "inactive"),
+            deadline=STARTUP_DEADLINE_SECONDS,
+            logs=processes.logs,
+        )
+    assert _alert_state(prometheus, DLQ_ALERT)[0] == "inactive"
+
+    # Authentic pingbacks for tasks that do not exist: each becomes a dead letter.
+    signer = PingbackSigner([key.encode()])
+    states: list[str] = []
+    sent = 0
+    end = time.monotonic() + ALERT_DEADLINE_SECONDS
+    while time.monotonic() < end:
+        if sent < MAX_DEAD_LETTERS:
+            ref = TaskRef(namespace=namespace, name=f"gone-{sent}", uid=str(uuid.uuid4()))
+            query = urllib.parse.urlencode({"id": str(7000 + sent), "code": f"TOKEN-{sent}"})
+            url = f"http://127.0.0.1:{rx_pingback}{signer.path(ref)}?{query}"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                assert response.status == 200
+            sent += 1
+        state, _ = _alert_state(prometheus, DLQ_ALERT)
+        if not states or states[-1] != state:
+            states.append(state)
+        if state == "firing":
+            break
+        time.sleep(0.5)
+
+    letters = control_plane.kubectl(
+        "get", "captchadeadletters", "-n", namespace, "-o", "name"
+    ).stdout.split()
+    assert letters, "the sidecar wrote dead letters"
+    gauge = _get(f"{prometheus}/api/v1/query?query=captchatask_dead_letters")["data"]["result"]
+    assert states[-1] == "firing", (
+        f"states seen: {states}; {len(letters)} dead letters in the cluster; "
+        f"captchatask_dead_letters as scraped from the operator: {gauge}; "
+        f"logs in {processes.directory}"
+    )
+    assert states[0] == "inactive"
+    alerts = _get(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
+    (firing,) = [a for a in alerts if a["labels"]["alertname"] == DLQ_ALERT]
+    assert firing["labels"]["severity"] == "warning"
+    assert firing["annotations"]["runbook_url"].endswith("#captchataskdeadlettersgrowing")
