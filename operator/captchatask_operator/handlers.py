@@ -2,9 +2,9 @@
 
 Handlers are registered on an explicit :class:`kopf.OperatorRegistry` built by
 :func:`build_registry` (no import-time registration): importing this module has no side
-effects. All task and provider handlers are ``@kopf.on.event``: they cost no API call (no
-progress annotations, no last-handled-configuration, **no finalizers**, so deleting a task is
-instant) and only hand the body to the engine.
+effects. All task, provider and dead-letter handlers are ``@kopf.on.event``: they cost no API call
+(no progress annotations, no last-handled-configuration, **no finalizers**, so deleting a task
+or a letter is instant) and only hand the body to the engine.
 
 Active/standby: with ``--peering NAME`` a kopf daemon runs on our KopfPeering object. kopf stops
 all daemons while the operator is paused by a higher-priority peer and respawns them when it
@@ -97,6 +97,7 @@ class Runtime:
             settings=self.settings,
             metrics=self.metrics,
             events=self._events,
+            instance=socket.gethostname(),
         )
         self.engine = engine
         self._admin = AdminServer(
@@ -185,6 +186,17 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
     async def provider_event(event: kopf.RawEvent, **_: Any) -> None:
         """Every CaptchaProvider watch event: (re)check it when its spec changed."""
         runtime.require_engine().observe_provider(event.get("type"), event["object"])
+
+    @kopf.on.event(
+        model.GROUP,
+        model.VERSION,
+        model.DEAD_LETTER_PLURAL,
+        registry=registry,
+        id="deadletter-event",
+    )
+    async def dead_letter_event(event: kopf.RawEvent, **_: Any) -> None:
+        """Every CaptchaDeadLetter watch event: index it and (re)schedule its requeue."""
+        runtime.require_engine().observe_letter(event.get("type"), event["object"])
 
     if settings.peering_enabled:
         plural = "clusterkopfpeerings" if settings.all_namespaces else "kopfpeerings"

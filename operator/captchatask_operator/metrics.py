@@ -5,6 +5,12 @@ read values with ``get_sample_value``. Every label takes values from a small fix
 outcomes, endpoints, known codes) or the provider's name (a handful per cluster); never a task
 name or id. Series for a provider are pre-created when the provider is first seen, so rates
 start from 0 instead of appearing on the first event.
+
+The dead-letter series have no provider label (a letter belongs to a task that may no longer
+exist): ``captchatask_dead_letters{reason,phase}`` is recomputed from the operator's index of
+the cluster's objects on every scrape, with every reason x phase pre-created, so the DLQ depth
+is right immediately after a restart; ``captchatask_dead_letter_requeues_total{outcome}`` counts
+what each requeue attempt did.
 """
 
 from __future__ import annotations
@@ -14,7 +20,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from captchatask.model import DeliveredBy, Phase
+from captchatask.deadletters import RequeueOutcome
+from captchatask.model import DeadLetterPhase, DeadLetterReason, DeliveredBy, Phase
 from captchatask.provider import codes
 from captchatask.provider.client import ENDPOINTS, OUTCOMES, RequestObserver
 from captchatask_operator.policy import FailureCode, PollOutcome
@@ -110,6 +117,23 @@ class Metrics:
             ["provider"],
             registry=registry,
         )
+        self.dead_letters = Gauge(
+            "captchatask_dead_letters",
+            "CaptchaDeadLetters by reason and phase (the DLQ depth), recomputed from the cluster.",
+            ["reason", "phase"],
+            registry=registry,
+        )
+        self.dead_letter_requeues = Counter(
+            "captchatask_dead_letter_requeues_total",
+            "Dead-letter requeue attempts by outcome.",
+            ["outcome"],
+            registry=registry,
+        )
+        for reason in DeadLetterReason:
+            for phase in DeadLetterPhase:
+                self.dead_letters.labels(str(reason), str(phase))
+        for outcome in RequeueOutcome:
+            self.dead_letter_requeues.labels(str(outcome))
         self._known: set[str] = set()
 
     def ensure_provider(self, provider: str) -> None:
@@ -140,6 +164,12 @@ class Metrics:
             self.ensure_provider(provider)
             for phase in Phase:
                 self.tasks.labels(provider, str(phase)).set(counts.get((provider, str(phase)), 0))
+
+    def set_dead_letter_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Set ``captchatask_dead_letters`` from (reason, phase) counts; absent pairs read 0."""
+        pairs = {(str(r), str(p)) for r in DeadLetterReason for p in DeadLetterPhase}
+        for reason, phase in pairs | set(counts):
+            self.dead_letters.labels(reason, phase).set(counts.get((reason, phase), 0))
 
     def observer(self, provider: str) -> RequestObserver:
         """The provider client's request observer for one provider."""

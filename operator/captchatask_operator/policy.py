@@ -36,6 +36,19 @@ RESULT_GONE_CODES: Final = frozenset(
 _INVALID_KEY_CODES: Final = frozenset({"ERROR_WRONG_USER_KEY", "ERROR_KEY_DOES_NOT_EXIST"})
 _IP_CODES: Final = frozenset({"IP_BANNED", "ERROR_IP_BLOCKED", "ERROR_IP_NOT_ALLOWED"})
 
+# -- retry timings shared by the engine's parts -------------------------------------------------
+
+#: How often a lost compare-and-set is re-read and retried before the action is rescheduled.
+MAX_CAS_RETRIES: Final = 5
+#: When the API server is away, retry an action after this long.
+API_RETRY: Final = dt.timedelta(seconds=2)
+#: Retry an action this soon when another action on the same object is still running.
+BUSY_RETRY: Final = dt.timedelta(seconds=0.5)
+#: Retry a poll this soon while its provider has not been checked yet (operator startup).
+UNCHECKED_RETRY: Final = dt.timedelta(seconds=0.5)
+#: Wait after a failed solver request that named no documented wait.
+DEFAULT_ERROR_WAIT_SECONDS: Final = 5.0
+
 
 class FailureCode(StrEnum):
     """Failure codes the operator itself decides (provider codes are used as they come)."""

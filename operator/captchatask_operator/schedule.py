@@ -1,7 +1,8 @@
 """The operator's one timer: a heap of due times keyed by (what, which object).
 
 Every time-based action of the operator (the first fallback poll of a task, its next polls, its
-deadline, its TTL deletion, a submission back-off, a provider re-check) is an entry in one
+deadline, its TTL deletion, a submission back-off, a provider re-check, a dead letter's next
+requeue attempt and its deletion after the requeued TTL) is an entry in one
 :class:`Schedule`, driven by one asyncio task (``engine.Engine._timer_loop``). That is what makes
 "exactly at ``submittedAt + callbackTimeoutSeconds``" cheap at 10,000 tasks: no per-object
 timers, no periodic sweep, one ``heappush`` per reschedule and one wake-up per due moment.
@@ -35,6 +36,8 @@ class Kind(StrEnum):
     TTL = "ttl"
     SUBMIT = "submit"
     PROVIDER = "provider"
+    LETTER = "letter"
+    LETTER_TTL = "letter-ttl"
 
 
 class Schedule(Generic[K]):

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from captchatask import deadletters
+
 ENV_PREFIX: Final = "CAPTCHATASK_"
 
 #: Default admin port for /metrics, /healthz and /readyz (not kopf's liveness port).
@@ -43,6 +45,14 @@ DEFAULT_POLL_CONCURRENCY: Final = 8
 DEFAULT_POLL_BATCH_WINDOW: Final = 0.2
 #: Persist polls/lastPollAt/nextPollAt every Nth poll only: API writes per poll matter at scale.
 DEFAULT_POLL_STATUS_EVERY: Final = 5
+#: Dead letters: attempts and age after which an unmatched letter is Expired (for a human).
+DEFAULT_DEAD_LETTER_MAX_ATTEMPTS: Final = deadletters.DEFAULT_MAX_ATTEMPTS
+DEFAULT_DEAD_LETTER_MAX_AGE_SECONDS: Final = deadletters.DEFAULT_MAX_AGE.total_seconds()
+#: Dead letters: the first retry waits about this long, doubling per attempt up to the cap.
+DEFAULT_DEAD_LETTER_RETRY_BASE_SECONDS: Final = deadletters.BASE_DELAY_SECONDS
+DEFAULT_DEAD_LETTER_RETRY_MAX_SECONDS: Final = deadletters.MAX_DELAY_SECONDS
+#: Dead letters: a Requeued letter is kept this long for audit, then deleted.
+DEFAULT_DEAD_LETTER_REQUEUED_TTL_SECONDS: Final = deadletters.DEFAULT_REQUEUED_TTL.total_seconds()
 #: Upper bound for the random default peering priority (any two replicas differ, see parse()).
 _PRIORITY_RANGE: Final = 1_000_000
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -71,6 +81,11 @@ class Settings:
     poll_concurrency: int = DEFAULT_POLL_CONCURRENCY
     poll_batch_window: float = DEFAULT_POLL_BATCH_WINDOW
     poll_status_every: int = DEFAULT_POLL_STATUS_EVERY
+    dead_letter_max_attempts: int = DEFAULT_DEAD_LETTER_MAX_ATTEMPTS
+    dead_letter_max_age_seconds: float = DEFAULT_DEAD_LETTER_MAX_AGE_SECONDS
+    dead_letter_retry_base_seconds: float = DEFAULT_DEAD_LETTER_RETRY_BASE_SECONDS
+    dead_letter_retry_max_seconds: float = DEFAULT_DEAD_LETTER_RETRY_MAX_SECONDS
+    dead_letter_requeued_ttl_seconds: float = DEFAULT_DEAD_LETTER_REQUEUED_TTL_SECONDS
     events: bool = True
     log_level: str = "INFO"
 
@@ -175,6 +190,36 @@ _OPTIONS: Final[dict[str, _Option]] = {
         "POLL_STATUS_EVERY",
         int,
         "persist poll counters every Nth poll (1 = every poll)",
+    ),
+    "dead_letter_max_attempts": _Option(
+        "--dead-letter-max-attempts",
+        "DEAD_LETTER_MAX_ATTEMPTS",
+        int,
+        "requeue attempts before an unmatched dead letter is Expired",
+    ),
+    "dead_letter_max_age_seconds": _Option(
+        "--dead-letter-max-age-seconds",
+        "DEAD_LETTER_MAX_AGE_SECONDS",
+        float,
+        "age (since receipt or the last redrive) after which an unmatched letter is Expired",
+    ),
+    "dead_letter_retry_base_seconds": _Option(
+        "--dead-letter-retry-base-seconds",
+        "DEAD_LETTER_RETRY_BASE_SECONDS",
+        float,
+        "first requeue back-off ceiling; doubles per attempt",
+    ),
+    "dead_letter_retry_max_seconds": _Option(
+        "--dead-letter-retry-max-seconds",
+        "DEAD_LETTER_RETRY_MAX_SECONDS",
+        float,
+        "cap of the requeue back-off",
+    ),
+    "dead_letter_requeued_ttl_seconds": _Option(
+        "--dead-letter-requeued-ttl-seconds",
+        "DEAD_LETTER_REQUEUED_TTL_SECONDS",
+        float,
+        "delete a Requeued dead letter this long after it was applied",
     ),
     "events": _Option("--events", "EVENTS", bool, "post Kubernetes Events on transitions"),
     "log_level": _Option("--log-level", "LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
@@ -282,3 +327,9 @@ def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error("concurrency limits must be >= 1")
     if settings.poll_batch_window < 0 or settings.intent_grace_seconds < 0:
         parser.error("windows and grace periods must be >= 0")
+    if settings.dead_letter_max_attempts < 1 or settings.dead_letter_max_age_seconds <= 0:
+        parser.error("--dead-letter-max-attempts must be >= 1 and the max age > 0")
+    if not 0 < settings.dead_letter_retry_base_seconds <= settings.dead_letter_retry_max_seconds:
+        parser.error("dead-letter back-off: 0 < base <= max required")
+    if settings.dead_letter_requeued_ttl_seconds < 0:
+        parser.error("--dead-letter-requeued-ttl-seconds must be >= 0")

@@ -1,0 +1,412 @@
+"""The five tables, the target verdicts and the miss report, from one results document.
+
+Everything here is a pure function of the JSON that :mod:`bench.run` writes, so the README's
+tables can be regenerated from ``bench/results/full.json`` without re-running anything::
+
+    python -m bench.report bench/results/full.json
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+KIB: Final = 1024
+MIB: Final = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One target of issue 9 and how this run did."""
+
+    target: str
+    figure: str
+    met: bool | None  # None: not measured in this run
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, int | float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _best_seed(base: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    name = max(
+        ("seed_flask_dev", "seed_gunicorn_gthread"),
+        key=lambda key: base[key]["requests_per_second"],
+    )
+    return name, base[name]
+
+
+def ingestion_table(results: dict[str, Any]) -> str:
+    """Table 1: closed-loop throughput and fixed-rate latency."""
+    ing = results["ingestion"]
+    base, ours = ing["baselines"], ing["ours"]
+    ceiling = base["framework_ceiling"]["requests_per_second"]
+    _best, seed = _best_seed(base)
+
+    def row(label: str, run: dict[str, Any], note: str = "") -> list[str]:
+        rate = run["requests_per_second"]
+        return [
+            label,
+            _num(rate, 0),
+            f"{rate / ceiling:.0%}",
+            f"{rate / seed['requests_per_second']:.1f}x",
+            _num(run["p50_ms"], 2),
+            _num(run["p99_ms"], 2),
+            _num(run["max_ms"], 1),
+            note,
+        ]
+
+    spool, ledger = ours["spool_wrk"], ours["ledger_wrk"]
+    rows = [
+        row("framework ceiling (empty aiohttp handler)", base["framework_ceiling"]),
+        row("seed: Flask dev server (threaded)", base["seed_flask_dev"], "not durable"),
+        row(
+            "seed: gunicorn gthread, 1 worker x 8 threads",
+            base["seed_gunicorn_gthread"],
+            "not durable",
+        ),
+        row(
+            "**ours, spool path** (API server frozen)",
+            spool,
+            f"fsync'd; {spool['outcomes']['spooled']:,.0f} spooled",
+        ),
+        row(
+            "**ours, ledger path** (real API server)",
+            ledger,
+            f"{ledger['recorded_per_second']:,.0f} recorded/s",
+        ),
+    ]
+    closed = _table(
+        ["server", "req/s", "of ceiling", "x seed", "p50 ms", "p99 ms", "max ms", "note"], rows
+    )
+    paced_rows = []
+    for label, key in (("ours, spool path", "spool_paced"), ("ours, ledger path", "ledger_paced")):
+        run = ours[key]
+        outcomes = run.get("outcomes", {})
+        paced_rows.append(
+            [
+                label,
+                _num(run["rate_target"], 0),
+                _num(run["rate_achieved"], 0),
+                _num(run["p50_ms"], 2),
+                _num(run["p99_ms"], 2),
+                _num(run["max_ms"], 1),
+                f"{run['errors']} errors; "
+                + ", ".join(f"{k} {v:,.0f}" for k, v in outcomes.items() if v),
+            ]
+        )
+    paced = _table(
+        ["fixed rate (open loop)", "target req/s", "sent req/s", "p50 ms", "p99 ms", "max ms", ""],
+        paced_rows,
+    )
+    return f"{closed}\n\n{paced}"
+
+
+def calls_table(results: dict[str, Any]) -> str:
+    """Table 2: provider API calls per task."""
+    calls = results["calls"]
+    no_bulk = {
+        level["loss"]: level for level in calls["levels"] if level.get("variant") == "ours_no_bulk"
+    }
+    rows = []
+    for level in calls["levels"]:
+        if level.get("variant"):
+            continue
+        ours, seed = level["ours"], level["seed"]
+        single = no_bulk.get(level["loss"])
+        rows.append(
+            [
+                f"{level['loss']:.0%}",
+                _num(ours["calls_per_task"], 3),
+                f"{ours['in_php']:.0f} + {ours['res_single']:.0f} + {ours['res_bulk']:.0f}",
+                _num(single["ours"]["calls_per_task"], 3) if single else "-",
+                _num(seed["calls_per_task"], 3),
+                f"{seed['in_php']:.0f} + {seed['res_single']:.0f}",
+            ]
+        )
+    return _table(
+        [
+            "pingback loss",
+            "ours (bulk ids=)",
+            "in + get + bulk",
+            "ours, one id/request",
+            "seed poller",
+            "in + get",
+        ],
+        rows,
+    )
+
+
+def recovery_table(results: dict[str, Any]) -> str:
+    """Table 3: recovery delay after the callback timeout."""
+    calls = results["calls"]
+    rows = []
+    for level in calls["levels"]:
+        if level.get("variant") or level["loss"] == 0:
+            continue
+        ours, seed = level["ours_recovery"], level["seed_recovery"]
+        rows.append(
+            [
+                f"{level['loss']:.0%}",
+                str(ours["samples"]),
+                _num(ours["p50_s"], 3),
+                _num(ours["p99_s"], 3),
+                _num(ours["max_s"], 3),
+                str(seed["samples"]),
+                _num(seed["p50_s"], 3),
+                _num(seed["p99_s"], 3),
+                _num(seed["max_s"], 3),
+            ]
+        )
+    return _table(
+        [
+            "loss",
+            "ours n",
+            "ours p50 s",
+            "ours p99 s",
+            "ours max s",
+            "seed n",
+            "seed p50 s",
+            "seed p99 s",
+            "seed max s",
+        ],
+        rows,
+    )
+
+
+def scale_table(results: dict[str, Any]) -> str:
+    """Table 4: scale."""
+    sc = results["scale"]
+    etcd = sc["etcd"]
+    rows = [
+        ["tasks (every pingback dropped)", f"{sc['tasks']:,}"],
+        ["peak in flight (Pending+Queued+Submitted)", _num(sc["peak_in_flight"], 0)],
+        ["peak Submitted at once", _num(sc["peak_submitted"], 0)],
+        ["create all (API server)", f"{sc['create_seconds']} s"],
+        [
+            "submit all (first create → last submittedAt)",
+            f"{sc['submit_all_seconds']} s ({sc['submit_rate_per_second']} tasks/s)",
+        ],
+        ["operator peak RSS", f"{sc['operator_peak_rss_bytes'] / MIB:.0f} MiB"],
+        ["sidecar peak RSS", f"{sc['sidecar_peak_rss_bytes'] / MIB:.0f} MiB"],
+        ["operator CPU per 1,000 tasks", f"{sc['operator_cpu_seconds_per_1000']} CPU-s"],
+        [
+            "recovery lateness after submittedAt + timeout (p50 / p99 / max)",
+            f"{_num(sc['lateness_p50_s'], 2)} / {_num(sc['lateness_p99_s'], 2)} / "
+            f"{_num(sc['lateness_max_s'], 2)} s",
+        ],
+        [
+            "last task Solved after the last callback deadline",
+            f"{sc['recover_all_after_last_deadline_s']} s",
+        ],
+        [
+            "delivered by",
+            ", ".join(f"{k} {v:,}" for k, v in sorted(sc["delivered_by"].items())),
+        ],
+        [
+            "etcd per finished task (as written / compacted)",
+            f"{etcd['bytes_per_task_as_written']:,} B / {etcd['bytes_per_task_compacted']:,} B",
+        ],
+        ["task object JSON size (with managedFields)", f"{sc['task_json_bytes']:,} B"],
+    ]
+    objects = sc.get("etcd_objects", {})
+    if objects:
+        tasks = max(1, sc["tasks"])
+        parts = [
+            f"{kind} {info['value_bytes'] / tasks:,.0f} B ({info['keys'] / tasks:.1f} keys)"
+            for kind, info in objects.items()
+        ]
+        rows.append(["etcd values per task (current revision)", "; ".join(parts)])
+    return _table(["measure", f"{sc['tasks']:,} tasks"], rows)
+
+
+def latency_table(results: dict[str, Any]) -> str:
+    """Table 5: pingback -> app."""
+    lat = results["ingestion"]["ours"]["app_latency"]
+    return _table(
+        ["path", "samples", "p50 ms", "p99 ms", "max ms"],
+        [
+            [
+                "pingback sent → local API long-poll answered",
+                str(lat["samples"]),
+                _num(lat["p50_ms"], 2),
+                _num(lat["p99_ms"], 2),
+                _num(lat["max_ms"], 2),
+            ],
+            [
+                "(of which: the pingback's own 200)",
+                str(lat["samples"]),
+                _num(lat["pingback_ack_p50_ms"], 2),
+                _num(lat["pingback_ack_p99_ms"], 2),
+                "",
+            ],
+        ],
+    )
+
+
+def verdicts(results: dict[str, Any]) -> list[Verdict]:
+    """Every numeric target of issue 9 against this run's figures."""
+    out: list[Verdict] = []
+    measured = {
+        key: value
+        for key, value in results.items()
+        if isinstance(value, dict) and "error" not in value
+    }
+    ing = measured.get("ingestion")
+    if ing:
+        base, ours = ing["baselines"], ing["ours"]
+        ceiling = base["framework_ceiling"]["requests_per_second"]
+        best, seed = _best_seed(base)
+        spool = ours["spool_wrk"]["requests_per_second"]
+        ledger = ours["ledger_wrk"]["recorded_per_second"]
+        out += [
+            Verdict(
+                "spool path ≥ 50 % of the framework ceiling",
+                f"{spool:,.0f} / {ceiling:,.0f} req/s = {spool / ceiling:.0%}",
+                spool >= 0.5 * ceiling,
+            ),
+            Verdict(
+                "spool path ≥ 5x the seed baseline (best configuration)",
+                f"{spool:,.0f} / {seed['requests_per_second']:,.0f} ({best}) = "
+                f"{spool / seed['requests_per_second']:.1f}x",
+                spool >= 5 * seed["requests_per_second"],
+            ),
+            Verdict(
+                "ledger path ≥ 1,000 acknowledged (recorded) pingbacks/s",
+                f"{ledger:,.0f} recorded/s",
+                ledger >= 1000,
+            ),
+            Verdict(
+                "spool path p99 ≤ 5 ms at 1,000 req/s",
+                f"p99 {ours['spool_paced']['p99_ms']:.2f} ms",
+                ours["spool_paced"]["p99_ms"] <= 5,
+            ),
+            Verdict(
+                "ledger path p99 ≤ 25 ms at 500 req/s",
+                f"p99 {ours['ledger_paced']['p99_ms']:.1f} ms",
+                ours["ledger_paced"]["p99_ms"] <= 25,
+            ),
+            Verdict(
+                "pingback → app p99 ≤ 100 ms",
+                f"p99 {ours['app_latency']['p99_ms']:.1f} ms",
+                ours["app_latency"]["p99_ms"] <= 100,
+            ),
+        ]
+    calls = measured.get("calls")
+    if calls:
+        limits = {0.0: 1.01, 0.3: 1.05, 1.0: 1.10}
+        for level in calls["levels"]:
+            if level.get("variant"):
+                continue
+            figure = level["ours"]["calls_per_task"]
+            limit = limits[level["loss"]]
+            out.append(
+                Verdict(
+                    f"≤ {limit} provider calls per task at {level['loss']:.0%} pingback loss",
+                    f"{figure} (seed {level['seed']['calls_per_task']})",
+                    figure is not None and figure <= limit,
+                )
+            )
+        worst = [
+            level["ours_recovery"]["p99_s"]
+            for level in calls["levels"]
+            if level["ours_recovery"]["samples"]
+        ]
+        p99 = max(worst) if worst else float("nan")
+        out.append(Verdict("recovery delay p99 ≤ 1 s", f"p99 {p99:.3f} s", p99 <= 1))
+    sc = measured.get("scale")
+    if sc:
+        rss = sc["operator_peak_rss_bytes"] / MIB
+        late = sc["lateness_max_s"]
+        per_task = sc["etcd"]["bytes_per_task_compacted"]
+        written = sc["etcd"]["bytes_per_task_as_written"]
+        solved = sc["delivered_by"].get("poll", 0)
+        out += [
+            Verdict(
+                f"operator RSS ≤ 300 MB with {sc['tasks']:,} tasks",
+                f"{rss:.0f} MiB",
+                rss * MIB <= 300e6,
+            ),
+            Verdict(
+                f"all {sc['tasks']:,} recovered within callback timeout + 10 s",
+                f"{solved:,} recovered by poll; latest {late:.1f} s after its deadline",
+                solved == sc["tasks"] and late <= 10,
+            ),
+            Verdict(
+                "≤ 2 KiB of etcd per finished task",
+                f"{per_task:,} B compacted ({written:,} B as written)",
+                per_task <= 2 * KIB,
+            ),
+        ]
+    return out
+
+
+def verdict_table(items: Sequence[Verdict]) -> str:
+    """The targets as a table."""
+    rows = [
+        [item.target, item.figure, "met" if item.met else "**missed**" if item.met is False else ""]
+        for item in items
+    ]
+    return _table(["target (issue 9)", "this run", ""], rows)
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    """One paragraph naming the machine and versions."""
+    m = results["machine"]
+    pkgs = m["packages"]
+    kube = m.get("kubernetes", {})
+    return (
+        f"{m['cpu_model']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.0f} GiB RAM, "
+        f"{m['kernel']}; Python {m['python']}, aiohttp {pkgs.get('aiohttp')}, "
+        f"kopf {pkgs.get('kopf')}, Flask {pkgs.get('flask')}, gunicorn {pkgs.get('gunicorn')}; "
+        f"kube-apiserver {kube.get('kube_apiserver', '?')}, etcd {kube.get('etcd', '?')}; "
+        f"{(m.get('wrk') or 'wrk ?').split(' Copyright')[0]}."
+    )
+
+
+def render(results: dict[str, Any]) -> str:
+    """All tables as Markdown, in issue order."""
+    parts = [f"Profile `{results['profile']}` · {machine_line(results)}", results["pinning"]]
+    sections = (
+        ("ingestion", "1. Pingback ingestion", ingestion_table),
+        ("calls", "2. Provider API calls per task", calls_table),
+        ("calls", "3. Recovery delay after the callback timeout", recovery_table),
+        ("scale", "4. Scale", scale_table),
+        ("ingestion", "5. Pingback → app", latency_table),
+    )
+    for key, title, build in sections:
+        if key in results and "error" in results[key]:
+            parts.append(f"### {title}\n\nnot measured: the phase failed (see the JSON).")
+        elif key in results:
+            parts.append(f"### {title}\n\n{build(results)}")
+    parts.append("### Targets\n\n" + verdict_table(verdicts(results)))
+    return "\n\n".join(parts) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Print the tables of a results file."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        print("usage: python -m bench.report RESULTS.json", file=sys.stderr)
+        return 2
+    print(render(json.loads(Path(args[0]).read_text(encoding="utf-8"))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Fallback polling: the tasks of one provider that fall due together, in one request.
+
+The engine's timer hands :meth:`Poller.poll_batch` every task of one provider whose poll came
+due in the same batch window; they go out in one ``get_results`` call (bulk ``ids=`` where the
+dialect supports it). Each answer is applied through the ledger like any other result: a found
+answer becomes ``Solved`` with ``deliveredBy: poll`` (a *fallback recovery*), a permanent code
+fails the task, a result the provider no longer holds fails it with ``ResultExpired``, and
+``CAPCHA_NOT_READY`` plans the next poll (:func:`policy.after_poll`, never beyond ``maxPolls``).
+
+An answer whose task vanished (or was recreated) while the request was in flight is authentic
+and paid for: it becomes a dead letter through :meth:`Ledger.dead_letter`, exactly as a
+pingback would, so the requeue loop can still deliver it (e.g. to an adopted task that owns the
+same provider task id), never a silent drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Final
+
+from captchatask import kube, model
+from captchatask.events import EventType
+from captchatask.ledger import Outcome, Recorded, Result
+from captchatask.model import DeliveredBy, Phase
+from captchatask.provider.client import PollResult
+from captchatask.provider.codes import Verdict
+from captchatask.provider.errors import ProviderError
+from captchatask.provider.replies import Solution
+from captchatask_operator import policy
+from captchatask_operator.metrics import failure_label
+from captchatask_operator.policy import FailureCode, PollOutcome
+from captchatask_operator.records import TaskRecord
+from captchatask_operator.schedule import Kind
+
+if TYPE_CHECKING:
+    from captchatask_operator.engine import Engine
+    from captchatask_operator.providers import ProviderState
+
+logger = logging.getLogger(__name__)
+
+TaskKey = tuple[str, str]
+ProviderKey = tuple[str, str]
+
+#: Concurrent ledger writes for the results of one poll batch.
+RECORD_CONCURRENCY: Final = 16
+#: ``spec.payload.source`` of a dead letter written for a poll result (a CRD enum value).
+POLL_SOURCE: Final = "poll"
+
+
+def _minimal_view(task: TaskRecord, phase: Phase) -> model.TaskView:
+    """A view carrying just what a phase-pinned status write needs (no GET)."""
+    return model.TaskView.from_body(
+        {
+            "metadata": {
+                "namespace": task.ref.namespace,
+                "name": task.ref.name,
+                "uid": task.ref.uid,
+                "resourceVersion": task.resource_version,
+            },
+            "status": {"phase": str(phase)},
+        }
+    )
+
+
+class Poller:
+    """The fallback-polling part of the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._poll_sem = asyncio.Semaphore(engine.settings.poll_concurrency)
+        self._record_sem = asyncio.Semaphore(RECORD_CONCURRENCY)
+        self.dead_letters = 0
+
+    async def poll_batch(self, provider_key: ProviderKey, keys: list[TaskKey]) -> None:
+        """Poll the tasks of one provider that came due together (one bulk request)."""
+        engine = self.engine
+        async with self._poll_sem:
+            state = engine.providers.get(provider_key)
+            now = engine.clock()
+            if state is None or state.client is None:
+                # Results can still be fetched while the provider is "not Ready" for lack of
+                # threads or balance; only a missing client (no usable key yet) stops polling.
+                unchecked = state is not None and not state.checked
+                later = now + (
+                    policy.UNCHECKED_RETRY
+                    if unchecked
+                    else dt.timedelta(seconds=engine.settings.provider_retry_seconds)
+                )
+                for key in keys:
+                    if key in engine.tasks:
+                        engine.schedule_at(Kind.POLL, key, later)
+                return
+            by_id: dict[str, TaskRecord] = {}
+            for key in keys:
+                task = engine.tasks.get(key)
+                if task is None or task.terminal:
+                    continue
+                if key in engine.busy:
+                    engine.schedule_at(Kind.POLL, key, now + policy.BUSY_RETRY)
+                    continue
+                provider_task_id = task.known_provider_task_id
+                if provider_task_id is None:
+                    continue
+                by_id[provider_task_id] = task
+            if not by_id:
+                return
+            engine.counters.poll_requests += 1
+            try:
+                results = await state.client.get_results(list(by_id))
+            except ProviderError as exc:
+                self._request_failed(state, by_id.values(), exc)
+                return
+            await asyncio.gather(
+                *(
+                    self._after_poll(state, by_id[pid], result)
+                    for pid, result in results.items()
+                    if pid in by_id
+                )
+            )
+
+    def _request_failed(
+        self, state: ProviderState, tasks: Iterable[TaskRecord], exc: ProviderError
+    ) -> None:
+        engine = self.engine
+        classification = exc.classification
+        if classification.effective_verdict is Verdict.CONFIG_ERROR:
+            engine.checks.mark_not_ready(
+                state, policy.provider_verdict(state.spec.dialect, error=classification)
+            )
+            wait = engine.settings.provider_retry_seconds
+        else:
+            wait = max(
+                classification.wait_seconds or policy.DEFAULT_ERROR_WAIT_SECONDS,
+                engine.settings.poll_batch_window,
+            )
+        later = engine.clock() + dt.timedelta(seconds=wait)
+        for task in tasks:
+            engine.metrics.fallback_polls.labels(state.spec.name, str(PollOutcome.ERROR)).inc()
+            engine.schedule_at(Kind.POLL, task.key, later)
+
+    async def _after_poll(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
+        """Apply one task's poll result; on an API failure, poll again soon (nothing lost)."""
+        try:
+            await self.apply(state, task, result)
+        except Exception as exc:  # noqa: BLE001 - one task's failure must not stop its batch
+            logger.warning("poll result of %s/%s not applied: %r", *task.key, exc)
+            self.engine.schedule_at(Kind.POLL, task.key, self.engine.clock() + policy.API_RETRY)
+
+    async def apply(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
+        """Apply one poll result to one task as it was when the poll went out."""
+        engine = self.engine
+        async with self._record_sem:
+            outcome = policy.classify_poll(result)
+            label = state.spec.name
+            engine.counters.polls += 1
+            engine.metrics.fallback_polls.labels(label, str(outcome)).inc()
+            provider_task_id = task.known_provider_task_id
+            if isinstance(result, Solution):
+                found = Result.solved(
+                    token=result.token,
+                    delivered_by=DeliveredBy.POLL,
+                    provider_task_id=provider_task_id,
+                    user_agent=result.user_agent,
+                )
+                recorded = await engine.ledger.record(task.ref, found)
+                if recorded.outcome is Outcome.RECORDED:
+                    engine.metrics.fallback_recoveries.labels(label).inc()
+                    engine.event(
+                        task.ref,
+                        EventType.NORMAL,
+                        "Solved",
+                        "solved; recovered by fallback poll (no pingback arrived in time)",
+                    )
+                await self._dead_letter_if_orphaned(task, found, recorded)
+                engine.remember(recorded.task)
+                return
+            if outcome is PollOutcome.FAILED:
+                failed = Result.failed(
+                    code=result.code,
+                    message=result.reason,
+                    delivered_by=DeliveredBy.POLL,
+                    provider_task_id=provider_task_id,
+                )
+                recorded = await engine.ledger.record(task.ref, failed)
+                if recorded.outcome is Outcome.RECORDED:
+                    engine.metrics.permanent_failures.labels(
+                        label, failure_label(result.code)
+                    ).inc()
+                    engine.event(
+                        task.ref, EventType.WARNING, "Failed", f"{result.code}: {result.reason}"
+                    )
+                await self._dead_letter_if_orphaned(task, failed, recorded)
+                engine.remember(recorded.task)
+                return
+            if outcome is PollOutcome.EXPIRED:
+                await engine.fail(
+                    task.ref,
+                    FailureCode.RESULT_EXPIRED,
+                    f"{result.code}: the provider no longer holds this task's result",
+                )
+                return
+            await self._not_ready(state, task, result.wait_seconds, outcome)
+
+    async def _not_ready(
+        self, state: ProviderState, task: TaskRecord, wait_seconds: float | None, outcome: str
+    ) -> None:
+        engine = self.engine
+        plan = policy.after_poll(
+            polls_before=engine.polls.get(task.key, task.polls),
+            provider=state.spec,
+            now=engine.clock(),
+            checkpoint_every=engine.settings.poll_status_every,
+            wait_seconds=wait_seconds if outcome is PollOutcome.UNKNOWN else None,
+        )
+        engine.polls[task.key] = plan.polls
+        if plan.exhausted:
+            await engine.fail(
+                task.ref,
+                FailureCode.POLLS_EXHAUSTED,
+                f"not ready after {plan.polls} polls (spec.polling.maxPolls)",
+            )
+            return
+        assert plan.next_due is not None
+        engine.schedule_at(Kind.POLL, task.key, plan.next_due)
+        if plan.checkpoint:
+            now = engine.clock()
+            written = await engine.ledger.update_status(
+                _minimal_view(task, Phase.SUBMITTED),
+                {
+                    "polls": plan.polls,
+                    "lastPollAt": model.format_time(now),
+                    "nextPollAt": model.format_time(plan.next_due),
+                },
+            )
+            engine.counters.status_writes += 1
+            if written is not None:
+                engine.store(written)
+
+    async def _dead_letter_if_orphaned(
+        self, task: TaskRecord, result: Result, recorded: Recorded
+    ) -> None:
+        """A result the ledger could not apply (task gone, recreated...) becomes a letter."""
+        if recorded.outcome is not Outcome.DEAD_LETTER or recorded.reason is None:
+            return
+        engine = self.engine
+        received_at = engine.clock()
+        for attempt in range(1, policy.MAX_CAS_RETRIES + 1):
+            try:
+                name = await engine.ledger.dead_letter(
+                    namespace=task.ref.namespace,
+                    reason=recorded.reason,
+                    message=f"fallback poll: {recorded.message}",
+                    ref=task.ref,
+                    result=result,
+                    received_at=received_at,
+                    received_by=engine.identity,
+                    source=POLL_SOURCE,
+                )
+                break
+            except kube.KubeUnavailable:
+                # The task is gone, so no later poll would fetch this answer again: keep trying
+                # (creating the letter is idempotent) instead of handing it back to the timer.
+                if attempt == policy.MAX_CAS_RETRIES:
+                    raise
+                await asyncio.sleep(policy.API_RETRY.total_seconds())
+        self.dead_letters += 1
+        logger.info(
+            "poll result of %s/%s dead-lettered as %s (%s)",
+            task.ref.namespace,
+            task.ref.name,
+            name,
+            recorded.reason,
+        )

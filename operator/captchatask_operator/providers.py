@@ -1,0 +1,245 @@
+"""Provider checks: read the key Secret, check the account, write the ``Ready`` condition.
+
+A check runs when a provider appears or its spec changes, every ``recheckSeconds`` while it is
+Ready and every ``--provider-retry-seconds`` while it is not (so a fixed Secret is noticed
+quickly: each check re-reads the Secret and notices a changed key by its resourceVersion). A
+configuration error seen by a submission or a poll marks the provider not Ready at once
+(:meth:`ProviderChecks.mark_not_ready`). Readiness changes re-decide every task of the provider
+(parking or releasing them). The verdicts themselves are pure (:func:`policy.provider_verdict`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from captchatask import kube, model
+from captchatask.events import EventType, ObjectRef
+from captchatask.ledger import set_condition
+from captchatask.provider.client import ProviderClient
+from captchatask.provider.codes import Dialect
+from captchatask.provider.errors import ProviderError
+from captchatask.provider.replies import ThreadsInfo
+from captchatask_operator import policy
+from captchatask_operator.queueing import ProviderQueue
+from captchatask_operator.records import ProviderSpec
+from captchatask_operator.schedule import Kind
+
+if TYPE_CHECKING:
+    from captchatask_operator.engine import Engine
+
+logger = logging.getLogger(__name__)
+
+ProviderKey = tuple[str, str]
+
+
+@dataclass(slots=True)
+class ProviderState:
+    """What the engine knows about one provider beyond its spec."""
+
+    spec: ProviderSpec
+    ready: bool = False
+    reason: str = "Unknown"
+    message: str = "not checked yet"
+    client: ProviderClient | None = None
+    key_version: str | None = None
+    client_generation: int = -1
+    threads: ThreadsInfo | None = None
+    balance: float | None = None
+    error_code: str | None = None
+    checked: bool = False
+
+
+class ProviderChecks:
+    """The provider part of the engine (one check per provider at a time)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._checking: set[ProviderKey] = set()
+
+    def clear(self) -> None:
+        """Forget running checks (the engine became a standby)."""
+        self._checking.clear()
+
+    def start(self, key: ProviderKey) -> None:
+        """Start a check of one provider unless one is already running (timer entry)."""
+        if key not in self._checking:
+            self._checking.add(key)
+            self.engine.spawn(self._check(key))
+
+    def mark_not_ready(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
+        """A request just failed with a configuration error: stop submitting, re-check soon."""
+        engine = self.engine
+        if state.ready:
+            state.ready = False
+            state.reason = verdict.reason
+            state.message = verdict.message
+            engine.metrics.provider_ready.labels(state.spec.name).set(0)
+        engine.schedule_at(
+            Kind.PROVIDER,
+            state.spec.key,
+            engine.clock() + dt.timedelta(seconds=engine.settings.provider_retry_seconds),
+        )
+
+    async def _check(self, key: ProviderKey) -> None:
+        """Read the key Secret, check the account, write the provider status, reschedule."""
+        engine = self.engine
+        try:
+            state = engine.providers.get(key)
+            if state is None:
+                return
+            verdict = await self._probe(state)
+            await self._apply_verdict(state, verdict)
+        except kube.KubeError as exc:
+            logger.warning("provider check of %s/%s postponed: %s", *key, exc)
+            engine.schedule_at(Kind.PROVIDER, key, engine.clock() + policy.API_RETRY)
+        finally:
+            self._checking.discard(key)
+
+    async def _probe(self, state: ProviderState) -> policy.ProviderVerdict:
+        engine = self.engine
+        spec = state.spec
+        state.threads = None
+        state.balance = None
+        if spec.public_url is not None and engine.signer is None:
+            return policy.ProviderVerdict(
+                False,
+                policy.ProviderReason.PINGBACK_KEY_MISSING,
+                "spec.pingback.publicURL is set but the operator has no pingback key file",
+            )
+        try:
+            secret = await engine.client.get(kube.SECRETS, spec.namespace, spec.secret_name)
+        except kube.ApiError as exc:
+            if exc.not_found:
+                return policy.ProviderVerdict(
+                    False,
+                    policy.ProviderReason.SECRET_NOT_FOUND,
+                    f"Secret {spec.secret_name!r} not found",
+                )
+            raise
+        api_key = secret_value(secret, spec.secret_key)
+        if not api_key:
+            return policy.ProviderVerdict(
+                False,
+                policy.ProviderReason.SECRET_KEY_MISSING,
+                f"Secret {spec.secret_name!r} has no key {spec.secret_key!r}",
+            )
+        version = f"{secret.get('metadata', {}).get('resourceVersion', '')}/{spec.secret_key}"
+        if (
+            state.client is None
+            or state.key_version != version
+            or state.client_generation != spec.generation
+        ):
+            state.client = ProviderClient(
+                session=engine.http,
+                base_url=spec.base_url,
+                api_key=api_key,
+                dialect=spec.dialect,
+                timeout=engine.settings.provider_timeout,
+                transport_retries=engine.settings.provider_transport_retries,
+                observer=engine.metrics.observer(spec.name),
+                bulk_results=None if spec.polling.bulk else False,
+            )
+            state.key_version = version
+            state.client_generation = spec.generation
+        try:
+            if spec.dialect is Dialect.CAPTCHAAI:
+                state.threads = await state.client.threads_info()
+                return policy.provider_verdict(spec.dialect, threads=state.threads)
+            state.balance = await state.client.get_balance()
+            return policy.provider_verdict(spec.dialect, balance=state.balance)
+        except ProviderError as exc:
+            return policy.provider_verdict(spec.dialect, error=exc.classification)
+
+    async def _apply_verdict(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
+        engine = self.engine
+        spec = state.spec
+        was_ready = state.ready
+        first_check = not state.checked
+        state.checked = True
+        state.ready = verdict.ready
+        state.reason = verdict.reason
+        state.message = verdict.message
+        engine.metrics.provider_ready.labels(spec.name).set(1 if verdict.ready else 0)
+        now = engine.clock()
+        queue = engine.queues.setdefault(spec.key, ProviderQueue())
+        status = _status(state, verdict, in_flight=len(queue.in_flight), now=now)
+        try:
+            body = await engine.client.patch(
+                kube.PROVIDERS,
+                spec.namespace,
+                spec.name,
+                {"status": status},
+                subresource="status",
+            )
+        except kube.ApiError as exc:
+            if not exc.not_found:
+                raise
+        else:
+            engine.store_provider(body)
+        provider_ref = ObjectRef(model.PROVIDER_KIND, spec.namespace, spec.name, spec.uid)
+        if verdict.ready and not was_ready:
+            engine.events.emit(provider_ref, EventType.NORMAL, "Ready", verdict.message)
+        elif not verdict.ready and (
+            was_ready or first_check or state.error_code != verdict.error_code
+        ):
+            engine.events.emit(
+                provider_ref, EventType.WARNING, str(verdict.reason), verdict.message
+            )
+        if was_ready != verdict.ready or first_check:
+            engine.reconsider_provider_tasks(spec.key)
+            engine.pump(spec.key)
+        state.error_code = verdict.error_code
+        wait = spec.recheck_seconds if verdict.ready else engine.settings.provider_retry_seconds
+        engine.schedule_at(Kind.PROVIDER, spec.key, now + dt.timedelta(seconds=wait))
+
+
+def _status(
+    state: ProviderState, verdict: policy.ProviderVerdict, *, in_flight: int, now: dt.datetime
+) -> dict[str, Any]:
+    """The provider status a check writes (pure)."""
+    spec = state.spec
+    status: dict[str, Any] = {
+        "checkedAt": model.format_time(now),
+        "observedGeneration": spec.generation,
+        "inFlight": in_flight,
+        "conditions": set_condition(
+            spec.conditions,
+            type_="Ready",
+            status="True" if verdict.ready else "False",
+            reason=verdict.reason,
+            message=verdict.message,
+            generation=spec.generation,
+            now=now,
+        ),
+    }
+    if state.threads is not None:
+        status["threads"] = state.threads.threads
+        status["workingThreads"] = state.threads.working_threads
+    if state.balance is not None:
+        status["balance"] = f"{state.balance:g}"
+    if verdict.error_code is not None or not verdict.ready:
+        status["lastError"] = {
+            "code": verdict.error_code or verdict.reason,
+            "message": verdict.message[:1024],
+            "at": model.format_time(now),
+        }
+    return status
+
+
+def secret_value(secret: Mapping[str, Any], key: str) -> str | None:
+    """Decode one key of a Secret (``data`` is base64; ``stringData`` never comes back)."""
+    data: Mapping[str, Any] = secret.get("data") or {}
+    raw = data.get(key)
+    if not isinstance(raw, str):
+        return None
+    try:
+        value = base64.b64decode(raw, validate=True).decode("utf-8").strip()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return value or None

@@ -1,0 +1,286 @@
+"""Submission: intent (compare-and-set) -> ``in.php`` -> ``Submitted`` (compare-and-set).
+
+The intent (``status.submission.intentAt`` and ``attempts + 1``) is written with the
+resourceVersion of a fresh read pinned, before ``in.php`` is called, so two replicas can never
+both submit and a crash between the call and the ``Submitted`` write leaves a visible, bounded
+*unresolved intent* (``docs/readme/operator.md``, "crash safety"). Adopted tasks
+(``spec.providerTaskId``) skip ``in.php`` and go straight to ``Submitted``. Waiting tasks get a
+``Submitted=False`` condition naming why. Every action here runs under the engine's per-task
+lock (:meth:`Engine.run`), which re-decides the task when the action ends.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from captchatask import kube, model
+from captchatask.events import EventType
+from captchatask.ledger import CONDITION_SUBMITTED, set_condition
+from captchatask.model import Phase, TaskRef, TaskView
+from captchatask.provider import tasks as provider_tasks
+from captchatask.provider.codes import Verdict
+from captchatask.provider.errors import ProviderError
+from captchatask_operator import policy
+from captchatask_operator.policy import FailureCode, StepKind, WaitReason
+from captchatask_operator.records import ProviderSpec, TaskRecord
+
+if TYPE_CHECKING:
+    from captchatask_operator.engine import Engine
+    from captchatask_operator.providers import ProviderState
+
+logger = logging.getLogger(__name__)
+
+
+class Submitter:
+    """The submission part of the engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def submit(self, task: TaskRecord) -> None:
+        """Submit one task: intent (CAS) -> in.php -> Submitted (CAS); see the module docs."""
+        engine = self.engine
+        view = await engine.fresh(task.ref)
+        if view is None:
+            return
+        record = engine.store(view)
+        state = engine.providers.get(record.provider_key)
+        step = policy.submission_step(
+            record,
+            provider=state.spec if state else None,
+            provider_ready=bool(state and state.ready),
+            provider_reason=state.reason if state else "NotFound",
+            now=engine.clock(),
+            max_attempts=engine.settings.max_submit_attempts,
+            poll_only_grace=engine.settings.intent_grace_seconds,
+        )
+        if step.kind is not StepKind.SUBMIT or state is None or state.client is None:
+            return  # the engine re-decides from the fresh record
+        spec = state.spec
+        pingback_url = None
+        if spec.public_url is not None:
+            assert engine.signer is not None  # a provider without a signer is never Ready
+            pingback_url = engine.signer.url(spec.public_url, record.ref)
+        try:
+            params = provider_tasks.build_submit_params(
+                view.spec, dialect=spec.dialect, pingback_url=pingback_url
+            )
+        except provider_tasks.SpecError as exc:
+            await engine.fail(record.ref, FailureCode.INVALID_SPEC, str(exc), view=view)
+            return
+        if step.resubmit:
+            engine.metrics.submissions.labels(spec.name, "resubmitted").inc()
+            engine.event(
+                record.ref,
+                EventType.WARNING,
+                "Resubmitting",
+                "no provider task id was recorded for the submission started at "
+                f"{model.format_time(record.intent_at or engine.clock())} and no pingback came; "
+                f"submitting again (attempt {record.attempts + 1} of "
+                f"{engine.settings.max_submit_attempts})",
+            )
+        previous: Mapping[str, Any] = view.status.get("submission") or {}
+        attempts = record.attempts
+        intent = {
+            "phase": str(view.phase or Phase.PENDING),
+            "submission": {
+                **{k: v for k, v in previous.items() if k != "nextAttemptAt"},
+                "intentAt": model.format_time(engine.clock()),
+                "attempts": attempts + 1,
+            },
+        }
+        pinned = await engine.ledger.update_status(view, intent, pin_version=True)
+        engine.counters.status_writes += 1
+        if pinned is None:
+            return  # someone changed the task since our GET: re-decide
+        engine.store(pinned)
+        engine.counters.submits += 1
+        try:
+            provider_task_id = await state.client.submit(params)
+        except ProviderError as exc:
+            await self._submit_failed(pinned, state, exc, attempts=attempts)
+            return
+        engine.metrics.submissions.labels(spec.name, "submitted").inc()
+        await self._write_submitted(
+            pinned,
+            provider_task_id=provider_task_id,
+            provider=spec,
+            submitted_at=engine.clock(),
+            reason="Submitted",
+            message=f"submitted to {spec.name} as provider task {provider_task_id}",
+        )
+
+    async def _submit_failed(
+        self, view: TaskView, state: ProviderState, exc: ProviderError, *, attempts: int
+    ) -> None:
+        """Record why in.php failed: fail, park, or back off with the documented wait."""
+        engine = self.engine
+        classification = exc.classification
+        label = state.spec.name
+        verdict = classification.effective_verdict
+        if verdict is Verdict.TASK_FAILED:
+            engine.metrics.submissions.labels(label, "task_failed").inc()
+            await engine.fail(view.ref, classification.code, classification.reason, view=view)
+            return
+        now = engine.clock()
+        ambiguous = policy.is_ambiguous(classification)
+        if verdict is Verdict.CONFIG_ERROR:
+            engine.metrics.submissions.labels(label, "config_error").inc()
+            wait = engine.settings.provider_retry_seconds
+            engine.checks.mark_not_ready(
+                state, policy.provider_verdict(state.spec.dialect, error=classification)
+            )
+        else:
+            engine.metrics.submissions.labels(
+                label, "ambiguous" if ambiguous else "retry_later"
+            ).inc()
+            wait = classification.wait_seconds or policy.DEFAULT_ERROR_WAIT_SECONDS
+        previous: Mapping[str, Any] = view.status.get("submission") or {}
+        fields = {
+            "submission": {
+                **previous,
+                # A definite rejection created nothing remotely: it costs no attempt.
+                "attempts": attempts + 1 if ambiguous else attempts,
+                "nextAttemptAt": model.format_time(now + dt.timedelta(seconds=wait)),
+                "lastError": f"{classification.code}: {classification.reason}"[:1024],
+            }
+        }
+        written = await engine.ledger.update_status(view, fields, pin_version=True)
+        engine.counters.status_writes += 1
+        if written is None:
+            written = await engine.fresh(view.ref)
+        if written is not None:
+            engine.store(written)
+        if verdict is not Verdict.CONFIG_ERROR:
+            engine.event(
+                view.ref,
+                EventType.WARNING,
+                "SubmitRetry",
+                f"in.php answered {classification.code}; retrying in {wait:g}s",
+            )
+
+    async def _write_submitted(
+        self,
+        view: TaskView,
+        *,
+        provider_task_id: str,
+        provider: ProviderSpec,
+        submitted_at: dt.datetime,
+        reason: str,
+        message: str,
+    ) -> None:
+        """Write ``Submitted`` with the provider id, retrying lost races until settled."""
+        engine = self.engine
+        current: TaskView | None = view
+        for _ in range(policy.MAX_CAS_RETRIES):
+            if current is None or current.deleting or (current.phase and current.phase.terminal):
+                break  # gone, or a pingback already delivered the result: nothing to add
+            if current.provider_task_id not in (None, provider_task_id):
+                break
+            probe = replace(
+                TaskRecord.from_view(current, now=engine.clock()), submitted_at=submitted_at
+            )
+            first_poll = policy.first_poll_at(probe, provider)
+            fields = {
+                "phase": str(Phase.SUBMITTED),
+                "providerTaskId": provider_task_id,
+                "submittedAt": model.format_time(submitted_at),
+                "nextPollAt": model.format_time(first_poll),
+                "polls": 0,
+                "observedGeneration": current.generation,
+                "conditions": set_condition(
+                    current.status.get("conditions") or [],
+                    type_=CONDITION_SUBMITTED,
+                    status="True",
+                    reason=reason,
+                    message=message,
+                    generation=current.generation,
+                    now=submitted_at,
+                ),
+            }
+            written = await engine.ledger.update_status(current, fields, pin_version=True)
+            engine.counters.status_writes += 1
+            if written is not None:
+                engine.event(written.ref, EventType.NORMAL, reason, message)
+                engine.remember(written)
+                await self._label(written.ref, provider_task_id)
+                return
+            current = await engine.fresh(view.ref)
+        engine.remember(await engine.fresh(view.ref))
+
+    async def _label(self, ref: TaskRef, provider_task_id: str) -> None:
+        """Put the provider id on a label (dead-letter matching by LIST); best effort."""
+        body = {"metadata": {"labels": {model.PROVIDER_TASK_ID_LABEL: provider_task_id}}}
+        try:
+            await self.engine.client.patch(kube.TASKS, ref.namespace, ref.name, body)
+        except kube.KubeError as exc:
+            logger.debug("label not set on %s/%s: %s", ref.namespace, ref.name, exc)
+
+    async def adopt(self, task: TaskRecord) -> None:
+        """A task created with spec.providerTaskId goes straight to Submitted (no in.php)."""
+        engine = self.engine
+        view = await engine.fresh(task.ref)
+        if view is None or view.spec_provider_task_id is None:
+            return
+        if view.phase is Phase.SUBMITTED or (view.phase and view.phase.terminal):
+            engine.remember(view)
+            return
+        state = engine.providers.get((view.ref.namespace, view.provider))
+        if state is None:
+            await self.write_waiting(
+                TaskRecord.from_view(view, now=engine.clock()),
+                WaitReason.PROVIDER_NOT_FOUND,
+                f"CaptchaProvider {view.provider!r} does not exist",
+            )
+            return
+        # An adopted task was submitted by the app just before it created the object; an
+        # external task's id arrives later (sidecar `track`), right after its submission.
+        submitted_at = engine.clock() if view.external else (view.created_at or engine.clock())
+        await self._write_submitted(
+            view,
+            provider_task_id=view.spec_provider_task_id,
+            provider=state.spec,
+            submitted_at=submitted_at,
+            reason="Adopted",
+            message=f"adopted provider task {view.spec_provider_task_id}: polling only",
+        )
+
+    async def write_waiting(self, task: TaskRecord, reason: str, message: str) -> None:
+        """Record why a task waits (condition Submitted=False), once per reason."""
+        engine = self.engine
+        view = await engine.fresh(task.ref)
+        if view is None or view.phase is Phase.SUBMITTED or (view.phase and view.phase.terminal):
+            engine.remember(view)
+            return
+        now = engine.clock()
+        queued = reason == WaitReason.QUEUED
+        phase = Phase.QUEUED if queued else (view.phase or Phase.PENDING)
+        fields: dict[str, Any] = {
+            "phase": str(phase),
+            "observedGeneration": view.generation,
+            "conditions": set_condition(
+                view.status.get("conditions") or [],
+                type_=CONDITION_SUBMITTED,
+                status="False",
+                reason=reason,
+                message=message,
+                generation=view.generation,
+                now=now,
+            ),
+        }
+        if queued and "queuedAt" not in view.status:
+            fields["queuedAt"] = model.format_time(now)
+        written = await engine.ledger.update_status(view, fields, pin_version=True)
+        engine.counters.status_writes += 1
+        if written is not None:
+            engine.store(written)
+            event_type = (
+                EventType.WARNING
+                if reason in (WaitReason.PROVIDER_NOT_READY, WaitReason.PROVIDER_NOT_FOUND)
+                else EventType.NORMAL
+            )
+            engine.event(view.ref, event_type, "Queued" if queued else reason, message)

@@ -1,0 +1,133 @@
+"""``python -m bench.run --profile small``: the benchmark harness works and its results are whole.
+
+This checks the harness, never a speed: every phase runs against the real control plane, the
+emulator, the sidecar and the operator, and the results document carries the machine, the
+versions and every figure the README tables are built from, as finite numbers. How large those
+numbers are is the benchmark's business, not the test's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TABLES = (
+    "### 1. Pingback ingestion",
+    "### 2. Provider API calls per task",
+    "### 3. Recovery delay after the callback timeout",
+    "### 4. Scale",
+    "### 5. Pingback → app",
+    "### Targets",
+)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str, str]:
+    """Run the small profile once; return the results, the Markdown and stdout."""
+    out = tmp_path_factory.mktemp("bench-results")
+    argv = [
+        sys.executable, "-m", "bench.run", "--profile", "small",
+        "--results-dir", str(out), "--workdir", str(out / "work"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        argv,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    results = json.loads((out / "small.json").read_text(encoding="utf-8"))
+    return results, (out / "small.md").read_text(encoding="utf-8"), done.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_every_phase_ran_without_error(small_run: tuple[dict[str, Any], str, str]) -> None:
+    results, _markdown, _stdout = small_run
+    for phase in ("ingestion", "calls", "scale"):
+        assert phase in results
+        assert "error" not in results[phase], results[phase].get("error")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_results_name_the_machine_and_the_versions(
+    small_run: tuple[dict[str, Any], str, str],
+) -> None:
+    machine = small_run[0]["machine"]
+    assert machine["cpu_model"]
+    assert machine["cores"] >= 1
+    assert machine["ram_bytes"] > 0
+    assert machine["kernel"]
+    assert machine["python"]
+    assert machine["packages"]["aiohttp"]
+    assert machine["packages"]["kopf"]
+    assert machine["kubernetes"]["kube_apiserver"].startswith("v")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_ingestion_figures_are_finite_for_every_server(
+    small_run: tuple[dict[str, Any], str, str],
+) -> None:
+    ingestion = small_run[0]["ingestion"]
+    runs = [*ingestion["baselines"].values()]
+    runs += [ingestion["ours"][key] for key in ("spool_wrk", "ledger_wrk")]
+    for run in runs:
+        for key in ("requests_per_second", "p50_ms", "p99_ms", "max_ms"):
+            assert _finite(run[key]), (key, run)
+    for key in ("spool_paced", "ledger_paced", "app_latency"):
+        assert _finite(ingestion["ours"][key]["p99_ms"]), key
+    assert ingestion["ours"]["spool_wrk"]["outcomes"]["spooled"] > 0
+    assert ingestion["ours"]["ledger_wrk"]["outcomes"]["recorded"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_calls_and_recovery_cover_every_loss_level(
+    small_run: tuple[dict[str, Any], str, str],
+) -> None:
+    calls = small_run[0]["calls"]
+    levels = [level for level in calls["levels"] if not level.get("variant")]
+    assert [level["loss"] for level in levels] == [0.0, 0.3, 1.0]
+    for level in levels:
+        assert _finite(level["ours"]["calls_per_task"])
+        assert _finite(level["seed"]["calls_per_task"])
+    full_loss = levels[-1]
+    assert full_loss["ours_recovery"]["samples"] > 0
+    assert full_loss["seed_recovery"]["samples"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_scale_accounts_for_every_task(small_run: tuple[dict[str, Any], str, str]) -> None:
+    results = small_run[0]
+    scale = results["scale"]
+    assert scale["listed"] == results["settings"]["scale_tasks"]
+    for key in ("operator_peak_rss_bytes", "sidecar_peak_rss_bytes", "operator_cpu_seconds"):
+        assert _finite(scale[key]), key
+    assert _finite(scale["etcd"]["bytes_per_task_as_written"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_all_five_tables_are_printed_and_written(
+    small_run: tuple[dict[str, Any], str, str],
+) -> None:
+    _results, markdown, stdout = small_run
+    for title in TABLES:
+        assert title in markdown
+        assert title in stdout
