@@ -263,7 +263,7 @@ class Demo:
             f"  curl -s {self.stack.sidecar_metrics_url} | grep ^captchatask_\n"
             f"  curl -s {self.stack.operator_metrics_url} | grep ^captchatask_\n"
             f"  curl -s {self.stack.emulator_url}/_emulator/summary\n"
-            "Press Ctrl-C to stop everything.\n"
+            "(interactive runs stay up until Ctrl-C or --timeout)\n"
         )
         self.out.flush()
 
@@ -326,8 +326,10 @@ def main(argv: Sequence[str]) -> int:
         lost = demo.summary()
         if not args.ci:
             demo.look_around()
-            with contextlib.suppress(KeyboardInterrupt):
-                asyncio.run(asyncio.sleep(args.timeout))
+            # Stay up for a look around only when someone is there to press Ctrl-C.
+            if sys.stdin.isatty():
+                with contextlib.suppress(KeyboardInterrupt):
+                    asyncio.run(asyncio.sleep(args.timeout))
     except KeyboardInterrupt:
         out.write("\ninterrupted\n")
     finally:
