@@ -15,7 +15,6 @@ sidecar's cue to spool instead.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import time
@@ -358,17 +357,3 @@ class KubeClient:
                         yield json.loads(line)
         except (aiohttp.ClientError, OSError) as exc:
             raise KubeUnavailable(f"watch {resource.plural}: {type(exc).__name__}") from exc
-
-
-async def wait_until_reachable(client: KubeClient, *, timeout: float) -> None:
-    """Poll ``/readyz`` until the API server answers (startup of components and tests)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await client.request("GET", "/readyz", timeout=2.0)
-        except KubeError:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-        else:
-            return
