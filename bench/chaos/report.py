@@ -1,0 +1,76 @@
+"""The printed table and the JSON figures of a chaos run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def table(figures: dict[str, Any]) -> str:
+    """The human table (the README's Guarantees section pastes it)."""
+    f = figures
+    faults = f["faults"]
+    delivered = f["delivered_by"]
+    calls = f["provider_calls"]
+    drain = f["timings"]
+    rows = [
+        ("tasks", f"{f['tasks']} ({', '.join(f'{k} {v}' for k, v in f['tasks_by_type'].items())})"),
+        ("faults: pingbacks dropped", faults["pingbacks_dropped"]),
+        ("faults: pingbacks duplicated", faults["pingbacks_duplicated"]),
+        (
+            "faults: pingbacks delayed past the fallback threshold",
+            faults["pingbacks_delayed_past_threshold"],
+        ),
+        (
+            "faults: pingbacks sent while the sidecar was dead",
+            faults["pingbacks_to_a_dead_receiver"],
+        ),
+        ("faults: unsolvable tasks", faults["unsolvable"]),
+        ("faults: HTML 502 on res.php", faults["res_php_html_502"]),
+        ("faults: kube-apiserver stopped", f"{drain['apiserver_outage_seconds']:.1f} s"),
+        ("faults: sidecar SIGKILL + restart", faults["sidecar_sigkills"]),
+        ("faults: operator SIGKILL + restart", faults["operator_sigkills"]),
+        ("faults: planted dead letters", faults["planted_dead_letters"]),
+        (
+            "solved / failed",
+            f"{f['solved']} / {sum(f['failed_by_code'].values())} {f['failed_by_code']}",
+        ),
+        (
+            "delivered by pingback / poll / dead letter",
+            f"{delivered['pingback']} / {delivered['poll']} / {delivered['deadLetter']}",
+        ),
+        ("LOST (must be 0)", f["lost"]),
+        ("DUPLICATES RECORDED (must be 0)", f["duplicates_recorded"]),
+        ("mixed-up tokens (must be 0)", f["mixed_up"]),
+        ("submitted twice (must be 0)", f["submitted_twice"]),
+        ("finished past deadline (must be 0)", f["past_deadline"]),
+        ("dead letters left (= planted)", f["dead_letters"]),
+        ("spool left (bytes / depth)", f"{f['spool_bytes_left']} / {f['spool_depth_left']:.0f}"),
+        ("secret leaks (must be 0)", f["secret_leaks"]),
+        (
+            "provider calls per task (in.php + res.php)",
+            f"{calls['per_task']} ({calls['in_php']} in.php, {calls['res_php']} res.php, "
+            f"{calls['res_php_bulk']} bulk)",
+        ),
+        ("sidecar pingback outcomes", f["sidecar_pingbacks"]),
+        ("sidecar spool replays", f["sidecar_spool_replays"]),
+        ("metrics vs ledger", f["metrics_vs_ledger"]),
+        ("max spool depth", f"{drain['max_spool_depth']:.0f}"),
+        ("spool drained (from API server restart)", _seconds(drain["spool_drain_seconds"])),
+        ("time to drain (last task created -> all settled)", _seconds(drain["settle_seconds"])),
+        ("solve time (created -> Solved)", f["solve_seconds"]),
+        ("wall time", _seconds(drain["wall_seconds"])),
+    ]
+    width = max(len(str(label)) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _seconds(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} s"
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    """Write the figures (sorted keys, stable diffs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,454 @@
+"""Drive one chaos run: start the stack, create tasks, inject the planned faults, collect.
+
+Everything that touches processes or the network lives here; the checks are in
+:mod:`bench.chaos.verdict` and only see the :class:`~bench.chaos.verdict.Snapshot` this module
+collects at the end.
+
+Metrics across restarts. A SIGKILLed process takes its counters with it, so the run scrapes
+each component's ``/metrics`` once a second and, immediately before every kill, once more; the
+last scrape of each incarnation is kept and the counters are summed over incarnations. A result
+the operator (or sidecar) recorded between that last scrape and the kill is in the ledger but
+in no scrape: the verdict therefore allows, per kill, exactly the results whose ledger
+timestamp falls inside that gap, and no other difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from bench.chaos.plan import FaultEvent, FaultKind, Plan, TaskPlan
+from bench.chaos.profiles import Profile
+from bench.chaos.scan import Leak, find_leaks
+from bench.chaos.verdict import KillWindow, Samples, Snapshot
+from captchatask import kube, model
+from captchatask.signing import PingbackSigner, load_keys
+from captchatask.stack import Stack, StackConfig
+
+NAMESPACE: Final = "chaos"
+#: Concurrent task creations (the application's side: many workers creating tasks).
+CREATE_CONCURRENCY: Final = 16
+#: Pause between retries of a request the outage refused.
+RETRY_SECONDS: Final = 0.25
+#: Metrics (and the spool depth) are sampled this often; the drain time is as coarse.
+SCRAPE_SECONDS: Final = 0.5
+SETTLE_POLL_SECONDS: Final = 2.0
+#: A ledger timestamp this long before a pre-kill scrape may still miss that scrape (the
+#: metric is incremented after the status write returns).
+SCRAPE_SLACK_SECONDS: Final = 1.0
+#: Added to the run's hang guard for start-up waits, restarts and the final collection.
+RUN_SLACK_SECONDS: Final = 240.0
+HTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
+#: Provider task ids of planted pingbacks: ten digits, outside the emulator's id range.
+PLANTED_ID_BASE: Final = 10_000_000_000
+
+Say = Callable[[str], None]
+
+
+@dataclass
+class Scrapes:
+    """The last good scrape of each incarnation of one component."""
+
+    url: str
+    finals: list[Samples] = field(default_factory=list)
+    current: Samples = field(default_factory=dict)
+    #: Bumped at every kill, so a scrape that straddles a kill is not credited to the wrong
+    #: incarnation.
+    generation: int = 0
+
+    def close_incarnation(self, last: Samples | None) -> None:
+        """Keep the incarnation's last scrape and start a new one."""
+        self.finals.append(last if last is not None else self.current)
+        self.current = {}
+        self.generation += 1
+
+    def all_incarnations(self) -> list[Samples]:
+        """Every incarnation's final scrape, the running one last."""
+        return [*self.finals, self.current]
+
+
+@dataclass
+class Timeline:
+    """What actually happened when (wall-clock seconds since the epoch)."""
+
+    started: float = 0.0
+    first_create: float = 0.0
+    last_create: float = 0.0
+    settled: float = 0.0
+    apiserver_back: float | None = None
+    #: When kube-apiserver was started again (it answers a moment later).
+    apiserver_restarting: float | None = None
+    outage_seconds: float = 0.0
+    spool_drained: float | None = None
+    max_spool_depth: float = 0.0
+    #: (seconds after the first task, spool depth) at every change of the sampled depth.
+    spool_depths: list[tuple[float, float]] = field(default_factory=list)
+    operator_kills: list[KillWindow] = field(default_factory=list)
+    sidecar_kills: list[KillWindow] = field(default_factory=list)
+    executed: list[str] = field(default_factory=list)
+    create_retries: int = 0
+
+
+def parse_samples(text: str) -> Samples:
+    """Prometheus text exposition -> {(sample name, sorted labels): value}."""
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            samples[key] = float(sample.value)
+    return samples
+
+
+def stack_config(profile: Profile, seed: int, workdir: Path) -> StackConfig:
+    """The stack of a chaos run: fault rates on the emulator, short timings everywhere."""
+    sent = 1.0 - profile.drop_fraction  # duplicate and late apply to pingbacks actually sent
+    emulator_args = [
+        "--solve-time-scale", str(profile.solve_time_scale),
+        "--unsolvable-rate", str(profile.unsolvable_rate),
+        "--threads", str(profile.tasks * 2),
+        "--retention-seconds", "7200",
+        "--pingback-drop-rate", str(profile.drop_fraction),
+        "--pingback-duplicate-rate", f"{profile.duplicate_fraction / sent:.6f}",
+        "--pingback-late-rate", f"{profile.late_fraction / sent:.6f}",
+        "--pingback-late-delay", str(profile.late_delay_seconds),
+    ]  # fmt: skip
+    return StackConfig(
+        workdir=workdir,
+        namespace=NAMESPACE,
+        seed=seed,
+        emulator_args=emulator_args,
+        provider_spec={
+            "polling": {
+                "callbackTimeoutSeconds": profile.callback_timeout_seconds,
+                "intervalSeconds": profile.poll_interval_seconds,
+                "maxPolls": profile.max_polls,
+            }
+        },
+    )
+
+
+def task_body(task: TaskPlan) -> dict[str, Any]:
+    """The CaptchaTask manifest of a planned task."""
+    return {
+        "apiVersion": model.API_VERSION,
+        "kind": model.TASK_KIND,
+        "metadata": {"name": task.name, "labels": {"chaos/type": task.type.lower()}},
+        "spec": task.spec,
+    }
+
+
+class ChaosRun:
+    """One run; :meth:`execute` returns the snapshot the verdict is computed from."""
+
+    def __init__(self, *, profile: Profile, plan: Plan, workdir: Path, say: Say) -> None:
+        self.profile = profile
+        self.plan = plan
+        self.workdir = workdir
+        self.say = say
+        self.stack = Stack(stack_config(profile, plan.seed, workdir), progress=say)
+        self.timeline = Timeline()
+        self.sidecar = Scrapes(self.stack.sidecar_metrics_url)
+        self.operator = Scrapes(self.stack.operator_metrics_url)
+        self.planted: list[str] = []
+        self._t0 = 0.0
+        self._stop_sampling = asyncio.Event()
+        self._killing: set[str] = set()
+        self.leaks: list[Leak] = []
+        #: Faults that could not be injected (the run then fails: it did not test what it says).
+        self.errors: list[str] = []
+
+    # -- entry point ---------------------------------------------------------------------------
+    def execute(self) -> Snapshot:
+        """Run everything and return the snapshot (the stack is stopped afterwards)."""
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        self.timeline.started = time.time()
+        try:
+            self.stack.start()
+            return asyncio.run(asyncio.wait_for(self._main(), self._budget()))
+        finally:
+            self.stack.stop()
+
+    def _budget(self) -> float:
+        """The whole run's hang guard: creation, settling, and time for restarts and checks."""
+        p = self.profile
+        return p.create_seconds + p.outage_seconds + p.settle_seconds + RUN_SLACK_SECONDS
+
+    async def _main(self) -> Snapshot:
+        config = kube.load_config(str(self.stack.plane.kubeconfig))
+        async with (
+            aiohttp.ClientSession(connector=kube.connector(config)) as kube_session,
+            aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http,
+        ):
+            client = kube.KubeClient(config, kube_session)
+            signer = PingbackSigner(load_keys(self.stack.key_file))
+            sampler = asyncio.create_task(self._sample(http))
+            self._t0 = time.monotonic()
+            self.timeline.first_create = time.time()
+            faults = asyncio.create_task(self._faults(http, signer))
+            await self._create_all(client)
+            self.timeline.last_create = time.time()
+            await faults
+            await self._settle(client, http)
+            self._stop_sampling.set()
+            await sampler
+            await self._scrape_all(http)
+            snapshot = await self._collect(client)
+            self.leaks = await self._scan(client, http)
+            return snapshot
+
+    # -- tasks ---------------------------------------------------------------------------------
+    async def _create_all(self, client: kube.KubeClient) -> None:
+        gate = asyncio.Semaphore(CREATE_CONCURRENCY)
+
+        async def create(task: TaskPlan) -> None:
+            await self._sleep_until(task.at)
+            async with gate:
+                await self._create(client, task)
+
+        await asyncio.gather(*(create(task) for task in self.plan.tasks))
+        self.say(f"created {len(self.plan.tasks)} tasks")
+
+    async def _create(self, client: kube.KubeClient, task: TaskPlan) -> None:
+        body = task_body(task)
+        while True:
+            try:
+                await client.create(kube.TASKS, NAMESPACE, body, timeout=5.0)
+                return
+            except kube.KubeUnavailable:
+                self.timeline.create_retries += 1
+            except kube.ApiError as exc:
+                if exc.status == 409:
+                    return
+                # The API server answers 5xx/404 while it starts (CRDs not yet served).
+                if exc.status < 500 and exc.status != 404:
+                    raise
+                self.timeline.create_retries += 1
+            await asyncio.sleep(RETRY_SECONDS)
+
+    async def _sleep_until(self, at: float) -> None:
+        delay = self._t0 + at - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    # -- faults --------------------------------------------------------------------------------
+    async def _faults(self, http: aiohttp.ClientSession, signer: PingbackSigner) -> None:
+        running: list[asyncio.Task[None]] = []
+        for event in self.plan.faults:
+            await self._sleep_until(event.at)
+            running.append(asyncio.create_task(self._inject(event, http, signer)))
+        await asyncio.gather(*running)
+
+    async def _inject(
+        self, event: FaultEvent, http: aiohttp.ClientSession, signer: PingbackSigner
+    ) -> None:
+        actual = time.monotonic() - self._t0
+        self.say(f"fault  {event.describe()}  (at t+{actual:.2f}s)")
+        self.timeline.executed.append(f"{event.describe()} (executed t+{actual:.2f}s)")
+        try:
+            await self._inject_one(event, http, signer)
+        except Exception as exc:
+            self.errors.append(f"{event.describe()}: {type(exc).__name__}: {exc}")
+            self.say(f"FAULT INJECTION FAILED: {event.describe()}: {exc}")
+
+    async def _inject_one(
+        self, event: FaultEvent, http: aiohttp.ClientSession, signer: PingbackSigner
+    ) -> None:
+        if event.kind is FaultKind.APISERVER_OUTAGE:
+            stopped = time.time()
+            await asyncio.to_thread(self.stack.plane.stop_apiserver)
+            await asyncio.sleep(max(0.0, stopped + event.amount - time.time()))
+            self.timeline.apiserver_restarting = time.time()
+            await asyncio.to_thread(self.stack.plane.start_apiserver)
+            self.timeline.apiserver_back = time.time()
+            self.timeline.outage_seconds = self.timeline.apiserver_back - stopped
+            self.say(f"kube-apiserver is back after {self.timeline.outage_seconds:.1f}s")
+        elif event.kind is FaultKind.SIDECAR_KILL:
+            await self._kill_restart("sidecar", self.sidecar, self.timeline.sidecar_kills, http)
+        elif event.kind is FaultKind.OPERATOR_KILL:
+            await self._kill_restart("operator", self.operator, self.timeline.operator_kills, http)
+        elif event.kind is FaultKind.RES_502_BURST:
+            await asyncio.to_thread(
+                self.stack.emulator, "faults/res-502-burst", {"count": event.amount}
+            )
+        elif event.kind is FaultKind.PLANT_DEAD_LETTER:
+            await self._plant(event.amount, http, signer)
+
+    async def _kill_restart(
+        self, name: str, scrapes: Scrapes, kills: list[KillWindow], http: aiohttp.ClientSession
+    ) -> None:
+        self._killing.add(name)
+        try:
+            last = await self._scrape(http, scrapes.url)
+            scraped_at = time.time()
+            await asyncio.to_thread(self.stack.kill, name)
+            killed_at = time.time()
+            scrapes.close_incarnation(last)
+            kills.append(KillWindow(scraped_at - SCRAPE_SLACK_SECONDS, killed_at))
+            await asyncio.to_thread(self.stack.start_component, name)
+            self.say(f"{name} restarted ({time.time() - killed_at:.1f}s down)")
+        finally:
+            self._killing.discard(name)
+
+    async def _plant(
+        self, number: int, http: aiohttp.ClientSession, signer: PingbackSigner
+    ) -> None:
+        """Send an authentic pingback for a task that does not exist: a dead letter to be."""
+        name = f"planted-{number}-{secrets.token_hex(3)}"
+        self.planted.append(name)
+        ref = model.TaskRef(namespace=NAMESPACE, name=name, uid=str(uuid.uuid4()))
+        url = signer.url(self.stack.pingback_url, ref)
+        params = {"id": str(PLANTED_ID_BASE + number), "code": f"planted-token-{number}"}
+        while True:  # the sidecar may be restarting: the test (unlike a provider) retries
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with http.get(url, params=params) as reply:
+                    if reply.status == 200:
+                        return
+                    if reply.status < 500:
+                        raise RuntimeError(f"planted pingback refused: HTTP {reply.status}")
+            await asyncio.sleep(RETRY_SECONDS)
+
+    # -- metrics -------------------------------------------------------------------------------
+    async def _scrape(self, http: aiohttp.ClientSession, url: str) -> Samples | None:
+        try:
+            async with http.get(url, timeout=aiohttp.ClientTimeout(total=3)) as reply:
+                if reply.status != 200:
+                    return None
+                return parse_samples(await reply.text())
+        except (aiohttp.ClientError, TimeoutError):
+            return None
+
+    async def _scrape_all(self, http: aiohttp.ClientSession) -> None:
+        for name, scrapes in (("sidecar", self.sidecar), ("operator", self.operator)):
+            if name in self._killing:
+                continue  # the kill path owns this incarnation's last scrape
+            generation = scrapes.generation
+            samples = await self._scrape(http, scrapes.url)
+            if (
+                samples is not None
+                and name not in self._killing
+                and generation == scrapes.generation
+            ):
+                scrapes.current = samples
+
+    async def _sample(self, http: aiohttp.ClientSession) -> None:
+        while not self._stop_sampling.is_set():
+            await self._scrape_all(http)
+            depth = self.sidecar.current.get(("captchatask_pingback_spool_depth", ()), 0.0)
+            self.timeline.max_spool_depth = max(self.timeline.max_spool_depth, depth)
+            now = time.time()
+            if not self.timeline.spool_depths or self.timeline.spool_depths[-1][1] != depth:
+                self.timeline.spool_depths.append(
+                    (round(now - self.timeline.first_create, 2), depth)
+                )
+            restarting = self.timeline.apiserver_restarting
+            if restarting is not None and self.timeline.spool_drained is None and depth == 0:
+                self.timeline.spool_drained = now  # first empty spool after the outage
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_sampling.wait(), SCRAPE_SECONDS)
+
+    # -- settling and collection ---------------------------------------------------------------
+    async def _list(self, client: kube.KubeClient, resource: kube.Resource) -> list[dict[str, Any]]:
+        while True:
+            try:
+                listing = await client.list(resource, NAMESPACE, timeout=30.0)
+                return list(listing.get("items", []))
+            except kube.KubeUnavailable:
+                await asyncio.sleep(RETRY_SECONDS)
+
+    def spool_bytes(self) -> int:
+        """Bytes in spool segments (0 once everything is drained)."""
+        return sum(path.stat().st_size for path in self.stack.spool_dir.glob("spool-*.log"))
+
+    async def _settle(self, client: kube.KubeClient, http: aiohttp.ClientSession) -> None:
+        deadline = time.monotonic() + self.profile.settle_seconds
+        terminal = {str(model.Phase.SOLVED), str(model.Phase.FAILED)}
+        while True:
+            tasks = await self._list(client, kube.TASKS)
+            letters = await self._list(client, kube.DEAD_LETTERS)
+            done = sum(1 for t in tasks if t.get("status", {}).get("phase") in terminal)
+            samples = await self._scrape(http, self.sidecar.url) or {}
+            depth = samples.get(("captchatask_pingback_spool_depth", ()), -1.0)
+            spool = self.spool_bytes()
+            settled = (
+                len(tasks) == len(self.plan.tasks)
+                and done == len(tasks)
+                and depth == 0
+                and spool == 0
+                and len(letters) >= len(self.planted)
+            )
+            if settled:
+                self.timeline.settled = time.time()
+                self.say(f"settled: {done} tasks terminal, spool empty, {len(letters)} letters")
+                return
+            if time.monotonic() > deadline:
+                self.timeline.settled = time.time()
+                self.say(
+                    f"NOT settled after {self.profile.settle_seconds:.0f}s: {done}/{len(tasks)}"
+                    f" terminal, spool depth {depth}, {spool} spool bytes, {len(letters)} letters"
+                )
+                return
+            self.say(f"settling: {done}/{len(tasks)} terminal, spool depth {depth:.0f}")
+            await asyncio.sleep(SETTLE_POLL_SECONDS)
+
+    async def _collect(self, client: kube.KubeClient) -> Snapshot:
+        emulator_tasks = await asyncio.to_thread(self.stack.emulator, "tasks")
+        summary = await asyncio.to_thread(self.stack.emulator, "summary")
+        return Snapshot(
+            planned={task.name: task.type for task in self.plan.tasks},
+            tasks=await self._list(client, kube.TASKS),
+            dead_letters=await self._list(client, kube.DEAD_LETTERS),
+            events=await self._list(client, kube.EVENTS),
+            emulator_tasks=list(emulator_tasks["tasks"]),
+            emulator_summary=dict(summary),
+            operator_metrics=self.operator.all_incarnations(),
+            sidecar_metrics=self.sidecar.all_incarnations(),
+            operator_kills=list(self.timeline.operator_kills),
+            sidecar_kills=list(self.timeline.sidecar_kills),
+            spool_bytes=self.spool_bytes(),
+            planted=list(self.planted),
+        )
+
+    # -- secrets -------------------------------------------------------------------------------
+    def secrets(self) -> dict[str, str]:
+        """The secrets that must never show: the solver API key and every pingback HMAC key."""
+        keys = {"solver API key": self.stack.api_key}
+        for number, key in enumerate(load_keys(self.stack.key_file)):
+            keys[f"pingback HMAC key #{number}"] = key.decode()
+        return keys
+
+    async def _scan(self, client: kube.KubeClient, http: aiohttp.ClientSession) -> list[Leak]:
+        """Scan logs, Events (all namespaces), our objects and both /metrics for the secrets."""
+        sources: list[tuple[str, str]] = []
+        for path in self.stack.logs():
+            if path.name == "emulator.log":
+                continue  # the emulator plays the provider, which must know the key
+            sources.append((f"log {path.name}", path.read_text(encoding="utf-8", errors="replace")))
+        for resource in (kube.TASKS, kube.PROVIDERS, kube.DEAD_LETTERS):
+            listing = await client.list(resource, NAMESPACE, timeout=30.0)
+            sources.append((resource.plural, json.dumps(listing)))
+        events = await client.list(kube.EVENTS, None, timeout=30.0)
+        sources.append(("events (all namespaces)", json.dumps(events)))
+        for name, url in (
+            ("sidecar /metrics", self.stack.sidecar_metrics_url),
+            ("operator /metrics", self.stack.operator_metrics_url),
+        ):
+            async with http.get(url) as reply:
+                sources.append((name, await reply.text()))
+        sources.extend(
+            (f"spool {path.name}", path.read_bytes().decode("latin-1"))
+            for path in sorted(self.stack.spool_dir.glob("*"))
+            if path.is_file()
+        )
+        return find_leaks(self.secrets(), sources)

@@ -1,0 +1,367 @@
+"""The verdict of a chaos run: pure checks of the ledger against the emulator's accounting.
+
+The emulator is the ground truth: it knows every task it created (one per ``in.php`` that
+succeeded), the token it issued for each, which were unsolvable, and the fate of every pingback
+(dropped, sent twice, delayed, sent to a dead receiver). The ledger is the set of CaptchaTask
+objects. A run passes when every planned task ended, in time, with exactly the emulator's
+answer for the provider task on record, no provider task was created for nothing (a
+resubmission), no result was recorded twice, the spool and the dead-letter queue are drained to
+exactly what the run planted, and the components' metrics tell the same story as the ledger.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from captchatask import model
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+UNSOLVABLE_CODE: Final = "ERROR_CAPTCHA_UNSOLVABLE"
+SOLVED: Final = str(model.Phase.SOLVED)
+FAILED: Final = str(model.Phase.FAILED)
+TERMINAL: Final = frozenset({SOLVED, FAILED})
+#: Event reasons that announce a task's result (one per task, or a result was recorded twice).
+RESULT_EVENT_REASONS: Final = frozenset({"Solved", "Failed"})
+
+
+@dataclass(frozen=True, slots=True)
+class KillWindow:
+    """From (last scrape - slack) to the SIGKILL: results recorded here are in no scrape."""
+
+    start: float
+    end: float
+
+    def holds(self, at: float) -> bool:
+        """Whether a ledger timestamp falls into the window."""
+        return self.start <= at <= self.end
+
+
+@dataclass
+class Snapshot:
+    """Everything the verdict looks at, collected once the run settled."""
+
+    planned: dict[str, str]
+    tasks: list[dict[str, Any]]
+    dead_letters: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    emulator_tasks: list[dict[str, Any]]
+    emulator_summary: dict[str, Any]
+    operator_metrics: list[Samples]
+    sidecar_metrics: list[Samples]
+    operator_kills: list[KillWindow]
+    sidecar_kills: list[KillWindow]
+    spool_bytes: int
+    planted: list[str]
+
+
+@dataclass
+class Verdict:
+    """Figures and violations; the run passes when ``violations`` is empty."""
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        """No violation."""
+        return not self.violations
+
+    def fail(self, what: str, items: Iterable[str], *, limit: int = 10) -> None:
+        """Record a violation with up to ``limit`` examples."""
+        listed = sorted(items)
+        if listed:
+            more = f" (+{len(listed) - limit} more)" if len(listed) > limit else ""
+            self.violations.append(f"{what}: {len(listed)}: {', '.join(listed[:limit])}{more}")
+
+
+def metric_sum(incarnations: Iterable[Samples], name: str, **labels: str) -> float:
+    """Sum a series over every incarnation and every label set matching ``labels``."""
+    total = 0.0
+    for samples in incarnations:
+        for (sample, sample_labels), value in samples.items():
+            if sample == name and all(
+                dict(sample_labels).get(key) == want for key, want in labels.items()
+            ):
+                total += value
+    return total
+
+
+def _time(value: object) -> float | None:
+    parsed = model.parse_time(value)
+    return parsed.timestamp() if parsed is not None else None
+
+
+def _in_windows(at: float | None, windows: Iterable[KillWindow]) -> bool:
+    return at is not None and any(window.holds(at) for window in windows)
+
+
+def _pingback_fates(emulator_tasks: Iterable[Mapping[str, Any]]) -> Counter[str]:
+    fates: Counter[str] = Counter()
+    for record in emulator_tasks:
+        pingback = record.get("pingback", {})
+        fates[str(pingback.get("outcome"))] += 1
+        if int(pingback.get("copies", 0)) > 1:
+            fates["duplicated"] += 1
+        attempts = pingback.get("attempts", [])
+        if any(a.get("status") is None for a in attempts):
+            fates["hit_dead_receiver"] += 1
+    return fates
+
+
+def evaluate(snap: Snapshot) -> Verdict:
+    """Check the snapshot; return the figures and every violation found."""
+    verdict = Verdict()
+    emulator = {str(record["id"]): record for record in snap.emulator_tasks}
+    tasks = {str(body["metadata"]["name"]): body for body in snap.tasks}
+
+    unfinished: list[str] = []
+    missing: list[str] = []
+    mixups: list[str] = []
+    wrong_failures: list[str] = []
+    past_deadline: list[str] = []
+    unsolvable_solved: list[str] = []
+    delivered: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
+    by_type: Counter[str] = Counter()
+    referenced: Counter[str] = Counter()
+    poll_times: list[float | None] = []
+    pingback_times: list[float | None] = []
+    solve_seconds: list[float] = []
+
+    for name, task_type in snap.planned.items():
+        by_type[task_type] += 1
+        body = tasks.get(name)
+        if body is None:
+            missing.append(name)
+            continue
+        status = body.get("status", {})
+        phase = status.get("phase")
+        if phase not in TERMINAL:
+            unfinished.append(f"{name}({phase})")
+            continue
+        provider_id = str(status.get("providerTaskId", ""))
+        if provider_id:
+            referenced[provider_id] += 1
+        record = emulator.get(provider_id)
+        created = _time(body["metadata"].get("creationTimestamp"))
+        finished = _time(status.get("finishedAt"))
+        deadline = int(body["spec"].get("deadlineSeconds", model.DEFAULT_DEADLINE_SECONDS))
+        if created is None or finished is None or finished > created + deadline + 1.0:
+            past_deadline.append(name)
+        elif phase == SOLVED:
+            solve_seconds.append(finished - created)
+        by = str(status.get("deliveredBy", "none"))
+        delivered[by] += 1
+        if by == str(model.DeliveredBy.POLL):
+            poll_times.append(finished)
+        elif by == str(model.DeliveredBy.PINGBACK):
+            pingback_times.append(finished)
+        if phase == SOLVED:
+            token = status.get("solution", {}).get("token")
+            if record is None or record.get("token") != token or record.get("state") != "solved":
+                mixups.append(name)
+            continue
+        code = str(status.get("failure", {}).get("code", ""))
+        failures[code] += 1
+        if record is None or record.get("state") != "unsolvable" or code != UNSOLVABLE_CODE:
+            wrong_failures.append(f"{name}({code})")
+
+    for provider_id, record in emulator.items():
+        if record.get("state") == "unsolvable" and provider_id in referenced:
+            owner = next(
+                (
+                    n
+                    for n, b in tasks.items()
+                    if b.get("status", {}).get("providerTaskId") == provider_id
+                ),
+                None,
+            )
+            if owner and tasks[owner]["status"].get("phase") == SOLVED:
+                unsolvable_solved.append(owner)
+    orphans = [pid for pid in emulator if pid not in referenced]
+    shared = [pid for pid, count in referenced.items() if count > 1]
+    extra_tasks = [name for name in tasks if name not in snap.planned]
+
+    # A result announced twice by Events means it was recorded twice.
+    results_announced: Counter[str] = Counter()
+    for event in snap.events:
+        involved = event.get("involvedObject", {})
+        if involved.get("kind") == model.TASK_KIND and event.get("reason") in RESULT_EVENT_REASONS:
+            results_announced[str(involved.get("name"))] += int(event.get("count", 1) or 1)
+    recorded_twice = [name for name, count in results_announced.items() if count > 1]
+
+    letters = {
+        str(letter.get("spec", {}).get("taskRef", {}).get("name")): letter
+        for letter in snap.dead_letters
+    }
+    unexpected_letters = [
+        f"{name}({letter['spec'].get('reason')})"
+        for name, letter in letters.items()
+        if name not in snap.planted
+    ]
+    missing_letters = [name for name in snap.planted if name not in letters]
+
+    # -- metrics against the ledger ------------------------------------------------------------
+    op, sc = snap.operator_metrics, snap.sidecar_metrics
+    recoveries = metric_sum(op, "captchatask_fallback_recoveries_total")
+    poll_solved = sum(
+        1
+        for body in tasks.values()
+        if body.get("status", {}).get("phase") == SOLVED
+        and body["status"].get("deliveredBy") == str(model.DeliveredBy.POLL)
+    )
+    poll_solved_in_gaps = sum(
+        1
+        for body in tasks.values()
+        if body.get("status", {}).get("phase") == SOLVED
+        and body["status"].get("deliveredBy") == str(model.DeliveredBy.POLL)
+        and _in_windows(_time(body["status"].get("finishedAt")), snap.operator_kills)
+    )
+    unsolvable_metric = metric_sum(op, "captchatask_permanent_failures_total", code=UNSOLVABLE_CODE)
+    poll_failed = [
+        body
+        for body in tasks.values()
+        if body.get("status", {}).get("phase") == FAILED
+        and body["status"].get("deliveredBy") == str(model.DeliveredBy.POLL)
+    ]
+    poll_failed_in_gaps = sum(
+        1
+        for body in poll_failed
+        if _in_windows(_time(body["status"].get("finishedAt")), snap.operator_kills)
+    )
+    sc_recorded = metric_sum(sc, "captchatask_pingbacks_total", outcome="recorded") + metric_sum(
+        sc, "captchatask_spool_replays_total", outcome="recorded"
+    )
+    by_pingback = delivered[str(model.DeliveredBy.PINGBACK)]
+    pingback_in_gaps = sum(1 for at in pingback_times if _in_windows(at, snap.sidecar_kills))
+    spool_depth_final = metric_sum(sc[-1:], "captchatask_pingback_spool_depth")
+
+    totals = snap.emulator_summary.get("totals", {})
+    planned = len(snap.planned)
+    fates = _pingback_fates(snap.emulator_tasks)
+    in_calls = int(totals.get("in_requests", 0))
+    res_calls = int(totals.get("res_requests", 0))
+
+    verdict.figures = {
+        "tasks": planned,
+        "tasks_by_type": dict(sorted(by_type.items())),
+        "faults": {
+            "pingbacks_dropped": fates.get("dropped", 0),
+            "pingbacks_duplicated": fates.get("duplicated", 0),
+            "pingbacks_delayed_past_threshold": int(totals.get("pingbacks_late", 0)),
+            "pingbacks_to_a_dead_receiver": fates.get("hit_dead_receiver", 0),
+            "unsolvable": int(totals.get("tasks_unsolvable", 0)),
+            "res_php_html_502": int(totals.get("html_502_injected", 0)),
+            "sidecar_sigkills": len(snap.sidecar_kills),
+            "operator_sigkills": len(snap.operator_kills),
+            "planted_dead_letters": len(snap.planted),
+        },
+        "delivered_by": {
+            "pingback": by_pingback,
+            "poll": delivered[str(model.DeliveredBy.POLL)],
+            "deadLetter": delivered[str(model.DeliveredBy.DEAD_LETTER)],
+        },
+        "solved": sum(1 for b in tasks.values() if b.get("status", {}).get("phase") == SOLVED),
+        "failed_by_code": dict(sorted(failures.items())),
+        "lost": len(unfinished) + len(missing),
+        "mixed_up": len(mixups),
+        # A result recorded twice shows as more recordings than ledger entries for that path,
+        # as a provider task claimed twice, or as a result announced twice by Events.
+        "duplicates_recorded": len(recorded_twice)
+        + len(shared)
+        + int(max(0.0, sc_recorded - by_pingback))
+        + int(max(0.0, recoveries - poll_solved)),
+        "submitted_twice": len(orphans),
+        "past_deadline": len(past_deadline),
+        "dead_letters": len(letters),
+        "spool_bytes_left": snap.spool_bytes,
+        "spool_depth_left": spool_depth_final,
+        "provider_calls": {
+            "in_php": in_calls,
+            "res_php": res_calls,
+            "res_php_bulk": int(totals.get("res_bulk_requests", 0)),
+            "per_task": round((in_calls + res_calls) / planned, 3) if planned else 0.0,
+        },
+        "sidecar_pingbacks": {
+            outcome: int(metric_sum(sc, "captchatask_pingbacks_total", outcome=outcome))
+            for outcome in ("recorded", "duplicate", "late", "rejected", "spooled", "dead_lettered")
+        },
+        "sidecar_spool_replays": {
+            outcome: int(metric_sum(sc, "captchatask_spool_replays_total", outcome=outcome))
+            for outcome in ("recorded", "duplicate", "late", "dead_lettered", "retry")
+        },
+        "metrics_vs_ledger": {
+            "operator_recoveries_metric": int(recoveries),
+            "ledger_solved_by_poll": poll_solved,
+            "ledger_solved_by_poll_in_kill_gaps": poll_solved_in_gaps,
+            "operator_unsolvable_failures_metric": int(unsolvable_metric),
+            "ledger_failed_by_poll": len(poll_failed),
+            "sidecar_recorded_metric": int(sc_recorded),
+            "ledger_by_pingback": by_pingback,
+            "ledger_by_pingback_in_kill_gaps": pingback_in_gaps,
+        },
+        "solve_seconds": _quantiles(solve_seconds),
+        "event_reasons": dict(sorted(Counter(str(e.get("reason")) for e in snap.events).items())),
+        "submission_attempts": dict(
+            sorted(
+                Counter(
+                    str(b.get("status", {}).get("submission", {}).get("attempts"))
+                    for b in tasks.values()
+                ).items()
+            )
+        ),
+    }
+
+    verdict.fail("tasks never created", missing)
+    verdict.fail("tasks not terminal (lost)", unfinished)
+    verdict.fail("tasks not planned by the run", extra_tasks)
+    verdict.fail("solved tasks whose token is not the emulator's (mix-up)", mixups)
+    verdict.fail("failed tasks that the emulator did not fail that way", wrong_failures)
+    verdict.fail("unsolvable tasks recorded as Solved", unsolvable_solved)
+    verdict.fail("tasks finished past their deadline", past_deadline)
+    verdict.fail("provider tasks created for no task (submitted twice)", orphans)
+    verdict.fail("provider tasks claimed by several tasks", shared)
+    verdict.fail("tasks whose result was announced more than once", recorded_twice)
+    verdict.fail("dead letters nobody planted", unexpected_letters)
+    verdict.fail("planted dead letters that never appeared", missing_letters)
+    if snap.spool_bytes:
+        verdict.violations.append(f"spool not drained: {snap.spool_bytes} bytes left")
+    if spool_depth_final:
+        verdict.violations.append(f"spool depth metric not 0: {spool_depth_final}")
+    if not poll_solved - poll_solved_in_gaps <= recoveries <= poll_solved:
+        verdict.violations.append(
+            f"operator recoveries metric {recoveries:.0f} disagrees with the ledger: "
+            f"{poll_solved} solved by poll ({poll_solved_in_gaps} inside kill gaps)"
+        )
+    if not len(poll_failed) - poll_failed_in_gaps <= unsolvable_metric <= len(poll_failed):
+        verdict.violations.append(
+            f"operator permanent-failure metric {unsolvable_metric:.0f} disagrees with the "
+            f"ledger: {len(poll_failed)} failed by poll ({poll_failed_in_gaps} inside kill gaps)"
+        )
+    if not by_pingback - pingback_in_gaps <= sc_recorded <= by_pingback:
+        verdict.violations.append(
+            f"sidecar recorded metric {sc_recorded:.0f} disagrees with the ledger: "
+            f"{by_pingback} delivered by pingback ({pingback_in_gaps} inside kill gaps)"
+        )
+    return verdict
+
+
+def _quantiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(fraction: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))], 2)
+
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99), "max": round(ordered[-1], 2)}
+
+
+def utc(at: float) -> str:
+    """Format an epoch timestamp for the report."""
+    return dt.datetime.fromtimestamp(at, dt.UTC).strftime("%H:%M:%S.%f")[:-3]

@@ -1,0 +1,60 @@
+"""The solver API key and the pingback HMAC key never appear where they could leak.
+
+Runs after every other attack (the package's conftest orders it last), over everything the
+stack wrote: every component's log (the control plane's too; the emulator's is excluded because
+it plays the provider, which is given the key), every Event in every namespace, every task,
+provider and dead letter (status included), the sidecar's and operator's metrics, and the spool.
+The chaos run (``python -m bench.chaos``) runs the same scan over its much busier stack.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.request
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.controlplane
+
+
+def forms(secret: str) -> dict[str, str]:
+    return {
+        "verbatim": secret,
+        "base64": base64.b64encode(secret.encode()).decode().rstrip("="),
+        "first half": secret[: len(secret) // 2],
+    }
+
+
+def test_no_key_appears_in_logs_events_objects_or_metrics(target: Any) -> None:
+    stack = target.stack
+    secrets = {"solver API key": stack.api_key}
+    for number, line in enumerate(stack.key_file.read_text().split()):
+        secrets[f"pingback HMAC key #{number}"] = line
+
+    sources: dict[str, str] = {}
+    for path in stack.logs():
+        if path.name != "emulator.log":
+            sources[f"log {path.name}"] = path.read_text(errors="replace")
+    assert sources["log sidecar.log"], "the sidecar logged nothing: the scan would prove nothing"
+    for kind in ("ctask", "cprov", "cdl"):
+        sources[kind] = json.dumps(stack.get_json(kind))
+    sources["events"] = stack.plane.kubectl("get", "events", "-A", "-o", "json").stdout
+    with urllib.request.urlopen(stack.sidecar_metrics_url, timeout=10) as reply:
+        sources["sidecar /metrics"] = reply.read().decode()
+    for path in stack.spool_dir.glob("*"):
+        if path.is_file():
+            sources[f"spool {path.name}"] = path.read_bytes().decode("latin-1")
+
+    leaks = [
+        f"{name} ({form}) in {source}"
+        for name, secret in secrets.items()
+        for form, needle in forms(secret).items()
+        for source, text in sources.items()
+        if needle in text
+    ]
+    assert leaks == []
+    # The scan itself works: it finds a key where one is.
+    planted = {"x": f"... key={stack.api_key} ..."}
+    assert any(needle in planted["x"] for needle in forms(stack.api_key).values())
