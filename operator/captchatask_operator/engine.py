@@ -201,6 +201,7 @@ class Engine:
             self.providers.clear()
             self.queues.clear()
             self.schedule.clear()
+            self.poller.batches.clear()
             self.polls.clear()
             self.busy.clear()
             self.checks.clear()
@@ -461,27 +462,31 @@ class Engine:
             self._wake.set()
 
     async def _timer_loop(self) -> None:
-        """The one timer: sleep until the earliest entry, then dispatch everything due."""
-        window = self.settings.poll_batch_window
+        """The one timer: sleep until the earliest entry (or poll batch), dispatch what is due.
+
+        Due polls are not sent at once: they gather per provider in :class:`.polling.Poller`
+        batches (one bulk request) until a batch is full or its oldest poll is late by
+        ``--poll-batch-window``; the timer also wakes for that.
+        """
         while True:
             self._wake.clear()
-            head = self.schedule.next_due()
             now = self.clock().timestamp()
-            if head is None or head > now:
-                timeout = None if head is None else head - now
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(timeout):
-                        await self._wake.wait()
+            due = self.schedule.pop_due_timed(now)
+            if due:
+                self._dispatch(due)
+            flush_at = self.poller.flush(now)
+            head = self.schedule.next_due()
+            wake_at = min((t for t in (head, flush_at) if t is not None), default=None)
+            if wake_at is not None and wake_at <= now:
+                await asyncio.sleep(0)
                 continue
-            if window > 0:
-                await asyncio.sleep(window)  # gather what falls due together: one bulk request
-            due = self.schedule.pop_due(self.clock().timestamp())
-            self._dispatch(due)
-            await asyncio.sleep(0)
+            timeout = None if wake_at is None else wake_at - now
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
-    def _dispatch(self, entries: Iterable[EntryKey]) -> None:
-        polls: dict[ProviderKey, list[TaskKey]] = {}
-        for kind, namespace, name in entries:
+    def _dispatch(self, entries: Iterable[tuple[EntryKey, float]]) -> None:
+        for (kind, namespace, name), due in entries:
             key = (namespace, name)
             if kind is Kind.PROVIDER:
                 self.checks.start(key)
@@ -493,7 +498,7 @@ class Engine:
             if task is None:
                 continue
             if kind is Kind.POLL:
-                polls.setdefault(task.provider_key, []).append(key)
+                self.poller.collect(task.provider_key, key, due=due)
             elif kind is Kind.DEADLINE:
                 if not task.terminal and not self.run(
                     key,
@@ -505,8 +510,6 @@ class Engine:
                 self.spawn(self._delete(task))
             elif kind is Kind.SUBMIT:
                 self.reconcile(task, None)
-        for provider_key, keys in polls.items():
-            self.spawn(self.poller.poll_batch(provider_key, keys))
 
     # == running actions ==========================================================================
 
@@ -663,7 +666,20 @@ class Engine:
             counts[(task.provider, str(task.phase or Phase.PENDING))] += 1
         return dict(counts)
 
+    def past_deadline_counts(self, now: dt.datetime) -> dict[str, int]:
+        """Count unfinished tasks past their deadline at ``now`` per provider (the alert's gauge).
+
+        A healthy active operator fails such a task with ``DeadlineExceeded`` within moments,
+        so a count that stays above 0 means its scheduler is stuck or it cannot write.
+        """
+        counts: Counter[str] = Counter()
+        for task in self.tasks.values():
+            if not task.terminal and task.deadline <= now:
+                counts[task.provider] += 1
+        return dict(counts)
+
     def refresh_gauges(self) -> None:
         """Recompute gauges from the in-memory indexes (called on scrape)."""
         self.metrics.set_task_counts(self.task_counts())
+        self.metrics.set_past_deadline_counts(self.past_deadline_counts(self.clock()))
         self.metrics.set_dead_letter_counts(self.requeuer.letters.counts())

@@ -117,6 +117,13 @@ class Metrics:
             ["provider"],
             registry=registry,
         )
+        self.tasks_past_deadline = Gauge(
+            "captchatask_tasks_past_deadline",
+            "Unfinished CaptchaTasks past their deadline (the operator should have failed them:"
+            " its scheduler is stuck, standby or cannot write), recomputed on scrape.",
+            ["provider"],
+            registry=registry,
+        )
         self.dead_letters = Gauge(
             "captchatask_dead_letters",
             "CaptchaDeadLetters by reason and phase (the DLQ depth), recomputed from the cluster.",
@@ -157,6 +164,7 @@ class Metrics:
         for delivered in DeliveredBy:
             self.solve_duration.labels(provider, str(delivered))
         self.provider_ready.labels(provider).set(0)
+        self.tasks_past_deadline.labels(provider).set(0)
 
     def set_task_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Set ``captchatask_tasks`` from (provider, phase) counts; absent pairs read 0."""
@@ -164,6 +172,12 @@ class Metrics:
             self.ensure_provider(provider)
             for phase in Phase:
                 self.tasks.labels(provider, str(phase)).set(counts.get((provider, str(phase)), 0))
+
+    def set_past_deadline_counts(self, counts: Mapping[str, int]) -> None:
+        """Set ``captchatask_tasks_past_deadline`` per provider; absent providers read 0."""
+        for provider in set(counts) | self._known:
+            self.ensure_provider(provider)
+            self.tasks_past_deadline.labels(provider).set(counts.get(provider, 0))
 
     def set_dead_letter_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
         """Set ``captchatask_dead_letters`` from (reason, phase) counts; absent pairs read 0."""

@@ -12,7 +12,10 @@ fake clock:
   delay), then every ``intervalSeconds``, never more than ``maxPolls``. Poll counters are
   persisted only every ``poll_status_every`` polls; after a restart the unpersisted polls are
   *assumed* to have happened (at most ``every - 1`` of them), so ``maxPolls`` is never exceeded.
-* **Provider health** (:func:`provider_verdict`): a Ready condition reason from a check.
+* **Provider health** (:func:`provider_verdict`, :func:`transient_recheck_delay`): a Ready
+  condition reason from a check. A transient failure (HTML 5xx page, transport error,
+  unparseable reply) keeps the last known readiness and re-checks soon with back-off; only
+  ``unreachable_after`` of them in a row declare the provider ``Unreachable``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,13 @@ BUSY_RETRY: Final = dt.timedelta(seconds=0.5)
 UNCHECKED_RETRY: Final = dt.timedelta(seconds=0.5)
 #: Wait after a failed solver request that named no documented wait.
 DEFAULT_ERROR_WAIT_SECONDS: Final = 5.0
+#: Re-check a provider this soon after its first transient check failure (doubles per failure,
+#: capped at ``--provider-retry-seconds``): nginx 502 bursts last seconds, not minutes.
+TRANSIENT_RECHECK_BASE_SECONDS: Final = 1.0
+#: Check failures that say nothing about the account: the provider (or a proxy) hiccupped.
+TRANSIENT_CHECK_CODES: Final = frozenset(
+    {codes.TRANSPORT_ERROR, codes.HTTP_5XX, codes.UNPARSEABLE_REPLY}
+)
 
 
 class FailureCode(StrEnum):
@@ -186,11 +196,7 @@ def is_ambiguous(classification: Classification) -> bool:
     A reply code means the provider answered and created nothing; a transport failure, an
     HTML 5xx page or an unparseable reply leaves it open.
     """
-    return classification.code in {
-        codes.TRANSPORT_ERROR,
-        codes.HTTP_5XX,
-        codes.UNPARSEABLE_REPLY,
-    }
+    return classification.code in TRANSIENT_CHECK_CODES
 
 
 # -- polling -----------------------------------------------------------------------------------
@@ -307,6 +313,9 @@ class ProviderVerdict:
     reason: ProviderReason
     message: str
     error_code: str | None = None
+    #: A transient failure (5xx page, transport error, unparseable reply): says nothing about
+    #: the account, so the caller keeps the last known readiness (see transient_recheck_delay).
+    transient: bool = False
 
 
 def provider_verdict(
@@ -329,7 +338,8 @@ def provider_verdict(
             reason = ProviderReason.CONFIG_ERROR
         else:
             reason = ProviderReason.UNREACHABLE
-        return ProviderVerdict(False, reason, f"{code}: {error.reason}", code)
+        transient = code in TRANSIENT_CHECK_CODES
+        return ProviderVerdict(False, reason, f"{code}: {error.reason}", code, transient)
     if threads is not None and threads.threads <= 0:
         return ProviderVerdict(False, ProviderReason.NO_THREADS, "the plan has no threads")
     if balance is not None and balance <= 0:
@@ -341,3 +351,18 @@ def provider_verdict(
     else:
         message = "checked"
     return ProviderVerdict(True, ProviderReason.READY, message)
+
+
+def transient_recheck_delay(failures: int, *, cap: float) -> float:
+    """Seconds until the re-check after ``failures`` transient check failures in a row.
+
+    1 s, 2 s, 4 s... capped at ``cap`` (``--provider-retry-seconds``): a short 502 burst is
+    over by the first or second re-check, and a longer outage is not hammered.
+    """
+    exponent = max(0, failures - 1)
+    return min(cap, TRANSIENT_RECHECK_BASE_SECONDS * 2.0**exponent)
+
+
+def declares_unreachable(failures: int, *, unreachable_after: int) -> bool:
+    """Whether ``failures`` transient check failures in a row make the provider Unreachable."""
+    return failures >= unreachable_after

@@ -1,8 +1,12 @@
 """Fallback polling: the tasks of one provider that fall due together, in one request.
 
-The engine's timer hands :meth:`Poller.poll_batch` every task of one provider whose poll came
-due in the same batch window; they go out in one ``get_results`` call (bulk ``ids=`` where the
-dialect supports it). Each answer is applied through the ledger like any other result: a found
+The engine's timer hands every due poll to :meth:`Poller.collect`; a provider's polls gather in
+one batch until the batch holds ``bulk_max_ids`` ids or its *oldest* poll is late by
+``--poll-batch-window`` (:meth:`Poller.flush`), then go out through :meth:`Poller.poll_batch`
+in one ``get_results`` call (bulk ``ids=`` where the dialect supports it). Adaptive: at a high
+rate a batch fills at once; at a low rate a poll waits at most the window, never more, and is
+never sent early. Providers without bulk polling (one request per id anyway) are not held
+back. Each answer is applied through the ledger like any other result: a found
 answer becomes ``Solved`` with ``deliveredBy: poll`` (a *fallback recovery*), a permanent code
 fails the task, a result the provider no longer holds fails it with ``ResultExpired``, and
 ``CAPCHA_NOT_READY`` plans the next poll (:func:`policy.after_poll`, never beyond ``maxPolls``).
@@ -19,6 +23,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from captchatask import kube, model
@@ -65,6 +70,14 @@ def _minimal_view(task: TaskRecord, phase: Phase) -> model.TaskView:
     )
 
 
+@dataclass(slots=True)
+class PollBatch:
+    """Polls of one provider waiting to go out together."""
+
+    oldest: float
+    keys: dict[TaskKey, None] = field(default_factory=dict)
+
+
 class Poller:
     """The fallback-polling part of the engine."""
 
@@ -73,6 +86,38 @@ class Poller:
         self._poll_sem = asyncio.Semaphore(engine.settings.poll_concurrency)
         self._record_sem = asyncio.Semaphore(RECORD_CONCURRENCY)
         self.dead_letters = 0
+        self.batches: dict[ProviderKey, PollBatch] = {}
+
+    def collect(self, provider_key: ProviderKey, key: TaskKey, *, due: float) -> None:
+        """Add a poll that came due (at ``due``, epoch seconds) to its provider's batch."""
+        batch = self.batches.get(provider_key)
+        if batch is None:
+            self.batches[provider_key] = PollBatch(due, {key: None})
+            return
+        batch.oldest = min(batch.oldest, due)
+        batch.keys[key] = None
+
+    def flush(self, now: float) -> float | None:
+        """Send every batch that is full or whose oldest poll is late by the window.
+
+        Returns when the next pending batch must go at the latest (for the engine's timer).
+        """
+        engine = self.engine
+        window = engine.settings.poll_batch_window
+        next_flush: float | None = None
+        for provider_key, batch in list(self.batches.items()):
+            state = engine.providers.get(provider_key)
+            client = state.client if state is not None else None
+            # No client yet (unchecked) or no bulk: nothing to gain by waiting.
+            hold = client is not None and client.bulk_results
+            full = client is not None and len(batch.keys) >= client.bulk_max_ids
+            deadline = batch.oldest + window
+            if not hold or full or now >= deadline:
+                del self.batches[provider_key]
+                engine.spawn(self.poll_batch(provider_key, list(batch.keys)))
+            elif next_flush is None or deadline < next_flush:
+                next_flush = deadline
+        return next_flush
 
     async def poll_batch(self, provider_key: ProviderKey, keys: list[TaskKey]) -> None:
         """Poll the tasks of one provider that came due together (one bulk request)."""

@@ -53,6 +53,8 @@ class ProviderState:
     balance: float | None = None
     error_code: str | None = None
     checked: bool = False
+    #: Transient check failures in a row (reset by any check that got an answer).
+    transient_failures: int = 0
 
 
 class ProviderChecks:
@@ -94,7 +96,7 @@ class ProviderChecks:
             if state is None:
                 return
             verdict = await self._probe(state)
-            await self._apply_verdict(state, verdict)
+            await self.apply_verdict(state, verdict)
         except kube.KubeError as exc:
             logger.warning("provider check of %s/%s postponed: %s", *key, exc)
             engine.schedule_at(Kind.PROVIDER, key, engine.clock() + policy.API_RETRY)
@@ -156,9 +158,20 @@ class ProviderChecks:
         except ProviderError as exc:
             return policy.provider_verdict(spec.dialect, error=exc.classification)
 
-    async def _apply_verdict(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
+    async def apply_verdict(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
+        """Record a check's verdict: status, Events, re-decide tasks on a change, reschedule."""
         engine = self.engine
         spec = state.spec
+        if verdict.transient:
+            state.transient_failures += 1
+            if not policy.declares_unreachable(
+                state.transient_failures,
+                unreachable_after=engine.settings.provider_unreachable_after,
+            ):
+                await self._keep_readiness(state, verdict)
+                return
+        else:
+            state.transient_failures = 0
         was_ready = state.ready
         first_check = not state.checked
         state.checked = True
@@ -197,6 +210,47 @@ class ProviderChecks:
         state.error_code = verdict.error_code
         wait = spec.recheck_seconds if verdict.ready else engine.settings.provider_retry_seconds
         engine.schedule_at(Kind.PROVIDER, spec.key, now + dt.timedelta(seconds=wait))
+
+    async def _keep_readiness(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
+        """A transient check failure: keep the last known readiness, re-check soon (BUG-1).
+
+        A short burst of nginx 502 pages (or a dropped connection) says nothing about the
+        account, and ``in.php`` may well work meanwhile: marking the provider not Ready here
+        would park every task until the next check. Only ``lastError`` is written (the
+        ``Ready`` condition is left as it is); tasks are not reconsidered. Submitted tasks'
+        polls back off on their own (``PollScheduler``), and a provider not checked yet keeps
+        its tasks waiting (not parked) until a check gets an answer.
+        """
+        engine = self.engine
+        spec = state.spec
+        now = engine.clock()
+        logger.warning(
+            "provider check of %s/%s failed transiently (%d in a row, Unreachable after %d): %s",
+            spec.namespace,
+            spec.name,
+            state.transient_failures,
+            engine.settings.provider_unreachable_after,
+            verdict.message,
+        )
+        last_error = {
+            "code": verdict.error_code or verdict.reason,
+            "message": verdict.message[:1024],
+            "at": model.format_time(now),
+        }
+        wait = policy.transient_recheck_delay(
+            state.transient_failures, cap=engine.settings.provider_retry_seconds
+        )
+        engine.schedule_at(Kind.PROVIDER, spec.key, now + dt.timedelta(seconds=wait))
+        try:  # best effort: the re-check is scheduled either way
+            await engine.client.patch(
+                kube.PROVIDERS,
+                spec.namespace,
+                spec.name,
+                {"status": {"lastError": last_error}},
+                subresource="status",
+            )
+        except kube.KubeError as exc:
+            logger.debug("lastError of %s/%s not written: %s", spec.namespace, spec.name, exc)
 
 
 def _status(

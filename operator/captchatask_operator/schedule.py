@@ -97,7 +97,11 @@ class Schedule(Generic[K]):
 
     def pop_due(self, now: float) -> list[K]:
         """Remove and return every key due at or before ``now``, earliest first."""
-        out: list[K] = []
+        return [key for key, _due in self.pop_due_timed(now)]
+
+    def pop_due_timed(self, now: float) -> list[tuple[K, float]]:
+        """Like :meth:`pop_due`, with each key's due time (poll batching bounds lateness)."""
+        out: list[tuple[K, float]] = []
         while self._heap:
             due, seq, key = self._heap[0]
             live = self._live.get(key)
@@ -108,7 +112,7 @@ class Schedule(Generic[K]):
                 break
             heapq.heappop(self._heap)
             del self._live[key]
-            out.append(key)
+            out.append((key, due))
         return out
 
     def clear(self) -> None:

@@ -29,6 +29,9 @@ DEFAULT_ADMIN_PORT: Final = 9090
 DEFAULT_WATCH_SERVER_TIMEOUT: Final = 300
 #: How often a provider that is not Ready is re-checked (a fixed Secret is noticed this fast).
 DEFAULT_PROVIDER_RETRY_SECONDS: Final = 10.0
+#: Transient provider-check failures in a row (5xx page, transport error, unparseable reply)
+#: before a provider is declared Unreachable; fewer keep its last known readiness (BUG-1).
+DEFAULT_PROVIDER_UNREACHABLE_AFTER: Final = 3
 #: Per-request budget towards the solver API (the official SDKs use 30 s).
 DEFAULT_PROVIDER_TIMEOUT: Final = 30.0
 #: Transport retries inside one solver request (the client backs off from the documented 5 s).
@@ -41,8 +44,11 @@ DEFAULT_INTENT_GRACE_SECONDS: Final = 30.0
 DEFAULT_SUBMIT_CONCURRENCY: Final = 16
 #: Concurrent res.php batches (one batch = the tasks of one provider due at the same moment).
 DEFAULT_POLL_CONCURRENCY: Final = 8
-#: Polls due within this window are sent together (bulk); a poll is late by at most this much.
-DEFAULT_POLL_BATCH_WINDOW: Final = 0.2
+#: A provider's due polls gather into one bulk request until it holds ``bulk_max_ids`` ids or
+#: its oldest poll is late by this much (never early). 0.9 s: at 20 tasks/s and 30 % pingback
+#: loss that is ~6 ids per request (BENCH-6: 0.2 s gave ~2; 0.8 s measured 5.5), and the p99
+#: recovery delay (~window + 10 ms) stays under 1 s; a higher rate fills the batch sooner.
+DEFAULT_POLL_BATCH_WINDOW: Final = 0.9
 #: Persist polls/lastPollAt/nextPollAt every Nth poll only: API writes per poll matter at scale.
 DEFAULT_POLL_STATUS_EVERY: Final = 5
 #: Dead letters: attempts and age after which an unmatched letter is Expired (for a human).
@@ -73,6 +79,7 @@ class Settings:
     pingback_key_file: str | None = None
     watch_server_timeout: int = DEFAULT_WATCH_SERVER_TIMEOUT
     provider_retry_seconds: float = DEFAULT_PROVIDER_RETRY_SECONDS
+    provider_unreachable_after: int = DEFAULT_PROVIDER_UNREACHABLE_AFTER
     provider_timeout: float = DEFAULT_PROVIDER_TIMEOUT
     provider_transport_retries: int = DEFAULT_PROVIDER_TRANSPORT_RETRIES
     max_submit_attempts: int = DEFAULT_MAX_SUBMIT_ATTEMPTS
@@ -152,6 +159,12 @@ _OPTIONS: Final[dict[str, _Option]] = {
         float,
         "re-check interval of a provider that is not Ready",
     ),
+    "provider_unreachable_after": _Option(
+        "--provider-unreachable-after",
+        "PROVIDER_UNREACHABLE_AFTER",
+        int,
+        "transient check failures in a row before a provider is Unreachable",
+    ),
     "provider_timeout": _Option(
         "--provider-timeout", "PROVIDER_TIMEOUT_SECONDS", float, "timeout of one solver-API request"
     ),
@@ -183,7 +196,7 @@ _OPTIONS: Final[dict[str, _Option]] = {
         "--poll-batch-window",
         "POLL_BATCH_WINDOW_SECONDS",
         float,
-        "polls due within this window share one bulk request",
+        "max lateness of a poll held back to share a bulk request with later ones",
     ),
     "poll_status_every": _Option(
         "--poll-status-every",
@@ -323,6 +336,8 @@ def _validate(parser: argparse.ArgumentParser, settings: Settings) -> None:
         parser.error("--admin-port must be a TCP port")
     if settings.max_submit_attempts < 1 or settings.poll_status_every < 1:
         parser.error("--max-submit-attempts and --poll-status-every must be >= 1")
+    if settings.provider_unreachable_after < 1:
+        parser.error("--provider-unreachable-after must be >= 1")
     if settings.submit_concurrency < 1 or settings.poll_concurrency < 1:
         parser.error("concurrency limits must be >= 1")
     if settings.poll_batch_window < 0 or settings.intent_grace_seconds < 0:

@@ -17,10 +17,10 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from captchatask import kube, model
+from captchatask import model
 from captchatask.events import EventType
 from captchatask.ledger import CONDITION_SUBMITTED, set_condition
-from captchatask.model import Phase, TaskRef, TaskView
+from captchatask.model import Phase, TaskView
 from captchatask.provider import tasks as provider_tasks
 from captchatask.provider.codes import Verdict
 from captchatask.provider.errors import ProviderError
@@ -207,18 +207,9 @@ class Submitter:
             if written is not None:
                 engine.event(written.ref, EventType.NORMAL, reason, message)
                 engine.remember(written)
-                await self._label(written.ref, provider_task_id)
                 return
             current = await engine.fresh(view.ref)
         engine.remember(await engine.fresh(view.ref))
-
-    async def _label(self, ref: TaskRef, provider_task_id: str) -> None:
-        """Put the provider id on a label (dead-letter matching by LIST); best effort."""
-        body = {"metadata": {"labels": {model.PROVIDER_TASK_ID_LABEL: provider_task_id}}}
-        try:
-            await self.engine.client.patch(kube.TASKS, ref.namespace, ref.name, body)
-        except kube.KubeError as exc:
-            logger.debug("label not set on %s/%s: %s", ref.namespace, ref.name, exc)
 
     async def adopt(self, task: TaskRecord) -> None:
         """A task created with spec.providerTaskId goes straight to Submitted (no in.php)."""

@@ -209,8 +209,9 @@ async def find_task(
 
     With a ``lookup`` (the operator's index), a letter whose task does not exist costs no API
     call at all, and a candidate costs one GET (the fresh body the ledger's compare-and-set is
-    pinned to). Without one, the ``captchatask.dev/provider-task-id`` label index is LISTed,
-    then (adopted tasks carry the id in spec before any label) the whole namespace.
+    pinned to). Without one, the ``captchatask.dev/provider-task-id`` label index is LISTed
+    (the sidecar labels the tasks it creates with an id), then the whole namespace, matching
+    the id in status or spec (the operator does not label the tasks it submits).
     """
     if lookup is not None:
         names = lookup.candidates(
@@ -235,10 +236,12 @@ async def find_task(
             task = TaskView.from_body(item)
             if matches(letter, task):
                 return task
+        # The operator no longer labels the tasks it submits (one API write per task saved,
+        # BENCH-3/5); their id is in status only, so the fallback checks status and spec.
         everything = await client.list(kube.TASKS, letter.namespace)
         for item in everything.get("items", []):
             task = TaskView.from_body(item)
-            if task.spec_provider_task_id == letter.provider_task_id and matches(letter, task):
+            if task.known_provider_task_id == letter.provider_task_id and matches(letter, task):
                 return task
     return None
 

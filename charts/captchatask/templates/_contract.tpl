@@ -11,6 +11,14 @@ When a component renames a flag or variable, change this file (and the table in 
               env CAPTCHATASK_PINGBACK_KEY_FILE                <- the pingback key Secret, mounted
               env CAPTCHATASK_ADMIN_PORT=9090                  /metrics /healthz /readyz
               env CAPTCHATASK_NAMESPACE, CAPTCHATASK_POD_NAME  <- downward API
+              env CAPTCHATASK_PROVIDER_UNREACHABLE_AFTER       <- operator.tuning.*
+                  CAPTCHATASK_POLL_BATCH_WINDOW_SECONDS
+              env CAPTCHATASK_DEAD_LETTER_MAX_ATTEMPTS         <- operator.deadLetters.*
+                  CAPTCHATASK_DEAD_LETTER_MAX_AGE_SECONDS
+                  CAPTCHATASK_DEAD_LETTER_RETRY_BASE_SECONDS
+                  CAPTCHATASK_DEAD_LETTER_RETRY_MAX_SECONDS
+                  CAPTCHATASK_DEAD_LETTER_REQUEUED_TTL_SECONDS
+              env MALLOC_ARENA_MAX                             <- operator.mallocArenaMax
   receiver  captchatask sidecar (sidecar/captchatask_sidecar/settings.py, ENV)
               env CAPTCHATASK_PINGBACK_ADDR=0.0.0.0:8080       pingbacks (the Service targets it)
               env CAPTCHATASK_ADMIN_ADDR=0.0.0.0:9090          /metrics /healthz /readyz
@@ -75,6 +83,28 @@ When a component renames a flag or variable, change this file (and the table in 
 {{ include "captchatask.contract.commonEnv" . }}
 - name: CAPTCHATASK_ADMIN_PORT
   value: {{ include "captchatask.contract.adminPort" . | quote }}
+{{- with .Values.operator.tuning }}
+- name: CAPTCHATASK_PROVIDER_UNREACHABLE_AFTER
+  value: {{ .providerUnreachableAfter | quote }}
+- name: CAPTCHATASK_POLL_BATCH_WINDOW_SECONDS
+  value: {{ .pollBatchWindowSeconds | quote }}
+{{- end }}
+{{- with .Values.operator.deadLetters }}
+- name: CAPTCHATASK_DEAD_LETTER_MAX_ATTEMPTS
+  value: {{ .maxAttempts | quote }}
+- name: CAPTCHATASK_DEAD_LETTER_MAX_AGE_SECONDS
+  value: {{ .maxAgeSeconds | quote }}
+- name: CAPTCHATASK_DEAD_LETTER_RETRY_BASE_SECONDS
+  value: {{ .retryBaseSeconds | quote }}
+- name: CAPTCHATASK_DEAD_LETTER_RETRY_MAX_SECONDS
+  value: {{ .retryMaxSeconds | quote }}
+- name: CAPTCHATASK_DEAD_LETTER_REQUEUED_TTL_SECONDS
+  value: {{ .requeuedTtlSeconds | quote }}
+{{- end }}
+{{- with .Values.operator.mallocArenaMax }}
+- name: MALLOC_ARENA_MAX
+  value: {{ . | quote }}
+{{- end }}
 {{- with .Values.operator.extraEnv }}
 {{ toYaml . }}
 {{- end }}

@@ -217,6 +217,16 @@ class ProviderClient:
         """The provider dialect this client speaks."""
         return self._dialect
 
+    @property
+    def bulk_results(self) -> bool:
+        """Whether :meth:`get_results` sends one ``ids=`` request for many polls."""
+        return self._bulk
+
+    @property
+    def bulk_max_ids(self) -> int:
+        """Ids per bulk request."""
+        return self._bulk_max_ids
+
     # -- public API ---------------------------------------------------------------------------
 
     async def submit(self, params: Mapping[str, str]) -> str:
