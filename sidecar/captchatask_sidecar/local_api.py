@@ -108,8 +108,26 @@ def _provider_task_id(value: object) -> str:
 
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
+    """Read a bounded JSON object: refused by its declared size, cut off by time, parsed strictly.
+
+    The local API listens on loopback only, but "only our own pod" is no reason to let one
+    stuck or runaway client hold a connection and its buffers forever.
+    """
+    api = request.app[keys.LOCAL_API]
+    length = request.content_length
+    if length is not None and length > api.max_body_bytes:
+        raise ProblemError(413, "body too large")
     try:
-        body = await request.json()
+        async with asyncio.timeout(api.read_timeout):
+            raw = await request.read()
+    except TimeoutError as exc:
+        raise ProblemError(408, "request timeout") from exc
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ProblemError(413, "body too large") from exc
+    except (web.RequestPayloadError, ValueError) as exc:  # e.g. a broken Content-Encoding
+        raise ProblemError(400, "the body could not be read") from exc
+    try:
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProblemError(400, "the body must be a JSON object") from exc
     if not isinstance(body, dict):
@@ -143,6 +161,10 @@ class LocalApi:
         This receiver's name, annotated on created tasks.
     max_wait
         Upper bound of ``?wait=``.
+    max_body_bytes
+        Largest accepted request body.
+    read_timeout
+        Time allowed to send a request body.
     """
 
     client: kube.KubeClient
@@ -155,6 +177,8 @@ class LocalApi:
     public_url: str | None
     created_by: str
     max_wait: float
+    max_body_bytes: int
+    read_timeout: float
     _url_cache: dict[str, tuple[str, float]] = field(default_factory=dict)
 
     # -- operations ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -123,6 +124,8 @@ async def assemble(
                     public_url=settings.public_url,
                     created_by=settings.pod_name,
                     max_wait=settings.max_wait_seconds,
+                    max_body_bytes=settings.local_max_body_bytes,
+                    read_timeout=settings.read_timeout_seconds,
                 ),
                 max_body_bytes=settings.local_max_body_bytes,
             )
@@ -191,10 +194,16 @@ async def serve(
                         sidecar.local_app,
                         settings.local_addr,
                         settings=settings,
-                        # Long-polls are the local API's point: idle keep-alive is harmless.
-                        keepalive=settings.max_wait_seconds + settings.read_timeout_seconds,
+                        # A long-poll is a request in flight, which keep-alive does not cut; the
+                        # keep-alive bound is what ends half-sent headers (slow-loris).
+                        keepalive=settings.read_timeout_seconds,
                     )
                 )
+            # Everything built so far (modules, clients, apps) lives as long as the process: move
+            # it out of the garbage collector's generations, so a full collection (they happen
+            # every second or so under load) walks only what was allocated since, not the whole
+            # interpreter heap (measured: ~40 ms pauses that stalled every in-flight pingback).
+            gc.freeze()
             logger.info(
                 "sidecar ready: pingbacks on %s (namespaces %s), local API on %s, admin on %s; "
                 "%d spooled results pending",

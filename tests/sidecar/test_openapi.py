@@ -58,6 +58,8 @@ async def test_every_served_route_is_documented_and_nothing_else(
                     public_url=None,
                     created_by="t",
                     max_wait=1.0,
+                    max_body_bytes=1024,
+                    read_timeout=1.0,
                 ),
                 max_body_bytes=1024,
             ),
