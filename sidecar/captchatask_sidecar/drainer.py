@@ -15,7 +15,6 @@ the others.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
 from typing import Final
@@ -80,18 +79,9 @@ class Drainer:
             self.wake.clear()
             now = time.monotonic()
             limit = self.concurrency if self.recorder.api_available else 1
-            due = list(
-                itertools.islice(
-                    (
-                        entry
-                        for entry in self.spool.pending.values()
-                        if not entry.in_flight and entry.next_attempt <= now
-                    ),
-                    limit,
-                )
-            )
+            due = self.spool.due(now, limit)
             if not due:
-                if not self.recorder.api_available and not self.spool.pending:
+                if not self.recorder.api_available and not self.spool.depth:
                     await self._probe()
                 await self._sleep(self._next_due(now))
                 continue
@@ -110,10 +100,9 @@ class Drainer:
 
     def _next_due(self, now: float) -> float:
         """Seconds until the earliest backed-off record is due (bounded by the idle sleep)."""
-        soonest = min(
-            (e.next_attempt for e in self.spool.pending.values() if not e.in_flight),
-            default=now + IDLE_SECONDS,
-        )
+        soonest = self.spool.next_due(now)
+        if soonest is None:
+            return IDLE_SECONDS
         return min(IDLE_SECONDS, max(0.0, soonest - now))
 
     async def _sleep(self, seconds: float) -> None:

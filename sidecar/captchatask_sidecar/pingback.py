@@ -27,15 +27,16 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qsl
 
-from aiohttp import web
-from multidict import MultiDictProxy
+from aiohttp import hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 
 from captchatask import signing
+from captchatask.model import TaskRef
 from captchatask.provider import codes
 from captchatask_sidecar import keys
 from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.errors import problem, problem_middleware
-from captchatask_sidecar.metrics import Metrics
+from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, Metrics
 from captchatask_sidecar.payload import (
     MalformedPingbackError,
     NotAResultError,
@@ -43,6 +44,7 @@ from captchatask_sidecar.payload import (
     Source,
     from_fields,
     from_json,
+    query_fields,
 )
 from captchatask_sidecar.recorder import Recorder
 from captchatask_sidecar.spool import SpoolWriteError
@@ -57,6 +59,13 @@ MULTIPART: Final = "multipart/form-data"
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})
 #: The answer body: providers only look at the status; "OK" is what the seed's handler sent.
 OK_BODY: Final = b"OK"
+#: The ``200`` headers per outcome, built once (the response copies them).
+_OK_HEADERS: Final = {
+    outcome: CIMultiDictProxy(
+        CIMultiDict({hdrs.CONTENT_TYPE: "text/plain", OUTCOME_HEADER: outcome})
+    )
+    for outcome in PINGBACK_OUTCOMES
+}
 
 
 class RejectedError(Exception):
@@ -113,13 +122,16 @@ class PingbackReceiver:
         """
         match = request.match_info
         namespace = match["namespace"]
-        if namespace not in self.namespaces:
+        name = match["name"]
+        uid = match["uid"]
+        token = match["token"]
+        if namespace not in self.namespaces or not signing.path_parts_ok(
+            namespace, name, uid, token
+        ):
             raise RejectedError(404, "not found")
-        path = signing.parse_path_parts(namespace, match["name"], match["uid"], match["token"])
-        if path is None:
-            raise RejectedError(404, "not found")
-        if not self.signer.verify(path.ref, path.token):
+        if not self.signer.verify_parts(namespace, name, uid, token):
             raise RejectedError(403, "forbidden")
+        ref = TaskRef(namespace=namespace, name=name, uid=uid)
         pingback = await self._read(request)
         try:
             result = pingback.to_result(dialect=self.dialect)
@@ -129,17 +141,17 @@ class PingbackReceiver:
             raise RejectedError(400, str(exc)) from exc
         if self.verifier is not None:
             try:
-                result = await self.verifier.confirm(path.ref, result)
+                result = await self.verifier.confirm(ref, result)
             except NotConfirmedError as exc:
                 raise RejectedError(409, "not confirmed by the provider") from exc
             except VerifyUnavailableError as exc:
                 raise RejectedError(503, "cannot confirm now") from exc
-        return await self.recorder.accept(path.ref, result, source=pingback.source.value)
+        return await self.recorder.accept(ref, result, source=pingback.source.value)
 
     async def _read(self, request: web.Request) -> Pingback:
         try:
             if request.method == "GET":
-                return from_fields(request.query.items(), source=Source.GET)
+                return from_fields(_query(request), source=Source.GET)
             return await self._read_body(request)
         except MalformedPingbackError as exc:
             raise RejectedError(400, str(exc)) from exc
@@ -158,16 +170,22 @@ class PingbackReceiver:
             raise RejectedError(408, "request timeout") from exc
         except web.HTTPRequestEntityTooLarge as exc:
             raise RejectedError(413, "body too large") from exc
-        except (ValueError, web.HTTPException) as exc:  # malformed multipart and the like
+        except (ValueError, web.HTTPException, web.RequestPayloadError) as exc:
+            # Malformed multipart, a body that does not decode with its Content-Encoding, ...
             raise RejectedError(400, "malformed body") from exc
         if content_type in JSON_TYPES or content_type.endswith("+json"):
             return from_json(raw)
         if not raw:
             # A POST to a URL that carries ?id=&code= (CaptchaAI appends them to any URL).
-            return from_fields(request.query.items(), source=Source.GET)
+            return from_fields(_query(request), source=Source.GET)
         if content_type in (FORM, "application/octet-stream", "text/plain"):
             return from_fields(_parse_form(raw), source=Source.FORM)
         raise RejectedError(415, "unsupported media type")
+
+
+def _query(request: web.Request) -> Iterable[tuple[str, str]]:
+    fields = query_fields(request.rel_url.raw_query_string)
+    return request.query.items() if fields is None else fields
 
 
 def _parse_form(raw: bytes) -> list[tuple[str, str]]:
@@ -204,7 +222,7 @@ async def receive_pingback(request: web.Request) -> web.Response:
     finally:
         metrics.handle_duration.observe(time.perf_counter() - started)
     metrics.pingback_outcome[outcome].inc()
-    return web.Response(body=OK_BODY, content_type="text/plain", headers={OUTCOME_HEADER: outcome})
+    return web.Response(body=OK_BODY, headers=_OK_HEADERS[outcome])
 
 
 def create_pingback_app(

@@ -36,11 +36,19 @@ TOKEN_BYTES: Final = 18
 #: A key shorter than this is a configuration mistake (HMAC keys should match the hash size).
 MIN_KEY_BYTES: Final = 32
 _DOMAIN: Final = b"captchatask.dev/pingback/v1"
-_TOKEN_RE: Final = re.compile(r"^[A-Za-z0-9_-]{24}$")
-# Kubernetes names: DNS-1123 labels (namespace) and subdomains (object names); uids are UUIDs.
-_NAMESPACE_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_NAME_RE: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
-_UID_RE: Final = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+# The shapes of the four path segments (bare patterns, used with fullmatch). Kubernetes names:
+# DNS-1123 labels (namespace) and subdomains (object names); uids are UUIDs.
+_NAMESPACE_PATTERN: Final = r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_NAME_PATTERN: Final = r"[a-z0-9](?:[-a-z0-9.]{0,251}[a-z0-9])?"
+_UID_PATTERN: Final = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_TOKEN_PATTERN: Final = r"[A-Za-z0-9_-]{24}"  # noqa: S105 - a shape, not a secret
+_TOKEN_RE: Final = re.compile(_TOKEN_PATTERN)
+# All four segments joined by "/" in one match: no pattern matches a "/", so this holds exactly
+# when each segment has its shape (a segment containing "/" adds a fifth part and fails).
+_PARTS_RE: Final = re.compile(
+    "/".join((_NAMESPACE_PATTERN, _NAME_PATTERN, _UID_PATTERN, _TOKEN_PATTERN))
+)
+_SEPARATOR: Final = b"\n"
 
 
 class SigningKeyError(ValueError):
@@ -72,29 +80,35 @@ class PingbackSigner:
                 raise SigningKeyError(
                     f"pingback signing keys must be at least {MIN_KEY_BYTES} bytes"
                 )
-        self._keys = tuple(keys)
+        # One keyed HMAC per key, built once: a verification copies it (the key schedule is
+        # already done) instead of keying a new HMAC on every pingback.
+        self._macs = tuple(hmac.new(key, _DOMAIN + _SEPARATOR, hashlib.sha256) for key in keys)
 
     def __repr__(self) -> str:
-        return f"PingbackSigner(keys=<{len(self._keys)} redacted>)"
+        return f"PingbackSigner(keys=<{len(self._macs)} redacted>)"
 
     @staticmethod
-    def _mac(key: bytes, ref: TaskRef) -> str:
-        message = b"\n".join((_DOMAIN, ref.namespace.encode(), ref.name.encode(), ref.uid.encode()))
-        digest = hmac.new(key, message, hashlib.sha256).digest()[:TOKEN_BYTES]
-        return base64.urlsafe_b64encode(digest).decode("ascii")
+    def _mac(keyed: hmac.HMAC, namespace: str, name: str, uid: str) -> str:
+        mac = keyed.copy()
+        mac.update(_SEPARATOR.join((namespace.encode(), name.encode(), uid.encode())))
+        return base64.urlsafe_b64encode(mac.digest()[:TOKEN_BYTES]).decode("ascii")
 
     def token(self, ref: TaskRef) -> str:
         """Return the token for one task instance (deterministic: safe to recompute)."""
-        return self._mac(self._keys[0], ref)
+        return self._mac(self._macs[0], ref.namespace, ref.name, ref.uid)
 
     def verify(self, ref: TaskRef, token: str) -> bool:
         """Check a token against every key, in constant time per key."""
+        return self.verify_parts(ref.namespace, ref.name, ref.uid, token)
+
+    def verify_parts(self, namespace: str, name: str, uid: str, token: str) -> bool:
+        """:meth:`verify` from the path segments, before any object is built for them."""
         if not _TOKEN_RE.fullmatch(token):
             return False
         ok = False
-        for key in self._keys:
+        for keyed in self._macs:
             # No early exit: the time taken does not tell which key matched.
-            ok |= hmac.compare_digest(self._mac(key, ref), token)
+            ok |= hmac.compare_digest(self._mac(keyed, namespace, name, uid), token)
         return ok
 
     def path(self, ref: TaskRef) -> str:
@@ -106,17 +120,20 @@ class PingbackSigner:
         return public_base_url.rstrip("/") + self.path(ref)
 
 
+def path_parts_ok(namespace: str, name: str, uid: str, token: str) -> bool:
+    """Whether the four path segments have the shapes of a pingback path (one regex match).
+
+    This runs before the MAC check, so it must be cheap and must not depend on any state.
+    """
+    return _PARTS_RE.fullmatch(f"{namespace}/{name}/{uid}/{token}") is not None
+
+
 def parse_path_parts(namespace: str, name: str, uid: str, token: str) -> PingbackPath | None:
     """Shape-check the four path segments; ``None`` for anything that cannot be ours.
 
     This runs before the MAC check, so it must be cheap and must not depend on any state.
     """
-    if not (
-        _NAMESPACE_RE.fullmatch(namespace)
-        and _NAME_RE.fullmatch(name)
-        and _UID_RE.fullmatch(uid)
-        and _TOKEN_RE.fullmatch(token)
-    ):
+    if not path_parts_ok(namespace, name, uid, token):
         return None
     return PingbackPath(ref=TaskRef(namespace=namespace, name=name, uid=uid), token=token)
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import parse_qsl
 
 import pytest
+from yarl import URL
 
 from captchatask.ledger import ResultKind
 from captchatask.model import DeliveredBy
@@ -15,6 +17,7 @@ from captchatask_sidecar.payload import (
     Source,
     from_fields,
     from_json,
+    query_fields,
 )
 
 
@@ -102,3 +105,25 @@ def test_anticaptcha_json_error_becomes_a_failure() -> None:
 def test_malformed_json_is_refused(raw: bytes) -> None:
     with pytest.raises(MalformedPingbackError):
         from_json(raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "",
+        "id=1&code=03AG-_x",
+        "id=1&code=a+b&&code",
+        "=&id=&code==x=y",
+        "id=1;code=2",
+        "a&b&c",
+        "ü=ß&id=1",
+    ],
+)
+def test_the_fast_query_split_agrees_with_the_framework_parser(raw: str) -> None:
+    fields = query_fields(raw)
+    assert fields == list(URL.build(path="/", query_string=raw, encoded=True).query.items())
+    assert fields == parse_qsl(raw, keep_blank_values=True)
+
+
+def test_a_query_with_escapes_is_left_to_the_framework_parser() -> None:
+    assert query_fields("id=1&code=a%2Bb") is None

@@ -220,3 +220,20 @@ async def test_a_valid_pingback_with_the_api_server_away_is_spooled(receiver: Re
     assert response.headers[OUTCOME_HEADER] == "spooled"
     assert receiver.spool.depth == 1
     assert receiver.value("captchatask_ledger_write_errors_total", reason="unavailable") == 1
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decode_is_a_bad_request(
+    receiver: Receiver, encoding: str
+) -> None:
+    response = await receiver.client.post(
+        receiver.path(),
+        data=b"id=1&code=not-compressed",
+        headers={
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Content-Encoding": encoding,
+        },
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    receiver.assert_nothing_written()

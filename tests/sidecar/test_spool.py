@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,7 +38,7 @@ async def test_appended_records_survive_a_reopen_in_order(tmp_path: Path) -> Non
 
     reopened = Spool(tmp_path)
     assert reopened.open() == 3
-    assert [entry.record for entry in reopened.pending.values()] == [record(i) for i in range(3)]
+    assert reopened.records() == [record(i) for i in range(3)]
     await reopened.close()
 
 
@@ -74,7 +77,7 @@ async def test_a_torn_tail_is_skipped_with_a_warning(
     with caplog.at_level(logging.WARNING, logger="captchatask_sidecar.spool"):
         assert reopened.open() == 2
     assert "torn or corrupt" in caplog.text
-    assert [e.record for e in reopened.pending.values()] == [record(1), record(2)]
+    assert reopened.records() == [record(1), record(2)]
     await reopened.close()
 
 
@@ -109,7 +112,7 @@ async def test_replayed_segments_are_deleted_once_resolved(tmp_path: Path) -> No
     reopened = Spool(tmp_path)
     reopened.open()
     old = [p for p in reopened.segment_files() if p.stat().st_size]
-    for entry in list(reopened.pending.values()):
+    for entry in reopened.due(time.monotonic(), limit=10):
         reopened.resolve(entry)
     assert not any(path.exists() for path in old)
     await reopened.close()
@@ -139,3 +142,111 @@ async def test_oldest_age_follows_the_oldest_pending_record(tmp_path: Path) -> N
     spool.resolve(first)
     assert spool.oldest_age() == pytest.approx(5.0)
     await spool.close()
+
+
+def test_version_1_json_records_written_by_an_older_sidecar_are_still_read() -> None:
+    # Byte for byte what the version 1 encoder (compact JSON, short keys) wrote.
+    v1 = (
+        '{"v":1,"ns":"ns","n":"task-7","u":"00000000-0000-4000-8000-000000000007","k":"solved",'
+        '"d":"pingback","p":"7","at":1700000007.0,"by":"pod-a","s":"get","t":"token-7-ü"}'
+    ).encode()
+    failed = (
+        b'{"v":1,"ns":"ns","n":"task-8","u":"00000000-0000-4000-8000-000000000008","k":"failed",'
+        b'"d":"pingback","p":"8","at":1700000008.5,"by":"pod-a","s":"json",'
+        b'"c":"ERROR_CAPTCHA_UNSOLVABLE","m":"unsolvable"}'
+    )
+    report = scan(frame(v1) + frame(failed) + frame(record(9).encode()))
+    assert report.skipped_bytes == 0
+    assert report.records[0] == record(7)
+    assert report.records[1] == SpoolRecord(
+        ref=TaskRef("ns", "task-8", "00000000-0000-4000-8000-000000000008"),
+        result=Result.failed(
+            code="ERROR_CAPTCHA_UNSOLVABLE",
+            message="unsolvable",
+            delivered_by=DeliveredBy.PINGBACK,
+            provider_task_id="8",
+        ),
+        received_at=1_700_000_008.5,
+        received_by="pod-a",
+        source="json",
+    )
+    assert report.records[2] == record(9)
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        Result.solved(token="t", delivered_by=DeliveredBy.PINGBACK, provider_task_id=None),
+        Result.solved(
+            token="ü" * 70_000,
+            delivered_by=DeliveredBy.POLL,
+            provider_task_id="12",
+            user_agent="Mozilla/5.0",
+        ),
+        Result.failed(
+            code="ERROR_X", message="", delivered_by=DeliveredBy.DEAD_LETTER, provider_task_id="1"
+        ),
+    ],
+)
+def test_every_field_round_trips_through_the_binary_layout(result: Result) -> None:
+    original = SpoolRecord(
+        ref=TaskRef("ns", "a.b-c", "00000000-0000-4000-8000-000000000001"),
+        result=result,
+        received_at=1_700_000_000.123456,
+        received_by="pod-ü",
+        source="spool",
+    )
+    assert SpoolRecord.decode(original.encode()) == original
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda payload: payload[:-1],  # a field runs past the end
+        lambda payload: payload + b"x",  # trailing bytes
+        lambda payload: b"\x07" + payload[1:],  # unknown version
+        lambda payload: payload[:5],  # shorter than the fixed head
+    ],
+)
+def test_a_damaged_payload_with_a_valid_checksum_is_skipped(
+    damage: Callable[[bytes], bytes],
+) -> None:
+    # A checksum only proves the bytes are the ones written; the decoder must still refuse
+    # anything that is not a whole record (a bug or a foreign writer), not misread it.
+    report = scan(frame(damage(record(1).encode())) + frame(record(2).encode()))
+    assert report.records == [record(2)]
+    assert report.skipped_at == [0]
+
+
+async def test_the_drainer_view_tracks_in_flight_and_backed_off_entries(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.open()
+    for index in range(3):
+        await spool.append(record(index))
+    now = time.monotonic()
+    first, second = spool.due(now, limit=2)
+    assert [first.record, second.record] == [record(0), record(1)]
+    first.in_flight = True
+    second.next_attempt = now + 30
+    (third,) = spool.due(now, limit=5)  # the same objects come back, with their bookkeeping
+    assert third.record == record(2)
+    third.in_flight = True
+    assert spool.next_due(now) == now + 30
+    assert spool.due(now + 31, limit=5) == [second]
+    spool.resolve(first)
+    spool.resolve(first)  # idempotent
+    assert spool.depth == 2
+    assert spool.records() == [record(1), record(2)]
+    await spool.close()
+
+
+def test_pending_results_are_kept_out_of_the_garbage_collector(tmp_path: Path) -> None:
+    # A full collection must not walk the backlog: each pending result is one untracked tuple.
+    spool = Spool(tmp_path)
+    spool.open()
+    segment = spool._current
+    assert segment is not None
+    for index in range(100):
+        spool._add_pending(record(index).encode(), 1.0, segment)
+    gc.collect()
+    assert not any(gc.is_tracked(value) for value in spool._pending.values())
