@@ -45,10 +45,14 @@ with_progress() {
 
 bin_dir() { echo "$TESTBIN_DIR/$1-$2"; }
 
-have() { # have NAME VERSION CHECK-COMMAND...: the cached binary runs and reports VERSION
-  local name=$1 version=$2; shift 2
-  local path; path="$(bin_dir "$name" "$version")/$name"
-  [ -x "$path" ] && "$path" "$@" 2>/dev/null | grep -q -- "$version"
+# reports VERSION-STRING COMMAND...: the command runs and its output names the version.
+# The output is captured before matching: with pipefail, `cmd | grep -q` fails whenever grep
+# exits early and cmd dies of SIGPIPE, which made a warm cache look cold now and then.
+reports() {
+  local want=$1; shift
+  local out
+  out=$("$@" 2>/dev/null) || return 1
+  [[ $out == *"$want"* ]]
 }
 
 check_toolchain() {
@@ -60,8 +64,8 @@ build_kubernetes() {
   local v=$KUBERNETES_VERSION
   local minor=${v#*.}; minor=${minor%%.*}
   local out; out=$(bin_dir kubernetes "$v")
-  if [ -x "$out/kube-apiserver" ] && "$out/kube-apiserver" --version 2>/dev/null | grep -q "v$v" \
-     && [ -x "$out/kubectl" ] && "$out/kubectl" version --client 2>/dev/null | grep -q "v$v"; then
+  if reports "v$v" "$out/kube-apiserver" --version \
+     && reports "v$v" "$out/kubectl" version --client; then
     log "kube-apiserver and kubectl v$v: cached in $out"
     return
   fi
@@ -111,7 +115,7 @@ build_kubernetes() {
 build_etcd() {
   local v=$ETCD_VERSION
   local out; out=$(bin_dir etcd "$v")
-  if [ -x "$out/etcd" ] && "$out/etcd" --version 2>/dev/null | grep -q "etcd Version: $v"; then
+  if reports "etcd Version: $v" "$out/etcd" --version; then
     log "etcd v$v: cached in $out"
     return
   fi
@@ -131,7 +135,7 @@ build_etcd() {
 build_helm() {
   local v=$HELM_VERSION
   local out; out=$(bin_dir helm "$v")
-  if [ -x "$out/helm" ] && "$out/helm" version --short 2>/dev/null | grep -q "v$v"; then
+  if reports "v$v" "$out/helm" version --short; then
     log "helm v$v: cached in $out"
     return
   fi
