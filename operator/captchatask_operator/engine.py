@@ -8,7 +8,7 @@ reference to the engine:
 
 * :mod:`~captchatask_operator.providers`: key Secret, account check, ``Ready`` condition;
 * :mod:`~captchatask_operator.submission`: intent (pinned resourceVersion), ``in.php``,
-  ``Submitted`` with the provider id (see ``docs/readme/operator.md`` for the crash window);
+  ``Submitted`` with the provider id (see the README, "The operator", for the crash window);
 * :mod:`~captchatask_operator.polling`: the tasks of one provider due at the same moment go out
   in one ``get_results`` call; a result whose task is gone becomes a dead letter;
 * :mod:`~captchatask_operator.requeue`: the dead-letter requeue loop.
@@ -142,6 +142,8 @@ class Engine:
         self.polls: dict[TaskKey, int] = {}
         self.counters = Counters()
         self.busy: set[TaskKey] = set()
+        #: The last time the API server did not answer (see policy.submission_step).
+        self.ledger_unavailable_at: dt.datetime | None = None
         self.submitting = 0
         self._wake = asyncio.Event()
         self._ops: set[asyncio.Task[None]] = set()
@@ -386,6 +388,7 @@ class Engine:
             now=self.clock(),
             max_attempts=self.settings.max_submit_attempts,
             poll_only_grace=self.settings.intent_grace_seconds,
+            ledger_unavailable_at=self.ledger_unavailable_at,
         )
         key = task.key
         queue = self.queues.setdefault(task.provider_key, ProviderQueue())
@@ -539,9 +542,13 @@ class Engine:
         self.busy.add(key)
 
         async def wrapper() -> None:
+            postponed = True
             try:
                 await coro
+                postponed = False
             except kube.KubeError as exc:
+                if isinstance(exc, kube.KubeUnavailable):
+                    self.ledger_unavailable_at = self.clock()
                 logger.warning("action on %s/%s postponed: %s", *key, exc)
                 self.schedule_at(retry_kind or Kind.SUBMIT, key, self.clock() + policy.API_RETRY)
             except Exception:
@@ -551,13 +558,17 @@ class Engine:
                 self.busy.discard(key)
                 if submitting:
                     self.submitting -= 1
-                self._after_action(key, submitting=submitting)
+                # A postponed action has its retry scheduled: re-deciding now would start it
+                # again at once and spin while the API server is away.
+                self._after_action(key, submitting=submitting, postponed=postponed)
 
         self.spawn(wrapper())
         return True
 
-    def _after_action(self, key: TaskKey, *, submitting: bool) -> None:
+    def _after_action(self, key: TaskKey, *, submitting: bool, postponed: bool = False) -> None:
         task = self.tasks.get(key)
+        if postponed and task is not None:
+            return
         if task is not None and self.active:
             if task.phase is not Phase.SUBMITTED and not task.terminal:
                 queue = self.queues.get(task.provider_key)

@@ -141,8 +141,14 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
     now: dt.datetime,
     max_attempts: int,
     poll_only_grace: float,
+    ledger_unavailable_at: dt.datetime | None = None,
 ) -> Step:
-    """Decide the next submission step of a task (see the module docstring)."""
+    """Decide the next submission step of a task (see the module docstring).
+
+    ``ledger_unavailable_at`` is the last time the API server failed us: while it is away, the
+    sidecars spool pingbacks instead of recording them, so a missing pingback proves nothing
+    until the grace has run again from the moment the ledger came back.
+    """
     if task.deleting or task.terminal or task.phase is Phase.SUBMITTED:
         return Step(StepKind.NONE)
     if task.spec_provider_task_id:
@@ -167,7 +173,10 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
         )
     if task.unresolved_intent:
         assert task.intent_at is not None
-        resolve_at = task.intent_at + dt.timedelta(
+        since = task.intent_at
+        if ledger_unavailable_at is not None and ledger_unavailable_at > since:
+            since = ledger_unavailable_at
+        resolve_at = since + dt.timedelta(
             seconds=intent_grace(provider, poll_only_grace=poll_only_grace)
         )
         if now < resolve_at:

@@ -3,7 +3,7 @@
 The intent (``status.submission.intentAt`` and ``attempts + 1``) is written with the
 resourceVersion of a fresh read pinned, before ``in.php`` is called, so two replicas can never
 both submit and a crash between the call and the ``Submitted`` write leaves a visible, bounded
-*unresolved intent* (``docs/readme/operator.md``, "crash safety"). Adopted tasks
+*unresolved intent* (README, "The operator", crash safety). Adopted tasks
 (``spec.providerTaskId``) skip ``in.php`` and go straight to ``Submitted``. Waiting tasks get a
 ``Submitted=False`` condition naming why. Every action here runs under the engine's per-task
 lock (:meth:`Engine.run`), which re-decides the task when the action ends.
@@ -57,6 +57,7 @@ class Submitter:
             now=engine.clock(),
             max_attempts=engine.settings.max_submit_attempts,
             poll_only_grace=engine.settings.intent_grace_seconds,
+            ledger_unavailable_at=engine.ledger_unavailable_at,
         )
         if step.kind is not StepKind.SUBMIT or state is None or state.client is None:
             return  # the engine re-decides from the fresh record

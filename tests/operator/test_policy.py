@@ -61,6 +61,7 @@ def step(record: TaskRecord, *, now: float = 0.0, ready: bool = True, **kw: Any)
         now=at(now),
         max_attempts=kw.get("max_attempts", 3),
         poll_only_grace=kw.get("grace", 30.0),
+        ledger_unavailable_at=kw.get("ledger_unavailable_at"),
     )
 
 
@@ -105,6 +106,22 @@ def test_an_unresolved_intent_waits_one_callback_timeout_for_a_pingback() -> Non
     resubmit = step(record, now=120.0)
     assert resubmit.kind is StepKind.SUBMIT
     assert resubmit.resubmit
+
+
+def test_an_api_server_outage_restarts_the_wait_for_the_pingback() -> None:
+    # While the API server was away the sidecars spooled pingbacks instead of recording them:
+    # the grace runs again from the moment the ledger failed us last.
+    record = task(
+        status={
+            "phase": "Pending",
+            "submission": {"intentAt": model.format_time(at(0)), "attempts": 1},
+        }
+    )
+    waiting = step(record, now=150.0, ledger_unavailable_at=at(100))
+    assert (waiting.kind, waiting.at) == (StepKind.WAIT, at(220))
+    assert step(record, now=220.0, ledger_unavailable_at=at(100)).resubmit
+    # An outage before the intent changes nothing.
+    assert step(record, now=120.0, ledger_unavailable_at=at(-50)).resubmit
 
 
 def test_a_poll_only_provider_resubmits_after_the_short_grace() -> None:
