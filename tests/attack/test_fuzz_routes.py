@@ -288,10 +288,8 @@ def test_garbage_on_the_wire(target: Any, raw: bytes, listener: str) -> None:
             reply = server.read_reply(sock)
         except TimeoutError:
             # Bytes that are no complete request yet (leading blank lines): the listener must
-            # time the connection out. The local API does not (BUG-2 in docs/BUGS.md, pinned by
-            # test_limits.py); every other listener must.
-            assert listener == "local", f"{listener} kept a garbage connection open: {raw[:100]!r}"
-            return
+            # time the connection out (every listener's keep-alive bound is the read timeout).
+            pytest.fail(f"{listener} kept a garbage connection open: {raw[:100]!r}")
     # Garbage may be answered with a 4xx or simply dropped; never with a 5xx.
     assert reply.status is None or reply.status < 500, (reply.status, raw[:200])
     assert target.sidecar_alive()
