@@ -72,19 +72,7 @@ def test_the_required_alerts_exist(alerts: list[dict[str, Any]]) -> None:
     } <= names
 
 
-def test_every_runbook_anchor_exists_in_the_alerts_docs(
-    alerts: list[dict[str, Any]], repo_root: Path
-) -> None:
-    docs = (repo_root / "docs" / "readme" / "alerts.md").read_text(encoding="utf-8")
-    headings = {
-        re.sub(r"[^a-z0-9 -]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
-        for line in docs.splitlines()
-        if line.startswith("#")
-    }
-    missing = [
-        a["alert"] for a in alerts if a["annotations"]["runbook_url"].split("#")[1] not in headings
-    ]
-    assert missing == []
+# The runbook anchors are checked against README.md in tests/test_readme.py.
 
 
 def test_every_alert_is_tested_just_before_and_just_after_its_for_duration(
