@@ -104,7 +104,12 @@ class Stack:
 
     # -- lifecycle -------------------------------------------------------------------------
     def __enter__(self) -> Self:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            # __exit__ does not run when __enter__ raises: stop what did start.
+            self.stop()
+            raise
         return self
 
     def __exit__(
