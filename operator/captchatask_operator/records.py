@@ -189,9 +189,7 @@ class ProviderSpec:
         secret: Mapping[str, Any] = spec.get("apiKeySecretRef") or {}
         pingback: Mapping[str, Any] = spec.get("pingback") or {}
         dialect_raw = _str(spec, "dialect") or Dialect.CAPTCHAAI.value
-        dialect = (
-            Dialect(dialect_raw) if dialect_raw in Dialect._value2member_map_ else Dialect.CAPTCHAAI
-        )
+        dialect = model.parse_enum(Dialect, dialect_raw) or Dialect.CAPTCHAAI
         max_in_flight = spec.get("maxInFlight")
         return cls(
             namespace=str(meta.get("namespace", "")),

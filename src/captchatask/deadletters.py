@@ -8,8 +8,8 @@ provider task. The seed tutorial's dead-letter folder needed a human to remember
 
 The matching rule is deliberately strict, because a wrong match would hand one page's token to
 another: a letter applies to a task only if it is the *same instance* (uid) or the task is known
-to own the *same provider task id* (an adopted task, matched through the
-``captchatask.dev/provider-task-id`` label index). Applying goes through the ledger like every
+to own the *same provider task id* (an adopted task, matched through the operator's index of
+tasks by provider id). Applying goes through the ledger like every
 other result, so requeue races with pingbacks and polls safely and yields one outcome.
 
 Everything but :func:`requeue`, :func:`find_task` and :func:`write_status` is pure; the
@@ -203,46 +203,21 @@ class TaskLookup(Protocol):
 
 
 async def find_task(
-    client: kube.KubeClient, letter: LetterView, *, lookup: TaskLookup | None = None
+    client: kube.KubeClient, letter: LetterView, *, lookup: TaskLookup
 ) -> TaskView | None:
     """Find the task a letter belongs to: by its reference, else by provider id.
 
-    With a ``lookup`` (the operator's index), a letter whose task does not exist costs no API
-    call at all, and a candidate costs one GET (the fresh body the ledger's compare-and-set is
-    pinned to). Without one, the ``captchatask.dev/provider-task-id`` label index is LISTed
-    (the sidecar labels the tasks it creates with an id), then the whole namespace, matching
-    the id in status or spec (the operator does not label the tasks it submits).
+    The ``lookup`` is the operator's in-memory index of the tasks it watches, so a letter whose
+    task does not exist costs no API call at all, and a candidate costs one GET (the fresh body
+    the ledger's compare-and-set is pinned to).
     """
-    if lookup is not None:
-        names = lookup.candidates(
-            letter.namespace, name=letter.task_name, provider_task_id=letter.provider_task_id
-        )
-        for name in names:
-            task = await _get_task(client, letter.namespace, name)
-            if task is not None and matches(letter, task):
-                return task
-        return None
-    if letter.task_name:
-        task = await _get_task(client, letter.namespace, letter.task_name)
+    names = lookup.candidates(
+        letter.namespace, name=letter.task_name, provider_task_id=letter.provider_task_id
+    )
+    for name in names:
+        task = await _get_task(client, letter.namespace, name)
         if task is not None and matches(letter, task):
             return task
-    if letter.provider_task_id:
-        found = await client.list(
-            kube.TASKS,
-            letter.namespace,
-            label_selector=f"{model.PROVIDER_TASK_ID_LABEL}={letter.provider_task_id}",
-        )
-        for item in found.get("items", []):
-            task = TaskView.from_body(item)
-            if matches(letter, task):
-                return task
-        # The operator no longer labels the tasks it submits (one API write per task saved,
-        # BENCH-3/5); their id is in status only, so the fallback checks status and spec.
-        everything = await client.list(kube.TASKS, letter.namespace)
-        for item in everything.get("items", []):
-            task = TaskView.from_body(item)
-            if task.known_provider_task_id == letter.provider_task_id and matches(letter, task):
-                return task
     return None
 
 
@@ -279,8 +254,8 @@ async def requeue(
     ledger: Ledger,
     letter: LetterView,
     *,
+    lookup: TaskLookup,
     backoff: Backoff | None = None,
-    lookup: TaskLookup | None = None,
     rng: random.Random | None = None,
 ) -> Attempt:
     """Try once to apply a pending letter to its task; return the letter's next status.

@@ -24,7 +24,8 @@ PROVIDER_PLURAL: Final = "captchaproviders"
 DEAD_LETTER_KIND: Final = "CaptchaDeadLetter"
 DEAD_LETTER_PLURAL: Final = "captchadeadletters"
 
-#: Label put on tasks once their provider task id is known, so dead letters can find them.
+#: Label the sidecar puts on the adopted tasks it creates (``tasks:track``), so an app can list
+#: them by provider task id; the operator finds tasks through its in-memory index instead.
 PROVIDER_TASK_ID_LABEL: Final = f"{GROUP}/provider-task-id"
 #: Label on dead letters naming the task they were meant for (a name, so it fits a label).
 TASK_NAME_LABEL: Final = f"{GROUP}/task"
