@@ -3,11 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Control-plane binaries (etcd, kube-apiserver, kubectl, helm), cached by version.
+# The tools the project builds itself (control plane, helm, promtool, prometheus, wrk), cached by
+# version; nothing needs root.
 export TESTBIN_DIR ?= $(CURDIR)/.testbin
 PYTEST_ARGS ?=
 
-.PHONY: help venv testbin lint typecheck unit test manifests check-manifests chaos bench demo clean
+.PHONY: help venv testbin testtools fresh-check lint typecheck unit test manifests check-manifests chaos bench demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -21,8 +22,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	@$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	@touch $@
 
-testbin: ## build (or reuse) etcd, kube-apiserver, kubectl and helm
+testbin: ## build (or reuse) the control plane: etcd, kube-apiserver, kubectl
 	@hack/build-binaries.sh >/dev/null
+
+testtools: ## testbin plus what only tests and benchmarks use: helm, promtool, prometheus, wrk
+	@hack/build-binaries.sh --test >/dev/null
 
 lint: venv ## ruff check + format check
 	$(BIN)/ruff check .
@@ -34,20 +38,23 @@ typecheck: venv ## mypy --strict
 unit: venv ## only the tests that need no control plane
 	$(BIN)/pytest -m "not controlplane" $(PYTEST_ARGS)
 
-test: venv testbin lint typecheck ## lint, types, and every test on a real control plane
+test: venv testtools lint typecheck ## lint, types, and every test on a real control plane
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-manifests: venv testbin ## render deploy/ from the chart
+manifests: venv testtools ## render deploy/ from the chart
 	hack/render-manifests.sh
 
-chaos: venv testbin ## the full chaos run (1,000 tasks, all faults)
+chaos: venv testtools ## the full chaos run (1,000 tasks, all faults)
 	$(BIN)/python -m bench.chaos --profile full
 
-bench: venv testbin ## the benchmarks, side by side with the baselines
+bench: venv testtools ## the benchmarks, side by side with the baselines
 	$(BIN)/python -m bench.run
 
 demo: venv testbin ## the whole system locally, with faults, in one command
 	$(BIN)/captchatask demo
+
+fresh-check: ## a newcomer's run: `make demo` and `make test` in a clean clone, own tools hidden
+	hack/fresh-check.sh
 
 clean: ## remove caches (keeps the binary cache)
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 import platform
 import re
-import shutil
 import subprocess
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
+
+from captchatask.testbed import find_tool
 
 #: Distributions whose versions shape the figures (server stack, operator framework, baselines).
 DISTRIBUTIONS: Final = ("aiohttp", "kopf", "flask", "werkzeug", "gunicorn", "prometheus-client")
@@ -47,11 +48,11 @@ def _version(distribution: str) -> str | None:
 
 
 def _wrk_version() -> str | None:
-    wrk = shutil.which("wrk")
+    wrk = find_tool("wrk")
     if wrk is None:
         return None
     # wrk prints its version banner (to stdout) on an invalid invocation and exits non-zero.
-    done = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+    done = subprocess.run([str(wrk), "-v"], capture_output=True, text=True, check=False)
     first = (done.stdout or done.stderr).strip().splitlines()
     return first[0].split(" Copyright")[0] if first else None
 

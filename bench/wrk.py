@@ -10,13 +10,13 @@ signed path and provider id), like real traffic, instead of hammering one URL.
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
 from bench.cores import LOAD_CORE, pinned
+from captchatask.testbed import TEST_TOOLS_HINT, find_tool
 
 #: Cycles through the lines of $BENCH_PATHS; one wrk thread, so one counter suffices.
 LUA_SCRIPT: Final = """\
@@ -112,13 +112,13 @@ def run(
     WrkError
         wrk is not installed or failed.
     """
-    wrk = shutil.which("wrk")
+    wrk = find_tool("wrk")
     if wrk is None:
-        raise WrkError("wrk is not installed (Debian/Ubuntu: apt-get install wrk)")
+        raise WrkError(f"wrk is missing: build the tool cache with `{TEST_TOOLS_HINT}`")
     script = workdir / "cycle.lua"
     script.write_text(LUA_SCRIPT, encoding="utf-8")
     argv = [
-        wrk,
+        str(wrk),
         "-t1",
         f"-c{connections}",
         f"-d{max(1, round(seconds))}s",

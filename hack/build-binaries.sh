@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Build the control-plane binaries (etcd, kube-apiserver, kubectl, helm) from the Go module proxy
-# into a cache keyed by version, the way envtest ships them, because the build machines have no
-# Docker engine and cannot download release tarballs.
+# Build the tools the project runs into a cache keyed by version, the way envtest ships them,
+# because the build machines have no Docker engine and cannot download release tarballs. Nothing
+# here needs root: everything lands under $TESTBIN_DIR.
 #
-#   hack/build-binaries.sh            build what is missing, print the bin dir
-#   TESTBIN_DIR=/some/dir hack/...    use another cache (CI points this outside the clone)
+#   hack/build-binaries.sh            the control plane `make demo` needs: etcd, kube-apiserver,
+#                                     kubectl (from the Go module proxy)
+#   hack/build-binaries.sh --test     also what `make test` needs: helm, promtool and prometheus
+#                                     (Go module proxy) and the load generator wrk (the Debian
+#                                     package, unpacked into the cache: no root, no system change)
+#   TESTBIN_DIR=/some/dir hack/...    use another cache (default: the checkout's .testbin/)
 #
 # A warm cache is detected per binary (it exists and reports the pinned version), so a second run
-# takes seconds. Progress is printed while the Go builds run: a cold build is minutes of work.
+# takes seconds. Cold builds print an estimate first and a heartbeat while they run; independent
+# builds run side by side so module downloads overlap with compiling. Prints the bin dir.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,6 +25,15 @@ mkdir -p "$TESTBIN_DIR"
 build_root="$TESTBIN_DIR/.build"
 export CGO_ENABLED=0
 export GOFLAGS=${GOFLAGS:--mod=mod}
+
+with_test=0
+for arg in "$@"; do
+  case $arg in
+    --test) with_test=1 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "build-binaries: unknown argument $arg (see --help)" >&2; exit 2 ;;
+  esac
+done
 
 start_all=$(date +%s)
 log() { printf '[build-binaries %4ss] %s\n' "$(( $(date +%s) - start_all ))" "$*" >&2; }
@@ -55,6 +69,15 @@ reports() {
   [[ $out == *"$want"* ]]
 }
 
+# Like reports, for a tool that exits non-zero after printing its version (wrk --version).
+prints() {
+  local want=$1; shift
+  [ -x "$1" ] || return 1
+  local out
+  out=$("$@" 2>/dev/null || true)
+  [[ $out == *"$want"* ]]
+}
+
 check_toolchain() {
   command -v go >/dev/null || { echo "go is not installed: the control-plane build needs Go >= 1.26" >&2; exit 1; }
   log "toolchain: $(go version), GOPROXY=$(go env GOPROXY)"
@@ -69,7 +92,7 @@ build_kubernetes() {
     log "kube-apiserver and kubectl v$v: cached in $out"
     return
   fi
-  log "kube-apiserver and kubectl v$v: building (cold: several minutes)"
+  log "kube-apiserver and kubectl v$v: building (cold on 2 cores: about 5 min; with a warm Go cache: about 1 min)"
   local wd="$build_root/kubernetes-$v"
   rm -rf "$wd"; mkdir -p "$wd" "$out"
   (
@@ -119,7 +142,7 @@ build_etcd() {
     log "etcd v$v: cached in $out"
     return
   fi
-  log "etcd v$v: building"
+  log "etcd v$v: building (cold: about 1 min)"
   local wd="$build_root/etcd-$v"
   rm -rf "$wd"; mkdir -p "$wd" "$out"
   (
@@ -139,7 +162,7 @@ build_helm() {
     log "helm v$v: cached in $out"
     return
   fi
-  log "helm v$v: building"
+  log "helm v$v: building (cold: about 1.5 min)"
   mkdir -p "$out"
   local major=${v%%.*}
   with_progress "building helm" env GOBIN="$out" go install -trimpath \
@@ -147,15 +170,104 @@ build_helm() {
     "helm.sh/helm/v$major/cmd/helm@v$v"
 }
 
+build_prometheus() {
+  local v=$PROMETHEUS_VERSION
+  local out; out=$(bin_dir prometheus "$v")
+  if reports "version $v" "$out/promtool" --version && reports "version $v" "$out/prometheus" --version; then
+    log "promtool and prometheus v$v: cached in $out"
+    return
+  fi
+  # Prometheus 3.x is tagged v0.3MM.P as a Go module (v3.16.0 is v0.316.0).
+  local minor=${v#*.}; minor=${minor%%.*}
+  local patch=${v##*.}
+  local module=github.com/prometheus/prometheus
+  log "promtool and prometheus v$v: building (cold on 2 cores: about 8 min; warm Go cache: about 1 min)"
+  mkdir -p "$out"
+  local ld="-s -w -X github.com/prometheus/common/version.Version=$v"
+  ld+=" -X github.com/prometheus/common/version.Branch=HEAD"
+  with_progress "building promtool and prometheus" env GOBIN="$out" go install -trimpath -ldflags "$ld" \
+    "$module/cmd/promtool@v0.3${minor}.${patch}" "$module/cmd/prometheus@v0.3${minor}.${patch}"
+}
+
+# wrk is C (epoll, LuaJIT): a Go load generator costs several times more CPU per request and would
+# become the bottleneck of the framework-ceiling benchmark it measures. Debian ships it; its .deb
+# (and LuaJIT's) are fetched with `apt-get download` and unpacked into the cache, which needs no
+# root and changes nothing on the system. A wrapper points the loader at the unpacked LuaJIT.
+build_wrk() {
+  local v=$WRK_DEBIAN_VERSION
+  local out; out=$(bin_dir wrk "$v")
+  if prints "wrk debian/$v" "$out/wrk" --version; then
+    log "wrk $v: cached in $out"
+    return
+  fi
+  command -v apt-get >/dev/null && command -v dpkg-deb >/dev/null || {
+    echo "build-binaries: wrk comes from Debian's package \`wrk\` and this machine has no apt-get;" \
+      "install wrk ${v%%-*} with your package manager and put it in $TESTBIN_DIR/bin" >&2
+    exit 1
+  }
+  log "wrk $v: fetching Debian's packages wrk and $LUAJIT_DEBIAN_PACKAGE (seconds)"
+  local wd="$build_root/wrk-$v"
+  rm -rf "$wd" "$out"; mkdir -p "$wd/root" "$out"
+  (
+    cd "$wd"
+    # _apt cannot write into a root-owned temp dir; the download then runs unsandboxed (harmless).
+    apt-get download -qq "wrk=$v" "$LUAJIT_DEBIAN_PACKAGE" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true
+    ls ./*.deb >/dev/null 2>&1 || {
+      echo "build-binaries: apt-get download wrk=$v failed (is the package index current? \`apt-get update\` as root)" >&2
+      exit 1
+    }
+    for deb in ./*.deb; do dpkg-deb -x "$deb" root; done
+  )
+  mkdir -p "$out/lib"
+  cp "$wd/root/usr/bin/wrk" "$out/wrk.real"
+  cp -P "$wd"/root/usr/lib/x86_64-linux-gnu/libluajit-5.1.so.* "$out/lib/" 2>/dev/null \
+    || cp -P "$wd"/root/usr/lib/*/libluajit-5.1.so.* "$out/lib/"
+  cat > "$out/wrk" <<'WRAPPER'
+#!/bin/sh
+# wrk unpacked from Debian's package into the captchatask tool cache; LuaJIT lies beside it.
+here=$(cd "$(dirname "$0")" && pwd)
+LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/wrk.real" "$@"
+WRAPPER
+  chmod +x "$out/wrk"
+  rm -rf "$wd"
+  prints "wrk debian/$v" "$out/wrk" --version || { echo "build-binaries: the unpacked wrk does not run" >&2; exit 1; }
+}
+
+# Run the builders side by side (downloads overlap with compiling), each logging with its own
+# prefix; fail if any failed, after all have finished so no half-written cache is left behind.
+run_all() {
+  local pids=() names=() failed=()
+  for builder in "$@"; do
+    "$builder" &
+    pids+=("$!"); names+=("$builder")
+  done
+  for i in "${!pids[@]}"; do
+    wait "${pids[$i]}" || failed+=("${names[$i]#build_}")
+  done
+  if [ ${#failed[@]} -gt 0 ]; then
+    echo "build-binaries: failed: ${failed[*]}" >&2
+    exit 1
+  fi
+}
+
+link() { ln -sf "$1" "$TESTBIN_DIR/bin/$(basename "$1")"; }
+
 check_toolchain
-build_etcd
-build_helm
-build_kubernetes
+builders=(build_etcd build_kubernetes)
+if [ "$with_test" = 1 ]; then
+  builders+=(build_helm build_prometheus build_wrk)
+fi
+run_all "${builders[@]}"
 # One stable folder of links, so PATH and the testbed need no version arithmetic.
 mkdir -p "$TESTBIN_DIR/bin"
-ln -sf "$(bin_dir etcd "$ETCD_VERSION")/etcd" "$TESTBIN_DIR/bin/etcd"
-ln -sf "$(bin_dir kubernetes "$KUBERNETES_VERSION")/kube-apiserver" "$TESTBIN_DIR/bin/kube-apiserver"
-ln -sf "$(bin_dir kubernetes "$KUBERNETES_VERSION")/kubectl" "$TESTBIN_DIR/bin/kubectl"
-ln -sf "$(bin_dir helm "$HELM_VERSION")/helm" "$TESTBIN_DIR/bin/helm"
+link "$(bin_dir etcd "$ETCD_VERSION")/etcd"
+link "$(bin_dir kubernetes "$KUBERNETES_VERSION")/kube-apiserver"
+link "$(bin_dir kubernetes "$KUBERNETES_VERSION")/kubectl"
+if [ "$with_test" = 1 ]; then
+  link "$(bin_dir helm "$HELM_VERSION")/helm"
+  link "$(bin_dir prometheus "$PROMETHEUS_VERSION")/promtool"
+  link "$(bin_dir prometheus "$PROMETHEUS_VERSION")/prometheus"
+  link "$(bin_dir wrk "$WRK_DEBIAN_VERSION")/wrk"
+fi
 log "done: binaries in $TESTBIN_DIR/bin"
 echo "$TESTBIN_DIR/bin"

@@ -13,7 +13,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 chart="${root}/charts/captchatask"
 out="${1:-${root}/deploy}"
-helm="${HELM:-${root}/.testbin/bin/helm}"
+helm="${HELM:-${TESTBIN_DIR:-${root}/.testbin}/bin/helm}"
 python="${PYTHON:-${root}/.venv/bin/python}"
 # shellcheck source=versions.env
 source "${root}/hack/versions.env"
@@ -23,7 +23,7 @@ namespace=captchatask
 header="# GENERATED from charts/captchatask by \`make manifests\` (hack/render-manifests.sh); do not edit."
 
 if [[ ! -x "${helm}" ]]; then
-  echo "render-manifests: helm not found at ${helm} (run hack/build-binaries.sh, or set HELM)" >&2
+  echo "render-manifests: helm not found at ${helm} (run `make testtools`, or set HELM)" >&2
   exit 1
 fi
 

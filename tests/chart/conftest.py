@@ -8,8 +8,6 @@ Kubernetes version that the chart's ``kubeVersion`` constraint would reject.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,17 +47,14 @@ def kube_version(repo_root: Path) -> str:
 
 @pytest.fixture(scope="session")
 def helm_binary(repo_root: Path) -> Path:
-    """The pinned helm: ``.testbin/bin/helm`` (or ``$TESTBIN_DIR/bin``), else ``PATH``."""
-    candidates = [repo_root / ".testbin" / "bin" / "helm"]
-    with contextlib.suppress(testbed.ControlPlaneError):
-        candidates.insert(0, testbed.locate_toolchain().bin_dir / "helm")
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    found = shutil.which("helm")
+    """The pinned helm from the binary cache (``make testtools``), else ``PATH``."""
+    found = testbed.find_tool("helm")
     if found is None:
-        pytest.fail("helm is missing: run `make testbin` (hack/build-binaries.sh)", pytrace=False)
-    return Path(found)
+        pytest.fail(
+            f"helm is missing: run `{testbed.TEST_TOOLS_HINT}` (hack/build-binaries.sh --test)",
+            pytrace=False,
+        )
+    return found
 
 
 def _run(

@@ -1,6 +1,7 @@
 """Fixtures for the monitoring tests: the canonical rules file, promtool, and the metric catalogue.
 
-promtool and prometheus come from the Debian package ``prometheus`` (``/usr/bin``). They are
+promtool and prometheus are built from the Prometheus Go module into the binary cache by
+``make testtools`` (``hack/build-binaries.sh --test``), which ``make test`` runs. They are
 required, not optional: a missing binary *fails* these tests, because monitoring is product code
 and an untested alert is a pager that never rings.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client import CollectorRegistry
+
+from captchatask import testbed
 
 #: promtool checks a rules file in milliseconds; a hang must not hang the suite.
 PROMTOOL_TIMEOUT_SECONDS = 60
@@ -55,17 +57,15 @@ Promtool = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def binary(name: str) -> Path:
-    """Return a Prometheus binary, failing the test with the package to install when missing."""
-    found = shutil.which(name) or (
-        f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").is_file() else None
-    )
+    """Return a Prometheus binary, failing the test with the command that builds it when missing."""
+    found = testbed.find_tool(name)
     if found is None:
         pytest.fail(
-            f"{name} is missing: install the Debian package `prometheus` "
-            "(apt-get install -y --no-install-recommends prometheus)",
+            f"{name} is missing: build it with `{testbed.TEST_TOOLS_HINT}` "
+            "(hack/build-binaries.sh --test), or put Prometheus 3 on PATH",
             pytrace=False,
         )
-    return Path(found)
+    return found
 
 
 @pytest.fixture(scope="session")

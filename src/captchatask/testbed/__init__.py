@@ -25,9 +25,11 @@ from captchatask.testbed.errors import ControlPlaneError, KubectlError, MissingB
 from captchatask.testbed.plane import STATE_FILE, ControlPlane, Kubectl, default_crd_documents
 from captchatask.testbed.toolchain import (
     BINARIES,
+    TEST_TOOLS_HINT,
     TESTBIN_ENV,
     Toolchain,
     checkout_root,
+    find_tool,
     free_ports,
     locate_toolchain,
     pinned_versions,
@@ -38,6 +40,7 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "STATE_FILE",
     "TESTBIN_ENV",
+    "TEST_TOOLS_HINT",
     "ControlPlane",
     "ControlPlaneError",
     "Kubectl",
@@ -47,6 +50,7 @@ __all__ = [
     "checkout_root",
     "cli_main",
     "default_crd_documents",
+    "find_tool",
     "free_ports",
     "locate_toolchain",
     "pinned_versions",

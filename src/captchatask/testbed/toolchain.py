@@ -20,8 +20,10 @@ __all__ = [
     "BINARIES",
     "LOOPBACK",
     "TESTBIN_ENV",
+    "TEST_TOOLS_HINT",
     "Toolchain",
     "checkout_root",
+    "find_tool",
     "free_ports",
     "locate_toolchain",
     "pinned_versions",
@@ -38,6 +40,9 @@ BINARIES: Final = ("etcd", "kube-apiserver", "kubectl")
 
 #: The command a user runs to build the binaries; every "missing binary" message names it.
 BUILD_HINT: Final = "make testbin"
+
+#: The command that adds what only the tests and benchmarks need (helm, promtool, prometheus, wrk).
+TEST_TOOLS_HINT: Final = "make testtools"
 
 
 def checkout_root() -> Path | None:
@@ -156,6 +161,33 @@ def locate_toolchain() -> Toolchain:
         kubectl=found["kubectl"],
         bin_dir=bin_dir.resolve(),
     )
+
+
+def find_tool(name: str) -> Path | None:
+    """Find a tool the project installs itself (helm, promtool, prometheus, wrk, ...).
+
+    The binary cache comes first, for the same reason as in :func:`locate_toolchain`: the pinned
+    build must win over whatever older copy a machine has on ``PATH``. ``PATH`` is the fallback,
+    so a user who installed the tool another way (a distribution package) still runs the tests.
+
+    Parameters
+    ----------
+    name
+        The executable's name.
+
+    Returns
+    -------
+    Path or None
+        The executable, or None when neither the cache nor ``PATH`` has it (callers fail with
+        :data:`TEST_TOOLS_HINT` in the message).
+    """
+    dirs, _ = _search_dirs()
+    for folder in dirs or []:
+        candidate = folder / name
+        if os.access(candidate, os.X_OK):
+            return candidate
+    hit = shutil.which(name)
+    return Path(hit) if hit else None
 
 
 def free_ports(count: int) -> list[int]:
