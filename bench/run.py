@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--record-bugs",
         type=Path,
-        help="append each missed target, with its profile, to this file (e.g. docs/BUGS.md)",
+        help="append each missed target, with its profile, to this file (e.g. docs/findings.md)",
     )
     return parser
 
