@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export TESTBIN_DIR ?= $(CURDIR)/.testbin
 PYTEST_ARGS ?=
 
-.PHONY: help venv testbin testtools fresh-check lint typecheck unit test manifests check-manifests chaos bench demo clean
+.PHONY: help venv testbin testtools fresh-check lint typecheck unit docs test manifests check-manifests chaos bench demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,7 +38,10 @@ typecheck: venv ## mypy --strict
 unit: venv ## only the tests that need no control plane
 	$(BIN)/pytest -m "not controlplane" $(PYTEST_ARGS)
 
-test: venv testtools lint typecheck ## lint, types, and every test on a real control plane
+docs: venv ## the documentation site, strict (warnings and broken links fail), into docs/_build/html
+	$(BIN)/sphinx-build -W --keep-going -n -q -b dirhtml docs docs/_build/html
+
+test: venv testtools lint typecheck docs ## lint, types, docs, and every test on a real control plane
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 manifests: venv testtools ## render deploy/ from the chart
@@ -57,4 +60,4 @@ fresh-check: ## a newcomer's run: `make demo` and `make test` in a clean clone, 
 	hack/fresh-check.sh
 
 clean: ## remove caches (keeps the binary cache)
-	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis docs/_build docs/_generated

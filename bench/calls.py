@@ -1,4 +1,4 @@
-"""Issue 9 items 2 and 3: provider API calls per task, and recovery delay after the timeout.
+"""Provider API calls per task, and recovery delay after the timeout.
 
 Ours and the seed run side by side, each against its own emulator (same seed-independent
 settings, so the per-account accounting is not mixed), at the same pingback loss, submitting

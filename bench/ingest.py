@@ -1,4 +1,4 @@
-"""Issue 9 items 1 and 5: pingback ingestion and pingback -> app latency.
+"""Pingback ingestion and pingback -> app latency.
 
 Servers measured, each pinned to the server core with wrk/the paced client on the other:
 

@@ -1,6 +1,6 @@
-"""The two benchmark profiles: ``full`` (what the README publishes) and ``small`` (``make test``).
+"""The two benchmark profiles: ``full`` (what the docs publish) and ``small`` (``make test``).
 
-Both run every measurement of issue 9; ``small`` only shrinks durations and counts so the whole
+Both run every measurement; ``small`` only shrinks durations and counts so the whole
 harness is exercised in a couple of minutes. Time-scaled runs (API calls per task, recovery
 delay) multiply the seed's 120 s callback timeout and 30 s sweep, our ``callbackTimeoutSeconds``
 and ``intervalSeconds``, and the emulator's solve times by the same ``time_scale``.
@@ -25,7 +25,7 @@ class Profile:
     paced_seconds
         Duration of each fixed-rate latency run.
     spool_rate, ledger_rate
-        Fixed rates (requests/s) of the latency runs (issue 9: 1,000 spool, 500 ledger).
+        Fixed rates (requests/s) of the latency runs (the targets: 1,000 spool, 500 ledger).
     ledger_tasks
         ``Submitted`` tasks prepared for the closed-loop ledger run (one result each).
     ledger_wrk_seconds
@@ -35,7 +35,7 @@ class Profile:
     calls_tasks
         Tasks per pingback-loss level (each system).
     submit_rate
-        Tasks per second submitted in the API-calls runs (issue 9: 20).
+        Tasks per second submitted in the API-calls runs (the target: 20).
     time_scale
         Factor applied to every protocol time in the API-calls and recovery runs.
     scale_tasks

@@ -1,6 +1,6 @@
 """The five tables, the target verdicts and the miss report, from one results document.
 
-Everything here is a pure function of the JSON that :mod:`bench.run` writes, so the README's
+Everything here is a pure function of the JSON that :mod:`bench.run` writes, so the documentation's
 tables can be regenerated from ``bench/results/full.json`` without re-running anything::
 
     python -m bench.report bench/results/full.json
@@ -22,7 +22,7 @@ MIB: Final = 1024 * 1024
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """One target of issue 9 and how this run did."""
+    """One performance target and how this run did."""
 
     target: str
     figure: str
@@ -260,7 +260,7 @@ def latency_table(results: dict[str, Any]) -> str:
 
 
 def verdicts(results: dict[str, Any]) -> list[Verdict]:
-    """Every numeric target of issue 9 against this run's figures."""
+    """Every numeric performance target against this run's figures."""
     out: list[Verdict] = []
     measured = {
         key: value
@@ -362,7 +362,7 @@ def verdict_table(items: Sequence[Verdict]) -> str:
         [item.target, item.figure, "met" if item.met else "**missed**" if item.met is False else ""]
         for item in items
     ]
-    return _table(["target (issue 9)", "this run", ""], rows)
+    return _table(["target", "this run", ""], rows)
 
 
 def machine_line(results: dict[str, Any]) -> str:
@@ -380,7 +380,7 @@ def machine_line(results: dict[str, Any]) -> str:
 
 
 def render(results: dict[str, Any]) -> str:
-    """All tables as Markdown, in issue order."""
+    """All tables as Markdown, in the order the documentation shows them."""
     parts = [f"Profile `{results['profile']}` · {machine_line(results)}", results["pinning"]]
     sections = (
         ("ingestion", "1. Pingback ingestion", ingestion_table),

@@ -1,15 +1,15 @@
-"""``make bench``: every measurement of issue 9 in one run, side by side with the baselines.
+"""``make bench``: every benchmark in one run, side by side with the baselines.
 
 ::
 
-    python -m bench.run                    # the full profile (what the README publishes)
+    python -m bench.run                    # the full profile (what the documentation publishes)
     python -m bench.run --profile small    # the same harness, shrunk (runs in make test)
 
 Phases, in order (each starts its own whole-system :class:`~captchatask.stack.Stack`):
 
-1. ``ingestion`` — items 1 and 5 (:mod:`bench.ingest`);
-2. ``calls`` — items 2 and 3 (:mod:`bench.calls`);
-3. ``scale`` — item 4 (:mod:`bench.scale`).
+1. ``ingestion`` — pingback ingestion and pingback -> app latency (:mod:`bench.ingest`);
+2. ``calls`` — provider calls per task and recovery delay (:mod:`bench.calls`);
+3. ``scale`` — 10,000 tasks in flight (:mod:`bench.scale`).
 
 Writes ``<results-dir>/<profile>.json`` (machine, versions, every figure, profiles) and
 ``<profile>.md`` (the tables), and prints the five tables and the target verdicts. Benchmarks
@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--record-bugs",
         type=Path,
-        help="append each missed target, with its profile, to this file (e.g. docs/BUGS.md)",
+        help="append each missed target, with its profile, to this file (e.g. docs/findings.md)",
     )
     return parser
 

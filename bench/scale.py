@@ -1,4 +1,4 @@
-"""Issue 9 item 4: many tasks in flight on the real control plane, every pingback dropped.
+"""Many tasks in flight on the real control plane, every pingback dropped.
 
 One :class:`~captchatask.stack.Stack` with the emulator's rate limits off (the default), a thread
 cap far above the task count, long solve times (the tasks stay in flight) and a pingback drop

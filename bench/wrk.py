@@ -28,7 +28,7 @@ request = function()
   return wrk.format("GET", paths[(i - 1) % #paths + 1])
 end
 """
-#: Same concurrency for every server measured (the issue asks for one setting for all).
+#: Same concurrency for every server measured (one setting for all, so the figures compare).
 DEFAULT_CONNECTIONS: Final = 64
 _UNITS: Final = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
 _DURATION: Final = re.compile(r"^([\d.]+)(us|ms|s|m)$")

@@ -8,7 +8,7 @@ from typing import Any
 
 
 def table(figures: dict[str, Any]) -> str:
-    """The human table (the README's Guarantees section pastes it)."""
+    """The human table (the documentation's Guarantees page is generated from it)."""
     f = figures
     faults = f["faults"]
     delivered = f["delivered_by"]

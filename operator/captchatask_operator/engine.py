@@ -8,7 +8,7 @@ reference to the engine:
 
 * :mod:`~captchatask_operator.providers`: key Secret, account check, ``Ready`` condition;
 * :mod:`~captchatask_operator.submission`: intent (pinned resourceVersion), ``in.php``,
-  ``Submitted`` with the provider id (see the README, "The operator", for the crash window);
+  ``Submitted`` with the provider id (see docs/concepts/operator, "Crash safety of submission");
 * :mod:`~captchatask_operator.polling`: the tasks of one provider due at the same moment go out
   in one ``get_results`` call; a result whose task is gone becomes a dead letter;
 * :mod:`~captchatask_operator.requeue`: the dead-letter requeue loop.

@@ -57,7 +57,7 @@ def failure_label(code: str) -> str:
 
 
 class Metrics:
-    """Every series of issue 4 item 6, on one registry."""
+    """Every series the operator exports, on one registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry

@@ -3,7 +3,7 @@
 The intent (``status.submission.intentAt`` and ``attempts + 1``) is written with the
 resourceVersion of a fresh read pinned, before ``in.php`` is called, so two replicas can never
 both submit and a crash between the call and the ``Submitted`` write leaves a visible, bounded
-*unresolved intent* (README, "The operator", crash safety). Adopted tasks
+*unresolved intent* (docs: concepts/operator, "Crash safety of submission"). Adopted tasks
 (``spec.providerTaskId``) skip ``in.php`` and go straight to ``Submitted``. Waiting tasks get a
 ``Submitted=False`` condition naming why. Every action here runs under the engine's per-task
 lock (:meth:`Engine.run`), which re-decides the task when the action ends.

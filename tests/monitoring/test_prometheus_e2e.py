@@ -272,4 +272,4 @@ def test_the_dlq_alert_fires_as_dead_letters_accumulate(
     alerts = _get(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
     (firing,) = [a for a in alerts if a["labels"]["alertname"] == DLQ_ALERT]
     assert firing["labels"]["severity"] == "warning"
-    assert firing["annotations"]["runbook_url"].endswith("#captchataskdeadlettersgrowing")
+    assert firing["annotations"]["runbook_url"].endswith("/runbooks/captchataskdeadlettersgrowing/")

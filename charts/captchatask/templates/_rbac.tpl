@@ -1,7 +1,7 @@
 {{/*
 RBAC rules, grouped by who needs them: "# Framework (kopf)" for what kopf itself does,
-"# Operator" / "# Sidecar" for what captchatask's code does. tests/chart/test_rbac.py proves each
-grant (and each denial) with `kubectl auth can-i` against a real API server.
+"# Operator" / "# Sidecar" for what captchatask's code does. tests/chart/test_chart_cluster.py
+proves each grant (and each denial) with `kubectl auth can-i` against a real API server.
 */}}
 
 {{/* Cluster-scoped needs of kopf, in every mode. */}}
