@@ -225,7 +225,7 @@ build_wrk() {
   cat > "$out/wrk" <<'WRAPPER'
 #!/bin/sh
 # wrk unpacked from Debian's package into the captchatask tool cache; LuaJIT lies beside it.
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(dirname "$(readlink -f "$0")")  # the cache's bin/ holds a link to this file
 LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" exec "$here/wrk.real" "$@"
 WRAPPER
   chmod +x "$out/wrk"
