@@ -428,12 +428,11 @@ class KubeClient:
         body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1"}
         if preconditions:
             body["preconditions"] = preconditions
+        if dry_run:
+            # With a DeleteOptions body the API server ignores the query's dryRun: say it here.
+            body["dryRun"] = ["All"]
         return await self.request(
-            "DELETE",
-            resource.path(namespace, name),
-            body=body,
-            params=DRY_RUN_PARAMS if dry_run else None,
-            timeout=timeout,
+            "DELETE", resource.path(namespace, name), body=body, timeout=timeout
         )
 
     async def watch(
