@@ -499,3 +499,32 @@ def test_people_with_view_read_and_with_edit_create_tasks_and_redrive_letters(
     ]
     _assert_rbac(kubectl, viewer, allowed=reads, denied=[*writes, *never])
     _assert_rbac(kubectl, editor, allowed=[*reads, *writes], denied=never)
+
+
+def test_the_plugin_command_notes_print_runs_as_printed(
+    release: Release,
+    cluster_helm: Helm,
+    control_plane: testbed.ControlPlane,
+) -> None:
+    """NOTES.txt tells people to run ``kubectl captchatask dlq list -n <ns>``: it must work."""
+    import os  # noqa: PLC0415 - only this test puts the plugin on PATH
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    notes = cluster_helm("get", "notes", release.name, "-n", release.namespace).stdout
+    commands = [
+        line.split(": ", 1)[-1].strip()
+        for line in notes.splitlines()
+        if "kubectl captchatask" in line
+    ]
+    assert commands == [f"kubectl captchatask dlq list -n {release.namespace}"]
+    env = control_plane.env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for command in commands:
+        argv = command.split()
+        argv[0] = str(control_plane.toolchain.kubectl)
+        result = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        assert result.stdout == f"No dead letters in namespace {release.namespace}.\n"

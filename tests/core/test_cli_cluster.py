@@ -467,3 +467,36 @@ def test_tasks_and_providers_status_show_what_a_person_asks_next(
     assert json.loads(shown.stdout)["kind"] == "CaptchaTask"
     none = cli(kube_env, "tasks", "list", "-n", namespace, "--phase", "Solved")
     assert none.stdout == f"No tasks in namespace {namespace}.\n"
+
+
+def test_the_commands_make_demo_prints_run_as_printed(
+    kubectl: testbed.Kubectl, kube_env: dict[str, str], namespace: str
+) -> None:
+    """``captchatask demo`` ends with commands to try; the captchatask ones must work."""
+    import io  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from captchatask import demo  # noqa: PLC0415
+
+    stack = SimpleNamespace(
+        env=lambda: {"KUBECONFIG": kube_env["KUBECONFIG"], "PATH": str(BIN_DIR)},
+        sidecar_metrics_url="http://127.0.0.1:1/metrics",
+        operator_metrics_url="http://127.0.0.1:2/metrics",
+        emulator_url="http://127.0.0.1:3",
+    )
+    out = io.StringIO()
+    demo.Demo(stack, out=out, live=False).look_around()  # type: ignore[arg-type]
+    commands = [
+        line.strip().split() for line in out.getvalue().splitlines()
+        if line.strip().startswith("captchatask ")
+    ]  # fmt: skip
+    assert commands == [["captchatask", "dlq", "list", "-n", demo.NAMESPACE]]
+    kubectl("create", "namespace", demo.NAMESPACE, check=False)
+    make_letters(kubectl, demo.NAMESPACE)
+    try:
+        for argv in commands:
+            result = cli(kube_env, *argv[1:])
+            assert result.returncode == 0, (argv, result.stderr)
+            assert "letter-0" in result.stdout
+    finally:
+        kubectl("delete", "cdl", "--all", "-n", demo.NAMESPACE, check=False)
