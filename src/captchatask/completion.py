@@ -90,7 +90,8 @@ def tree(*, user_only: bool) -> Node:
     if not user_only:
         for name in cli.SUBCOMMANDS:
             root.children.setdefault(name, Node(path=(name,)))
-        root.children["completion"] = Node(path=("completion",))
+        shells = {shell: Node(path=("completion", shell)) for shell in ("bash", "zsh")}
+        root.children["completion"] = Node(children=shells, path=("completion",))
     return root
 
 

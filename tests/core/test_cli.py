@@ -189,8 +189,10 @@ def test_completion_of_flags_lists_the_global_ones_on_every_verb() -> None:
 
 
 def test_the_full_command_completes_its_component_commands_too() -> None:
-    result = completion.complete([""], completion.tree(user_only=False), fake_lookup)
+    root = completion.tree(user_only=False)
+    result = completion.complete([""], root, fake_lookup)
     assert {"operator", "sidecar", "demo", "completion", "dlq"} <= set(result.candidates)
+    assert completion.complete(["completion", ""], root, fake_lookup).candidates == ["bash", "zsh"]
 
 
 def _shell_env() -> dict[str, str]:
