@@ -89,7 +89,7 @@ kubectl apply -f deploy/monitoring.yaml
 |---|---|
 | `crds.yaml` | CaptchaTask, CaptchaProvider, CaptchaDeadLetter |
 | `namespace.yaml` | the `captchatask` namespace |
-| `rbac.yaml` | ServiceAccounts, ClusterRole/Binding (operator), Role/Binding (receiver) |
+| `rbac.yaml` | ServiceAccounts, ClusterRole/Binding (operator), Role/Binding (receiver), and the `captchatask-view`/`-edit` ClusterRoles that Kubernetes aggregates into the standard `view`, `edit` and `admin` roles |
 | `operator.yaml` | one standalone operator (`Recreate`) and its metrics Service |
 | `operator-ha.yaml` | instead of `operator.yaml`: two replicas with kopf peering; apply `kopf-peering-crds.yaml` first; its ClusterRole replaces the one in `rbac.yaml` |
 | `kopf-peering-crds.yaml` | kopf's KopfPeering and ClusterKopfPeering CRDs (HA only) |
@@ -114,7 +114,8 @@ render \
   --show-only templates/receiver-serviceaccount.yaml \
   --show-only templates/receiver-role.yaml \
   --show-only templates/receiver-rolebinding.yaml \
-  | emit rbac.yaml "ServiceAccounts and least-privilege RBAC for the operator and the receiver."
+  --show-only templates/user-clusterroles.yaml \
+  | emit rbac.yaml "ServiceAccounts and least-privilege RBAC for the operator and the receiver; view/edit roles for people."
 
 render \
   --show-only templates/operator-deployment.yaml \

@@ -302,7 +302,7 @@ class Engine:
             self.providers[spec.key] = ProviderState(spec=spec)
         else:
             state.spec = spec
-        self.metrics.ensure_provider(spec.name)
+        self.metrics.ensure_provider(*spec.key)
         self.queues.setdefault(spec.key, ProviderQueue())
 
     # == per-task reconciliation ==================================================================
@@ -349,8 +349,8 @@ class Engine:
         if old is not None and not old.terminal and task.phase is Phase.SOLVED:
             delivered = task.delivered_by or DeliveredBy.PINGBACK
             finished = task.finished_at or self.clock()
-            self.metrics.ensure_provider(task.provider)
-            self.metrics.solve_duration.labels(task.provider, str(delivered)).observe(
+            self.metrics.ensure_provider(*task.provider_key)
+            self.metrics.solve_duration.labels(*task.provider_key, str(delivered)).observe(
                 max(0.0, (finished - task.created_at).total_seconds())
             )
         due = policy.ttl_due(task)
@@ -648,8 +648,9 @@ class Engine:
             written = await self.ledger.update_status(current, fields, pin_version=True)
             self.counters.status_writes += 1
             if written is not None:
-                self.metrics.ensure_provider(written.provider)
-                self.metrics.permanent_failures.labels(written.provider, failure_label(code)).inc()
+                provider = (written.ref.namespace, written.provider)
+                self.metrics.ensure_provider(*provider)
+                self.metrics.permanent_failures.labels(*provider, failure_label(code)).inc()
                 self.event(ref, EventType.WARNING, "Failed", f"{code}: {message}")
                 self.remember(written)
                 return
@@ -670,23 +671,23 @@ class Engine:
 
     # == introspection ============================================================================
 
-    def task_counts(self) -> dict[tuple[str, str], int]:
-        """(provider, phase) -> count, for the ``captchatask_tasks`` gauge."""
-        counts: Counter[tuple[str, str]] = Counter()
+    def task_counts(self) -> dict[tuple[str, str, str], int]:
+        """(namespace, provider, phase) -> count, for the ``captchatask_tasks`` gauge."""
+        counts: Counter[tuple[str, str, str]] = Counter()
         for task in self.tasks.values():
-            counts[(task.provider, str(task.phase or Phase.PENDING))] += 1
+            counts[(*task.provider_key, str(task.phase or Phase.PENDING))] += 1
         return dict(counts)
 
-    def past_deadline_counts(self, now: dt.datetime) -> dict[str, int]:
+    def past_deadline_counts(self, now: dt.datetime) -> dict[tuple[str, str], int]:
         """Count unfinished tasks past their deadline at ``now`` per provider (the alert's gauge).
 
         A healthy active operator fails such a task with ``DeadlineExceeded`` within moments,
         so a count that stays above 0 means its scheduler is stuck or it cannot write.
         """
-        counts: Counter[str] = Counter()
+        counts: Counter[tuple[str, str]] = Counter()
         for task in self.tasks.values():
             if not task.terminal and task.deadline <= now:
-                counts[task.provider] += 1
+                counts[task.provider_key] += 1
         return dict(counts)
 
     def refresh_gauges(self) -> None:
@@ -694,3 +695,4 @@ class Engine:
         self.metrics.set_task_counts(self.task_counts())
         self.metrics.set_past_deadline_counts(self.past_deadline_counts(self.clock()))
         self.metrics.set_dead_letter_counts(self.requeuer.letters.counts())
+        self.metrics.active.set(1 if self.active else 0)

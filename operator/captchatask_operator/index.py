@@ -170,6 +170,9 @@ class LetterIndex:
             and letter.phase is DeadLetterPhase.PENDING
         ]
 
-    def counts(self) -> Counter[tuple[str, str]]:
-        """(reason, phase) -> letters, for the ``captchatask_dead_letters`` gauge."""
-        return Counter((letter.reason, str(letter.phase)) for letter in self._letters.values())
+    def counts(self) -> Counter[tuple[str, str, str]]:
+        """(namespace, reason, phase) -> letters, for the ``captchatask_dead_letters`` gauge."""
+        return Counter(
+            (letter.namespace, letter.reason, str(letter.phase))
+            for letter in self._letters.values()
+        )

@@ -6,11 +6,25 @@ outcomes, endpoints, known codes) or the provider's name (a handful per cluster)
 name or id. Series for a provider are pre-created when the provider is first seen, so rates
 start from 0 instead of appearing on the first event.
 
+Whose object: every series about a task, provider or dead letter carries the object's
+namespace in the label ``namespace``, the kube-state-metrics convention. A cluster-wide operator
+serves many namespaces, and two teams may both name their provider ``default``: without the
+namespace their series would be one series. The label is exposed as ``namespace`` (not a
+private name) so that rules, dashboards and joins with ``kube_*`` series filter by it the usual
+way; the chart's ServiceMonitor scrapes with ``honorLabels: true`` (as kube-state-metrics'
+does) so the object's namespace wins over the target's ``namespace`` (the operator pod's).
+Scraped without honor_labels, Prometheus renames it to ``exported_namespace``: that is the
+accident this choice avoids, and the monitoring docs say so. Series about the operator itself
+(``captchatask_build_info``, ``captchatask_operator_active``) have no such label and so get
+the pod's namespace from the target. Cardinality stays bounded: namespaces x providers, both
+counted in handfuls; never a task name.
+
 The dead-letter series have no provider label (a letter belongs to a task that may no longer
-exist): ``captchatask_dead_letters{reason,phase}`` is recomputed from the operator's index of
-the cluster's objects on every scrape, with every reason x phase pre-created, so the DLQ depth
-is right immediately after a restart; ``captchatask_dead_letter_requeues_total{outcome}`` counts
-what each requeue attempt did.
+exist): ``captchatask_dead_letters{namespace,reason,phase}`` is recomputed from the operator's
+index of the cluster's objects on every scrape, with every reason x phase pre-created for each
+namespace that has a provider or a letter, so the DLQ depth is right immediately after a
+restart; ``captchatask_dead_letter_requeues_total{namespace,outcome}`` counts what each requeue
+attempt did.
 """
 
 from __future__ import annotations
@@ -24,7 +38,12 @@ from captchatask.deadletters import RequeueOutcome
 from captchatask.model import DeadLetterPhase, DeadLetterReason, DeliveredBy, Phase
 from captchatask.provider import codes
 from captchatask.provider.client import ENDPOINTS, OUTCOMES, RequestObserver
+from captchatask.version import __version__
 from captchatask_operator.policy import FailureCode, PollOutcome
+
+#: The object's namespace (see the module docstring for why this name).
+NAMESPACE_LABEL: Final = "namespace"
+NS: Final = NAMESPACE_LABEL
 
 SUBMISSION_OUTCOMES: Final = (
     "submitted",
@@ -61,139 +80,168 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.build_info = Gauge(
+            "captchatask_build_info",
+            "Always 1; the running captchatask version, for dashboards and upgrade checks.",
+            ["version"],
+            registry=registry,
+        )
+        self.build_info.labels(__version__).set(1)
+        self.active = Gauge(
+            "captchatask_operator_active",
+            "1 on the replica that is reconciling (the active peer), 0 on a standby.",
+            registry=registry,
+        )
         self.tasks = Gauge(
             "captchatask_tasks",
-            "CaptchaTasks the operator watches, by provider and phase.",
-            ["provider", "phase"],
+            "CaptchaTasks the operator watches, by namespace, provider and phase.",
+            [NS, "provider", "phase"],
             registry=registry,
         )
         self.submissions = Counter(
             "captchatask_submissions_total",
             "in.php submissions by outcome (ambiguous: transport failure, may exist remotely).",
-            ["provider", "outcome"],
+            [NS, "provider", "outcome"],
             registry=registry,
         )
         self.fallback_polls = Counter(
             "captchatask_fallback_polls_total",
             "Per-task fallback polls by what they found.",
-            ["provider", "outcome"],
+            [NS, "provider", "outcome"],
             registry=registry,
         )
         self.fallback_recoveries = Counter(
             "captchatask_fallback_recoveries_total",
             "Results that reached the ledger by fallback poll because no pingback came.",
-            ["provider"],
+            [NS, "provider"],
             registry=registry,
         )
         self.permanent_failures = Counter(
             "captchatask_permanent_failures_total",
             "Tasks the operator failed, by failure code.",
-            ["provider", "code"],
+            [NS, "provider", "code"],
             registry=registry,
         )
         self.provider_requests = Counter(
             "captchatask_provider_requests_total",
             "HTTP exchanges with the solver API.",
-            ["provider", "endpoint", "outcome"],
+            [NS, "provider", "endpoint", "outcome"],
             registry=registry,
         )
         self.provider_request_duration = Histogram(
             "captchatask_provider_request_duration_seconds",
             "Duration of one HTTP exchange with the solver API.",
-            ["provider", "endpoint"],
+            [NS, "provider", "endpoint"],
             buckets=REQUEST_BUCKETS,
             registry=registry,
         )
         self.solve_duration = Histogram(
             "captchatask_task_solve_duration_seconds",
             "From task creation to Solved, by delivery path (observed on the transition).",
-            ["provider", "delivered_by"],
+            [NS, "provider", "delivered_by"],
             buckets=SOLVE_BUCKETS,
             registry=registry,
         )
         self.provider_ready = Gauge(
             "captchatask_provider_ready",
             "1 if the provider's Ready condition is True, else 0.",
-            ["provider"],
+            [NS, "provider"],
             registry=registry,
         )
         self.tasks_past_deadline = Gauge(
             "captchatask_tasks_past_deadline",
             "Unfinished CaptchaTasks past their deadline (the operator should have failed them:"
             " its scheduler is stuck, standby or cannot write), recomputed on scrape.",
-            ["provider"],
+            [NS, "provider"],
             registry=registry,
         )
         self.dead_letters = Gauge(
             "captchatask_dead_letters",
             "CaptchaDeadLetters by reason and phase (the DLQ depth), recomputed from the cluster.",
-            ["reason", "phase"],
+            [NS, "reason", "phase"],
             registry=registry,
         )
         self.dead_letter_requeues = Counter(
             "captchatask_dead_letter_requeues_total",
             "Dead-letter requeue attempts by outcome.",
-            ["outcome"],
+            [NS, "outcome"],
             registry=registry,
         )
+        self.active.set(0)
+        self._known: set[tuple[str, str]] = set()
+        self._namespaces: set[str] = set()
+
+    def ensure_namespace(self, namespace: str) -> None:
+        """Pre-create the dead-letter series of a namespace at 0 (idempotent)."""
+        if namespace in self._namespaces:
+            return
+        self._namespaces.add(namespace)
         for reason in DeadLetterReason:
             for phase in DeadLetterPhase:
-                self.dead_letters.labels(str(reason), str(phase))
+                self.dead_letters.labels(namespace, str(reason), str(phase))
         for outcome in RequeueOutcome:
-            self.dead_letter_requeues.labels(str(outcome))
-        self._known: set[str] = set()
+            self.dead_letter_requeues.labels(namespace, str(outcome))
 
-    def ensure_provider(self, provider: str) -> None:
+    def ensure_provider(self, namespace: str, provider: str) -> None:
         """Pre-create every series of a provider at 0 (idempotent)."""
-        if provider in self._known:
+        key = (namespace, provider)
+        if key in self._known:
             return
-        self._known.add(provider)
+        self._known.add(key)
+        self.ensure_namespace(namespace)
         for phase in Phase:
-            self.tasks.labels(provider, str(phase))
+            self.tasks.labels(*key, str(phase))
         for outcome in SUBMISSION_OUTCOMES:
-            self.submissions.labels(provider, outcome)
+            self.submissions.labels(*key, outcome)
         for outcome in POLL_OUTCOMES:
-            self.fallback_polls.labels(provider, outcome)
-        self.fallback_recoveries.labels(provider)
+            self.fallback_polls.labels(*key, outcome)
+        self.fallback_recoveries.labels(*key)
         for code in (*FAILURE_CODES, OTHER_CODE):
-            self.permanent_failures.labels(provider, code)
+            self.permanent_failures.labels(*key, code)
         for endpoint in ENDPOINTS:
-            self.provider_request_duration.labels(provider, endpoint)
+            self.provider_request_duration.labels(*key, endpoint)
             for outcome in OUTCOMES:
-                self.provider_requests.labels(provider, endpoint, outcome)
+                self.provider_requests.labels(*key, endpoint, outcome)
         for delivered in DeliveredBy:
-            self.solve_duration.labels(provider, str(delivered))
-        self.provider_ready.labels(provider).set(0)
-        self.tasks_past_deadline.labels(provider).set(0)
+            self.solve_duration.labels(*key, str(delivered))
+        self.provider_ready.labels(*key).set(0)
+        self.tasks_past_deadline.labels(*key).set(0)
 
-    def set_task_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
-        """Set ``captchatask_tasks`` from (provider, phase) counts; absent pairs read 0."""
-        for provider in {provider for provider, _ in counts} | self._known:
-            self.ensure_provider(provider)
+    def set_task_counts(self, counts: Mapping[tuple[str, str, str], int]) -> None:
+        """Set ``captchatask_tasks`` from (namespace, provider, phase) counts; absent read 0."""
+        for key in {(ns, provider) for ns, provider, _ in counts} | self._known:
+            self.ensure_provider(*key)
             for phase in Phase:
-                self.tasks.labels(provider, str(phase)).set(counts.get((provider, str(phase)), 0))
+                self.tasks.labels(*key, str(phase)).set(counts.get((*key, str(phase)), 0))
 
-    def set_past_deadline_counts(self, counts: Mapping[str, int]) -> None:
-        """Set ``captchatask_tasks_past_deadline`` per provider; absent providers read 0."""
-        for provider in set(counts) | self._known:
-            self.ensure_provider(provider)
-            self.tasks_past_deadline.labels(provider).set(counts.get(provider, 0))
+    def set_past_deadline_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
+        """Set ``captchatask_tasks_past_deadline`` per (namespace, provider); absent read 0."""
+        for key in set(counts) | self._known:
+            self.ensure_provider(*key)
+            self.tasks_past_deadline.labels(*key).set(counts.get(key, 0))
 
-    def set_dead_letter_counts(self, counts: Mapping[tuple[str, str], int]) -> None:
-        """Set ``captchatask_dead_letters`` from (reason, phase) counts; absent pairs read 0."""
-        pairs = {(str(r), str(p)) for r in DeadLetterReason for p in DeadLetterPhase}
-        for reason, phase in pairs | set(counts):
-            self.dead_letters.labels(reason, phase).set(counts.get((reason, phase), 0))
+    def set_dead_letter_counts(self, counts: Mapping[tuple[str, str, str], int]) -> None:
+        """Set ``captchatask_dead_letters`` from (namespace, reason, phase) counts; absent: 0."""
+        for namespace in {ns for ns, _, _ in counts}:
+            self.ensure_namespace(namespace)
+        triples = {
+            (ns, str(r), str(p))
+            for ns in self._namespaces
+            for r in DeadLetterReason
+            for p in DeadLetterPhase
+        }
+        for triple in triples | set(counts):
+            self.dead_letters.labels(*triple).set(counts.get(triple, 0))
 
-    def observer(self, provider: str) -> RequestObserver:
+    def observer(self, namespace: str, provider: str) -> RequestObserver:
         """The provider client's request observer for one provider."""
 
         def observe(endpoint: str, outcome: str, seconds: float) -> None:
-            self.provider_requests.labels(provider, endpoint, outcome).inc()
-            self.provider_request_duration.labels(provider, endpoint).observe(seconds)
+            self.provider_requests.labels(namespace, provider, endpoint, outcome).inc()
+            self.provider_request_duration.labels(namespace, provider, endpoint).observe(seconds)
 
         return observe
 
-    def known_providers(self) -> Iterable[str]:
-        """Providers with pre-created series."""
+    def known_providers(self) -> Iterable[tuple[str, str]]:
+        """(namespace, provider) pairs with pre-created series."""
         return tuple(self._known)

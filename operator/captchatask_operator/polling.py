@@ -183,7 +183,7 @@ class Poller:
             )
         later = engine.clock() + dt.timedelta(seconds=wait)
         for task in tasks:
-            engine.metrics.fallback_polls.labels(state.spec.name, str(PollOutcome.ERROR)).inc()
+            engine.metrics.fallback_polls.labels(*state.spec.key, str(PollOutcome.ERROR)).inc()
             engine.schedule_at(Kind.POLL, task.key, later)
 
     async def _after_poll(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
@@ -199,9 +199,9 @@ class Poller:
         engine = self.engine
         async with self._record_sem:
             outcome = policy.classify_poll(result)
-            label = state.spec.name
+            label = state.spec.key
             engine.counters.polls += 1
-            engine.metrics.fallback_polls.labels(label, str(outcome)).inc()
+            engine.metrics.fallback_polls.labels(*label, str(outcome)).inc()
             provider_task_id = task.known_provider_task_id
             if isinstance(result, Solution):
                 found = Result.solved(
@@ -212,7 +212,7 @@ class Poller:
                 )
                 recorded = await engine.ledger.record(task.ref, found)
                 if recorded.outcome is Outcome.RECORDED:
-                    engine.metrics.fallback_recoveries.labels(label).inc()
+                    engine.metrics.fallback_recoveries.labels(*label).inc()
                     engine.event(
                         task.ref,
                         EventType.NORMAL,
@@ -232,7 +232,7 @@ class Poller:
                 recorded = await engine.ledger.record(task.ref, failed)
                 if recorded.outcome is Outcome.RECORDED:
                     engine.metrics.permanent_failures.labels(
-                        label, failure_label(result.code)
+                        *label, failure_label(result.code)
                     ).inc()
                     engine.event(
                         task.ref, EventType.WARNING, "Failed", f"{result.code}: {result.reason}"

@@ -81,7 +81,7 @@ class ProviderChecks:
             state.ready = False
             state.reason = verdict.reason
             state.message = verdict.message
-            engine.metrics.provider_ready.labels(state.spec.name).set(0)
+            engine.metrics.provider_ready.labels(*state.spec.key).set(0)
         engine.schedule_at(
             Kind.PROVIDER,
             state.spec.key,
@@ -144,7 +144,7 @@ class ProviderChecks:
                 dialect=spec.dialect,
                 timeout=engine.settings.provider_timeout,
                 transport_retries=engine.settings.provider_transport_retries,
-                observer=engine.metrics.observer(spec.name),
+                observer=engine.metrics.observer(*spec.key),
                 bulk_results=None if spec.polling.bulk else False,
             )
             state.key_version = version
@@ -178,7 +178,7 @@ class ProviderChecks:
         state.ready = verdict.ready
         state.reason = verdict.reason
         state.message = verdict.message
-        engine.metrics.provider_ready.labels(spec.name).set(1 if verdict.ready else 0)
+        engine.metrics.provider_ready.labels(*spec.key).set(1 if verdict.ready else 0)
         now = engine.clock()
         queue = engine.queues.setdefault(spec.key, ProviderQueue())
         status = _status(state, verdict, in_flight=len(queue.in_flight), now=now)

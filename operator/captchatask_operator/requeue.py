@@ -200,7 +200,7 @@ class Requeuer:
         except Exception as exc:  # noqa: BLE001 - counted, reported, retried; never stops the loop
             self._failed(letter, exc)
             return
-        engine.metrics.dead_letter_requeues.labels(str(attempt.outcome)).inc()
+        engine.metrics.dead_letter_requeues.labels(letter.namespace, str(attempt.outcome)).inc()
         if attempt.outcome is RequeueOutcome.APPLIED and attempt.task is not None:
             engine.event(
                 attempt.task,
@@ -228,7 +228,9 @@ class Requeuer:
     def _failed(self, letter: LetterView, exc: Exception) -> None:
         """An attempt raised: count ``error``, say so on the letter, retry without a cost."""
         engine = self.engine
-        engine.metrics.dead_letter_requeues.labels(str(RequeueOutcome.ERROR)).inc()
+        engine.metrics.dead_letter_requeues.labels(
+            letter.namespace, str(RequeueOutcome.ERROR)
+        ).inc()
         if isinstance(exc, kube.KubeError):
             logger.warning("requeue of dead letter %s/%s postponed: %s", *letter.key, exc)
             delay = policy.API_RETRY

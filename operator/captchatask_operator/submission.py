@@ -74,7 +74,7 @@ class Submitter:
             await engine.fail(record.ref, FailureCode.INVALID_SPEC, str(exc), view=view)
             return
         if step.resubmit:
-            engine.metrics.submissions.labels(spec.name, "resubmitted").inc()
+            engine.metrics.submissions.labels(*spec.key, "resubmitted").inc()
             engine.event(
                 record.ref,
                 EventType.WARNING,
@@ -105,7 +105,7 @@ class Submitter:
         except ProviderError as exc:
             await self._submit_failed(pinned, state, exc, attempts=attempts)
             return
-        engine.metrics.submissions.labels(spec.name, "submitted").inc()
+        engine.metrics.submissions.labels(*spec.key, "submitted").inc()
         await self._write_submitted(
             pinned,
             provider_task_id=provider_task_id,
@@ -121,23 +121,23 @@ class Submitter:
         """Record why in.php failed: fail, park, or back off with the documented wait."""
         engine = self.engine
         classification = exc.classification
-        label = state.spec.name
+        label = state.spec.key
         verdict = classification.effective_verdict
         if verdict is Verdict.TASK_FAILED:
-            engine.metrics.submissions.labels(label, "task_failed").inc()
+            engine.metrics.submissions.labels(*label, "task_failed").inc()
             await engine.fail(view.ref, classification.code, classification.reason, view=view)
             return
         now = engine.clock()
         ambiguous = policy.is_ambiguous(classification)
         if verdict is Verdict.CONFIG_ERROR:
-            engine.metrics.submissions.labels(label, "config_error").inc()
+            engine.metrics.submissions.labels(*label, "config_error").inc()
             wait = engine.settings.provider_retry_seconds
             engine.checks.mark_not_ready(
                 state, policy.provider_verdict(state.spec.dialect, error=classification)
             )
         else:
             engine.metrics.submissions.labels(
-                label, "ambiguous" if ambiguous else "retry_later"
+                *label, "ambiguous" if ambiguous else "retry_later"
             ).inc()
             wait = classification.wait_seconds or policy.DEFAULT_ERROR_WAIT_SECONDS
         previous: Mapping[str, Any] = view.status.get("submission") or {}

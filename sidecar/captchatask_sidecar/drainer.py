@@ -132,11 +132,11 @@ class Drainer:
                 received_at=record.received_at,
             )
         except kube.KubeUnavailable:
-            self.metrics.replay_outcome["retry"].inc()
+            self.metrics.replay(record.ref.namespace, "retry").inc()
             return _UNAVAILABLE
         except kube.ApiError as exc:
-            self.metrics.replay_outcome["retry"].inc()
-            self.metrics.ledger_error["api_error"].inc()
+            self.metrics.replay(record.ref.namespace, "retry").inc()
+            self.metrics.ledger_error(record.ref.namespace, "api_error").inc()
             entry.attempts += 1
             delay = min(MAX_RECORD_BACKOFF_SECONDS, 0.5 * 2**entry.attempts)
             entry.next_attempt = time.monotonic() + delay
@@ -151,6 +151,6 @@ class Drainer:
             return "refused"
         finally:
             entry.in_flight = False
-        self.metrics.replay_outcome[outcome].inc()
+        self.metrics.replay(record.ref.namespace, outcome).inc()
         self.spool.resolve(entry)
         return outcome

@@ -4,14 +4,30 @@ Production passes ``prometheus_client.REGISTRY``; tests pass a fresh ``Collector
 read values with ``get_sample_value``. Label values are fixed, small sets created up front so
 every series exists (at 0) from the first scrape: an alert on ``rate(...)`` must not wait for
 the first event. Served only on the admin listener, never on the pingback port.
+
+Whose result: the series about results (pingbacks, spool replays, ledger write errors) carry
+the task's namespace in ``namespace``, the operator's convention (see
+``captchatask_operator.metrics``): one receiver serves several namespaces, and each team's
+alert must name its own. The value is only ever a namespace this process serves (a pingback
+for any other is rejected before it is counted), so cardinality is bounded by configuration. A
+rejected pingback proves nothing about whose it is: it is counted with an empty ``namespace``,
+which Prometheus drops, so under ``honor_labels`` it lands in the receiver's own namespace.
+Series about the process itself (spool, local API, watch) have no such label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from captchatask.version import __version__
+
+#: The task's namespace (see the module docstring).
+NS: Final = "namespace"
+#: The namespace label of a pingback that was rejected (nobody's until it is authenticated).
+UNATTRIBUTED: Final = ""
 
 #: Outcomes of a pingback as answered to its sender (``rejected``: 4xx, nothing written).
 PINGBACK_OUTCOMES: Final = (
@@ -56,10 +72,18 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.build_info = Gauge(
+            "captchatask_build_info",
+            "Always 1; the running captchatask version, for dashboards and upgrade checks.",
+            ["version"],
+            registry=registry,
+        )
+        self.build_info.labels(__version__).set(1)
         self.pingbacks = Counter(
             "captchatask_pingbacks",
-            "Pingbacks answered, by outcome (rejected = 4xx, spooled = fsync'd locally).",
-            ["outcome"],
+            "Pingbacks answered, by the task's namespace and outcome (rejected = 4xx, spooled ="
+            " fsync'd locally).",
+            [NS, "outcome"],
             registry=registry,
         )
         self.spool_depth = Gauge(
@@ -81,13 +105,13 @@ class Metrics:
         self.ledger_write_errors = Counter(
             "captchatask_ledger_write_errors",
             "Ledger or dead-letter writes that failed (the result was spooled or kept spooled).",
-            ["reason"],
+            [NS, "reason"],
             registry=registry,
         )
         self.spool_replays = Counter(
             "captchatask_spool_replays",
             "Spooled results replayed into the ledger, by outcome (retry: not yet applied).",
-            ["outcome"],
+            [NS, "outcome"],
             registry=registry,
         )
         self.spool_write_errors = Counter(
@@ -111,19 +135,47 @@ class Metrics:
             "Restarts of the shared task watch behind the local API's long-polls.",
             registry=registry,
         )
-        for outcome in PINGBACK_OUTCOMES:
-            self.pingbacks.labels(outcome)
-        for outcome in REPLAY_OUTCOMES:
-            self.spool_replays.labels(outcome)
-        for reason in LEDGER_ERROR_REASONS:
-            self.ledger_write_errors.labels(reason)
         self.spool_writable.set(1)
         # Bound children: the hot path avoids the label lookup on every request.
-        self.pingback_outcome: Final = {o: self.pingbacks.labels(o) for o in PINGBACK_OUTCOMES}
-        self.replay_outcome: Final = {o: self.spool_replays.labels(o) for o in REPLAY_OUTCOMES}
-        self.ledger_error: Final = {
-            r: self.ledger_write_errors.labels(r) for r in LEDGER_ERROR_REASONS
+        self._pingback: dict[tuple[str, str], Counter] = {
+            (UNATTRIBUTED, "rejected"): self.pingbacks.labels(UNATTRIBUTED, "rejected")
         }
+        self._replay: dict[tuple[str, str], Counter] = {}
+        self._ledger_error: dict[tuple[str, str], Counter] = {}
+
+    def serve(self, namespaces: Iterable[str]) -> None:
+        """Pre-create the result series of the namespaces this process serves, at 0."""
+        for namespace in namespaces:
+            for outcome in PINGBACK_OUTCOMES:
+                self.pingback(namespace, outcome)
+            for outcome in REPLAY_OUTCOMES:
+                self.replay(namespace, outcome)
+            for reason in LEDGER_ERROR_REASONS:
+                self.ledger_error(namespace, reason)
+
+    def pingback(self, namespace: str, outcome: str) -> Counter:
+        """``captchatask_pingbacks_total`` of one namespace and outcome."""
+        key = (namespace, outcome)
+        child = self._pingback.get(key)
+        if child is None:
+            child = self._pingback[key] = self.pingbacks.labels(namespace, outcome)
+        return child
+
+    def replay(self, namespace: str, outcome: str) -> Counter:
+        """``captchatask_spool_replays_total`` of one namespace and outcome."""
+        key = (namespace, outcome)
+        child = self._replay.get(key)
+        if child is None:
+            child = self._replay[key] = self.spool_replays.labels(namespace, outcome)
+        return child
+
+    def ledger_error(self, namespace: str, reason: str) -> Counter:
+        """``captchatask_ledger_write_errors_total`` of one namespace and reason."""
+        key = (namespace, reason)
+        child = self._ledger_error.get(key)
+        if child is None:
+            child = self._ledger_error[key] = self.ledger_write_errors.labels(namespace, reason)
+        return child
 
     def track_spool(self, *, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         """Compute the spool gauges at scrape time from the spool itself (always exact)."""

@@ -36,7 +36,7 @@ from captchatask.provider import codes
 from captchatask_sidecar import keys
 from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.errors import problem, problem_middleware
-from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, Metrics
+from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
 from captchatask_sidecar.payload import (
     MalformedPingbackError,
     NotAResultError,
@@ -214,14 +214,15 @@ async def receive_pingback(request: web.Request) -> web.Response:
         outcome = await receiver.handle(request)
     except RejectedError as exc:
         if exc.status != 503:
-            metrics.pingback_outcome["rejected"].inc()
+            metrics.pingback(UNATTRIBUTED, "rejected").inc()
         return problem(exc.status, exc.detail)
     except SpoolWriteError:
         metrics.spool_write_errors.inc()
         return problem(503, "not stored, retry later")
     finally:
         metrics.handle_duration.observe(time.perf_counter() - started)
-    metrics.pingback_outcome[outcome].inc()
+    # Counted only once authenticated, so the path's namespace is one this process serves.
+    metrics.pingback(request.match_info["namespace"], outcome).inc()
     return web.Response(body=OK_BODY, headers=_OK_HEADERS[outcome])
 
 

@@ -95,13 +95,13 @@ class Recorder:
                         self.ledger, ref, result, source=source, received_at=received_at
                     )
             except TimeoutError:
-                self.metrics.ledger_error["timeout"].inc()
+                self.metrics.ledger_error(ref.namespace, "timeout").inc()
                 self._open_circuit("the ledger budget was exceeded")
             except kube.KubeUnavailable as exc:
-                self.metrics.ledger_error["unavailable"].inc()
+                self.metrics.ledger_error(ref.namespace, "unavailable").inc()
                 self._open_circuit(str(exc))
             except kube.ApiError as exc:
-                self.metrics.ledger_error["api_error"].inc()
+                self.metrics.ledger_error(ref.namespace, "api_error").inc()
                 logger.warning(
                     "ledger write for %s/%s refused (%s %s); spooling it",
                     ref.namespace,
@@ -158,7 +158,7 @@ class Recorder:
                     source=source,
                 )
             except kube.KubeError:
-                self.metrics.ledger_error["dead_letter_failed"].inc()
+                self.metrics.ledger_error(ref.namespace, "dead_letter_failed").inc()
                 raise
             logger.info(
                 "result for %s/%s dead-lettered: %s",

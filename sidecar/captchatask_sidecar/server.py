@@ -100,6 +100,7 @@ async def assemble(
             verifier = Verifier(
                 kube_client=client, session=provider_session, provider=settings.provider
             )
+        metrics.serve(settings.pingback_namespaces)
         receiver = PingbackReceiver(
             namespaces=frozenset(settings.pingback_namespaces),
             signer=signer,

@@ -6,7 +6,8 @@ on the pingback hot path, and its model (de)serialisation costs more than the re
 handful of resources, all JSON, so this module speaks REST over the component's one
 ``aiohttp.ClientSession``. The ``kubernetes`` package is still used for what it does best:
 loading a kubeconfig or the in-cluster service-account configuration, once, at startup
-(:func:`load_config`).
+(:func:`load_config`), except for exec credential plugins, which this client runs itself so
+their short-lived tokens are refreshed (:mod:`captchatask.credentials`).
 
 Errors are typed so callers can tell "the API server answered no" (:class:`ApiError` with the
 HTTP status) from "the API server did not answer" (:class:`KubeUnavailable`), which is the
@@ -16,6 +17,7 @@ sidecar's cue to spool instead.
 from __future__ import annotations
 
 import json
+import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -26,7 +28,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from captchatask import model
+from captchatask import credentials, model
 
 #: Service-account tokens are rotated by the kubelet; re-read the file this often.
 TOKEN_REFRESH_SECONDS: Final = 60.0
@@ -37,6 +39,8 @@ JSON_PATCH: Final = "application/json-patch+json"
 #: The API server's message when a JSON patch does not apply (e.g. a failed ``test`` op).
 PATCH_NOT_APPLICABLE: Final = "the server rejected our request due to an error in our request"
 MERGE_PATCH: Final = "application/merge-patch+json"
+#: Query of a server-side dry run: every check runs, nothing is persisted.
+DRY_RUN_PARAMS: Final = {"dryRun": "All"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,10 @@ NAMESPACES: Final = Resource("", "v1", "namespaces", namespaced=False)
 
 class KubeError(Exception):
     """Base of the errors of this client."""
+
+
+class ConfigError(KubeError):
+    """The kubeconfig is missing, malformed, or names a context/user that does not exist."""
 
 
 class KubeUnavailable(KubeError):
@@ -111,34 +119,35 @@ class KubeConfig:
     token_file: str | None = None
     verify: bool = True
     namespace: str = "default"
+    #: An exec credential plugin (EKS/GKE style) that supplies the token instead.
+    exec_plugin: credentials.ExecPlugin | None = None
 
 
 def load_config(kubeconfig: str | None = None, *, context: str | None = None) -> KubeConfig:
     """Load in-cluster config when running in a pod, else the kubeconfig (``KUBECONFIG``).
 
     This is a one-off, blocking file read at startup, done with the official ``kubernetes``
-    package so every kubeconfig shape it understands (certificate data, files, tokens) works.
+    package so every kubeconfig shape it understands (certificate data, files, tokens, several
+    files in ``KUBECONFIG``) works. An ``exec`` user is not run here: it is kept as an
+    :class:`~captchatask.credentials.ExecPlugin` that :class:`KubeClient` runs when it needs a
+    token. ``namespace`` is the chosen context's (``--context``), as kubectl does.
     """
     from kubernetes import client as k8s_client  # noqa: PLC0415 - heavy import, startup only
-    from kubernetes import config as k8s_config  # noqa: PLC0415
 
     configuration = k8s_client.Configuration()
     namespace = "default"
     token_file: str | None = None
+    exec_plugin: credentials.ExecPlugin | None = None
     sa_dir = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-    if kubeconfig is None and (sa_dir / "token").exists():
-        # The kubernetes package ships no type information; these three calls are its only use.
+    if kubeconfig is None and context is None and (sa_dir / "token").exists():
+        from kubernetes import config as k8s_config  # noqa: PLC0415
+
+        # The kubernetes package ships no type information; these calls are its only use.
         k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         token_file = str(sa_dir / "token")
         namespace = (sa_dir / "namespace").read_text(encoding="utf-8").strip() or namespace
     else:
-        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig, context=context, client_configuration=configuration
-        )
-        _contexts, active = k8s_config.list_kube_config_contexts(  # type: ignore[no-untyped-call]
-            config_file=kubeconfig
-        )
-        namespace = (active or {}).get("context", {}).get("namespace") or namespace
+        namespace, exec_plugin = _load_kubeconfig(kubeconfig, context, configuration)
     auth = configuration.api_key.get("authorization") or configuration.api_key.get("BearerToken")
     token = None
     if auth:
@@ -152,7 +161,66 @@ def load_config(kubeconfig: str | None = None, *, context: str | None = None) ->
         token_file=token_file,
         verify=bool(configuration.verify_ssl),
         namespace=namespace,
+        exec_plugin=exec_plugin,
     )
+
+
+def _named(entries: object, name: object) -> Any:
+    """The ConfigNode of ``name`` in a merged kubeconfig list (contexts, users, clusters)."""
+    for entry in entries if isinstance(entries, list) else ():
+        if entry.value.get("name") == name:
+            return entry
+    return None
+
+
+def _load_kubeconfig(
+    kubeconfig: str | None, context: str | None, configuration: Any
+) -> tuple[str, credentials.ExecPlugin | None]:
+    """Fill ``configuration`` from a kubeconfig; return the context's namespace and exec plugin."""
+    # The kubernetes package ships no type information; hence the ignores below.
+    from kubernetes.config import kube_config  # noqa: PLC0415 - heavy import, startup only
+    from kubernetes.config.config_exception import ConfigException  # noqa: PLC0415
+
+    paths = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    merger = kube_config.KubeConfigMerger(paths)  # type: ignore[no-untyped-call]
+    merged = merger.config
+    if merged is None:
+        raise ConfigError(f"no kubeconfig found (looked at {paths})")
+    context_name = context or merged.value.get("current-context")
+    context_node = _named(merged.value.get("contexts"), context_name)
+    if context_node is None:
+        raise ConfigError(f"context {context_name!r} does not exist in the kubeconfig")
+    ctx: dict[str, Any] = context_node.value.get("context") or {}
+    namespace = str(ctx.get("namespace") or "default")
+    exec_plugin = None
+    users = merged.value.get("users")
+    user_node = _named(users, ctx.get("user"))
+    user = (user_node.value.get("user") or {}) if user_node is not None else {}
+    if "exec" in user:
+        cluster_node = _named(merged.value.get("clusters"), ctx.get("cluster"))
+        base_dir = Path(user_node.path).resolve().parent if user_node.path else None
+        try:
+            exec_plugin = credentials.ExecPlugin.from_kubeconfig(
+                user["exec"],
+                base_dir=base_dir,
+                cluster=cluster_node.value.get("cluster") if cluster_node is not None else None,
+            )
+        except (OSError, credentials.ExecCredentialError) as exc:
+            raise ConfigError(str(exc)) from exc
+        # Hand the loader the same user without its exec stanza, so the plugin is not run
+        # (and its failure not swallowed) here; KubeClient runs it when it needs a token.
+        stripped = {**user_node.value, "user": {k: v for k, v in user.items() if k != "exec"}}
+        users[users.index(user_node)] = kube_config.ConfigNode(  # type: ignore[no-untyped-call]
+            user_node.name, stripped, user_node.path
+        )
+    try:
+        loader = kube_config.KubeConfigLoader(  # type: ignore[no-untyped-call]
+            config_dict=merged, active_context=context_name, config_base_path=None
+        )
+        loader.load_and_set(configuration)  # type: ignore[no-untyped-call]
+    except ConfigException as exc:
+        raise ConfigError(str(exc)) from exc
+    return namespace, exec_plugin
 
 
 def ssl_context(config: KubeConfig) -> ssl.SSLContext | bool:
@@ -189,16 +257,43 @@ class KubeClient:
         self._session = session
         self._token = config.token
         self._token_read_at = 0.0
+        self.exec_credentials = (
+            credentials.ExecCredentials(config.exec_plugin) if config.exec_plugin else None
+        )
 
-    def _headers(self, content_type: str | None = None) -> dict[str, str]:
+    async def _bearer(self) -> str | None:
+        if self.exec_credentials is not None:
+            try:
+                return await self.exec_credentials.token()
+            except credentials.ExecCredentialError as exc:
+                raise ConfigError(str(exc)) from exc
+        return self._service_account_token()
+
+    def _service_account_token(self) -> str | None:
+        # A tiny file in tmpfs, re-read once a minute: not worth a thread hop.
         if self.config.token_file:
             now = time.monotonic()
             if now - self._token_read_at > TOKEN_REFRESH_SECONDS:
                 self._token = Path(self.config.token_file).read_text(encoding="utf-8").strip()
                 self._token_read_at = now
+        return self._token
+
+    async def _rejected(self, headers: Mapping[str, str]) -> bool:
+        """A 401 arrived: renew an exec token; tell whether retrying can help."""
+        if self.exec_credentials is None:
+            return False
+        sent = headers.get("Authorization", "").removeprefix("Bearer ") or None
+        try:
+            await self.exec_credentials.refresh(sent)
+        except credentials.ExecCredentialError as exc:
+            raise ConfigError(str(exc)) from exc
+        return True
+
+    async def _headers(self, content_type: str | None = None) -> dict[str, str]:
         headers = {"Accept": "application/json"}
-        if self._token:
-            headers["Authorization"] = f"Bearer {self._token}"
+        token = await self._bearer()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
         if content_type:
             headers["Content-Type"] = content_type
         return headers
@@ -213,21 +308,29 @@ class KubeClient:
         params: Mapping[str, str] | None = None,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> dict[str, Any]:
-        """Send one request and decode the JSON answer; raise typed errors."""
+        """Send one request and decode the JSON answer; raise typed errors.
+
+        A 401 with an exec credential plugin renews the token and retries once (client-go does
+        the same): the token may have been revoked or rotated before its stated expiry.
+        """
         data = None if body is None else json.dumps(body, separators=(",", ":"))
-        try:
-            async with self._session.request(
-                method,
-                self.config.server + path,
-                data=data,
-                params=params,
-                headers=self._headers(content_type if data is not None else None),
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as response:
-                raw = await response.read()
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise KubeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+        for attempt in (1, 2):
+            headers = await self._headers(content_type if data is not None else None)
+            try:
+                async with self._session.request(
+                    method,
+                    self.config.server + path,
+                    data=data,
+                    params=params,
+                    headers=headers,
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as response:
+                    raw = await response.read()
+                    status = response.status
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise KubeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
+            if not (status == 401 and attempt == 1 and await self._rejected(headers)):
+                break
         decoded: Any
         try:
             decoded = json.loads(raw) if raw else {}
@@ -285,14 +388,20 @@ class KubeClient:
         *,
         patch_type: str = MERGE_PATCH,
         subresource: str | None = None,
+        dry_run: bool = False,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> dict[str, Any]:
-        """PATCH an object or its subresource (``status``)."""
+        """PATCH an object or its subresource (``status``); ``dry_run`` only validates it."""
         path = resource.path(namespace, name)
         if subresource:
             path += f"/{subresource}"
         return await self.request(
-            "PATCH", path, body=body, content_type=patch_type, timeout=timeout
+            "PATCH",
+            path,
+            body=body,
+            content_type=patch_type,
+            params=DRY_RUN_PARAMS if dry_run else None,
+            timeout=timeout,
         )
 
     async def delete(
@@ -303,9 +412,14 @@ class KubeClient:
         *,
         uid: str | None = None,
         resource_version: str | None = None,
+        dry_run: bool = False,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> dict[str, Any]:
-        """DELETE an object, optionally only if it is still the same instance/version."""
+        """DELETE an object, optionally only if it is still the same instance/version.
+
+        ``dry_run`` asks the API server to run every check (RBAC, preconditions, admission)
+        and persist nothing, like ``kubectl delete --dry-run=server``.
+        """
         preconditions: dict[str, str] = {}
         if uid:
             preconditions["uid"] = uid
@@ -314,6 +428,9 @@ class KubeClient:
         body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1"}
         if preconditions:
             body["preconditions"] = preconditions
+        if dry_run:
+            # With a DeleteOptions body the API server ignores the query's dryRun: say it here.
+            body["dryRun"] = ["All"]
         return await self.request(
             "DELETE", resource.path(namespace, name), body=body, timeout=timeout
         )
@@ -344,9 +461,12 @@ class KubeClient:
             async with self._session.get(
                 self.config.server + resource.path(namespace),
                 params=params,
-                headers=self._headers(),
+                headers=(headers := await self._headers()),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=DEFAULT_TIMEOUT_SECONDS),
             ) as response:
+                if response.status == 401:
+                    # Renew an exec token for the caller's next watch; this one is lost.
+                    await self._rejected(headers)
                 if response.status >= 400:
                     raw = await response.read()
                     raise ApiError(

@@ -9,12 +9,14 @@ the denied ones, so a grant that grows (or shrinks) fails a test.
 from __future__ import annotations
 
 import base64
+import json
 import secrets
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -279,13 +281,20 @@ def test_the_operator_gets_exactly_what_it_needs_cluster_wide(
     _assert_rbac(kubectl, release.service_account("operator"), allowed=allowed, denied=denied)
 
 
-def _sidecar_checks(namespace: str) -> list[Check]:
+def _local_api_checks(namespace: str) -> list[Check]:
+    """What only the local task API needs: create, adopt (label) and watch tasks."""
     return [
-        ("get", TASKS, namespace, ""),
         ("list", TASKS, namespace, ""),
         ("watch", TASKS, namespace, ""),
         ("create", TASKS, namespace, ""),
         ("patch", TASKS, namespace, ""),
+    ]
+
+
+def _sidecar_checks(namespace: str, *, local_api: bool = True) -> list[Check]:
+    return [
+        ("get", TASKS, namespace, ""),
+        *(_local_api_checks(namespace) if local_api else []),
         ("patch", TASKS, namespace, "status"),
         ("get", PROVIDERS, namespace, ""),
         ("create", LETTERS, namespace, ""),
@@ -320,11 +329,16 @@ def _sidecar_denied(namespace: str, elsewhere: str) -> list[Check]:
 def test_the_receiver_may_record_results_in_its_namespace_and_nothing_more(
     release: Release, kubectl: testbed.Kubectl
 ) -> None:
+    # The standalone receiver runs without the local task API, so it may not create, list or
+    # watch tasks.
     _assert_rbac(
         kubectl,
         release.service_account("receiver"),
-        allowed=_sidecar_checks(release.namespace),
-        denied=_sidecar_denied(release.namespace, release.other_namespace),
+        allowed=_sidecar_checks(release.namespace, local_api=False),
+        denied=[
+            *_sidecar_denied(release.namespace, release.other_namespace),
+            *_local_api_checks(release.namespace),
+        ],
     )
 
 
@@ -398,3 +412,119 @@ def test_a_namespaced_operator_is_confined_to_its_namespaces(
     kubectl("get", "secret", f"{name}-captchatask-pingback-key", "-n", home)
     for namespace in (home, served, other):
         kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+
+
+# -- RBAC for people: the aggregated view/edit ClusterRoles -----------------------------------
+
+AGGREGATED = ("view", "edit", "admin")
+
+
+def _cluster_role(kubectl: testbed.Kubectl, name: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads(kubectl("get", "clusterrole", name, "-o", "json").stdout)
+    return body
+
+
+def test_the_standard_roles_aggregation_selectors_pick_our_user_roles(
+    release: Release, kubectl: testbed.Kubectl
+) -> None:
+    """The API server's own bootstrap view/edit/admin select our roles by their labels.
+
+    There is no kube-controller-manager here, so nothing copies the rules into view/edit/admin
+    (its clusterrole-aggregation controller does that in a real cluster). This test does the
+    controller's selection with the real objects instead: each standard role's
+    aggregationRule selectors, evaluated by the API server (``kubectl get -l``), must pick
+    exactly the roles a holder of that standard role should inherit.
+    """
+    ours = {f"{release.name}-captchatask-{suffix}" for suffix in ("view", "edit")}
+    expected = {
+        "view": {f"{release.name}-captchatask-view"},
+        "edit": ours,
+        "admin": ours,
+    }
+    for standard in AGGREGATED:
+        rule = _cluster_role(kubectl, standard)["aggregationRule"]
+        picked: set[str] = set()
+        for selector in rule["clusterRoleSelectors"]:
+            labels = ",".join(f"{k}={v}" for k, v in selector["matchLabels"].items())
+            names = kubectl("get", "clusterroles", "-l", labels, "-o", "name").stdout.split()
+            picked |= {
+                name.removeprefix("clusterrole.rbac.authorization.k8s.io/") for name in names
+            }
+        assert (
+            picked & {n for n in picked if n.startswith(f"{release.name}-")} == expected[standard]
+        )
+
+
+def _bind(kubectl: testbed.Kubectl, namespace: str, user: str, cluster_roles: list[str]) -> None:
+    for role in cluster_roles:
+        kubectl(
+            "create", "rolebinding", f"{user}-{role}", f"--clusterrole={role}",
+            f"--user={user}", "-n", namespace,
+        )  # fmt: skip
+
+
+def test_people_with_view_read_and_with_edit_create_tasks_and_redrive_letters(
+    release: Release, kubectl: testbed.Kubectl
+) -> None:
+    """can-i for users holding what aggregation gives the standard view and edit roles.
+
+    Bound explicitly to our ClusterRoles (no aggregation controller here, see above): a
+    ``view`` holder gets the -view role, an ``edit`` holder both (-view carries the
+    aggregate-to-edit label too).
+    """
+    namespace = release.other_namespace
+    view_role = f"{release.name}-captchatask-view"
+    edit_role = f"{release.name}-captchatask-edit"
+    viewer, editor = f"viewer-{release.name}", f"editor-{release.name}"
+    _bind(kubectl, namespace, viewer, [view_role])
+    _bind(kubectl, namespace, editor, [view_role, edit_role])
+    reads: list[Check] = [
+        (verb, resource, namespace, "")
+        for resource in (TASKS, PROVIDERS, LETTERS)
+        for verb in ("get", "list", "watch")
+    ]
+    writes: list[Check] = [
+        ("create", TASKS, namespace, ""),
+        ("delete", TASKS, namespace, ""),
+        ("create", PROVIDERS, namespace, ""),
+        ("patch", LETTERS, namespace, "status"),
+        ("delete", LETTERS, namespace, ""),
+    ]
+    never: list[Check] = [
+        ("patch", TASKS, namespace, "status"),
+        ("create", LETTERS, namespace, ""),
+        ("get", "secrets", namespace, ""),
+        ("list", TASKS, release.namespace, ""),
+        ("list", TASKS, "-A", ""),
+    ]
+    _assert_rbac(kubectl, viewer, allowed=reads, denied=[*writes, *never])
+    _assert_rbac(kubectl, editor, allowed=[*reads, *writes], denied=never)
+
+
+def test_the_plugin_command_notes_print_runs_as_printed(
+    release: Release,
+    cluster_helm: Helm,
+    control_plane: testbed.ControlPlane,
+) -> None:
+    """NOTES.txt tells people to run ``kubectl captchatask dlq list -n <ns>``: it must work."""
+    import os  # noqa: PLC0415 - only this test puts the plugin on PATH
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    notes = cluster_helm("get", "notes", release.name, "-n", release.namespace).stdout
+    commands = [
+        line.split(": ", 1)[-1].strip()
+        for line in notes.splitlines()
+        if "kubectl captchatask" in line
+    ]
+    assert commands == [f"kubectl captchatask dlq list -n {release.namespace}"]
+    env = control_plane.env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    for command in commands:
+        argv = command.split()
+        argv[0] = str(control_plane.toolchain.kubectl)
+        result = subprocess.run(
+            argv, capture_output=True, text=True, env=env, timeout=120, check=False
+        )
+        assert result.returncode == 0, f"{command}: {result.stderr}"
+        assert result.stdout == f"No dead letters in namespace {release.namespace}.\n"

@@ -285,7 +285,11 @@ def test_namespaced_mode_uses_roles_and_a_peering_object_per_namespace(
         assert (namespace, "ct-captchatask-receiver") in roles
     peerings = {p["metadata"]["namespace"] for p in _by_kind(objects, "KopfPeering")}
     assert peerings == {"ci-team-a", "ci-team-b"}
-    (cluster_role,) = _by_kind(objects, "ClusterRole")
+    (cluster_role,) = [
+        role
+        for role in _by_kind(objects, "ClusterRole")
+        if role["metadata"]["name"] == "ct-captchatask-operator"
+    ]
     resources = {r for rule in cluster_role["rules"] for r in rule["resources"]}
     assert resources == {"customresourcedefinitions", "namespaces"}
     receiver = _deployment(objects, "receiver")
@@ -397,3 +401,62 @@ def test_rbac_is_grouped_under_framework_and_component_comments(chart_dir: Path)
     assert "# Framework (kopf):" in text
     assert "# Operator:" in text
     assert "# Sidecar:" in text
+
+
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def _rules(role: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (resource, verb)
+        for rule in role["rules"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_user_roles_aggregate_into_view_edit_and_admin_like_cert_managers(render: Render) -> None:
+    roles = {r["metadata"]["name"]: r for r in _by_kind(render(), "ClusterRole")}
+    view, edit = roles["ct-captchatask-view"], roles["ct-captchatask-edit"]
+    aggregates = {
+        name: sorted(k.removeprefix(AGGREGATE) for k, v in r["metadata"]["labels"].items()
+                     if k.startswith(AGGREGATE) and v == "true")
+        for name, r in (("view", view), ("edit", edit))
+    }  # fmt: skip
+    # view's rules reach view, edit and admin; edit's reach edit and admin.
+    assert aggregates == {"view": ["admin", "edit", "view"], "edit": ["admin", "edit"]}
+    assert _rules(view) == {
+        (resource, verb)
+        for resource in ("captchatasks", "captchaproviders", "captchadeadletters")
+        for verb in ("get", "list", "watch")
+    }
+    granted = _rules(edit)
+    assert ("captchatasks", "create") in granted
+    assert ("captchadeadletters/status", "patch") in granted  # dlq redrive
+    assert ("captchadeadletters", "delete") in granted  # dlq purge
+    # The ledger (task status) stays with the components; no one edits a result by hand.
+    assert not any(resource == "captchatasks/status" for resource, _ in granted)
+    assert not any(resource in ("secrets", "*") for resource, _ in granted | _rules(view))
+    off = render(sets=["rbac.aggregateClusterRoles=false"])
+    names = {r["metadata"]["name"] for r in _by_kind(off, "ClusterRole")}
+    assert names == {"ct-captchatask-operator"}
+
+
+def test_the_receiver_without_a_local_api_may_not_create_list_or_watch_tasks(
+    render: Render,
+) -> None:
+    objects = render(
+        sets=["sidecar.namespaces[0].namespace=apps", "sidecar.namespaces[0].serviceAccounts={web}"]
+    )
+    roles = {
+        (r["metadata"]["namespace"], r["metadata"]["name"]): r for r in _by_kind(objects, "Role")
+    }
+    receiver = _rules(roles[("captchatask", "ct-captchatask-receiver")])
+    sidecar = _rules(roles[("apps", "ct-captchatask-sidecar")])
+    assert {verb for resource, verb in receiver if resource == "captchatasks"} == {"get"}
+    assert {verb for resource, verb in sidecar if resource == "captchatasks"} == {
+        "get", "list", "watch", "create", "patch",
+    }  # fmt: skip
+    assert receiver - {("captchatasks", "get")} == sidecar - {
+        ("captchatasks", verb) for verb in ("get", "list", "watch", "create", "patch")
+    }

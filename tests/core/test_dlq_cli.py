@@ -72,7 +72,11 @@ def test_list_shows_reason_attempts_and_age(
     assert lines[5].split()[1] == "Expired"
     assert lines[5].split()[5] == "12"
     code, out = run(kube_env, "-n", namespace, "list", "--phase", "Expired", "-o", "json")
-    assert [item["metadata"]["name"] for item in json.loads(out)] == ["letter-4"]
+    listed = json.loads(out)
+    # kubectl's shape: a List whose items carry their apiVersion and kind.
+    assert (listed["apiVersion"], listed["kind"]) == ("v1", "List")
+    assert [item["metadata"]["name"] for item in listed["items"]] == ["letter-4"]
+    assert listed["items"][0]["kind"] == "CaptchaDeadLetter"
 
 
 def test_show_previews_the_payload_and_yaml_shows_it_whole(

@@ -273,3 +273,191 @@ def test_the_dlq_alert_fires_as_dead_letters_accumulate(
     (firing,) = [a for a in alerts if a["labels"]["alertname"] == DLQ_ALERT]
     assert firing["labels"]["severity"] == "warning"
     assert firing["annotations"]["runbook_url"].endswith("/runbooks/captchataskdeadlettersgrowing/")
+
+
+# -- two teams, one operator ------------------------------------------------------------------
+
+PROVIDER_ALERT = "CaptchataskProviderNotReady"
+#: Where the "pods" run: Prometheus gives their series this target namespace, as a
+#: ServiceMonitor would, so the test proves the objects' namespace survives it.
+POD_NAMESPACE = "captchatask-system"
+
+
+def _provider(namespace: str, base_url: str) -> str:
+    return f"""apiVersion: v1
+kind: Secret
+metadata: {{name: solver, namespace: {namespace}}}
+stringData: {{apiKey: {EMULATOR_KEY}}}
+---
+apiVersion: captchatask.dev/v1alpha1
+kind: CaptchaProvider
+metadata: {{name: default, namespace: {namespace}}}
+spec:
+  dialect: captchaai
+  baseURL: {base_url}
+  apiKeySecretRef: {{name: solver}}
+"""
+
+
+EMULATOR_KEY = "emulatorkey0123456789abcdef01234"
+
+
+def _query(prometheus: str, expr: str) -> list[dict[str, Any]]:
+    encoded = urllib.parse.urlencode({"query": expr})
+    result: list[dict[str, Any]] = _get(f"{prometheus}/api/v1/query?{encoded}")["data"]["result"]
+    return result
+
+
+def test_two_teams_same_named_providers_alert_and_chart_by_their_own_namespace(
+    control_plane: testbed.ControlPlane,
+    namespace: str,
+    rules_file: Path,
+    repo_root: Path,
+    tmp_path: Path,
+    processes: Processes,
+) -> None:
+    """Team A's provider ``default`` is healthy, team B's ``default`` is unreachable.
+
+    One operator serves both namespaces and runs "in" a third (the target's namespace label).
+    The alert must name team B and ``default``, never team A nor the operator's namespace, and
+    the dashboard's per-namespace queries must return one series per team.
+    """
+    prometheus_bin = binary("prometheus")
+    team_a, team_b = namespace, f"{namespace}-b"
+    control_plane.kubectl("create", "namespace", team_b)
+    key_file = tmp_path / "hmacKey"
+    key_file.write_text(secrets.token_urlsafe(36)[:48] + "\n")
+    op_admin, rx_pingback, rx_admin, prom_port, emu_port, closed = testbed.free_ports(6)
+    base_env = control_plane.env()
+    base_env["CAPTCHATASK_PINGBACK_KEY_FILE"] = str(key_file)
+    processes.start(
+        "emulator",
+        [sys.executable, "-m", "captchatask", "emulator", "--port", str(emu_port),
+         "--key", EMULATOR_KEY],
+        base_env,
+    )  # fmt: skip
+    operator_env = dict(
+        base_env, CAPTCHATASK_ADMIN_HOST="127.0.0.1", CAPTCHATASK_ADMIN_PORT=str(op_admin)
+    )
+    processes.start(
+        "operator",
+        [sys.executable, "-m", "captchatask", "operator", "--namespace", team_a,
+         "--namespace", team_b, "--standalone"],
+        operator_env,
+    )  # fmt: skip
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    processes.start(
+        "sidecar",
+        [sys.executable, "-m", "captchatask", "sidecar"],
+        dict(
+            base_env,
+            CAPTCHATASK_PINGBACK_ADDR=f"127.0.0.1:{rx_pingback}",
+            CAPTCHATASK_ADMIN_ADDR=f"127.0.0.1:{rx_admin}",
+            CAPTCHATASK_LOCAL_ADDR="",
+            CAPTCHATASK_NAMESPACE=team_a,
+            CAPTCHATASK_PINGBACK_NAMESPACES=f"{team_a},{team_b}",
+            CAPTCHATASK_SPOOL_DIR=str(spool),
+            CAPTCHATASK_POD_NAME="e2e-receiver",
+        ),
+    )
+    for port in (op_admin, rx_admin):
+        _wait_for(
+            f"/readyz on {port}",
+            functools.partial(_http_ok, f"http://127.0.0.1:{port}/readyz"),
+            deadline=STARTUP_DEADLINE_SECONDS,
+            logs=processes.logs,
+        )
+    control_plane.kubectl(
+        "apply", "-f", "-", input=_provider(team_a, f"http://127.0.0.1:{emu_port}")
+    )
+    control_plane.kubectl("apply", "-f", "-", input=_provider(team_b, f"http://127.0.0.1:{closed}"))
+
+    rules_copy = tmp_path / "rules.yaml"
+    _test_rules(rules_file, rules_copy)
+    # As the chart's ServiceMonitor scrapes: honor_labels, and the pods' namespace as a target
+    # label that every series without a namespace of its own receives.
+    target_labels = {"namespace": POD_NAMESPACE}
+    config = {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": EVALUATION_INTERVAL},
+        "rule_files": [str(rules_copy)],
+        "scrape_configs": [
+            {"job_name": "captchatask-operator", "honor_labels": True,
+             "static_configs": [{"targets": [f"127.0.0.1:{op_admin}"], "labels": target_labels}]},
+            {"job_name": "captchatask-receiver", "honor_labels": True,
+             "static_configs": [{"targets": [f"127.0.0.1:{rx_admin}"], "labels": target_labels}]},
+        ],
+    }  # fmt: skip
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    processes.start(
+        "prometheus",
+        [
+            str(prometheus_bin),
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        dict(os.environ),
+    )
+    prometheus = f"http://127.0.0.1:{prom_port}"
+
+    def readiness() -> dict[tuple[str, str], str]:
+        result = _query(prometheus, "captchatask_provider_ready")
+        return {(r["metric"]["namespace"], r["metric"]["provider"]): r["value"][1] for r in result}
+
+    # Two series for two same-named providers, each under its team's namespace.
+    _wait_for(
+        "team A Ready and team B not",
+        lambda: readiness() == {(team_a, "default"): "1", (team_b, "default"): "0"},
+        deadline=ALERT_DEADLINE_SECONDS,
+        logs=processes.logs,
+    )
+
+    def firing() -> list[dict[str, str]]:
+        alerts = _get(f"{prometheus}/api/v1/alerts")["data"]["alerts"]
+        return [
+            a["labels"]
+            for a in alerts
+            if a["labels"]["alertname"] == PROVIDER_ALERT and a["state"] == "firing"
+        ]
+
+    _wait_for("the provider alert", lambda: bool(firing()), deadline=ALERT_DEADLINE_SECONDS,
+              logs=processes.logs)  # fmt: skip
+    (alert,) = firing()
+    assert (alert["namespace"], alert["provider"]) == (team_b, "default")
+    assert alert["severity"] == "critical"
+    # A series about the process itself keeps the pod's namespace from the target.
+    (active,) = _query(prometheus, "captchatask_operator_active")
+    assert (active["metric"]["namespace"], active["value"][1]) == (POD_NAMESPACE, "1")
+    (version,) = _query(prometheus, 'captchatask_build_info{job="captchatask-operator"}')
+    assert version["metric"]["namespace"] == POD_NAMESPACE
+
+    # The dashboard's queries, as Grafana sends them with "All" namespaces and providers: the
+    # per-namespace panels return one series per team.
+    dashboard = json.loads(
+        (repo_root / "charts/captchatask/files/dashboards/captchatask.json").read_text()
+    )
+    queries = {
+        panel["title"]: target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    }
+    variables = {"$__rate_interval": "1m", "$namespace": ".*", "$provider": ".*"}
+
+    def run(title: str) -> list[dict[str, Any]]:
+        expr = queries[title]
+        for variable, value in variables.items():
+            expr = expr.replace(variable, value)
+        return _query(prometheus, expr)
+
+    by_namespace = {
+        (r["metric"]["namespace"], r["metric"]["provider"]): r["value"][1]
+        for r in run("Provider readiness by namespace")
+    }
+    assert by_namespace == {(team_a, "default"): "1", (team_b, "default"): "0"}
+    in_flight = {r["metric"]["namespace"] for r in run("Tasks in flight by namespace")}
+    assert in_flight == {team_a, team_b}
+    (not_ready,) = run("Providers not ready")
+    assert not_ready["value"][1] == "1"
+    control_plane.kubectl("delete", "namespace", team_b, "--wait=false", check=False)

@@ -82,8 +82,8 @@ def ready_provider(eng: Engine) -> ProviderState:
     )
     state = ProviderState(spec=spec, ready=True, reason="Ready", checked=True)
     eng.providers[spec.key] = state
-    eng.metrics.ensure_provider(spec.name)
-    eng.metrics.provider_ready.labels(spec.name).set(1)
+    eng.metrics.ensure_provider(*spec.key)
+    eng.metrics.provider_ready.labels(*spec.key).set(1)
     return state
 
 
@@ -139,7 +139,7 @@ async def test_a_short_burst_of_transient_failures_keeps_the_provider_ready(
     assert (state.ready, state.reason, state.transient_failures) == (True, "Ready", 2)
     assert (first, second) == (1.0, 2.0)
     sample = eng.metrics.registry.get_sample_value
-    assert sample("captchatask_provider_ready", {"provider": "default"}) == 1
+    assert sample("captchatask_provider_ready", {"namespace": NS, "provider": "default"}) == 1
 
 
 async def test_an_answer_resets_the_count_of_transient_failures(
@@ -213,13 +213,13 @@ async def test_the_past_deadline_gauge_counts_unfinished_tasks_past_their_deadli
     engine: tuple[Engine, FakeClock],
 ) -> None:
     eng, clock = engine
-    eng.metrics.ensure_provider("default")
+    eng.metrics.ensure_provider(NS, "default")
     eng.tasks.put(task("late-pending", deadline_seconds=60))
     eng.tasks.put(task("late-submitted", deadline_seconds=60, phase="Submitted"))
     eng.tasks.put(task("late-but-solved", deadline_seconds=60, phase="Solved"))
     eng.tasks.put(task("in-time", deadline_seconds=600))
     sample = eng.metrics.registry.get_sample_value
-    labels = {"provider": "default"}
+    labels = {"namespace": NS, "provider": "default"}
 
     eng.refresh_gauges()
     before = sample("captchatask_tasks_past_deadline", labels)

@@ -190,7 +190,10 @@ def test_the_letter_index_finds_pending_letters_waiting_for_a_task() -> None:
 
     assert index.waiting_for(NS, name="t1", provider_task_id=None) == [(NS, "a")]
     assert index.waiting_for(NS, name="zz", provider_task_id="2") == [(NS, "b")]
-    assert index.counts() == {("TaskNotFound", "Pending"): 2, ("TaskNotFound", "Expired"): 1}
+    assert index.counts() == {
+        (NS, "TaskNotFound", "Pending"): 2,
+        (NS, "TaskNotFound", "Expired"): 1,
+    }
 
 
 # -- the requeuer on the engine's schedule (fake clock, no API calls) ---------------------------
@@ -367,13 +370,22 @@ def test_dead_letter_series_exist_at_zero_for_every_reason_phase_and_outcome() -
     metrics = Metrics(registry)
     sample = registry.get_sample_value
 
+    metrics.ensure_namespace("shop")
     for reason in model.DeadLetterReason:
         for phase in model.DeadLetterPhase:
-            assert sample("captchatask_dead_letters", {"reason": reason, "phase": phase}) == 0
+            labels = {"namespace": "shop", "reason": reason, "phase": phase}
+            assert sample("captchatask_dead_letters", labels) == 0
     for outcome in deadletters.RequeueOutcome:
-        assert sample("captchatask_dead_letter_requeues_total", {"outcome": outcome}) == 0
+        labels = {"namespace": "shop", "outcome": outcome}
+        assert sample("captchatask_dead_letter_requeues_total", labels) == 0
 
-    metrics.set_dead_letter_counts({("TaskNotFound", "Pending"): 2})
-    metrics.set_dead_letter_counts({("TaskNotFound", "Expired"): 2})
-    assert sample("captchatask_dead_letters", {"reason": "TaskNotFound", "phase": "Pending"}) == 0
-    assert sample("captchatask_dead_letters", {"reason": "TaskNotFound", "phase": "Expired"}) == 2
+    metrics.set_dead_letter_counts({("shop", "TaskNotFound", "Pending"): 2})
+    metrics.set_dead_letter_counts({("shop", "TaskNotFound", "Expired"): 2})
+    pending = {"namespace": "shop", "reason": "TaskNotFound", "phase": "Pending"}
+    expired = {**pending, "phase": "Expired"}
+    assert sample("captchatask_dead_letters", pending) == 0
+    assert sample("captchatask_dead_letters", expired) == 2
+    # A namespace whose letters appear is pre-created whole, and each namespace counts its own.
+    metrics.set_dead_letter_counts({("blog", "TaskRecreated", "Pending"): 1})
+    assert sample("captchatask_dead_letters", {**pending, "namespace": "blog"}) == 0
+    assert sample("captchatask_dead_letters", expired) == 0

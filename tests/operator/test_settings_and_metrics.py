@@ -59,41 +59,62 @@ def test_provider_series_are_pre_created_at_zero() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
 
-    metrics.ensure_provider("default")
+    metrics.ensure_provider("shop", "default")
 
     sample = registry.get_sample_value
-    assert sample("captchatask_tasks", {"provider": "default", "phase": "Queued"}) == 0
+    of = {"namespace": "shop", "provider": "default"}
+    assert sample("captchatask_tasks", {**of, "phase": "Queued"}) == 0
+    assert sample("captchatask_submissions_total", {**of, "outcome": "submitted"}) == 0
+    assert sample("captchatask_fallback_recoveries_total", of) == 0
+    assert sample("captchatask_permanent_failures_total", {**of, "code": "DeadlineExceeded"}) == 0
     assert (
-        sample("captchatask_submissions_total", {"provider": "default", "outcome": "submitted"})
+        sample("captchatask_provider_requests_total", {**of, "endpoint": "get", "outcome": "ok"})
         == 0
     )
-    assert sample("captchatask_fallback_recoveries_total", {"provider": "default"}) == 0
-    assert (
-        sample(
-            "captchatask_permanent_failures_total",
-            {"provider": "default", "code": "DeadlineExceeded"},
-        )
-        == 0
-    )
-    assert (
-        sample(
-            "captchatask_provider_requests_total",
-            {"provider": "default", "endpoint": "get", "outcome": "ok"},
-        )
-        == 0
-    )
-    assert sample("captchatask_provider_ready", {"provider": "default"}) == 0
+    assert sample("captchatask_provider_ready", of) == 0
+    assert sample("captchatask_dead_letters", {"namespace": "shop", "reason": "Redriven",
+                                               "phase": "Pending"}) == 0  # fmt: skip
+
+
+def test_same_named_providers_of_two_namespaces_are_two_series() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.ensure_provider("team-a", "default")
+    metrics.ensure_provider("team-b", "default")
+    metrics.provider_ready.labels("team-a", "default").set(1)
+    metrics.set_task_counts({("team-b", "default", "Submitted"): 4})
+
+    sample = registry.get_sample_value
+    ready = "captchatask_provider_ready"
+    assert sample(ready, {"namespace": "team-a", "provider": "default"}) == 1
+    assert sample(ready, {"namespace": "team-b", "provider": "default"}) == 0
+    tasks = {"provider": "default", "phase": "Submitted"}
+    assert sample("captchatask_tasks", {**tasks, "namespace": "team-a"}) == 0
+    assert sample("captchatask_tasks", {**tasks, "namespace": "team-b"}) == 4
+
+
+def test_build_info_and_the_active_gauge_describe_the_replica() -> None:
+    from captchatask.version import __version__  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    assert registry.get_sample_value("captchatask_build_info", {"version": __version__}) == 1
+    assert registry.get_sample_value("captchatask_operator_active") == 0
+    metrics.active.set(1)
+    assert registry.get_sample_value("captchatask_operator_active") == 1
 
 
 def test_task_counts_reset_phases_that_emptied() -> None:
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.set_task_counts({("p", "Submitted"): 3})
-    metrics.set_task_counts({("p", "Solved"): 3})
+    metrics.set_task_counts({("ns", "p", "Submitted"): 3})
+    metrics.set_task_counts({("ns", "p", "Solved"): 3})
 
     sample = registry.get_sample_value
-    assert sample("captchatask_tasks", {"provider": "p", "phase": "Submitted"}) == 0
-    assert sample("captchatask_tasks", {"provider": "p", "phase": "Solved"}) == 3
+    assert (
+        sample("captchatask_tasks", {"namespace": "ns", "provider": "p", "phase": "Submitted"}) == 0
+    )
+    assert sample("captchatask_tasks", {"namespace": "ns", "provider": "p", "phase": "Solved"}) == 3
 
 
 def test_unknown_failure_codes_share_one_label() -> None:

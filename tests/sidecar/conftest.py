@@ -143,13 +143,19 @@ class SidecarProcess:
     async def metrics(
         self, session: aiohttp.ClientSession
     ) -> dict[tuple[str, tuple[str, ...]], float]:
-        """Scrape /metrics into ``{(sample name, label values): value}``."""
+        """Scrape /metrics into ``{(sample name, label values but the namespace): value}``.
+
+        Series of every namespace are summed: these tests serve one namespace each, and the
+        namespace label has tests of its own.
+        """
         async with session.get(self.admin_url + "/metrics") as response:
             text = await response.text()
         samples: dict[tuple[str, tuple[str, ...]], float] = {}
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
-                samples[(sample.name, tuple(sample.labels.values()))] = sample.value
+                values = tuple(v for k, v in sample.labels.items() if k != "namespace")
+                key = (sample.name, values)
+                samples[key] = samples.get(key, 0.0) + sample.value
         return samples
 
 

@@ -44,8 +44,8 @@ class Receiver:
     def path(self, ref: TaskRef = REF) -> str:
         return self.signer.path(ref)
 
-    def value(self, name: str, **labels: str) -> float:
-        sample = self.metrics.registry.get_sample_value(name, labels)
+    def value(self, name: str, namespace: str = NAMESPACE, **labels: str) -> float:
+        sample = self.metrics.registry.get_sample_value(name, {"namespace": namespace, **labels})
         assert sample is not None, name
         return sample
 
@@ -64,6 +64,7 @@ async def receiver(
     (closed_port,) = testbed.free_ports(1)
     config = kube.KubeConfig(server=f"https://127.0.0.1:{closed_port}", verify=False)
     metrics = Metrics(CollectorRegistry())
+    metrics.serve([NAMESPACE])
     spool = Spool(tmp_path / "spool")
     spool.open()
     async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
@@ -97,7 +98,9 @@ async def test_a_forged_token_is_refused_before_anything_happens(receiver: Recei
     assert response.content_type == "application/problem+json"
     assert (await response.json())["detail"] == "forbidden"
     receiver.assert_nothing_written()
-    assert receiver.value("captchatask_pingbacks_total", outcome="rejected") == 1
+    # Not authenticated, so nobody's: counted with an empty namespace, never as the path's.
+    assert receiver.value("captchatask_pingbacks_total", "", outcome="rejected") == 1
+    assert receiver.value("captchatask_pingbacks_total", outcome="rejected") == 0
 
 
 async def test_a_token_for_one_task_does_not_open_another(receiver: Receiver) -> None:
@@ -220,6 +223,7 @@ async def test_a_valid_pingback_with_the_api_server_away_is_spooled(receiver: Re
     assert response.headers[OUTCOME_HEADER] == "spooled"
     assert receiver.spool.depth == 1
     assert receiver.value("captchatask_ledger_write_errors_total", reason="unavailable") == 1
+    assert receiver.value("captchatask_pingbacks_total", outcome="spooled") == 1
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
@@ -237,3 +241,22 @@ async def test_a_body_that_does_not_decode_is_a_bad_request(
     assert response.status == 400
     assert response.content_type == "application/problem+json"
     receiver.assert_nothing_written()
+
+
+def test_result_series_are_per_served_namespace_and_start_at_zero() -> None:
+    from captchatask.version import __version__  # noqa: PLC0415
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.serve(["team-a", "team-b"])
+    metrics.pingback("team-b", "recorded").inc()
+    sample = registry.get_sample_value
+    recorded = {"outcome": "recorded"}
+    assert sample("captchatask_pingbacks_total", {"namespace": "team-a", **recorded}) == 0
+    assert sample("captchatask_pingbacks_total", {"namespace": "team-b", **recorded}) == 1
+    for name, label, value in (
+        ("captchatask_spool_replays_total", "outcome", "retry"),
+        ("captchatask_ledger_write_errors_total", "reason", "timeout"),
+    ):
+        assert sample(name, {"namespace": "team-a", label: value}) == 0
+    assert sample("captchatask_build_info", {"version": __version__}) == 1

@@ -71,12 +71,25 @@ proves each grant (and each denial) with `kubectl auth can-i` against a real API
   {{- end }}
 {{- end }}
 
-{{/* Everything a sidecar or standalone receiver may do, in one namespace. Nothing else. */}}
+{{/*
+Everything a sidecar or standalone receiver may do, in one namespace. Nothing else.
+Takes a dict with "localApi": the local task API (create, adopt, long-poll) is what needs
+list/watch/create/patch on tasks; without it (the standalone receiver) a pingback only reads
+the task it names.
+*/}}
 {{- define "captchatask.rbac.sidecar" -}}
-# Sidecar: find the task a pingback is for, and long-poll it for the app (local task API).
+{{- if .localApi -}}
+# Sidecar: find the task a pingback is for; create, adopt (label) and long-poll tasks for the
+# app (local task API: one shared watch of the namespace's tasks).
 - apiGroups: [captchatask.dev]
   resources: [captchatasks]
   verbs: [get, list, watch, create, patch]
+{{- else -}}
+# Receiver: read the task a pingback names (no local task API, so no list, watch or create).
+- apiGroups: [captchatask.dev]
+  resources: [captchatasks]
+  verbs: [get]
+{{- end }}
 # Sidecar: record results in the ledger (compare-and-set status patches, captchatask.ledger).
 - apiGroups: [captchatask.dev]
   resources: [captchatasks/status]
@@ -93,4 +106,30 @@ proves each grant (and each denial) with `kubectl auth can-i` against a real API
 - apiGroups: [""]
   resources: [events]
   verbs: [create, patch]
+{{- end }}
+
+{{/* People with the standard `view` role (and so edit and admin): read everything we define. */}}
+{{- define "captchatask.rbac.userView" -}}
+- apiGroups: [captchatask.dev]
+  resources: [captchatasks, captchaproviders, captchadeadletters]
+  verbs: [get, list, watch]
+{{- end }}
+
+{{/*
+People with `edit` (and so admin): create and manage tasks and providers, redrive and purge
+dead letters (`captchatask dlq`). Not task status: that is the ledger, written only by the
+operator and the receivers with compare-and-set patches. Providers name a Secret of their own
+namespace, which `edit` can read anyway, so managing them grants nothing new.
+*/}}
+{{- define "captchatask.rbac.userEdit" -}}
+- apiGroups: [captchatask.dev]
+  resources: [captchatasks, captchaproviders]
+  verbs: [create, update, patch, delete, deletecollection]
+# `captchatask dlq redrive` resets a letter's status; `dlq purge` deletes letters.
+- apiGroups: [captchatask.dev]
+  resources: [captchadeadletters]
+  verbs: [delete, deletecollection]
+- apiGroups: [captchatask.dev]
+  resources: [captchadeadletters/status]
+  verbs: [patch]
 {{- end }}
