@@ -280,6 +280,9 @@ def main(argv: Sequence[str]) -> int:
     except kube.ApiError as exc:
         sys.stderr.write(f"error: {exc.message or exc}\n")
         return 1
+    except kube.TooManyRequests as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     except kube.KubeUnavailable as exc:
         sys.stderr.write(f"error: the API server is unreachable: {exc}\n")
         return 1
