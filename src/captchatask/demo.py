@@ -54,6 +54,8 @@ OUTAGE_SECONDS: Final = 6.0
 #: ...unless no pingback has met it yet: then it is held (at most this long) until one does.
 OUTAGE_MAX_SECONDS: Final = 15.0
 REFRESH_SECONDS: Final = 1.0
+#: The live view keeps this many of the latest progress lines under its header.
+LIVE_EVENTS: Final = 4
 #: The faults the demo survives: the seed tutorial's failure table, at a visible rate.
 EMULATOR_FAULTS: Final = (
     "--solve-time-scale",
@@ -234,12 +236,15 @@ class Demo:
         self.rows: dict[str, Row] = {}
         self.started = time.monotonic()
         self.freeze: Freeze | None = None
+        self.events: list[str] = []
         #: The components' numbers at the summary (``None`` before it).
         self.final: Numbers | None = None
 
     def say(self, message: str) -> None:
-        """Print a progress line."""
-        self.out.write(f"[{time.monotonic() - self.started:6.1f}s] {message}\n")
+        """Print a progress line (kept under the live view's header, which redraws)."""
+        line = f"[{time.monotonic() - self.started:6.1f}s] {message}"
+        self.events.append(line)
+        self.out.write(line + "\n")
         self.out.flush()
 
     def create_tasks(self, count: int, *, rng: random.Random) -> None:
@@ -310,6 +315,7 @@ class Demo:
             return
         self.out.write("\x1b[2J\x1b[H")
         self.out.write(f"captchatask demo — {time.monotonic() - self.started:5.1f}s\n{line}\n")
+        self.out.write("".join(f"  {event}\n" for event in self.events[-LIVE_EVENTS:]))
         self.out.write(
             f"\n{'TASK':10} {'TYPE':20} {'VIA':10} {'PHASE':10} {'DELIVERED BY':13} "
             f"{'LATENCY':>8}  FAILURE\n"
