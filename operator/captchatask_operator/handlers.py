@@ -145,6 +145,11 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     kopf_settings.watching.server_timeout = settings.watch_server_timeout
     kopf_settings.watching.client_timeout = settings.watch_server_timeout + 30
     kopf_settings.watching.connect_timeout = 10
+    # kopf's own client retries 429s and 5xx itself: give it the schedule our client uses
+    # (client-go's ten retries) and let a server-named Retry-After win over the schedule, as
+    # client-go and captchatask.kube do, rather than re-implement retries around kopf.
+    kopf_settings.networking.error_backoffs = kube.DEFAULT_RETRY.kopf_backoffs()
+    kopf_settings.networking.enforce_retry_after = True
     # We post our own Events on every transition; kopf's are only useful for its problems.
     kopf_settings.posting.level = logging.WARNING
     # An event handler is a dictionary update. kopf keeps one worker per object with pending

@@ -79,7 +79,11 @@ async def assemble(
         client = kube.KubeClient(config, session)
         hub = TaskHub(client, settings.pod_namespace, metrics)
         recorder = Recorder(
-            ledger=Ledger(client, timeout=settings.ledger_budget_seconds),
+            # The hot path retries a "come back later" only within its budget, then spools.
+            ledger=Ledger(
+                client.with_retry(budget=settings.ledger_budget_seconds),
+                timeout=settings.ledger_budget_seconds,
+            ),
             spool=spool,
             metrics=metrics,
             budget=settings.ledger_budget_seconds,

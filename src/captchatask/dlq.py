@@ -370,6 +370,8 @@ def run_async(run: Callable[[], Coroutine[Any, Any, int]]) -> int:
         sys.stderr.write(f"error: {exc}\n")
     except kube.ApiError as exc:
         sys.stderr.write(f"error: {exc.message or exc}\n")
+    except kube.TooManyRequests as exc:
+        sys.stderr.write(f"error: {exc}\n")
     except kube.KubeUnavailable as exc:
         sys.stderr.write(f"error: the API server is unreachable: {exc}\n")
     return 1

@@ -12,18 +12,28 @@ their short-lived tokens are refreshed (:mod:`captchatask.credentials`).
 Errors are typed so callers can tell "the API server answered no" (:class:`ApiError` with the
 HTTP status) from "the API server did not answer" (:class:`KubeUnavailable`), which is the
 sidecar's cue to spool instead.
+
+"Come back later" answers are retried here, the way client-go does it, so every component and
+the CLI behave alike: a ``429`` (the API server's "storage is (re)initializing" while a new
+CRD's watch cache fills, or API Priority and Fairness shedding load) and a ``5xx`` that carries
+``Retry-After`` are retried after the time the server asked for (the ``Retry-After`` header, or
+``details.retryAfterSeconds`` in the Status body), or after an exponential back-off when a 429
+names none, at most :attr:`RetryPolicy.max_retries` times; then :class:`TooManyRequests` says
+so. The operator's kopf watches use kopf's own client, configured from the same policy
+(:meth:`RetryPolicy.kopf_backoffs`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 from urllib.parse import quote
 
 import aiohttp
@@ -41,6 +51,43 @@ PATCH_NOT_APPLICABLE: Final = "the server rejected our request due to an error i
 MERGE_PATCH: Final = "application/merge-patch+json"
 #: Query of a server-side dry run: every check runs, nothing is persisted.
 DRY_RUN_PARAMS: Final = {"dryRun": "All"}
+
+#: Answers that mean "come back later" when the server says when (client-go's ``checkWait``).
+HTTP_TOO_MANY_REQUESTS: Final = 429
+HTTP_SERVER_ERROR: Final = 500
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How "come back later" answers are retried: client-go's rule with a back-off floor.
+
+    client-go retries a 429 or 5xx that carries ``Retry-After`` up to 10 times, waiting what the
+    server asked. We do the same, cap one wait at ``max_wait`` (a confused server cannot park a
+    component for an hour), back off exponentially on a 429 that names no time, and give up
+    early when the next wait would pass ``budget`` (the sidecar's hot path spools instead of
+    waiting out a second when its budget is half of one).
+    """
+
+    max_retries: int = 10
+    backoff_base: float = 0.5
+    backoff_cap: float = 8.0
+    max_wait: float = 30.0
+    #: Total seconds the retries of one request may wait; ``None``: only ``max_retries`` bounds.
+    budget: float | None = None
+
+    def delay(self, retry: int, retry_after: float | None) -> float:
+        """Seconds to wait before retry number ``retry`` (1-based)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_wait)
+        return min(self.backoff_base * 2.0 ** (retry - 1), self.backoff_cap)
+
+    def kopf_backoffs(self) -> tuple[float, ...]:
+        """The same schedule as kopf's ``networking.error_backoffs`` (one entry per retry)."""
+        return tuple(self.delay(retry, None) for retry in range(1, self.max_retries + 1))
+
+
+#: What every client uses unless it asks for less (10 retries, like client-go).
+DEFAULT_RETRY: Final = RetryPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +128,23 @@ class ConfigError(KubeError):
 
 class KubeUnavailable(KubeError):
     """The API server could not be reached or did not answer in time."""
+
+
+class TooManyRequests(KubeUnavailable):
+    """The API server kept asking us to come back later; the retries are used up.
+
+    A :class:`KubeUnavailable`: callers that spool or postpone on an absent API server do the
+    same for a server that is there but not ready.
+    """
+
+    def __init__(self, what: str, status: int, detail: str, attempts: int) -> None:
+        super().__init__(
+            f"{what}: the API server answered HTTP {status} ({detail}) to {attempts} "
+            f"attempt(s) and asked to retry later; giving up"
+        )
+        self.status = status
+        self.detail = detail
+        self.attempts = attempts
 
 
 class ApiError(KubeError):
@@ -250,16 +314,33 @@ class KubeClient:
         Where and how to connect.
     session
         The caller's session, created with :func:`connector` and closed by the caller.
+    retry
+        How "come back later" answers are retried (:data:`DEFAULT_RETRY`).
     """
 
-    def __init__(self, config: KubeConfig, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        config: KubeConfig,
+        session: aiohttp.ClientSession,
+        *,
+        retry: RetryPolicy = DEFAULT_RETRY,
+    ) -> None:
         self.config = config
         self._session = session
+        self.retry = retry
         self._token = config.token
         self._token_read_at = 0.0
         self.exec_credentials = (
             credentials.ExecCredentials(config.exec_plugin) if config.exec_plugin else None
         )
+
+    def with_retry(self, **changes: Any) -> Self:
+        """A client on the same session whose retry policy has ``changes`` (e.g. ``budget``)."""
+        clone = type(self)(self.config, self._session, retry=replace(self.retry, **changes))
+        clone._token, clone._token_read_at = self._token, self._token_read_at
+        # One plugin cache for both: a token renewed by one is the other's too.
+        clone.exec_credentials = self.exec_credentials
+        return clone
 
     async def _bearer(self) -> str | None:
         if self.exec_credentials is not None:
@@ -310,10 +391,40 @@ class KubeClient:
     ) -> dict[str, Any]:
         """Send one request and decode the JSON answer; raise typed errors.
 
+        "Come back later" answers are retried by :attr:`retry` (see the module docstring).
+        """
+        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        waited = 0.0
+        retry = 0
+        while True:
+            status, decoded, retry_after = await self._send(
+                method, path, data=data, params=params, content_type=content_type, timeout=timeout
+            )
+            if not _come_back_later(status, retry_after):
+                return _decode(method, path, status, decoded)
+            retry += 1
+            delay = self.retry.delay(retry, retry_after)
+            budget = self.retry.budget
+            if retry > self.retry.max_retries or (budget is not None and waited + delay > budget):
+                raise TooManyRequests(f"{method} {path}", status, _detail(decoded), retry)
+            await asyncio.sleep(delay)
+            waited += delay
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        data: str | None,
+        params: Mapping[str, str] | None,
+        content_type: str,
+        timeout: float,
+    ) -> tuple[int, Any, float | None]:
+        """One exchange: (status, decoded body, the Retry-After the server asked for).
+
         A 401 with an exec credential plugin renews the token and retries once (client-go does
         the same): the token may have been revoked or rotated before its stated expiry.
         """
-        data = None if body is None else json.dumps(body, separators=(",", ":"))
         for attempt in (1, 2):
             headers = await self._headers(content_type if data is not None else None)
             try:
@@ -327,6 +438,7 @@ class KubeClient:
                 ) as response:
                     raw = await response.read()
                     status = response.status
+                    header = response.headers.get("Retry-After")
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise KubeUnavailable(f"{method} {path}: {type(exc).__name__}: {exc}") from exc
             if not (status == 401 and attempt == 1 and await self._rejected(headers)):
@@ -336,17 +448,7 @@ class KubeClient:
             decoded = json.loads(raw) if raw else {}
         except ValueError:
             decoded = {"message": raw[:200].decode("utf-8", "replace")}
-        if status >= 400:
-            if status in (429, 500, 502, 503, 504) and not isinstance(decoded, dict):
-                raise KubeUnavailable(f"{method} {path}: HTTP {status}")
-            message = str(decoded.get("message", "")) if isinstance(decoded, dict) else ""
-            reason = str(decoded.get("reason", "")) if isinstance(decoded, dict) else ""
-            if status in (429, 503, 504):
-                raise KubeUnavailable(f"{method} {path}: HTTP {status} {reason}: {message}")
-            raise ApiError(status, reason, message)
-        if not isinstance(decoded, dict):
-            raise ApiError(status, "BadResponse", "the API server answered with a non-object")
-        return decoded
+        return status, decoded, _retry_after(header, decoded) if status >= 400 else None
 
     async def get(
         self, resource: Resource, namespace: str | None, name: str, **kw: Any
@@ -477,3 +579,47 @@ class KubeClient:
                         yield json.loads(line)
         except (aiohttp.ClientError, OSError) as exc:
             raise KubeUnavailable(f"watch {resource.plural}: {type(exc).__name__}") from exc
+
+
+def _retry_after(header: str | None, decoded: object) -> float | None:
+    """Seconds the server asked us to wait: the header, else the Status body's details."""
+    if header:
+        try:
+            return max(float(header), 0.0)
+        except ValueError:
+            pass  # an HTTP date: no API server sends one; fall back to the body or back-off
+    details = decoded.get("details") if isinstance(decoded, dict) else None
+    seconds = details.get("retryAfterSeconds") if isinstance(details, dict) else None
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool):
+        return max(float(seconds), 0.0)
+    return None
+
+
+def _come_back_later(status: int, retry_after: float | None) -> bool:
+    """client-go's rule: any 429, and a 5xx that says when to come back."""
+    if status == HTTP_TOO_MANY_REQUESTS:
+        return True
+    return status >= HTTP_SERVER_ERROR and retry_after is not None
+
+
+def _detail(decoded: object) -> str:
+    if not isinstance(decoded, dict):
+        return "no details"
+    reason = str(decoded.get("reason", "")).strip()
+    message = str(decoded.get("message", "")).strip()
+    return ": ".join(part for part in (reason, message) if part) or "no details"
+
+
+def _decode(method: str, path: str, status: int, decoded: Any) -> dict[str, Any]:
+    """Turn a final answer into the decoded object or a typed error."""
+    if status >= 400:
+        if status in (429, 500, 502, 503, 504) and not isinstance(decoded, dict):
+            raise KubeUnavailable(f"{method} {path}: HTTP {status}")
+        message = str(decoded.get("message", "")) if isinstance(decoded, dict) else ""
+        reason = str(decoded.get("reason", "")) if isinstance(decoded, dict) else ""
+        if status in (429, 503, 504):
+            raise KubeUnavailable(f"{method} {path}: HTTP {status} {reason}: {message}")
+        raise ApiError(status, reason, message)
+    if not isinstance(decoded, dict):
+        raise ApiError(status, "BadResponse", "the API server answered with a non-object")
+    return decoded

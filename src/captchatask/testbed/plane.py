@@ -417,7 +417,9 @@ class ControlPlane:
         return result
 
     def install_crds(self, documents: Sequence[Mapping[str, Any]]) -> list[str]:
-        """Server-side apply ``documents`` and wait until every CRD among them is Established.
+        """Server-side apply ``documents``; wait until every CRD among them is served.
+
+        Served means Established, in discovery, and a LIST of each version answers 200.
 
         Parameters
         ----------
@@ -451,6 +453,7 @@ class ControlPlane:
                 *(f"customresourcedefinition/{name}" for name in names),
             )
             self._wait_for_discovery(definitions)
+            self._wait_for_lists(definitions)
         # Discovery cached by the apply/wait above predates the new types: drop it.
         shutil.rmtree(self.kubectl_cache_dir, ignore_errors=True)
         return names
@@ -474,6 +477,35 @@ class ControlPlane:
             if time.monotonic() > deadline:
                 raise ControlPlaneError(f"CRDs not in API discovery after {CRD_ESTABLISH_TIMEOUT}s")
             time.sleep(POLL_INTERVAL)
+
+    def _wait_for_lists(self, definitions: Sequence[Mapping[str, Any]]) -> None:
+        """Wait until a LIST of every served version of ``definitions`` answers 200.
+
+        Discovery lists a new type before the API server can serve it: until the type's watch
+        cache has filled, a LIST answers ``429 storage is (re)initializing``. A tool (or a
+        person) that runs the first command right after ``up`` must find the types served.
+        """
+        paths = [
+            f"/apis/{d['spec']['group']}/{v['name']}/{d['spec']['names']['plural']}?limit=1"
+            for d in definitions
+            for v in d["spec"]["versions"]
+            if v.get("served", True)
+        ]
+        deadline = time.monotonic() + CRD_ESTABLISH_TIMEOUT
+        for path in paths:
+            while True:
+                try:
+                    status, body = self._admin_request("GET", path)
+                except (OSError, ssl.SSLError) as err:
+                    status, body = 0, str(err).encode()
+                if status == HTTP_OK:
+                    break
+                if time.monotonic() > deadline:
+                    raise ControlPlaneError(
+                        f"LIST {path} still answers {status} after {CRD_ESTABLISH_TIMEOUT}s: "
+                        f"{body[:200].decode('utf-8', 'replace')}"
+                    )
+                time.sleep(POLL_INTERVAL)
 
     def _discovered_resources(self) -> set[tuple[str, str, str]]:
         """Return (group, version, plural) of every resource in aggregated discovery."""
