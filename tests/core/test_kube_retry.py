@@ -177,7 +177,7 @@ async def test_the_cli_waits_out_an_initializing_api_server(
 ) -> None:
     fake.busy = 2
     code, out, err = await dlq_list(write_kubeconfig(tmp_path / "kubeconfig", fake.url))
-    assert (code, out, err) == (0, "No dead letters.\n", "")
+    assert (code, out, err) == (0, "No dead letters in namespace demo.\n", "")
     assert len(fake.seen) == 3
 
 
