@@ -34,11 +34,11 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from captchatask.buildinfo import register_build_info
 from captchatask.deadletters import RequeueOutcome
 from captchatask.model import DeadLetterPhase, DeadLetterReason, DeliveredBy, Phase
 from captchatask.provider import codes
 from captchatask.provider.client import ENDPOINTS, OUTCOMES, RequestObserver
-from captchatask.version import __version__
 from captchatask_operator.policy import FailureCode, PollOutcome
 
 #: The object's namespace (see the module docstring for why this name).
@@ -80,13 +80,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.build_info = Gauge(
-            "captchatask_build_info",
-            "Always 1; the running captchatask version, for dashboards and upgrade checks.",
-            ["version"],
-            registry=registry,
-        )
-        self.build_info.labels(__version__).set(1)
+        self.build_info = register_build_info(registry)
         self.active = Gauge(
             "captchatask_operator_active",
             "1 on the replica that is reconciling (the active peer), 0 on a standby.",

@@ -22,7 +22,7 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from captchatask.version import __version__
+from captchatask.buildinfo import register_build_info
 
 #: The task's namespace (see the module docstring).
 NS: Final = "namespace"
@@ -72,13 +72,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
-        self.build_info = Gauge(
-            "captchatask_build_info",
-            "Always 1; the running captchatask version, for dashboards and upgrade checks.",
-            ["version"],
-            registry=registry,
-        )
-        self.build_info.labels(__version__).set(1)
+        self.build_info = register_build_info(registry)
         self.pingbacks = Counter(
             "captchatask_pingbacks",
             "Pingbacks answered, by the task's namespace and outcome (rejected = 4xx, spooled ="

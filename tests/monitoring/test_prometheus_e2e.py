@@ -126,6 +126,51 @@ def _test_rules(rules_file: Path, target: Path) -> None:
     target.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
 
 
+def _start_prometheus(
+    processes: Processes,
+    prometheus_bin: Path,
+    tmp_path: Path,
+    rules_file: Path,
+    op_admin: int,
+    rx_admin: int,
+    prom_port: int,
+    *,
+    target_labels: dict[str, str] | None = None,
+) -> str:
+    """Start Prometheus on the shortened rules, scraping both components; return its URL.
+
+    It scrapes as the chart's ServiceMonitor does: ``honor_labels``, so the objects' own
+    ``namespace`` survives, and ``target_labels`` (the pods' namespace) for every series that
+    carries none of its own.
+    """
+    rules_copy = tmp_path / "rules.yaml"
+    _test_rules(rules_file, rules_copy)
+    labels = target_labels or {}
+    config = {
+        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": EVALUATION_INTERVAL},
+        "rule_files": [str(rules_copy)],
+        "scrape_configs": [
+            {"job_name": "captchatask-operator", "honor_labels": True,
+             "static_configs": [{"targets": [f"127.0.0.1:{op_admin}"], "labels": labels}]},
+            {"job_name": "captchatask-receiver", "honor_labels": True,
+             "static_configs": [{"targets": [f"127.0.0.1:{rx_admin}"], "labels": labels}]},
+        ],
+    }  # fmt: skip
+    config_file = tmp_path / "prometheus.yml"
+    config_file.write_text(yaml.safe_dump(config))
+    processes.start(
+        "prometheus",
+        [
+            str(prometheus_bin),
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{prom_port}",
+        ],
+        dict(os.environ),
+    )
+    return f"http://127.0.0.1:{prom_port}"
+
+
 def _alert_state(prometheus: str, name: str) -> tuple[str, int]:
     """The alert's state (inactive|pending|firing) and how often its group was evaluated."""
     data = _get(f"{prometheus}/api/v1/rules?type=alert")
@@ -184,31 +229,9 @@ def test_the_dlq_alert_fires_as_dead_letters_accumulate(
             logs=processes.logs,
         )
 
-    rules_copy = tmp_path / "rules.yaml"
-    _test_rules(rules_file, rules_copy)
-    config = {
-        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": EVALUATION_INTERVAL},
-        "rule_files": [str(rules_copy)],
-        "scrape_configs": [
-            {"job_name": "captchatask-operator",
-             "static_configs": [{"targets": [f"127.0.0.1:{op_admin}"]}]},
-            {"job_name": "captchatask-receiver",
-             "static_configs": [{"targets": [f"127.0.0.1:{rx_admin}"]}]},
-        ],
-    }  # fmt: skip
-    config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config))
-    processes.start(
-        "prometheus",
-        [
-            str(prometheus_bin),
-            f"--config.file={config_file}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        dict(os.environ),
+    prometheus = _start_prometheus(
+        processes, prometheus_bin, tmp_path, rules_file, op_admin, rx_admin, prom_port
     )
-    prometheus = f"http://127.0.0.1:{prom_port}"
 
     def both_targets_up() -> bool:
         result = _get(f"{prometheus}/api/v1/query?query=up")["data"]["result"]
@@ -373,34 +396,16 @@ def test_two_teams_same_named_providers_alert_and_chart_by_their_own_namespace(
     )
     control_plane.kubectl("apply", "-f", "-", input=_provider(team_b, f"http://127.0.0.1:{closed}"))
 
-    rules_copy = tmp_path / "rules.yaml"
-    _test_rules(rules_file, rules_copy)
-    # As the chart's ServiceMonitor scrapes: honor_labels, and the pods' namespace as a target
-    # label that every series without a namespace of its own receives.
-    target_labels = {"namespace": POD_NAMESPACE}
-    config = {
-        "global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": EVALUATION_INTERVAL},
-        "rule_files": [str(rules_copy)],
-        "scrape_configs": [
-            {"job_name": "captchatask-operator", "honor_labels": True,
-             "static_configs": [{"targets": [f"127.0.0.1:{op_admin}"], "labels": target_labels}]},
-            {"job_name": "captchatask-receiver", "honor_labels": True,
-             "static_configs": [{"targets": [f"127.0.0.1:{rx_admin}"], "labels": target_labels}]},
-        ],
-    }  # fmt: skip
-    config_file = tmp_path / "prometheus.yml"
-    config_file.write_text(yaml.safe_dump(config))
-    processes.start(
-        "prometheus",
-        [
-            str(prometheus_bin),
-            f"--config.file={config_file}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-        ],
-        dict(os.environ),
+    prometheus = _start_prometheus(
+        processes,
+        prometheus_bin,
+        tmp_path,
+        rules_file,
+        op_admin,
+        rx_admin,
+        prom_port,
+        target_labels={"namespace": POD_NAMESPACE},
     )
-    prometheus = f"http://127.0.0.1:{prom_port}"
 
     def readiness() -> dict[tuple[str, str], str]:
         result = _query(prometheus, "captchatask_provider_ready")
