@@ -25,8 +25,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 testbin: ## build (or reuse) the control plane: etcd, kube-apiserver, kubectl
 	@hack/build-binaries.sh >/dev/null
 
-testtools: ## testbin plus what only tests and benchmarks use: helm, promtool, prometheus, wrk
+testtools: ## testbin plus what only tests and benchmarks use: helm, promtool, prometheus, wrk, zsh
 	@hack/build-binaries.sh --test >/dev/null
+	@hack/system-packages.sh test
 
 lint: venv ## ruff check + format check
 	$(BIN)/ruff check .

@@ -205,7 +205,11 @@ def _shell_env() -> dict[str, str]:
 def _shell(name: str) -> str:
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} is not installed (apt-get install {name})", pytrace=False)
+        pytest.fail(
+            f"{name} is not installed: `make testtools` installs it (as root), "
+            f"or apt-get install {name}",
+            pytrace=False,
+        )
     return found
 
 
