@@ -28,9 +28,10 @@ testbin: ## build (or reuse) the control plane: etcd, kube-apiserver, kubectl
 testtools: ## testbin plus what only tests and benchmarks use: helm, promtool, prometheus, wrk
 	@hack/build-binaries.sh --test >/dev/null
 
-lint: venv ## ruff check + format check
+lint: venv ## ruff check + format check + import contracts (layers, purity, no cycles)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: venv ## mypy --strict
 	$(BIN)/mypy

@@ -38,8 +38,9 @@ from typing import Any, Final
 import aiohttp
 
 from captchatask import kube
+from captchatask.decision import CONDITION_COMPLETE, Result, result_status
 from captchatask.events import EventRecorder, EventType, ObjectRef
-from captchatask.ledger import CONDITION_COMPLETE, Ledger, Result, result_status
+from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, Phase, TaskRef, TaskView
 from captchatask.signing import PingbackSigner
 from captchatask_operator import policy

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 from captchatask import kube, model
+from captchatask.decision import Outcome, Result
 from captchatask.events import EventType
-from captchatask.ledger import Outcome, Recorded, Result
+from captchatask.ledger import Recorded
 from captchatask.model import DeliveredBy, Phase
 from captchatask.provider.client import PollResult
 from captchatask.provider.codes import Verdict

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from captchatask import kube, model
+from captchatask.decision import set_condition
 from captchatask.events import EventType, ObjectRef
-from captchatask.ledger import set_condition
 from captchatask.provider.client import ProviderClient
 from captchatask.provider.codes import Dialect
 from captchatask.provider.errors import ProviderError

@@ -18,8 +18,8 @@ from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from captchatask import model
+from captchatask.decision import CONDITION_SUBMITTED, set_condition
 from captchatask.events import EventType
-from captchatask.ledger import CONDITION_SUBMITTED, set_condition
 from captchatask.model import Phase, TaskView
 from captchatask.provider import tasks as provider_tasks
 from captchatask.provider.codes import Verdict

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
 
-from captchatask.ledger import Result
+from captchatask.decision import Result
 from captchatask.model import DeliveredBy
 from captchatask.provider import codes
 

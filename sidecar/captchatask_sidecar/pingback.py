@@ -33,7 +33,6 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
 from captchatask import signing
 from captchatask.model import TaskRef
 from captchatask.provider import codes
-from captchatask_sidecar import keys
 from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.errors import problem, problem_middleware
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
@@ -183,6 +182,10 @@ class PingbackReceiver:
         raise RejectedError(415, "unsupported media type")
 
 
+#: The application's :class:`PingbackReceiver`.
+PINGBACK: Final = web.AppKey("pingback", PingbackReceiver)
+
+
 def _query(request: web.Request) -> Iterable[tuple[str, str]]:
     fields = query_fields(request.rel_url.raw_query_string)
     return request.query.items() if fields is None else fields
@@ -207,7 +210,7 @@ def _form_fields(
 
 async def receive_pingback(request: web.Request) -> web.Response:
     """Handle one pingback (see the module docstring); idempotent per result."""
-    receiver = request.app[keys.PINGBACK]
+    receiver = request.app[PINGBACK]
     metrics = receiver.metrics
     started = time.perf_counter()
     try:
@@ -240,7 +243,7 @@ def create_pingback_app(
         replayed while the last requests still write to the spool.
     """
     app = web.Application(middlewares=[problem_middleware], client_max_size=receiver.max_body_bytes)
-    app[keys.PINGBACK] = receiver
+    app[PINGBACK] = receiver
     app.router.add_route("GET", ROUTE, receive_pingback)
     app.router.add_route("POST", ROUTE, receive_pingback)
     if drainer is not None:

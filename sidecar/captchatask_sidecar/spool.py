@@ -55,7 +55,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Final
 
-from captchatask.ledger import Result, ResultKind
+from captchatask.decision import Result, ResultKind
 from captchatask.model import DeliveredBy, TaskRef
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from captchatask.ledger import Result
+from captchatask.decision import Result
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask_sidecar.spool import HEADER, Spool, SpoolRecord, SpoolWriteError, frame, scan
 
