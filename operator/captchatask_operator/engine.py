@@ -3,8 +3,9 @@
 kopf feeds it watch events (``observe_task`` / ``observe_provider`` / ``observe_letter``, cheap
 and synchronous); the engine decides with the pure functions of
 :mod:`~captchatask_operator.policy` and :mod:`captchatask.deadletters` and acts in background
-asyncio tasks. The actions live in one module per concern, each a small class holding a
-reference to the engine:
+asyncio tasks. The actions live in one module per concern, each a small class that sees the
+engine only through :class:`~captchatask_operator.actions.EngineActions` (what it may read and
+ask) and :class:`~captchatask_operator.actions.Deps` (what it uses); none imports this module:
 
 * :mod:`~captchatask_operator.providers`: key Secret, account check, ``Ready`` condition;
 * :mod:`~captchatask_operator.submission`: intent (pinned resourceVersion), ``in.php``,
@@ -32,7 +33,6 @@ import fnmatch
 import logging
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
@@ -44,11 +44,12 @@ from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, Phase, TaskRef, TaskView
 from captchatask.signing import PingbackSigner
 from captchatask_operator import policy
+from captchatask_operator.actions import Counters, Deps, ProviderState
 from captchatask_operator.index import TaskIndex
 from captchatask_operator.metrics import Metrics, failure_label
 from captchatask_operator.policy import FailureCode
 from captchatask_operator.polling import Poller
-from captchatask_operator.providers import ProviderChecks, ProviderState
+from captchatask_operator.providers import ProviderChecks
 from captchatask_operator.queueing import ProviderQueue
 from captchatask_operator.records import ProviderSpec, TaskRecord
 from captchatask_operator.requeue import Requeuer
@@ -71,16 +72,6 @@ _TASK_KINDS: Final = (Kind.POLL, Kind.DEADLINE, Kind.TTL, Kind.SUBMIT)
 def utcnow() -> dt.datetime:
     """The real clock."""
     return dt.datetime.now(dt.UTC)
-
-
-@dataclass(slots=True)
-class Counters:
-    """Engine-level counters for the scaling measurement and tests."""
-
-    submits: int = 0
-    polls: int = 0
-    poll_requests: int = 0
-    status_writes: int = 0
 
 
 def camel(code: str) -> str:
@@ -140,7 +131,6 @@ class Engine:
         self.providers: dict[ProviderKey, ProviderState] = {}
         self.queues: dict[ProviderKey, ProviderQueue] = {}
         self.schedule: Schedule[EntryKey] = Schedule()
-        self.polls: dict[TaskKey, int] = {}
         self.counters = Counters()
         self.busy: set[TaskKey] = set()
         #: The last time the API server did not answer (see policy.submission_step).
@@ -153,10 +143,21 @@ class Engine:
         self._lock = asyncio.Lock()
         self.active = False
         self.synced = False
-        self.checks = ProviderChecks(self)
-        self.submitter = Submitter(self)
-        self.poller = Poller(self)
-        self.requeuer = Requeuer(self)
+        deps = Deps(
+            client=client,
+            ledger=self.ledger,
+            http=http,
+            signer=signer,
+            settings=settings,
+            metrics=metrics,
+            events=events,
+            clock=clock,
+            identity=self.identity,
+        )
+        self.checks = ProviderChecks(self, deps)
+        self.submitter = Submitter(self, deps)
+        self.poller = Poller(self, deps)
+        self.requeuer = Requeuer(self, deps)
 
     # == activation ===============================================================================
 
@@ -205,7 +206,7 @@ class Engine:
             self.queues.clear()
             self.schedule.clear()
             self.poller.batches.clear()
-            self.polls.clear()
+            self.poller.polls.clear()
             self.busy.clear()
             self.checks.clear()
             self.requeuer.clear()
@@ -313,7 +314,7 @@ class Engine:
         task = self.tasks.pop(key)
         for kind in _TASK_KINDS:
             self.schedule.cancel((kind, *key))
-        self.polls.pop(key, None)
+        self.poller.polls.pop(key, None)
         if task is not None:
             queue = self.queues.get(task.provider_key)
             if queue is not None:
@@ -342,7 +343,7 @@ class Engine:
         key = task.key
         for kind in (Kind.POLL, Kind.DEADLINE, Kind.SUBMIT):
             self.schedule.cancel((kind, *key))
-        self.polls.pop(key, None)
+        self.poller.polls.pop(key, None)
         queue = self.queues.get(task.provider_key)
         if queue is not None and (key in queue.in_flight or key in queue):
             queue.discard(key)
@@ -363,7 +364,7 @@ class Engine:
         queue = self.queues.setdefault(task.provider_key, ProviderQueue())
         queue.occupy(key)
         self.schedule.cancel((Kind.SUBMIT, *key))
-        if key in self.polls:
+        if key in self.poller.polls:
             return  # already polling: our own status writes come back as watch events
         provider = self.providers.get(task.provider_key)
         if provider is None:
@@ -374,7 +375,7 @@ class Engine:
             now=self.clock(),
             checkpoint_every=self.settings.poll_status_every,
         )
-        self.polls[key] = plan.polls
+        self.poller.polls[key] = plan.polls
         self.schedule_at(Kind.POLL, key, plan.due)
 
     def _consider_submission(self, task: TaskRecord) -> None:
@@ -426,6 +427,14 @@ class Engine:
         for task in [t for t in self.tasks.values() if t.provider_key == provider_key]:
             self.reconcile(task, None)
 
+    def provider_not_ready(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
+        """A request just failed with a configuration error: stop submitting, re-check soon."""
+        self.checks.mark_not_ready(state, verdict)
+
+    def in_flight(self, provider_key: ProviderKey) -> int:
+        """How many of a provider's tasks are submitted and not finished."""
+        return len(self.queues.setdefault(provider_key, ProviderQueue()).in_flight)
+
     def pump(self, provider_key: ProviderKey) -> None:
         """Start submissions for the oldest waiting tasks that fit the provider's cap."""
         if not self.active:
@@ -458,6 +467,10 @@ class Engine:
         entry: EntryKey = (kind, *key)
         if self.schedule.set_earlier(entry, due.timestamp()):
             self._wake.set()
+
+    def unschedule(self, kind: Kind, key: tuple[str, str]) -> None:
+        """Drop one timed action from the schedule (if it is there)."""
+        self.schedule.cancel((kind, *key))
 
     def _wake_if_earliest(self, entry: EntryKey) -> None:
         due = self.schedule.due_of(entry)
