@@ -32,7 +32,8 @@ from captchatask.decision import Outcome, Result
 from captchatask.ledger import Ledger
 from captchatask.model import DeadLetterReason, TaskRef, TaskView
 from captchatask_sidecar.metrics import Metrics
-from captchatask_sidecar.spool import Spool, SpoolRecord
+from captchatask_sidecar.spool import Spool
+from captchatask_sidecar.spoolformat import SpoolRecord
 
 logger = logging.getLogger(__name__)
 
