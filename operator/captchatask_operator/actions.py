@@ -2,9 +2,9 @@
 
 The parts of the engine (:mod:`~captchatask_operator.providers`,
 :mod:`~captchatask_operator.submission`, :mod:`~captchatask_operator.polling`,
-:mod:`~captchatask_operator.requeue`) act on state the engine owns: the task index, the known
-providers, the schedule, the per-task action lock. They reach it only through
-:class:`EngineActions`, defined here, below them, and never import
+:mod:`~captchatask_operator.requeue`, :mod:`~captchatask_operator.endings`) act on state the
+engine owns: the task index, the known providers, the schedule, the per-task action lock. They
+reach it only through :class:`EngineActions`, defined here, below them, and never import
 :mod:`~captchatask_operator.engine`: a reader of one part needs this page, not the whole engine,
 and a test of one part needs a small fake of this interface, not a running engine.
 

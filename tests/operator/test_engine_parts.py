@@ -1,6 +1,6 @@
 """Each part of the engine on its own, against a small fake of :class:`EngineActions`.
 
-The parts (provider checks, submission, polling, dead-letter requeue) reach the engine only
+The parts (provider checks, submission, polling, dead-letter requeue, endings) reach the engine only
 through :class:`~captchatask_operator.actions.EngineActions`; these tests stand in a fake that
 records what a part asked for, so one part's decisions are read here without an engine, a
 timer or an API server. The API client points nowhere: none of these paths may need it. The
@@ -9,8 +9,9 @@ engine wired to a real control plane is exercised by the other tests of this dir
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -24,6 +25,7 @@ from captchatask.model import TaskRef, TaskView
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import Counters, Deps, EngineActions, ProviderState
+from captchatask_operator.endings import Endings, camel
 from captchatask_operator.index import TaskIndex
 from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import WaitReason
@@ -33,6 +35,7 @@ from captchatask_operator.records import ProviderSpec, TaskRecord
 from captchatask_operator.requeue import Requeuer
 from captchatask_operator.schedule import Kind
 from captchatask_operator.submission import Submitter
+from captchatask_operator.timer import Timer
 
 T0 = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 NS = "shop"
@@ -340,3 +343,54 @@ async def test_a_due_letter_is_attempted_once_at_a_time(fake: FakeEngine, deps: 
 
     assert len(fake.spawned) == 1
     assert fake.scheduled[(Kind.LETTER, NS, "l1")] == T0 + policy.BUSY_RETRY
+
+
+# -- endings -----------------------------------------------------------------------------------
+
+
+async def test_failing_a_task_that_already_has_an_outcome_writes_nothing(
+    fake: FakeEngine, deps: Deps
+) -> None:
+    record = put_task(fake, "t1", status={"phase": "Solved"})
+
+    await Endings(_conforms(fake), deps).fail(record.ref, "ERROR_CAPTCHA_UNSOLVABLE", "no")
+
+    assert fake.calls == [("remember", "t1"), ("store", "t1")]
+    assert fake.counters.status_writes == 0
+
+
+def test_failure_codes_become_condition_reasons() -> None:
+    assert camel("ERROR_CAPTCHA_UNSOLVABLE") == "CaptchaUnsolvable"
+    assert camel("DeadlineExceeded") == "DeadlineExceeded"
+    assert camel("___") == "Failed"
+
+
+# -- the timer ---------------------------------------------------------------------------------
+
+
+async def test_the_timer_dispatches_what_is_due_and_not_what_is_later(fake: FakeEngine) -> None:
+    dispatched: list[tuple[Kind, str, str]] = []
+    woke = asyncio.Event()
+
+    def dispatch(entries: Iterable[tuple[tuple[Kind, str, str], float]]) -> None:
+        dispatched.extend(entry for entry, _due in entries)
+        woke.set()
+
+    timer = Timer(clock=fake.clock, dispatch=dispatch, flush=lambda _now: None)
+    timer.at(Kind.POLL, (NS, "now"), T0)
+    timer.at(Kind.POLL, (NS, "later"), T0 + dt.timedelta(hours=1))
+    timer.at(Kind.TTL, (NS, "cancelled"), T0)
+    timer.cancel(Kind.TTL, (NS, "cancelled"))
+    timer.no_later(Kind.POLL, (NS, "later"), T0 + dt.timedelta(hours=2))  # never postpones
+
+    loop = asyncio.create_task(timer.run())
+    try:
+        await woke.wait()
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+
+    assert dispatched == [(Kind.POLL, NS, "now")]
+    assert (
+        timer.schedule.due_of((Kind.POLL, NS, "later")) == (T0 + dt.timedelta(hours=1)).timestamp()
+    )
