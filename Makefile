@@ -29,9 +29,10 @@ testtools: ## testbin plus what only tests and benchmarks use: helm, promtool, p
 	@hack/build-binaries.sh --test >/dev/null
 	@hack/system-packages.sh test
 
-lint: venv ## ruff check + format check
+lint: venv ## ruff check + format check + import contracts (layers, purity, no cycles)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 typecheck: venv ## mypy --strict
 	$(BIN)/mypy

@@ -27,7 +27,8 @@ from typing import Any, Final
 import aiohttp
 
 from captchatask import kube, model
-from captchatask.ledger import CONDITION_SUBMITTED, Ledger, set_condition
+from captchatask.decision import CONDITION_SUBMITTED, set_condition
+from captchatask.ledger import Ledger
 from captchatask.model import Phase, TaskRef, TaskView
 from captchatask.stack import Stack
 

@@ -39,7 +39,8 @@ import aiohttp
 from bench import cluster, cores, profiler, wrk
 from bench.loadgen import percentile
 from bench.profiles import Profile
-from captchatask.ledger import Ledger, Result
+from captchatask.decision import Result
+from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy
 from captchatask.signing import PingbackSigner, load_keys
 from captchatask.stack import Stack, StackConfig

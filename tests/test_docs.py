@@ -19,7 +19,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from captchatask.cli import SUBCOMMANDS
+from captchatask.commands import SUBCOMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = REPO / "charts" / "captchatask" / "files"

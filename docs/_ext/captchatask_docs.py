@@ -324,12 +324,12 @@ def _parser_section(parser: argparse.ArgumentParser, level: int, *, recurse: boo
 
 def cli_reference() -> str:
     """The CLI reference: ``captchatask`` and every subcommand, from their own parsers."""
-    from captchatask import cli  # noqa: PLC0415 - imported by the build, not by this module
+    from captchatask import cli, commands  # noqa: PLC0415 - imported by the build, not by this module
 
     # The top-level parser only dispatches: its subcommands are stubs, each documented below
     # from the parser the subcommand builds itself.
     out = [_parser_section(capture_parser(cli.main, []), 2, recurse=False)]
-    out += [_parser_section(capture_parser(cli.main, [name]), 2) for name in cli.SUBCOMMANDS]
+    out += [_parser_section(capture_parser(cli.main, [name]), 2) for name in commands.SUBCOMMANDS]
     return "\n".join(out)
 
 

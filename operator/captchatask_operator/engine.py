@@ -3,20 +3,24 @@
 kopf feeds it watch events (``observe_task`` / ``observe_provider`` / ``observe_letter``, cheap
 and synchronous); the engine decides with the pure functions of
 :mod:`~captchatask_operator.policy` and :mod:`captchatask.deadletters` and acts in background
-asyncio tasks. The actions live in one module per concern, each a small class holding a
-reference to the engine:
+asyncio tasks. The actions live in one module per concern, each a small class that sees the
+engine only through :class:`~captchatask_operator.actions.EngineActions` (what it may read and
+ask) and :class:`~captchatask_operator.actions.Deps` (what it uses); none imports this module:
 
 * :mod:`~captchatask_operator.providers`: key Secret, account check, ``Ready`` condition;
 * :mod:`~captchatask_operator.submission`: intent (pinned resourceVersion), ``in.php``,
   ``Submitted`` with the provider id (see docs/concepts/operator, "Crash safety of submission");
 * :mod:`~captchatask_operator.polling`: the tasks of one provider due at the same moment go out
   in one ``get_results`` call; a result whose task is gone becomes a dead letter;
-* :mod:`~captchatask_operator.requeue`: the dead-letter requeue loop.
+* :mod:`~captchatask_operator.requeue`: the dead-letter requeue loop;
+* :mod:`~captchatask_operator.endings`: failing a task (deadline, spec, provider verdict) and
+  deleting it after its TTL.
 
-This module keeps what they share: the indexes, the admission queues, the one
-:class:`~.schedule.Schedule` that drives every timed action (polls, deadlines, TTLs, submission
-back-offs, provider re-checks, dead-letter attempts and deletions), the per-task action lock,
-and failing and deleting tasks. Every task status write is a compare-and-set through
+*When* each timed action runs (polls, deadlines, TTLs, submission back-offs, provider re-checks,
+dead-letter attempts and deletions) is :class:`~.timer.Timer`'s; *what* it does is decided here,
+in :meth:`Engine._dispatch`. This module keeps what the parts share: the indexes, the admission
+queues, the per-task action lock (:meth:`Engine.run`) and the reconciliation of one task with
+the schedule and the queues. Every task status write is a compare-and-set through
 :class:`captchatask.ledger.Ledger`; a lost race is never an error, only a reason to re-read and
 re-decide. The engine holds no state that is not reconstructible from the cluster:
 :meth:`Engine.activate` lists tasks, providers and dead letters, so a restarted (or newly active
@@ -30,36 +34,36 @@ import contextlib
 import datetime as dt
 import fnmatch
 import logging
-from collections import Counter
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, Final
 
 import aiohttp
 
 from captchatask import kube
 from captchatask.events import EventRecorder, EventType, ObjectRef
-from captchatask.ledger import CONDITION_COMPLETE, Ledger, Result, result_status
+from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, Phase, TaskRef, TaskView
 from captchatask.signing import PingbackSigner
 from captchatask_operator import policy
+from captchatask_operator.actions import Counters, Deps, ProviderState
+from captchatask_operator.endings import Endings
 from captchatask_operator.index import TaskIndex
-from captchatask_operator.metrics import Metrics, failure_label
+from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import FailureCode
 from captchatask_operator.polling import Poller
-from captchatask_operator.providers import ProviderChecks, ProviderState
+from captchatask_operator.providers import ProviderChecks
 from captchatask_operator.queueing import ProviderQueue
 from captchatask_operator.records import ProviderSpec, TaskRecord
 from captchatask_operator.requeue import Requeuer
-from captchatask_operator.schedule import Kind, Schedule
+from captchatask_operator.schedule import Kind
 from captchatask_operator.settings import Settings
 from captchatask_operator.submission import Submitter
+from captchatask_operator.timer import EntryKey, Timer
 
 logger = logging.getLogger(__name__)
 
 TaskKey = tuple[str, str]
 ProviderKey = tuple[str, str]
-EntryKey = tuple[Kind, str, str]
 
 COMPONENT: Final = "captchatask-operator"
 DEADLINE_MESSAGE: Final = "no result before the deadline (spec.deadlineSeconds)"
@@ -70,24 +74,6 @@ _TASK_KINDS: Final = (Kind.POLL, Kind.DEADLINE, Kind.TTL, Kind.SUBMIT)
 def utcnow() -> dt.datetime:
     """The real clock."""
     return dt.datetime.now(dt.UTC)
-
-
-@dataclass(slots=True)
-class Counters:
-    """Engine-level counters for the scaling measurement and tests."""
-
-    submits: int = 0
-    polls: int = 0
-    poll_requests: int = 0
-    status_writes: int = 0
-
-
-def camel(code: str) -> str:
-    """``ERROR_CAPTCHA_UNSOLVABLE`` -> ``CaptchaUnsolvable``; CamelCase codes stay as they are."""
-    if "_" not in code and code[:1].isupper() and not code.isupper():
-        return code
-    words = code.removeprefix("ERROR_").replace(":", " ").replace("_", " ").split()
-    return "".join(w[:1].upper() + w[1:].lower() for w in words if w.isalnum()) or "Failed"
 
 
 class Engine:
@@ -138,24 +124,36 @@ class Engine:
         self.tasks = TaskIndex()
         self.providers: dict[ProviderKey, ProviderState] = {}
         self.queues: dict[ProviderKey, ProviderQueue] = {}
-        self.schedule: Schedule[EntryKey] = Schedule()
-        self.polls: dict[TaskKey, int] = {}
+        self.timer = Timer(clock=clock, dispatch=self._dispatch, flush=self._flush_polls)
+        #: The timer's schedule (read by tests and introspection).
+        self.schedule = self.timer.schedule
         self.counters = Counters()
         self.busy: set[TaskKey] = set()
         #: The last time the API server did not answer (see policy.submission_step).
         self.ledger_unavailable_at: dt.datetime | None = None
         self.submitting = 0
-        self._wake = asyncio.Event()
         self._ops: set[asyncio.Task[None]] = set()
         self._timer: asyncio.Task[None] | None = None
         self._active_refs = 0
         self._lock = asyncio.Lock()
         self.active = False
         self.synced = False
-        self.checks = ProviderChecks(self)
-        self.submitter = Submitter(self)
-        self.poller = Poller(self)
-        self.requeuer = Requeuer(self)
+        deps = Deps(
+            client=client,
+            ledger=self.ledger,
+            http=http,
+            signer=signer,
+            settings=settings,
+            metrics=metrics,
+            events=events,
+            clock=clock,
+            identity=self.identity,
+        )
+        self.checks = ProviderChecks(self, deps)
+        self.submitter = Submitter(self, deps)
+        self.poller = Poller(self, deps)
+        self.requeuer = Requeuer(self, deps)
+        self.endings = Endings(self, deps)
 
     # == activation ===============================================================================
 
@@ -171,7 +169,7 @@ class Engine:
                 return
             await self._rebuild()
             self.active = True
-            self._timer = asyncio.create_task(self._timer_loop(), name="captchatask timer")
+            self._timer = asyncio.create_task(self.timer.run(), name="captchatask timer")
             logger.info(
                 "engine active: %d tasks, %d providers, %d dead letters",
                 len(self.tasks),
@@ -204,7 +202,7 @@ class Engine:
             self.queues.clear()
             self.schedule.clear()
             self.poller.batches.clear()
-            self.polls.clear()
+            self.poller.polls.clear()
             self.busy.clear()
             self.checks.clear()
             self.requeuer.clear()
@@ -312,7 +310,7 @@ class Engine:
         task = self.tasks.pop(key)
         for kind in _TASK_KINDS:
             self.schedule.cancel((kind, *key))
-        self.polls.pop(key, None)
+        self.poller.polls.pop(key, None)
         if task is not None:
             queue = self.queues.get(task.provider_key)
             if queue is not None:
@@ -329,7 +327,7 @@ class Engine:
             self._on_terminal(task, old)
             return
         self.schedule.set((Kind.DEADLINE, *key), task.deadline.timestamp())
-        self._wake_if_earliest((Kind.DEADLINE, *key))
+        self.timer.wake_if_earliest((Kind.DEADLINE, *key))
         if task.phase is Phase.SUBMITTED:
             self._on_submitted(task)
             return
@@ -341,7 +339,7 @@ class Engine:
         key = task.key
         for kind in (Kind.POLL, Kind.DEADLINE, Kind.SUBMIT):
             self.schedule.cancel((kind, *key))
-        self.polls.pop(key, None)
+        self.poller.polls.pop(key, None)
         queue = self.queues.get(task.provider_key)
         if queue is not None and (key in queue.in_flight or key in queue):
             queue.discard(key)
@@ -362,7 +360,7 @@ class Engine:
         queue = self.queues.setdefault(task.provider_key, ProviderQueue())
         queue.occupy(key)
         self.schedule.cancel((Kind.SUBMIT, *key))
-        if key in self.polls:
+        if key in self.poller.polls:
             return  # already polling: our own status writes come back as watch events
         provider = self.providers.get(task.provider_key)
         if provider is None:
@@ -373,7 +371,7 @@ class Engine:
             now=self.clock(),
             checkpoint_every=self.settings.poll_status_every,
         )
-        self.polls[key] = plan.polls
+        self.poller.polls[key] = plan.polls
         self.schedule_at(Kind.POLL, key, plan.due)
 
     def _consider_submission(self, task: TaskRecord) -> None:
@@ -425,6 +423,14 @@ class Engine:
         for task in [t for t in self.tasks.values() if t.provider_key == provider_key]:
             self.reconcile(task, None)
 
+    def provider_not_ready(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
+        """A request just failed with a configuration error: stop submitting, re-check soon."""
+        self.checks.mark_not_ready(state, verdict)
+
+    def in_flight(self, provider_key: ProviderKey) -> int:
+        """How many of a provider's tasks are submitted and not finished."""
+        return len(self.queues.setdefault(provider_key, ProviderQueue()).in_flight)
+
     def pump(self, provider_key: ProviderKey) -> None:
         """Start submissions for the oldest waiting tasks that fit the provider's cap."""
         if not self.active:
@@ -448,45 +454,18 @@ class Engine:
 
     def schedule_at(self, kind: Kind, key: tuple[str, str], due: dt.datetime) -> None:
         """Put (or move) one timed action on the schedule; wake the timer if it is earliest."""
-        entry: EntryKey = (kind, *key)
-        if self.schedule.set(entry, due.timestamp()):
-            self._wake.set()
+        self.timer.at(kind, key, due)
 
     def schedule_no_later(self, kind: Kind, key: tuple[str, str], due: dt.datetime) -> None:
         """Like :meth:`schedule_at`, but never postpones an entry that is due earlier."""
-        entry: EntryKey = (kind, *key)
-        if self.schedule.set_earlier(entry, due.timestamp()):
-            self._wake.set()
+        self.timer.no_later(kind, key, due)
 
-    def _wake_if_earliest(self, entry: EntryKey) -> None:
-        due = self.schedule.due_of(entry)
-        head = self.schedule.next_due()
-        if due is not None and head is not None and due <= head:
-            self._wake.set()
+    def unschedule(self, kind: Kind, key: tuple[str, str]) -> None:
+        """Drop one timed action from the schedule (if it is there)."""
+        self.timer.cancel(kind, key)
 
-    async def _timer_loop(self) -> None:
-        """The one timer: sleep until the earliest entry (or poll batch), dispatch what is due.
-
-        Due polls are not sent at once: they gather per provider in :class:`.polling.Poller`
-        batches (one bulk request) until a batch is full or its oldest poll is late by
-        ``--poll-batch-window``; the timer also wakes for that.
-        """
-        while True:
-            self._wake.clear()
-            now = self.clock().timestamp()
-            due = self.schedule.pop_due_timed(now)
-            if due:
-                self._dispatch(due)
-            flush_at = self.poller.flush(now)
-            head = self.schedule.next_due()
-            wake_at = min((t for t in (head, flush_at) if t is not None), default=None)
-            if wake_at is not None and wake_at <= now:
-                await asyncio.sleep(0)
-                continue
-            timeout = None if wake_at is None else wake_at - now
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await self._wake.wait()
+    def _flush_polls(self, now: float) -> float | None:
+        return self.poller.flush(now)
 
     def _dispatch(self, entries: Iterable[tuple[EntryKey, float]]) -> None:
         for (kind, namespace, name), due in entries:
@@ -510,7 +489,7 @@ class Engine:
                 ):
                     self.schedule_at(Kind.DEADLINE, key, self.clock() + policy.BUSY_RETRY)
             elif kind is Kind.TTL:
-                self.spawn(self._delete(task))
+                self.spawn(self.endings.delete(task))
             elif kind is Kind.SUBMIT:
                 self.reconcile(task, None)
 
@@ -622,77 +601,14 @@ class Engine:
         reason: str | None = None,
         view: TaskView | None = None,
     ) -> None:
-        """Fail a task with ``code`` unless it already has an outcome (CAS, re-read on loss)."""
-        current = view
-        for _ in range(policy.MAX_CAS_RETRIES):
-            if current is None:
-                current = await self.fresh(ref)
-            if current is None or (current.phase and current.phase.terminal):
-                self.remember(current)
-                return
-            now = self.clock()
-            fields = result_status(
-                current,
-                Result.failed(
-                    code=code,
-                    message=message,
-                    delivered_by=DeliveredBy.POLL,
-                    provider_task_id=current.known_provider_task_id,
-                ),
-                now,
-            )
-            fields.pop("deliveredBy", None)  # the operator decided this, no delivery path did
-            for condition in fields["conditions"]:
-                if condition.get("type") == CONDITION_COMPLETE:
-                    condition["reason"] = reason or camel(code)
-            written = await self.ledger.update_status(current, fields, pin_version=True)
-            self.counters.status_writes += 1
-            if written is not None:
-                provider = (written.ref.namespace, written.provider)
-                self.metrics.ensure_provider(*provider)
-                self.metrics.permanent_failures.labels(*provider, failure_label(code)).inc()
-                self.event(ref, EventType.WARNING, "Failed", f"{code}: {message}")
-                self.remember(written)
-                return
-            current = None
-        raise kube.KubeUnavailable(f"{ref.namespace}/{ref.name}: write contention")
-
-    async def _delete(self, task: TaskRecord) -> None:
-        """TTL: delete a finished task, only if it is still the same instance."""
-        try:
-            await self.client.delete(
-                kube.TASKS, task.ref.namespace, task.ref.name, uid=task.ref.uid
-            )
-        except kube.ApiError as exc:
-            if not (exc.not_found or exc.conflict):
-                logger.warning("TTL delete of %s/%s failed: %s", *task.key, exc)
-        except kube.KubeUnavailable:
-            self.schedule_at(Kind.TTL, task.key, self.clock() + policy.API_RETRY)
+        """Fail a task with ``code`` unless it already has an outcome (see :mod:`.endings`)."""
+        await self.endings.fail(ref, code, message, reason=reason, view=view)
 
     # == introspection ============================================================================
 
-    def task_counts(self) -> dict[tuple[str, str, str], int]:
-        """(namespace, provider, phase) -> count, for the ``captchatask_tasks`` gauge."""
-        counts: Counter[tuple[str, str, str]] = Counter()
-        for task in self.tasks.values():
-            counts[(*task.provider_key, str(task.phase or Phase.PENDING))] += 1
-        return dict(counts)
-
-    def past_deadline_counts(self, now: dt.datetime) -> dict[tuple[str, str], int]:
-        """Count unfinished tasks past their deadline at ``now`` per provider (the alert's gauge).
-
-        A healthy active operator fails such a task with ``DeadlineExceeded`` within moments,
-        so a count that stays above 0 means its scheduler is stuck or it cannot write.
-        """
-        counts: Counter[tuple[str, str]] = Counter()
-        for task in self.tasks.values():
-            if not task.terminal and task.deadline <= now:
-                counts[task.provider_key] += 1
-        return dict(counts)
-
     def refresh_gauges(self) -> None:
         """Recompute gauges from the in-memory indexes (called on scrape)."""
-        self.metrics.set_task_counts(self.task_counts())
-        self.metrics.set_past_deadline_counts(self.past_deadline_counts(self.clock()))
+        self.metrics.set_task_counts(self.tasks.counts())
+        self.metrics.set_past_deadline_counts(self.tasks.past_deadline_counts(self.clock()))
         self.metrics.set_dead_letter_counts(self.requeuer.letters.counts())
         self.metrics.active.set(1 if self.active else 0)

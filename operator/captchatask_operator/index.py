@@ -16,12 +16,13 @@ the fresh body, so a stale entry costs a retry, never a wrong match. Pure: no I/
 
 from __future__ import annotations
 
+import datetime as dt
 from collections import Counter
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from captchatask.deadletters import LetterView
-from captchatask.model import DeadLetterPhase
+from captchatask.model import DeadLetterPhase, Phase
 from captchatask_operator.records import TaskRecord
 
 Key = tuple[str, str]
@@ -83,6 +84,25 @@ class TaskIndex:
     def values(self) -> list[TaskRecord]:
         """A snapshot of every record (safe to iterate while the index changes)."""
         return list(self._records.values())
+
+    def counts(self) -> dict[tuple[str, str, str], int]:
+        """(namespace, provider, phase) -> count, for the ``captchatask_tasks`` gauge."""
+        counts: Counter[tuple[str, str, str]] = Counter()
+        for task in self._records.values():
+            counts[(*task.provider_key, str(task.phase or Phase.PENDING))] += 1
+        return dict(counts)
+
+    def past_deadline_counts(self, now: dt.datetime) -> dict[tuple[str, str], int]:
+        """Count unfinished tasks past their deadline at ``now`` per provider (the alert's gauge).
+
+        A healthy active operator fails such a task with ``DeadlineExceeded`` within moments,
+        so a count that stays above 0 means its scheduler is stuck or it cannot write.
+        """
+        counts: Counter[tuple[str, str]] = Counter()
+        for task in self._records.values():
+            if not task.terminal and task.deadline <= now:
+                counts[task.provider_key] += 1
+        return dict(counts)
 
     def put(self, record: TaskRecord) -> TaskRecord | None:
         """Store the freshest record of a task; return the previous one."""

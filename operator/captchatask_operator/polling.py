@@ -24,25 +24,23 @@ import datetime as dt
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from captchatask import kube, model
+from captchatask.decision import Outcome, Result
 from captchatask.events import EventType
-from captchatask.ledger import Outcome, Recorded, Result
+from captchatask.ledger import Recorded
 from captchatask.model import DeliveredBy, Phase
 from captchatask.provider.client import PollResult
 from captchatask.provider.codes import Verdict
 from captchatask.provider.errors import ProviderError
 from captchatask.provider.replies import Solution
 from captchatask_operator import policy
+from captchatask_operator.actions import Deps, EngineActions, ProviderState
 from captchatask_operator.metrics import failure_label
 from captchatask_operator.policy import FailureCode, PollOutcome
 from captchatask_operator.records import TaskRecord
 from captchatask_operator.schedule import Kind
-
-if TYPE_CHECKING:
-    from captchatask_operator.engine import Engine
-    from captchatask_operator.providers import ProviderState
 
 logger = logging.getLogger(__name__)
 
@@ -81,12 +79,15 @@ class PollBatch:
 class Poller:
     """The fallback-polling part of the engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineActions, deps: Deps) -> None:
         self.engine = engine
-        self._poll_sem = asyncio.Semaphore(engine.settings.poll_concurrency)
+        self.deps = deps
+        self._poll_sem = asyncio.Semaphore(deps.settings.poll_concurrency)
         self._record_sem = asyncio.Semaphore(RECORD_CONCURRENCY)
         self.dead_letters = 0
         self.batches: dict[ProviderKey, PollBatch] = {}
+        #: Polls sent per submitted task since its last status checkpoint (see policy.after_poll).
+        self.polls: dict[TaskKey, int] = {}
 
     def collect(self, provider_key: ProviderKey, key: TaskKey, *, due: float) -> None:
         """Add a poll that came due (at ``due``, epoch seconds) to its provider's batch."""
@@ -103,7 +104,7 @@ class Poller:
         Returns when the next pending batch must go at the latest (for the engine's timer).
         """
         engine = self.engine
-        window = engine.settings.poll_batch_window
+        window = self.deps.settings.poll_batch_window
         next_flush: float | None = None
         for provider_key, batch in list(self.batches.items()):
             state = engine.providers.get(provider_key)
@@ -124,7 +125,7 @@ class Poller:
         engine = self.engine
         async with self._poll_sem:
             state = engine.providers.get(provider_key)
-            now = engine.clock()
+            now = self.deps.clock()
             if state is None or state.client is None:
                 # Results can still be fetched while the provider is "not Ready" for lack of
                 # threads or balance; only a missing client (no usable key yet) stops polling.
@@ -132,7 +133,7 @@ class Poller:
                 later = now + (
                     policy.UNCHECKED_RETRY
                     if unchecked
-                    else dt.timedelta(seconds=engine.settings.provider_retry_seconds)
+                    else dt.timedelta(seconds=self.deps.settings.provider_retry_seconds)
                 )
                 for key in keys:
                     if key in engine.tasks:
@@ -172,18 +173,18 @@ class Poller:
         engine = self.engine
         classification = exc.classification
         if classification.effective_verdict is Verdict.CONFIG_ERROR:
-            engine.checks.mark_not_ready(
+            engine.provider_not_ready(
                 state, policy.provider_verdict(state.spec.dialect, error=classification)
             )
-            wait = engine.settings.provider_retry_seconds
+            wait = self.deps.settings.provider_retry_seconds
         else:
             wait = max(
                 classification.wait_seconds or policy.DEFAULT_ERROR_WAIT_SECONDS,
-                engine.settings.poll_batch_window,
+                self.deps.settings.poll_batch_window,
             )
-        later = engine.clock() + dt.timedelta(seconds=wait)
+        later = self.deps.clock() + dt.timedelta(seconds=wait)
         for task in tasks:
-            engine.metrics.fallback_polls.labels(*state.spec.key, str(PollOutcome.ERROR)).inc()
+            self.deps.metrics.fallback_polls.labels(*state.spec.key, str(PollOutcome.ERROR)).inc()
             engine.schedule_at(Kind.POLL, task.key, later)
 
     async def _after_poll(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
@@ -192,7 +193,7 @@ class Poller:
             await self.apply(state, task, result)
         except Exception as exc:  # noqa: BLE001 - one task's failure must not stop its batch
             logger.warning("poll result of %s/%s not applied: %r", *task.key, exc)
-            self.engine.schedule_at(Kind.POLL, task.key, self.engine.clock() + policy.API_RETRY)
+            self.engine.schedule_at(Kind.POLL, task.key, self.deps.clock() + policy.API_RETRY)
 
     async def apply(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
         """Apply one poll result to one task as it was when the poll went out."""
@@ -201,7 +202,7 @@ class Poller:
             outcome = policy.classify_poll(result)
             label = state.spec.key
             engine.counters.polls += 1
-            engine.metrics.fallback_polls.labels(*label, str(outcome)).inc()
+            self.deps.metrics.fallback_polls.labels(*label, str(outcome)).inc()
             provider_task_id = task.known_provider_task_id
             if isinstance(result, Solution):
                 found = Result.solved(
@@ -210,9 +211,9 @@ class Poller:
                     provider_task_id=provider_task_id,
                     user_agent=result.user_agent,
                 )
-                recorded = await engine.ledger.record(task.ref, found)
+                recorded = await self.deps.ledger.record(task.ref, found)
                 if recorded.outcome is Outcome.RECORDED:
-                    engine.metrics.fallback_recoveries.labels(*label).inc()
+                    self.deps.metrics.fallback_recoveries.labels(*label).inc()
                     engine.event(
                         task.ref,
                         EventType.NORMAL,
@@ -229,9 +230,9 @@ class Poller:
                     delivered_by=DeliveredBy.POLL,
                     provider_task_id=provider_task_id,
                 )
-                recorded = await engine.ledger.record(task.ref, failed)
+                recorded = await self.deps.ledger.record(task.ref, failed)
                 if recorded.outcome is Outcome.RECORDED:
-                    engine.metrics.permanent_failures.labels(
+                    self.deps.metrics.permanent_failures.labels(
                         *label, failure_label(result.code)
                     ).inc()
                     engine.event(
@@ -254,13 +255,13 @@ class Poller:
     ) -> None:
         engine = self.engine
         plan = policy.after_poll(
-            polls_before=engine.polls.get(task.key, task.polls),
+            polls_before=self.polls.get(task.key, task.polls),
             provider=state.spec,
-            now=engine.clock(),
-            checkpoint_every=engine.settings.poll_status_every,
+            now=self.deps.clock(),
+            checkpoint_every=self.deps.settings.poll_status_every,
             wait_seconds=wait_seconds if outcome is PollOutcome.UNKNOWN else None,
         )
-        engine.polls[task.key] = plan.polls
+        self.polls[task.key] = plan.polls
         if plan.exhausted:
             await engine.fail(
                 task.ref,
@@ -271,8 +272,8 @@ class Poller:
         assert plan.next_due is not None
         engine.schedule_at(Kind.POLL, task.key, plan.next_due)
         if plan.checkpoint:
-            now = engine.clock()
-            written = await engine.ledger.update_status(
+            now = self.deps.clock()
+            written = await self.deps.ledger.update_status(
                 _minimal_view(task, Phase.SUBMITTED),
                 {
                     "polls": plan.polls,
@@ -290,18 +291,17 @@ class Poller:
         """A result the ledger could not apply (task gone, recreated...) becomes a letter."""
         if recorded.outcome is not Outcome.DEAD_LETTER or recorded.reason is None:
             return
-        engine = self.engine
-        received_at = engine.clock()
+        received_at = self.deps.clock()
         for attempt in range(1, policy.MAX_CAS_RETRIES + 1):
             try:
-                name = await engine.ledger.dead_letter(
+                name = await self.deps.ledger.dead_letter(
                     namespace=task.ref.namespace,
                     reason=recorded.reason,
                     message=f"fallback poll: {recorded.message}",
                     ref=task.ref,
                     result=result,
                     received_at=received_at,
-                    received_by=engine.identity,
+                    received_by=self.deps.identity,
                     source=POLL_SOURCE,
                 )
                 break

@@ -15,53 +15,29 @@ import binascii
 import datetime as dt
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from captchatask import kube, model
+from captchatask.decision import set_condition
 from captchatask.events import EventType, ObjectRef
-from captchatask.ledger import set_condition
 from captchatask.provider.client import ProviderClient
 from captchatask.provider.codes import Dialect
 from captchatask.provider.errors import ProviderError
-from captchatask.provider.replies import ThreadsInfo
 from captchatask_operator import policy
-from captchatask_operator.queueing import ProviderQueue
-from captchatask_operator.records import ProviderSpec
+from captchatask_operator.actions import Deps, EngineActions, ProviderState
 from captchatask_operator.schedule import Kind
-
-if TYPE_CHECKING:
-    from captchatask_operator.engine import Engine
 
 logger = logging.getLogger(__name__)
 
 ProviderKey = tuple[str, str]
 
 
-@dataclass(slots=True)
-class ProviderState:
-    """What the engine knows about one provider beyond its spec."""
-
-    spec: ProviderSpec
-    ready: bool = False
-    reason: str = "Unknown"
-    message: str = "not checked yet"
-    client: ProviderClient | None = None
-    key_version: str | None = None
-    client_generation: int = -1
-    threads: ThreadsInfo | None = None
-    balance: float | None = None
-    error_code: str | None = None
-    checked: bool = False
-    #: Transient check failures in a row (reset by any check that got an answer).
-    transient_failures: int = 0
-
-
 class ProviderChecks:
     """The provider part of the engine (one check per provider at a time)."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineActions, deps: Deps) -> None:
         self.engine = engine
+        self.deps = deps
         self._checking: set[ProviderKey] = set()
 
     def clear(self) -> None:
@@ -81,11 +57,11 @@ class ProviderChecks:
             state.ready = False
             state.reason = verdict.reason
             state.message = verdict.message
-            engine.metrics.provider_ready.labels(*state.spec.key).set(0)
+            self.deps.metrics.provider_ready.labels(*state.spec.key).set(0)
         engine.schedule_at(
             Kind.PROVIDER,
             state.spec.key,
-            engine.clock() + dt.timedelta(seconds=engine.settings.provider_retry_seconds),
+            self.deps.clock() + dt.timedelta(seconds=self.deps.settings.provider_retry_seconds),
         )
 
     async def _check(self, key: ProviderKey) -> None:
@@ -99,23 +75,22 @@ class ProviderChecks:
             await self.apply_verdict(state, verdict)
         except kube.KubeError as exc:
             logger.warning("provider check of %s/%s postponed: %s", *key, exc)
-            engine.schedule_at(Kind.PROVIDER, key, engine.clock() + policy.API_RETRY)
+            engine.schedule_at(Kind.PROVIDER, key, self.deps.clock() + policy.API_RETRY)
         finally:
             self._checking.discard(key)
 
     async def _probe(self, state: ProviderState) -> policy.ProviderVerdict:
-        engine = self.engine
         spec = state.spec
         state.threads = None
         state.balance = None
-        if spec.public_url is not None and engine.signer is None:
+        if spec.public_url is not None and self.deps.signer is None:
             return policy.ProviderVerdict(
                 False,
                 policy.ProviderReason.PINGBACK_KEY_MISSING,
                 "spec.pingback.publicURL is set but the operator has no pingback key file",
             )
         try:
-            secret = await engine.client.get(kube.SECRETS, spec.namespace, spec.secret_name)
+            secret = await self.deps.client.get(kube.SECRETS, spec.namespace, spec.secret_name)
         except kube.ApiError as exc:
             if exc.not_found:
                 return policy.ProviderVerdict(
@@ -138,13 +113,13 @@ class ProviderChecks:
             or state.client_generation != spec.generation
         ):
             state.client = ProviderClient(
-                session=engine.http,
+                session=self.deps.http,
                 base_url=spec.base_url,
                 api_key=api_key,
                 dialect=spec.dialect,
-                timeout=engine.settings.provider_timeout,
-                transport_retries=engine.settings.provider_transport_retries,
-                observer=engine.metrics.observer(*spec.key),
+                timeout=self.deps.settings.provider_timeout,
+                transport_retries=self.deps.settings.provider_transport_retries,
+                observer=self.deps.metrics.observer(*spec.key),
                 bulk_results=None if spec.polling.bulk else False,
             )
             state.key_version = version
@@ -166,7 +141,7 @@ class ProviderChecks:
             state.transient_failures += 1
             if not policy.declares_unreachable(
                 state.transient_failures,
-                unreachable_after=engine.settings.provider_unreachable_after,
+                unreachable_after=self.deps.settings.provider_unreachable_after,
             ):
                 await self._keep_readiness(state, verdict)
                 return
@@ -178,12 +153,11 @@ class ProviderChecks:
         state.ready = verdict.ready
         state.reason = verdict.reason
         state.message = verdict.message
-        engine.metrics.provider_ready.labels(*spec.key).set(1 if verdict.ready else 0)
-        now = engine.clock()
-        queue = engine.queues.setdefault(spec.key, ProviderQueue())
-        status = _status(state, verdict, in_flight=len(queue.in_flight), now=now)
+        self.deps.metrics.provider_ready.labels(*spec.key).set(1 if verdict.ready else 0)
+        now = self.deps.clock()
+        status = _status(state, verdict, in_flight=engine.in_flight(spec.key), now=now)
         try:
-            body = await engine.client.patch(
+            body = await self.deps.client.patch(
                 kube.PROVIDERS,
                 spec.namespace,
                 spec.name,
@@ -197,18 +171,18 @@ class ProviderChecks:
             engine.store_provider(body)
         provider_ref = ObjectRef(model.PROVIDER_KIND, spec.namespace, spec.name, spec.uid)
         if verdict.ready and not was_ready:
-            engine.events.emit(provider_ref, EventType.NORMAL, "Ready", verdict.message)
+            self.deps.events.emit(provider_ref, EventType.NORMAL, "Ready", verdict.message)
         elif not verdict.ready and (
             was_ready or first_check or state.error_code != verdict.error_code
         ):
-            engine.events.emit(
+            self.deps.events.emit(
                 provider_ref, EventType.WARNING, str(verdict.reason), verdict.message
             )
         if was_ready != verdict.ready or first_check:
             engine.reconsider_provider_tasks(spec.key)
             engine.pump(spec.key)
         state.error_code = verdict.error_code
-        wait = spec.recheck_seconds if verdict.ready else engine.settings.provider_retry_seconds
+        wait = spec.recheck_seconds if verdict.ready else self.deps.settings.provider_retry_seconds
         engine.schedule_at(Kind.PROVIDER, spec.key, now + dt.timedelta(seconds=wait))
 
     async def _keep_readiness(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
@@ -223,13 +197,13 @@ class ProviderChecks:
         """
         engine = self.engine
         spec = state.spec
-        now = engine.clock()
+        now = self.deps.clock()
         logger.warning(
             "provider check of %s/%s failed transiently (%d in a row, Unreachable after %d): %s",
             spec.namespace,
             spec.name,
             state.transient_failures,
-            engine.settings.provider_unreachable_after,
+            self.deps.settings.provider_unreachable_after,
             verdict.message,
         )
         last_error = {
@@ -238,11 +212,11 @@ class ProviderChecks:
             "at": model.format_time(now),
         }
         wait = policy.transient_recheck_delay(
-            state.transient_failures, cap=engine.settings.provider_retry_seconds
+            state.transient_failures, cap=self.deps.settings.provider_retry_seconds
         )
         engine.schedule_at(Kind.PROVIDER, spec.key, now + dt.timedelta(seconds=wait))
         try:  # best effort: the re-check is scheduled either way
-            await engine.client.patch(
+            await self.deps.client.patch(
                 kube.PROVIDERS,
                 spec.namespace,
                 spec.name,

@@ -33,12 +33,12 @@ from captchatask.deadletters import Action, Attempt, LetterView, RequeueOutcome
 from captchatask.events import EventType, ObjectRef
 from captchatask.model import DeadLetterPhase
 from captchatask_operator import policy
+from captchatask_operator.actions import Deps, EngineActions
 from captchatask_operator.index import LetterIndex
 from captchatask_operator.records import TaskRecord
 from captchatask_operator.schedule import Kind
 
 if TYPE_CHECKING:
-    from captchatask_operator.engine import Engine
     from captchatask_operator.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -77,11 +77,14 @@ def _is_older(candidate: LetterView, known: LetterView) -> bool:
 class Requeuer:
     """The dead-letter part of the engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineActions, deps: Deps) -> None:
         self.engine = engine
+        self.deps = deps
         self.letters = LetterIndex()
-        self.backoff = backoff_of(engine.settings)
-        self.requeued_ttl = dt.timedelta(seconds=engine.settings.dead_letter_requeued_ttl_seconds)
+        self.backoff = backoff_of(self.deps.settings)
+        self.requeued_ttl = dt.timedelta(
+            seconds=self.deps.settings.dead_letter_requeued_ttl_seconds
+        )
         self._busy: set[LetterKey] = set()
         self._sem = asyncio.Semaphore(REQUEUE_CONCURRENCY)
 
@@ -125,7 +128,7 @@ class Requeuer:
         """A letter is gone: drop it and its schedule entries."""
         self.letters.pop(key)
         for kind in (Kind.LETTER, Kind.LETTER_TTL):
-            self.engine.schedule.cancel((kind, *key))
+            self.engine.unschedule(kind, key)
 
     def task_seen(self, record: TaskRecord, old: TaskRecord | None) -> None:
         """A task appeared or learned its provider id: wake the letters waiting for it."""
@@ -133,7 +136,7 @@ class Requeuer:
             return
         if old is not None and old.known_provider_task_id == record.known_provider_task_id:
             return
-        now = self.engine.clock()
+        now = self.deps.clock()
         for key in self.letters.waiting_for(
             record.ref.namespace,
             name=record.ref.name,
@@ -144,10 +147,10 @@ class Requeuer:
     def _plan(self, letter: LetterView, *, try_now_if_task: bool = False) -> None:
         engine = self.engine
         key = letter.key
-        now = engine.clock()
+        now = self.deps.clock()
         step = deadletters.next_action(letter, now=now, requeued_ttl=self.requeued_ttl)
         if step.action is Action.ATTEMPT:
-            engine.schedule.cancel((Kind.LETTER_TTL, *key))
+            engine.unschedule(Kind.LETTER_TTL, key)
             due = step.at or now
             if try_now_if_task and engine.tasks.candidates(
                 letter.namespace, name=letter.task_name, provider_task_id=letter.provider_task_id
@@ -156,11 +159,11 @@ class Requeuer:
             engine.schedule_at(Kind.LETTER, key, due)
         elif step.action is Action.DELETE:
             assert step.at is not None
-            engine.schedule.cancel((Kind.LETTER, *key))
+            engine.unschedule(Kind.LETTER, key)
             engine.schedule_at(Kind.LETTER_TTL, key, step.at)
         else:
             for kind in (Kind.LETTER, Kind.LETTER_TTL):
-                engine.schedule.cancel((kind, *key))
+                engine.unschedule(kind, key)
 
     def due(self, kind: Kind, key: LetterKey) -> None:
         """A letter's schedule entry came due (called by the engine's timer)."""
@@ -175,7 +178,7 @@ class Requeuer:
         if letter.phase is not DeadLetterPhase.PENDING:
             return
         if key in self._busy:
-            engine.schedule_at(Kind.LETTER, key, engine.clock() + policy.BUSY_RETRY)
+            engine.schedule_at(Kind.LETTER, key, self.deps.clock() + policy.BUSY_RETRY)
             return
         self._busy.add(key)
         engine.spawn(self._attempt(key))
@@ -195,12 +198,12 @@ class Requeuer:
         engine = self.engine
         try:
             attempt = await deadletters.requeue(
-                engine.ledger, letter, backoff=self.backoff, lookup=engine.tasks
+                self.deps.ledger, letter, backoff=self.backoff, lookup=engine.tasks
             )
         except Exception as exc:  # noqa: BLE001 - counted, reported, retried; never stops the loop
             self._failed(letter, exc)
             return
-        engine.metrics.dead_letter_requeues.labels(letter.namespace, str(attempt.outcome)).inc()
+        self.deps.metrics.dead_letter_requeues.labels(letter.namespace, str(attempt.outcome)).inc()
         if attempt.outcome is RequeueOutcome.APPLIED and attempt.task is not None:
             engine.event(
                 attempt.task,
@@ -209,17 +212,17 @@ class Requeuer:
                 f"result delivered from dead letter {letter.name} ({letter.reason})",
             )
         try:
-            written = await deadletters.write_status(engine.client, letter, attempt.status)
+            written = await deadletters.write_status(self.deps.client, letter, attempt.status)
         except kube.KubeError as exc:
             # The task side is idempotent: the next attempt finds it done (already_done).
             logger.warning("status of dead letter %s/%s not written: %s", *letter.key, exc)
-            engine.schedule_at(Kind.LETTER, letter.key, engine.clock() + policy.API_RETRY)
+            engine.schedule_at(Kind.LETTER, letter.key, self.deps.clock() + policy.API_RETRY)
             return
         if written is None:
             try:
                 await self._reread(letter)
             except kube.KubeError:
-                engine.schedule_at(Kind.LETTER, letter.key, engine.clock() + policy.API_RETRY)
+                engine.schedule_at(Kind.LETTER, letter.key, self.deps.clock() + policy.API_RETRY)
             return
         self.letters.put(written)
         self._plan(written)
@@ -228,7 +231,7 @@ class Requeuer:
     def _failed(self, letter: LetterView, exc: Exception) -> None:
         """An attempt raised: count ``error``, say so on the letter, retry without a cost."""
         engine = self.engine
-        engine.metrics.dead_letter_requeues.labels(
+        self.deps.metrics.dead_letter_requeues.labels(
             letter.namespace, str(RequeueOutcome.ERROR)
         ).inc()
         if isinstance(exc, kube.KubeError):
@@ -247,12 +250,12 @@ class Requeuer:
             "RequeueError",
             f"requeue attempt failed ({type(exc).__name__}); retrying",
         )
-        engine.schedule_at(Kind.LETTER, letter.key, engine.clock() + delay)
+        engine.schedule_at(Kind.LETTER, letter.key, self.deps.clock() + delay)
 
     async def _reread(self, letter: LetterView) -> None:
         """Our status write lost (a human redrove the letter, or it was deleted): re-plan."""
         try:
-            body = await self.engine.client.get(kube.DEAD_LETTERS, *letter.key)
+            body = await self.deps.client.get(kube.DEAD_LETTERS, *letter.key)
         except kube.ApiError as exc:
             if exc.not_found:
                 self.forget(letter.key)
@@ -283,13 +286,13 @@ class Requeuer:
 
     def _letter_event(self, letter: LetterView, type_: EventType, reason: str, text: str) -> None:
         ref = ObjectRef(model.DEAD_LETTER_KIND, letter.namespace, letter.name, letter.uid)
-        self.engine.events.emit(ref, type_, reason, text)
+        self.deps.events.emit(ref, type_, reason, text)
 
     async def _delete(self, letter: LetterView) -> None:
         """TTL: delete a Requeued letter, only if nobody changed it since we saw it."""
         engine = self.engine
         try:
-            await engine.client.delete(
+            await self.deps.client.delete(
                 kube.DEAD_LETTERS,
                 letter.namespace,
                 letter.name,
@@ -302,6 +305,6 @@ class Requeuer:
             elif not exc.conflict:  # conflict: changed (redriven); its watch event re-plans
                 logger.warning("TTL delete of dead letter %s/%s failed: %s", *letter.key, exc)
         except kube.KubeUnavailable:
-            engine.schedule_at(Kind.LETTER_TTL, letter.key, engine.clock() + policy.API_RETRY)
+            engine.schedule_at(Kind.LETTER_TTL, letter.key, self.deps.clock() + policy.API_RETRY)
         else:
             self.forget(letter.key)

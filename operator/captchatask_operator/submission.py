@@ -15,22 +15,19 @@ import datetime as dt
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from captchatask import model
+from captchatask.decision import CONDITION_SUBMITTED, set_condition
 from captchatask.events import EventType
-from captchatask.ledger import CONDITION_SUBMITTED, set_condition
 from captchatask.model import Phase, TaskView
 from captchatask.provider import tasks as provider_tasks
 from captchatask.provider.codes import Verdict
 from captchatask.provider.errors import ProviderError
 from captchatask_operator import policy
+from captchatask_operator.actions import Deps, EngineActions, ProviderState
 from captchatask_operator.policy import FailureCode, StepKind, WaitReason
 from captchatask_operator.records import ProviderSpec, TaskRecord
-
-if TYPE_CHECKING:
-    from captchatask_operator.engine import Engine
-    from captchatask_operator.providers import ProviderState
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +35,9 @@ logger = logging.getLogger(__name__)
 class Submitter:
     """The submission part of the engine."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: EngineActions, deps: Deps) -> None:
         self.engine = engine
+        self.deps = deps
 
     async def submit(self, task: TaskRecord) -> None:
         """Submit one task: intent (CAS) -> in.php -> Submitted (CAS); see the module docs."""
@@ -54,9 +52,9 @@ class Submitter:
             provider=state.spec if state else None,
             provider_ready=bool(state and state.ready),
             provider_reason=state.reason if state else "NotFound",
-            now=engine.clock(),
-            max_attempts=engine.settings.max_submit_attempts,
-            poll_only_grace=engine.settings.intent_grace_seconds,
+            now=self.deps.clock(),
+            max_attempts=self.deps.settings.max_submit_attempts,
+            poll_only_grace=self.deps.settings.intent_grace_seconds,
             ledger_unavailable_at=engine.ledger_unavailable_at,
         )
         if step.kind is not StepKind.SUBMIT or state is None or state.client is None:
@@ -64,8 +62,8 @@ class Submitter:
         spec = state.spec
         pingback_url = None
         if spec.public_url is not None:
-            assert engine.signer is not None  # a provider without a signer is never Ready
-            pingback_url = engine.signer.url(spec.public_url, record.ref)
+            assert self.deps.signer is not None  # a provider without a signer is never Ready
+            pingback_url = self.deps.signer.url(spec.public_url, record.ref)
         try:
             params = provider_tasks.build_submit_params(
                 view.spec, dialect=spec.dialect, pingback_url=pingback_url
@@ -74,15 +72,15 @@ class Submitter:
             await engine.fail(record.ref, FailureCode.INVALID_SPEC, str(exc), view=view)
             return
         if step.resubmit:
-            engine.metrics.submissions.labels(*spec.key, "resubmitted").inc()
+            self.deps.metrics.submissions.labels(*spec.key, "resubmitted").inc()
             engine.event(
                 record.ref,
                 EventType.WARNING,
                 "Resubmitting",
                 "no provider task id was recorded for the submission started at "
-                f"{model.format_time(record.intent_at or engine.clock())} and no pingback came; "
+                f"{model.format_time(record.intent_at or self.deps.clock())} and no pingback came; "
                 f"submitting again (attempt {record.attempts + 1} of "
-                f"{engine.settings.max_submit_attempts})",
+                f"{self.deps.settings.max_submit_attempts})",
             )
         previous: Mapping[str, Any] = view.status.get("submission") or {}
         attempts = record.attempts
@@ -90,11 +88,11 @@ class Submitter:
             "phase": str(view.phase or Phase.PENDING),
             "submission": {
                 **{k: v for k, v in previous.items() if k != "nextAttemptAt"},
-                "intentAt": model.format_time(engine.clock()),
+                "intentAt": model.format_time(self.deps.clock()),
                 "attempts": attempts + 1,
             },
         }
-        pinned = await engine.ledger.update_status(view, intent, pin_version=True)
+        pinned = await self.deps.ledger.update_status(view, intent, pin_version=True)
         engine.counters.status_writes += 1
         if pinned is None:
             return  # someone changed the task since our GET: re-decide
@@ -105,12 +103,12 @@ class Submitter:
         except ProviderError as exc:
             await self._submit_failed(pinned, state, exc, attempts=attempts)
             return
-        engine.metrics.submissions.labels(*spec.key, "submitted").inc()
+        self.deps.metrics.submissions.labels(*spec.key, "submitted").inc()
         await self._write_submitted(
             pinned,
             provider_task_id=provider_task_id,
             provider=spec,
-            submitted_at=engine.clock(),
+            submitted_at=self.deps.clock(),
             reason="Submitted",
             message=f"submitted to {spec.name} as provider task {provider_task_id}",
         )
@@ -124,19 +122,19 @@ class Submitter:
         label = state.spec.key
         verdict = classification.effective_verdict
         if verdict is Verdict.TASK_FAILED:
-            engine.metrics.submissions.labels(*label, "task_failed").inc()
+            self.deps.metrics.submissions.labels(*label, "task_failed").inc()
             await engine.fail(view.ref, classification.code, classification.reason, view=view)
             return
-        now = engine.clock()
+        now = self.deps.clock()
         ambiguous = policy.is_ambiguous(classification)
         if verdict is Verdict.CONFIG_ERROR:
-            engine.metrics.submissions.labels(*label, "config_error").inc()
-            wait = engine.settings.provider_retry_seconds
-            engine.checks.mark_not_ready(
+            self.deps.metrics.submissions.labels(*label, "config_error").inc()
+            wait = self.deps.settings.provider_retry_seconds
+            engine.provider_not_ready(
                 state, policy.provider_verdict(state.spec.dialect, error=classification)
             )
         else:
-            engine.metrics.submissions.labels(
+            self.deps.metrics.submissions.labels(
                 *label, "ambiguous" if ambiguous else "retry_later"
             ).inc()
             wait = classification.wait_seconds or policy.DEFAULT_ERROR_WAIT_SECONDS
@@ -150,7 +148,7 @@ class Submitter:
                 "lastError": f"{classification.code}: {classification.reason}"[:1024],
             }
         }
-        written = await engine.ledger.update_status(view, fields, pin_version=True)
+        written = await self.deps.ledger.update_status(view, fields, pin_version=True)
         engine.counters.status_writes += 1
         if written is None:
             written = await engine.fresh(view.ref)
@@ -183,7 +181,7 @@ class Submitter:
             if current.provider_task_id not in (None, provider_task_id):
                 break
             probe = replace(
-                TaskRecord.from_view(current, now=engine.clock()), submitted_at=submitted_at
+                TaskRecord.from_view(current, now=self.deps.clock()), submitted_at=submitted_at
             )
             first_poll = policy.first_poll_at(probe, provider)
             fields = {
@@ -203,7 +201,7 @@ class Submitter:
                     now=submitted_at,
                 ),
             }
-            written = await engine.ledger.update_status(current, fields, pin_version=True)
+            written = await self.deps.ledger.update_status(current, fields, pin_version=True)
             engine.counters.status_writes += 1
             if written is not None:
                 engine.event(written.ref, EventType.NORMAL, reason, message)
@@ -224,14 +222,16 @@ class Submitter:
         state = engine.providers.get((view.ref.namespace, view.provider))
         if state is None:
             await self.write_waiting(
-                TaskRecord.from_view(view, now=engine.clock()),
+                TaskRecord.from_view(view, now=self.deps.clock()),
                 WaitReason.PROVIDER_NOT_FOUND,
                 f"CaptchaProvider {view.provider!r} does not exist",
             )
             return
         # An adopted task was submitted by the app just before it created the object; an
         # external task's id arrives later (sidecar `track`), right after its submission.
-        submitted_at = engine.clock() if view.external else (view.created_at or engine.clock())
+        submitted_at = (
+            self.deps.clock() if view.external else (view.created_at or self.deps.clock())
+        )
         await self._write_submitted(
             view,
             provider_task_id=view.spec_provider_task_id,
@@ -248,7 +248,7 @@ class Submitter:
         if view is None or view.phase is Phase.SUBMITTED or (view.phase and view.phase.terminal):
             engine.remember(view)
             return
-        now = engine.clock()
+        now = self.deps.clock()
         queued = reason == WaitReason.QUEUED
         phase = Phase.QUEUED if queued else (view.phase or Phase.PENDING)
         fields: dict[str, Any] = {
@@ -266,7 +266,7 @@ class Submitter:
         }
         if queued and "queuedAt" not in view.status:
             fields["queuedAt"] = model.format_time(now)
-        written = await engine.ledger.update_status(view, fields, pin_version=True)
+        written = await self.deps.ledger.update_status(view, fields, pin_version=True)
         engine.counters.status_writes += 1
         if written is not None:
             engine.store(written)

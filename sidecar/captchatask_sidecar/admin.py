@@ -19,7 +19,6 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
-from captchatask_sidecar import keys
 from captchatask_sidecar.errors import problem, problem_middleware
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.spool import Spool
@@ -58,6 +57,10 @@ class Health:
             )
 
 
+#: The application's :class:`Health`.
+HEALTH: Final = web.AppKey("health", Health)
+
+
 def _ok(data: dict[str, object]) -> web.Response:
     return web.Response(body=json.dumps(data).encode(), content_type="application/json")
 
@@ -69,7 +72,7 @@ async def healthz(_request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     """Readiness: see the module docstring."""
-    ready, reasons = request.app[keys.HEALTH].ready()
+    ready, reasons = request.app[HEALTH].ready()
     if ready:
         return _ok({"status": "ready"})
     return problem(503, "; ".join(reasons), title="Not Ready")
@@ -90,7 +93,7 @@ def create_admin_app(
         Run the periodic spool probe with the app.
     """
     app = web.Application(middlewares=[problem_middleware])
-    app[keys.HEALTH] = health
+    app[HEALTH] = health
     app.router.add_routes(
         [
             web.get("/metrics", make_aiohttp_handler(registry), allow_head=False),

@@ -40,7 +40,6 @@ from aiohttp.typedefs import Handler
 from captchatask import kube, model, signing
 from captchatask.ledger import Ledger
 from captchatask.model import TaskView
-from captchatask_sidecar import keys
 from captchatask_sidecar.errors import ProblemError, problem_middleware
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.payload import PROVIDER_TASK_ID_RE
@@ -113,7 +112,7 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     The local API listens on loopback only, but "only our own pod" is no reason to let one
     stuck or runaway client hold a connection and its buffers forever.
     """
-    api = request.app[keys.LOCAL_API]
+    api = request.app[LOCAL_API]
     length = request.content_length
     if length is not None and length > api.max_body_bytes:
         raise ProblemError(413, "body too large")
@@ -340,6 +339,10 @@ class LocalApi:
         return created, True
 
 
+#: The application's :class:`LocalApi`.
+LOCAL_API: Final = web.AppKey("local_api", LocalApi)
+
+
 # -- handlers ---------------------------------------------------------------------------------
 
 
@@ -353,14 +356,14 @@ def _json(data: Mapping[str, Any], *, status: int = 200) -> web.Response:
 
 async def create_task(request: web.Request) -> web.Response:
     """``POST /v1/tasks``: create a task; not idempotent unless the body names it."""
-    api = request.app[keys.LOCAL_API]
+    api = request.app[LOCAL_API]
     task = await api.create(await _json_object(request))
     return _json(task_json(task), status=201)
 
 
 async def get_task(request: web.Request) -> web.Response:
     """``GET /v1/tasks/{name}[?wait=s]``: read, or long-poll until the task finishes."""
-    api = request.app[keys.LOCAL_API]
+    api = request.app[LOCAL_API]
     name = request.match_info["name"]
     if not _NAME_RE.fullmatch(name):
         raise ProblemError(404, "no such task")
@@ -378,7 +381,7 @@ async def get_task(request: web.Request) -> web.Response:
 
 async def reserve_task(request: web.Request) -> web.Response:
     """``POST /v1/tasks:reserve``: create an external task and return its signed pingback URL."""
-    api = request.app[keys.LOCAL_API]
+    api = request.app[LOCAL_API]
     body = await _json_object(request)
     provider_ref = body.get("providerRef")
     provider = api.provider
@@ -393,7 +396,7 @@ async def reserve_task(request: web.Request) -> web.Response:
 
 async def track_task(request: web.Request) -> web.Response:
     """``POST /v1/tasks:track``: register the provider task id of an adopted task."""
-    api = request.app[keys.LOCAL_API]
+    api = request.app[LOCAL_API]
     body = await _json_object(request)
     provider_task_id = _provider_task_id(body.get("providerTaskId"))
     if "name" in body:
@@ -409,7 +412,7 @@ async def track_task(request: web.Request) -> web.Response:
 @web.middleware
 async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Count requests by route template and status class (bounded label values)."""
-    api = request.app[keys.LOCAL_API]
+    api = request.app[LOCAL_API]
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
     response = await handler(request)
@@ -422,7 +425,7 @@ def create_local_app(api: LocalApi, *, max_body_bytes: int) -> web.Application:
     app = web.Application(
         middlewares=[count_requests, problem_middleware], client_max_size=max_body_bytes
     )
-    app[keys.LOCAL_API] = api
+    app[LOCAL_API] = api
     app.router.add_routes(
         [
             web.post("/v1/tasks", create_task),

@@ -1,30 +1,40 @@
-"""Pingback payloads: the three wire shapes, parsed strictly into one :class:`Pingback`.
+"""From an aiohttp request to one :class:`Pingback`: every wire shape, read and parsed strictly.
 
-Pure (no I/O): the handler reads the body, these functions decide whether it is a well-formed
-result. Accepted shapes (``provider-api.md`` section 3):
+The one place that knows how a provider delivers a result; the route in
+:mod:`~captchatask_sidecar.pingback` authenticates the path, calls :func:`read_pingback`, turns
+the pingback into a ledger :class:`~captchatask.decision.Result` with :meth:`Pingback.to_result`
+and hands it to the recorder. Accepted shapes (``provider-api.md`` section 3):
 
-* CaptchaAI: ``GET <url>?id=<task id>&code=<answer or ERROR_...>``;
-* 2captcha: ``POST`` with the same two fields, urlencoded or ``multipart/form-data``;
+* CaptchaAI: ``GET <url>?id=<task id>&code=<answer or ERROR_...>`` (also a ``POST`` with an
+  empty body to such a URL: CaptchaAI appends the fields to any URL);
+* 2captcha: ``POST`` with the same two fields, urlencoded (UTF-8) or ``multipart/form-data``;
 * Anti-Captcha style JSON, the body of ``getTaskResult``:
   ``{"taskId": .., "errorId": 0, "status": "ready", "solution": {"gRecaptchaResponse" |
   "token" | "text": .., "userAgent": ..}}`` or ``{"errorId": 12, "errorCode": "ERROR_..."}``.
 
-Anything else is malformed: a missing or repeated field, an id that is not a provider task id,
-an empty or oversize answer. The limits are the CRD's, so a result accepted here always fits the
-ledger.
+Anything else is refused with a :class:`PingbackError` that carries the HTTP status to answer:
+a missing or repeated field, an id that is not a provider task id, an empty or oversize answer
+(400), a body over the limit (413) or too slow to arrive (408), an unknown media type (415),
+a code that is no final result (422). The limits are the CRD's, so a result accepted here always
+fits the ledger. Below :func:`read_pingback` the parsers are pure functions of bytes and fields.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Final
+from typing import Any, ClassVar, Final
+from urllib.parse import parse_qsl
 
-from captchatask.ledger import Result
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from captchatask.decision import Result
 from captchatask.model import DeliveredBy
 from captchatask.provider import codes
 
@@ -42,6 +52,9 @@ USER_AGENT_FIELDS: Final = ("userAgent", "useragent", "user_agent")
 SOLUTION_KEYS: Final = ("gRecaptchaResponse", "token", "text")
 #: A form pingback has two fields; anything far beyond that is not a pingback.
 MAX_FIELDS: Final = 16
+FORM: Final = "application/x-www-form-urlencoded"
+MULTIPART: Final = "multipart/form-data"
+JSON_TYPES: Final = frozenset({"application/json", "text/json"})
 
 
 class Source(StrEnum):
@@ -53,16 +66,56 @@ class Source(StrEnum):
     JSON = "json"
 
 
-class MalformedPingbackError(ValueError):
+class PingbackError(ValueError):
+    """The request is not an acceptable pingback; nothing was written.
+
+    :attr:`status` is the HTTP status to answer, :attr:`detail` the text to show the sender
+    (safe: it never echoes the request).
+    """
+
+    status: ClassVar[int] = 400
+
+    @property
+    def detail(self) -> str:
+        """What the problem document says."""
+        return str(self)
+
+
+class MalformedPingbackError(PingbackError):
     """The request is not a well-formed pingback; the message is safe to show the sender."""
 
 
-class NotAResultError(ValueError):
+class NotAResultError(PingbackError):
     """An authentic pingback whose code is not a final result.
 
     ``CAPCHA_NOT_READY``, a rate limit or an undocumented code: fallback polling settles the
     task instead.
     """
+
+    status: ClassVar[int] = 422
+
+    @property
+    def detail(self) -> str:
+        """Terse on purpose: the classification stays in the log, not in the answer."""
+        return "not a final result"
+
+
+class BodyTooLargeError(PingbackError):
+    """The body is over the limit (checked from ``Content-Length`` before reading)."""
+
+    status: ClassVar[int] = 413
+
+
+class BodyTimeoutError(PingbackError):
+    """The body took longer than the read timeout to arrive."""
+
+    status: ClassVar[int] = 408
+
+
+class UnsupportedMediaTypeError(PingbackError):
+    """A body of a media type no provider sends."""
+
+    status: ClassVar[int] = 415
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,3 +278,64 @@ def from_json(raw: bytes) -> Pingback:
                 user_agent=_user_agent(solution.get("userAgent")),
             )
     raise MalformedPingbackError("solution has no answer")
+
+
+async def read_pingback(
+    request: web.Request, *, max_body_bytes: int, read_timeout: float
+) -> Pingback:
+    """Read and parse the pingback a request carries, whatever its shape.
+
+    Raises
+    ------
+    PingbackError
+        The request is refused; its ``status`` says with what.
+    """
+    if request.method == "GET":
+        return from_fields(_query(request), source=Source.GET)
+    length = request.content_length
+    if length is not None and length > max_body_bytes:
+        raise BodyTooLargeError("body too large")
+    content_type = request.content_type
+    try:
+        async with asyncio.timeout(read_timeout):
+            if content_type == MULTIPART:
+                return from_fields(_form_fields(await request.post()), source=Source.MULTIPART)
+            raw = await request.read()
+    except TimeoutError as exc:
+        raise BodyTimeoutError("request timeout") from exc
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise BodyTooLargeError("body too large") from exc
+    except (ValueError, web.HTTPException, web.RequestPayloadError) as exc:
+        # Malformed multipart, a body that does not decode with its Content-Encoding, or a
+        # multipart form without its fields: all answered alike.
+        raise MalformedPingbackError("malformed body") from exc
+    if content_type in JSON_TYPES or content_type.endswith("+json"):
+        return from_json(raw)
+    if not raw:
+        # A POST to a URL that carries ?id=&code= (CaptchaAI appends them to any URL).
+        return from_fields(_query(request), source=Source.GET)
+    if content_type in (FORM, "application/octet-stream", "text/plain"):
+        return from_fields(_parse_form(raw), source=Source.FORM)
+    raise UnsupportedMediaTypeError("unsupported media type")
+
+
+def _query(request: web.Request) -> Iterable[tuple[str, str]]:
+    fields = query_fields(request.rel_url.raw_query_string)
+    return request.query.items() if fields is None else fields
+
+
+def _parse_form(raw: bytes) -> list[tuple[str, str]]:
+    try:
+        text = raw.decode("utf-8")
+        return parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=16)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MalformedPingbackError("malformed form body") from exc
+
+
+def _form_fields(
+    form: MultiDictProxy[str | bytes | bytearray | web.FileField],
+) -> Iterable[tuple[str, str]]:
+    for key, value in form.items():
+        if not isinstance(value, str):
+            raise MalformedPingbackError("unexpected file field")
+        yield key, value

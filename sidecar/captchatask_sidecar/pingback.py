@@ -8,9 +8,9 @@ and ``tasks:reserve`` hand to the provider). The order of checks is the security
 2. the token must verify (HMAC over namespace, name and uid; constant time; stateless) - 403
    otherwise. Both happen **before the body is read and before any API call**, so forged
    requests cost a regex and an HMAC;
-3. the body is read under a size limit (413, checked from ``Content-Length`` before reading)
-   and a time limit (408), then parsed strictly (400 malformed, 415 unsupported type, 422 a
-   code that is no final result).
+3. :func:`~.payload.read_pingback` reads the body under a size limit (413, checked from
+   ``Content-Length`` before reading) and a time limit (408) and parses it strictly (400
+   malformed, 415 unsupported type, 422 a code that is no final result).
 
 Only then does :class:`~.recorder.Recorder` make the result durable, and only then is ``200``
 sent, with the outcome in the ``X-Captchatask-Outcome`` header. Rejections are terse problem
@@ -22,30 +22,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import parse_qsl
 
 from aiohttp import hdrs, web
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from captchatask import signing
 from captchatask.model import TaskRef
 from captchatask.provider import codes
-from captchatask_sidecar import keys
 from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.errors import problem, problem_middleware
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
-from captchatask_sidecar.payload import (
-    MalformedPingbackError,
-    NotAResultError,
-    Pingback,
-    Source,
-    from_fields,
-    from_json,
-    query_fields,
-)
+from captchatask_sidecar.payload import PingbackError, read_pingback
 from captchatask_sidecar.recorder import Recorder
 from captchatask_sidecar.spool import SpoolWriteError
 from captchatask_sidecar.verify import NotConfirmedError, Verifier, VerifyUnavailableError
@@ -54,9 +44,6 @@ logger = logging.getLogger(__name__)
 
 ROUTE: Final = signing.PINGBACK_PREFIX + "/{namespace}/{name}/{uid}/{token}"
 OUTCOME_HEADER: Final = "X-Captchatask-Outcome"
-FORM: Final = "application/x-www-form-urlencoded"
-MULTIPART: Final = "multipart/form-data"
-JSON_TYPES: Final = frozenset({"application/json", "text/json"})
 #: The answer body: providers only look at the status; "OK" is what the seed's handler sent.
 OK_BODY: Final = b"OK"
 #: The ``200`` headers per outcome, built once (the response copies them).
@@ -132,13 +119,13 @@ class PingbackReceiver:
         if not self.signer.verify_parts(namespace, name, uid, token):
             raise RejectedError(403, "forbidden")
         ref = TaskRef(namespace=namespace, name=name, uid=uid)
-        pingback = await self._read(request)
         try:
+            pingback = await read_pingback(
+                request, max_body_bytes=self.max_body_bytes, read_timeout=self.read_timeout
+            )
             result = pingback.to_result(dialect=self.dialect)
-        except NotAResultError as exc:
-            raise RejectedError(422, "not a final result") from exc
-        except MalformedPingbackError as exc:
-            raise RejectedError(400, str(exc)) from exc
+        except PingbackError as exc:
+            raise RejectedError(exc.status, exc.detail) from exc
         if self.verifier is not None:
             try:
                 result = await self.verifier.confirm(ref, result)
@@ -148,66 +135,14 @@ class PingbackReceiver:
                 raise RejectedError(503, "cannot confirm now") from exc
         return await self.recorder.accept(ref, result, source=pingback.source.value)
 
-    async def _read(self, request: web.Request) -> Pingback:
-        try:
-            if request.method == "GET":
-                return from_fields(_query(request), source=Source.GET)
-            return await self._read_body(request)
-        except MalformedPingbackError as exc:
-            raise RejectedError(400, str(exc)) from exc
 
-    async def _read_body(self, request: web.Request) -> Pingback:
-        length = request.content_length
-        if length is not None and length > self.max_body_bytes:
-            raise RejectedError(413, "body too large")
-        content_type = request.content_type
-        try:
-            async with asyncio.timeout(self.read_timeout):
-                if content_type == MULTIPART:
-                    return from_fields(_form_fields(await request.post()), source=Source.MULTIPART)
-                raw = await request.read()
-        except TimeoutError as exc:
-            raise RejectedError(408, "request timeout") from exc
-        except web.HTTPRequestEntityTooLarge as exc:
-            raise RejectedError(413, "body too large") from exc
-        except (ValueError, web.HTTPException, web.RequestPayloadError) as exc:
-            # Malformed multipart, a body that does not decode with its Content-Encoding, ...
-            raise RejectedError(400, "malformed body") from exc
-        if content_type in JSON_TYPES or content_type.endswith("+json"):
-            return from_json(raw)
-        if not raw:
-            # A POST to a URL that carries ?id=&code= (CaptchaAI appends them to any URL).
-            return from_fields(_query(request), source=Source.GET)
-        if content_type in (FORM, "application/octet-stream", "text/plain"):
-            return from_fields(_parse_form(raw), source=Source.FORM)
-        raise RejectedError(415, "unsupported media type")
-
-
-def _query(request: web.Request) -> Iterable[tuple[str, str]]:
-    fields = query_fields(request.rel_url.raw_query_string)
-    return request.query.items() if fields is None else fields
-
-
-def _parse_form(raw: bytes) -> list[tuple[str, str]]:
-    try:
-        text = raw.decode("utf-8")
-        return parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=16)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MalformedPingbackError("malformed form body") from exc
-
-
-def _form_fields(
-    form: MultiDictProxy[str | bytes | bytearray | web.FileField],
-) -> Iterable[tuple[str, str]]:
-    for key, value in form.items():
-        if not isinstance(value, str):
-            raise MalformedPingbackError("unexpected file field")
-        yield key, value
+#: The application's :class:`PingbackReceiver`.
+PINGBACK: Final = web.AppKey("pingback", PingbackReceiver)
 
 
 async def receive_pingback(request: web.Request) -> web.Response:
     """Handle one pingback (see the module docstring); idempotent per result."""
-    receiver = request.app[keys.PINGBACK]
+    receiver = request.app[PINGBACK]
     metrics = receiver.metrics
     started = time.perf_counter()
     try:
@@ -240,7 +175,7 @@ def create_pingback_app(
         replayed while the last requests still write to the spool.
     """
     app = web.Application(middlewares=[problem_middleware], client_max_size=receiver.max_body_bytes)
-    app[keys.PINGBACK] = receiver
+    app[PINGBACK] = receiver
     app.router.add_route("GET", ROUTE, receive_pingback)
     app.router.add_route("POST", ROUTE, receive_pingback)
     if drainer is not None:

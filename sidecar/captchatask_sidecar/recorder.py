@@ -28,10 +28,12 @@ from collections.abc import Callable
 from typing import Final
 
 from captchatask import kube
-from captchatask.ledger import Ledger, Outcome, Result
+from captchatask.decision import Outcome, Result
+from captchatask.ledger import Ledger
 from captchatask.model import DeadLetterReason, TaskRef, TaskView
 from captchatask_sidecar.metrics import Metrics
-from captchatask_sidecar.spool import Spool, SpoolRecord
+from captchatask_sidecar.spool import Spool
+from captchatask_sidecar.spoolformat import SpoolRecord
 
 logger = logging.getLogger(__name__)
 

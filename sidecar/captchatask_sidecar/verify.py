@@ -20,7 +20,7 @@ from typing import Any, Final
 import aiohttp
 
 from captchatask import kube
-from captchatask.ledger import Result, ResultKind
+from captchatask.decision import Result, ResultKind
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask.provider import codes
 from captchatask.provider.client import ProviderClient

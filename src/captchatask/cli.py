@@ -21,23 +21,9 @@ from collections.abc import Callable, Sequence
 from typing import Final, Protocol
 
 from captchatask import cliopts, completion
+from captchatask.commands import SUBCOMMANDS, USER_COMMANDS
 from captchatask.version import __version__
 
-# name -> (module, function, one-line help). Each function takes the remaining argv, returns
-# the exit status, and owns its own argparse (so `captchatask <name> --help` is complete).
-SUBCOMMANDS: Final[dict[str, tuple[str, str, str]]] = {
-    "operator": ("captchatask_operator.cli", "main", "run the kopf operator"),
-    "sidecar": ("captchatask_sidecar.cli", "main", "run the pingback sidecar / receiver"),
-    "emulator": ("captchatask.emulator.cli", "main", "run the CaptchaAI-compatible emulator"),
-    "testbed": ("captchatask.testbed", "cli_main", "start/stop a local etcd + kube-apiserver"),
-    "demo": ("captchatask.demo", "main", "run the whole system locally, with faults"),
-}
-#: The user commands, shared with ``kubectl captchatask``; their functions also take ``prog``.
-USER_COMMANDS: Final[dict[str, tuple[str, str, str]]] = {
-    "dlq": ("captchatask.dlq", "main", "list, show, redrive and purge dead letters"),
-    "tasks": ("captchatask.listing", "tasks_main", "list and show CaptchaTasks"),
-    "providers": ("captchatask.listing", "providers_main", "provider health (providers status)"),
-}
 #: The hidden command the completion scripts and kubectl call.
 COMPLETE: Final = "__complete"
 

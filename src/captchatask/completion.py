@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+from captchatask import commands
+
 #: Cobra's directives: 0 = default (shell may fall back to files), 4 = no file completion.
 DIRECTIVE_DEFAULT: Final = 0
 DIRECTIVE_NO_FILES: Final = 4
@@ -68,7 +70,7 @@ class Node:
 
 def tree(*, user_only: bool) -> Node:
     """The command tree: user commands in full, the component commands by name only."""
-    from captchatask import cli, cliopts, dlq, listing  # noqa: PLC0415 - cli imports this module
+    from captchatask import cliopts, dlq, listing  # noqa: PLC0415 - only when completing
 
     # Before the command name only kubectl's flags are accepted (cli.dispatch hoists them).
     root = Node()
@@ -88,7 +90,7 @@ def tree(*, user_only: bool) -> Node:
         ("providers",),
     )
     if not user_only:
-        for name in cli.SUBCOMMANDS:
+        for name in commands.SUBCOMMANDS:
             root.children.setdefault(name, Node(path=(name,)))
         shells = {shell: Node(path=("completion", shell)) for shell in ("bash", "zsh")}
         root.children["completion"] = Node(children=shells, path=("completion",))

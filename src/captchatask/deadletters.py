@@ -27,7 +27,8 @@ from enum import StrEnum
 from typing import Any, Final, Protocol
 
 from captchatask import kube, model
-from captchatask.ledger import Ledger, Outcome, Result
+from captchatask.decision import Outcome, Result
+from captchatask.ledger import Ledger
 from captchatask.model import DeadLetterPhase, DeliveredBy, TaskRef, TaskView
 
 #: First retry delay; doubles per attempt up to the cap. A task created "soon" after its

@@ -7,10 +7,10 @@ which guarantees *exactly one outcome per task*:
 * every status write is a JSON patch whose ``test`` operations pin what the writer observed
   (the task's uid, its phase, its provider task id, or its whole resourceVersion); if another
   writer got there first, the API server refuses the patch and we re-read and re-decide;
-* the decision itself is the pure function :func:`decide`, so the race rules are unit-tested
-  without a cluster: the first result wins, a later identical one is a *duplicate*, a pingback
-  for a task that already ended by poll (or failed) is *late*, and a result that belongs to no
-  task instance becomes a dead letter, never a drop.
+* the decision itself is the pure function :func:`captchatask.decision.decide`, so the race
+  rules are unit-tested without a cluster: the first result wins, a later identical one is a
+  *duplicate*, a pingback for a task that already ended by poll (or failed) is *late*, and a
+  result that belongs to no task instance becomes a dead letter, never a drop.
 
 The hot path for a pingback is a single PATCH (uid, phase ``Submitted`` and provider id are
 tested server-side); only a refused patch costs a GET.
@@ -20,244 +20,33 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import Any, Final
 
 from captchatask import kube, model
-from captchatask.model import DeadLetterReason, DeliveredBy, Phase, TaskRef, TaskView
+from captchatask.decision import (
+    CONDITION_COMPLETE,
+    JsonPatch,
+    Outcome,
+    Result,
+    ResultKind,
+    cas_patch,
+    condition_reason,
+    decide,
+    result_status,
+)
+from captchatask.model import DeadLetterReason, Phase, TaskRef, TaskView
 
 #: How often record() re-reads and retries after losing a compare-and-set race before giving up.
 MAX_CAS_ATTEMPTS: Final = 8
-#: Condition types on CaptchaTask.
-CONDITION_SUBMITTED: Final = "Submitted"
-CONDITION_COMPLETE: Final = "Complete"
 
 Clock = Callable[[], dt.datetime]
-JsonPatch = list[dict[str, Any]]
 
 
 def utcnow() -> dt.datetime:
     """The real clock; tests inject their own."""
     return dt.datetime.now(dt.UTC)
-
-
-class ResultKind(StrEnum):
-    """A result is either an answer or a permanent failure the provider reported."""
-
-    SOLVED = "solved"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Result:
-    """One result for one provider task, however it arrived."""
-
-    kind: ResultKind
-    delivered_by: DeliveredBy
-    provider_task_id: str | None
-    token: str | None = None
-    user_agent: str | None = None
-    code: str | None = None
-    message: str | None = None
-
-    @classmethod
-    def solved(
-        cls,
-        *,
-        token: str,
-        delivered_by: DeliveredBy,
-        provider_task_id: str | None,
-        user_agent: str | None = None,
-    ) -> Result:
-        """An answer."""
-        return cls(
-            kind=ResultKind.SOLVED,
-            delivered_by=delivered_by,
-            provider_task_id=provider_task_id,
-            token=token,
-            user_agent=user_agent,
-        )
-
-    @classmethod
-    def failed(
-        cls,
-        *,
-        code: str,
-        message: str,
-        delivered_by: DeliveredBy,
-        provider_task_id: str | None,
-    ) -> Result:
-        """A permanent failure (``ERROR_CAPTCHA_UNSOLVABLE`` and the like)."""
-        return cls(
-            kind=ResultKind.FAILED,
-            delivered_by=delivered_by,
-            provider_task_id=provider_task_id,
-            code=code,
-            message=message,
-        )
-
-
-class Outcome(StrEnum):
-    """What recording a result did; the sidecar's metric outcomes use the same words."""
-
-    RECORDED = "recorded"
-    DUPLICATE = "duplicate"
-    LATE = "late"
-    DEAD_LETTER = "dead_lettered"
-
-
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """The pure verdict on one result against one observed task."""
-
-    outcome: Outcome
-    reason: DeadLetterReason | None = None
-    message: str = ""
-
-
-def decide(task: TaskView | None, ref: TaskRef, result: Result) -> Decision:
-    """Decide what a result means for the task as observed (pure; the race rules live here).
-
-    Parameters
-    ----------
-    task
-        The task as last read, or ``None`` if it does not exist.
-    ref
-        The task instance the result was addressed to (from the signed URL or the poller).
-    result
-        The result.
-    """
-    if task is None or task.deleting:
-        return Decision(Outcome.DEAD_LETTER, DeadLetterReason.TASK_NOT_FOUND, "task not found")
-    if task.ref.uid != ref.uid:
-        return Decision(
-            Outcome.DEAD_LETTER,
-            DeadLetterReason.TASK_RECREATED,
-            "the task was deleted and recreated under the same name",
-        )
-    known = task.known_provider_task_id
-    if known and result.provider_task_id and known != result.provider_task_id:
-        return Decision(
-            Outcome.DEAD_LETTER,
-            DeadLetterReason.PROVIDER_TASK_MISMATCH,
-            "the result names another provider task than the one on record",
-        )
-    if task.phase is not None and task.phase.terminal:
-        came_by_pingback = result.delivered_by is DeliveredBy.PINGBACK
-        ended_by_pingback = task.delivered_by is DeliveredBy.PINGBACK
-        if came_by_pingback and not ended_by_pingback:
-            return Decision(Outcome.LATE, message=f"task already {task.phase}")
-        return Decision(Outcome.DUPLICATE, message=f"task already {task.phase}")
-    return Decision(Outcome.RECORDED)
-
-
-def set_condition(
-    conditions: Sequence[Mapping[str, Any]],
-    *,
-    type_: str,
-    status: str,
-    reason: str,
-    message: str,
-    generation: int,
-    now: dt.datetime,
-) -> list[dict[str, Any]]:
-    """Return conditions with one replaced, keeping ``lastTransitionTime`` unless status flips."""
-    out: list[dict[str, Any]] = []
-    previous: Mapping[str, Any] | None = None
-    for condition in conditions:
-        if condition.get("type") == type_:
-            previous = condition
-        else:
-            out.append(dict(condition))
-    transition = model.format_time(now)
-    if previous is not None and previous.get("status") == status:
-        transition = str(previous.get("lastTransitionTime") or transition)
-    out.append(
-        {
-            "type": type_,
-            "status": status,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": transition,
-            "observedGeneration": generation,
-        }
-    )
-    return out
-
-
-def result_status(task: TaskView, result: Result, now: dt.datetime) -> dict[str, Any]:
-    """The status fields a recorded result sets (pure)."""
-    fields: dict[str, Any] = {
-        "finishedAt": model.format_time(now),
-        "deliveredBy": str(result.delivered_by),
-        "observedGeneration": task.generation,
-    }
-    provider_task_id = task.known_provider_task_id or result.provider_task_id
-    if provider_task_id:
-        fields["providerTaskId"] = provider_task_id
-    if result.delivered_by is DeliveredBy.PINGBACK and "pingbackAt" not in task.status:
-        fields["pingbackAt"] = model.format_time(now)
-    if result.kind is ResultKind.SOLVED:
-        fields["phase"] = str(Phase.SOLVED)
-        solution: dict[str, str] = {"token": result.token or ""}
-        if result.user_agent:
-            solution["userAgent"] = result.user_agent
-        fields["solution"] = solution
-        reason, message, status = "Solved", f"solved, delivered by {result.delivered_by}", "True"
-    else:
-        fields["phase"] = str(Phase.FAILED)
-        fields["failure"] = {"code": result.code or "Unknown", "message": result.message or ""}
-        reason = _condition_reason(result.code or "Failed")
-        message, status = f"failed: {result.code}", "True"
-    fields["conditions"] = set_condition(
-        task.status.get("conditions") or [],
-        type_=CONDITION_COMPLETE,
-        status=status,
-        reason=reason,
-        message=message,
-        generation=task.generation,
-        now=now,
-    )
-    return fields
-
-
-def _condition_reason(code: str) -> str:
-    """Turn ``ERROR_CAPTCHA_UNSOLVABLE`` into the CamelCase ``CaptchaUnsolvable``."""
-    words = code.removeprefix("ERROR_").replace(":", " ").replace("_", " ").split()
-    camel = "".join(word[:1].upper() + word[1:].lower() for word in words if word.isalnum())
-    return camel or "Failed"
-
-
-def cas_patch(
-    *,
-    uid: str,
-    fields: Mapping[str, Any],
-    resource_version: str | None = None,
-    phase: Phase | None = None,
-    provider_task_id: str | None = None,
-    had_status: bool = True,
-) -> JsonPatch:
-    """Build a JSON patch that sets status ``fields`` only if the pinned observations still hold.
-
-    Each ``test`` op makes the API server refuse the whole patch when another writer changed
-    what we based our decision on; that refusal is our compare-and-set failure.
-    """
-    ops: JsonPatch = [{"op": "test", "path": "/metadata/uid", "value": uid}]
-    if resource_version is not None:
-        ops.append({"op": "test", "path": "/metadata/resourceVersion", "value": resource_version})
-    if phase is not None:
-        ops.append({"op": "test", "path": "/status/phase", "value": str(phase)})
-    if provider_task_id is not None:
-        ops.append({"op": "test", "path": "/status/providerTaskId", "value": provider_task_id})
-    if not had_status:
-        ops.append({"op": "add", "path": "/status", "value": dict(fields)})
-        return ops
-    ops.extend(
-        {"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()
-    )
-    return ops
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,7 +217,7 @@ class Ledger:
                     "status": "True",
                     "reason": "Solved"
                     if result.kind is ResultKind.SOLVED
-                    else _condition_reason(result.code or "Failed"),
+                    else condition_reason(result.code or "Failed"),
                     "message": f"{result.kind}, delivered by {result.delivered_by}",
                     "lastTransitionTime": model.format_time(now),
                 },

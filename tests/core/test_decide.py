@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from captchatask.ledger import (
+from captchatask.decision import (
     CONDITION_COMPLETE,
     Outcome,
     Result,

@@ -9,7 +9,8 @@ import aiohttp
 import pytest
 
 from captchatask import kube, model, testbed
-from captchatask.ledger import Ledger, Outcome, Result, set_condition, utcnow
+from captchatask.decision import Outcome, Result, set_condition
+from captchatask.ledger import Ledger, utcnow
 from captchatask.model import DeadLetterReason, DeliveredBy, Phase, TaskRef, TaskView
 
 

@@ -30,9 +30,10 @@ import pytest
 from aiohttp import web
 
 from captchatask import kube, model, testbed
+from captchatask.decision import Result
 from captchatask.emulator.config import DEFAULT_API_KEY, EmulatorConfig
 from captchatask.emulator.server import RunningEmulator, run_emulator
-from captchatask.ledger import Ledger, Result
+from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask.signing import PingbackSigner, parse_path_parts
 

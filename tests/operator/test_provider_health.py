@@ -23,9 +23,9 @@ from captchatask.provider.client import ProviderClient
 from captchatask.provider.codes import Classification, Dialect
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
+from captchatask_operator.actions import ProviderState
 from captchatask_operator.engine import Engine
 from captchatask_operator.metrics import Metrics
-from captchatask_operator.providers import ProviderState
 from captchatask_operator.records import ProviderSpec, TaskRecord
 from captchatask_operator.schedule import Kind
 

@@ -26,7 +26,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from captchatask import kube, model, signing, testbed
-from captchatask.ledger import Ledger, set_condition, utcnow
+from captchatask.decision import set_condition
+from captchatask.ledger import Ledger, utcnow
 from captchatask.model import TaskRef, TaskView
 
 #: How long a test waits for something that should happen "within seconds" (a hang guard,

@@ -8,7 +8,7 @@ from urllib.parse import parse_qsl
 import pytest
 from yarl import URL
 
-from captchatask.ledger import ResultKind
+from captchatask.decision import ResultKind
 from captchatask.model import DeliveredBy
 from captchatask.provider.codes import Dialect
 from captchatask_sidecar.payload import (

@@ -21,10 +21,11 @@ import aiohttp
 import pytest
 
 from captchatask import kube
-from captchatask.ledger import Result
+from captchatask.decision import Result
 from captchatask.model import DeliveredBy, Phase, TaskRef
 from captchatask_sidecar.pingback import OUTCOME_HEADER
-from captchatask_sidecar.spool import Spool, SpoolRecord, frame
+from captchatask_sidecar.spool import Spool
+from captchatask_sidecar.spoolformat import SpoolRecord, frame
 
 if TYPE_CHECKING:
     from tests.sidecar.conftest import Cluster, SidecarFactory

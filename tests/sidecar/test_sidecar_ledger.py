@@ -130,7 +130,7 @@ async def test_a_pingback_for_a_task_solved_by_polling_is_late(
     http: aiohttp.ClientSession,
     url_for: UrlFor,
 ) -> None:
-    from captchatask.ledger import Result  # noqa: PLC0415
+    from captchatask.decision import Result  # noqa: PLC0415
 
     task = await cluster.submitted(namespace, "polled", "800")
     polled = Result.solved(token="tok-poll", delivered_by=DeliveredBy.POLL, provider_task_id="800")
@@ -211,7 +211,7 @@ async def test_a_long_poll_returns_the_solution_after_a_pingback(
 async def test_a_long_poll_sees_results_written_by_someone_else(
     running: SidecarProcess, cluster: Cluster, namespace: str, http: aiohttp.ClientSession
 ) -> None:
-    from captchatask.ledger import Result  # noqa: PLC0415
+    from captchatask.decision import Result  # noqa: PLC0415
 
     task = await cluster.submitted(namespace, "by-operator", "1100")
 

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from captchatask.ledger import Result
+from captchatask.decision import Result
 from captchatask.model import DeliveredBy, TaskRef
-from captchatask_sidecar.spool import HEADER, Spool, SpoolRecord, SpoolWriteError, frame, scan
+from captchatask_sidecar.spool import Spool, SpoolWriteError
+from captchatask_sidecar.spoolformat import HEADER, SpoolRecord, frame, scan
 
 
 def record(index: int) -> SpoolRecord:

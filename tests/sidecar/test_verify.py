@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 
 from captchatask import kube, model
+from captchatask.decision import Result, ResultKind
 from captchatask.emulator.config import DEFAULT_API_KEY, EmulatorConfig
 from captchatask.emulator.server import RunningEmulator, run_emulator
-from captchatask.ledger import Result, ResultKind
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask.provider.client import ProviderClient
 from captchatask.provider.codes import Dialect
