@@ -19,7 +19,10 @@ from types import ModuleType
 import pytest
 import yaml
 
-from captchatask.commands import SUBCOMMANDS
+from captchatask.commands import SUBCOMMANDS, USER_COMMANDS
+
+#: Every verb of `captchatask`, as its own help lists them.
+ALL_VERBS = {*SUBCOMMANDS, *USER_COMMANDS, "completion"}
 
 REPO = Path(__file__).resolve().parents[1]
 FILES = REPO / "charts" / "captchatask" / "files"
@@ -125,7 +128,7 @@ def test_the_generated_references_cover_every_crd_field_and_command(site: Path) 
         assert f"{kind} fields" in api
     assert "spec.polling.callbackTimeoutSeconds" in api
     cli = (site / "reference" / "cli" / "index.html").read_text(encoding="utf-8")
-    for name in SUBCOMMANDS:
+    for name in ALL_VERBS:
         assert f"captchatask {name}" in cli
     assert "--dead-letter-max-attempts" in cli
 
@@ -173,7 +176,7 @@ def test_every_command_the_readme_names_exists() -> None:
     verbs = re.findall(r"(?:^|\$ |`|kubectl )captchatask ([a-z]+)", readme, flags=re.M)
     assert verbs
     for verb in verbs:
-        assert verb in SUBCOMMANDS, f"README names `captchatask {verb}`, which does not exist"
+        assert verb in ALL_VERBS, f"README names `captchatask {verb}`, which does not exist"
 
 
 def test_the_readme_quotes_the_latest_chaos_figures() -> None:

@@ -329,7 +329,8 @@ def cli_reference() -> str:
     # The top-level parser only dispatches: its subcommands are stubs, each documented below
     # from the parser the subcommand builds itself.
     out = [_parser_section(capture_parser(cli.main, []), 2, recurse=False)]
-    out += [_parser_section(capture_parser(cli.main, [name]), 2) for name in commands.SUBCOMMANDS]
+    names = [*commands.SUBCOMMANDS, *commands.USER_COMMANDS, "completion"]
+    out += [_parser_section(capture_parser(cli.main, [name]), 2) for name in names]
     return "\n".join(out)
 
 
