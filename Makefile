@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TESTBIN_DIR ?= $(CURDIR)/.testbin
 PYTEST_ARGS ?=
 
-.PHONY: help venv testbin lint typecheck unit test manifests check-manifests chaos bench demo clean
+.PHONY: help venv testbin node-binaries node-packages cluster cluster-down test-node lint typecheck unit test manifests check-manifests chaos bench demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -23,6 +23,21 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 testbin: ## build (or reuse) etcd, kube-apiserver, kubectl and helm
 	@hack/build-binaries.sh >/dev/null
+
+node-binaries: testbin ## also build kubelet, controller-manager, scheduler, kube-proxy, pause
+	@hack/build-binaries.sh --node >/dev/null
+
+node-packages: ## install containerd, runc, CNI plugins, iptables, conntrack (Debian, as root)
+	@hack/node-packages.sh
+
+cluster: venv node-binaries node-packages ## a one-node cluster (root): eval "$$(make -s cluster)"
+	@$(BIN)/captchatask testbed up --node
+
+cluster-down: venv ## stop the cluster and remove everything it made
+	@$(BIN)/captchatask testbed down
+
+test-node: venv node-binaries node-packages ## only the node tests (a real kubelet runs pods)
+	$(BIN)/pytest -m node $(PYTEST_ARGS)
 
 lint: venv ## ruff check + format check
 	$(BIN)/ruff check .
