@@ -219,6 +219,7 @@ build_node() {
     mv "$pause_out/pause.tmp" "$pause_out/pause"
     log "pause $sum: built in $pause_out"
   fi
+  mkdir -p "$TESTBIN_DIR/bin"
   ln -sf "$pause_out/pause" "$TESTBIN_DIR/bin/pause"
   for cmd in "${NODE_COMMANDS[@]}"; do
     ln -sf "$out/$cmd" "$TESTBIN_DIR/bin/$cmd"

@@ -53,8 +53,24 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+#: Machine-wide settings the node must put back as it found them.
+HOST_SETTINGS = (
+    Path("/proc/sys/net/ipv4/ip_forward"),
+    Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_established"),
+    Path("/proc/sys/net/netfilter/nf_conntrack_tcp_timeout_close_wait"),
+)
+
+
 @pytest.fixture(scope="module")
-def node_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+def host_before() -> dict[Path, str]:
+    """The machine-wide settings before the node starts."""
+    return {path: path.read_text() for path in HOST_SETTINGS if path.exists()}
+
+
+@pytest.fixture(scope="module")
+def node_state_dir(
+    host_before: dict[Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
     """Start ``testbed up --node``; always ``down`` afterwards (a no-op if a test did it)."""
     try:
         locate_node_toolchain(testbed.locate_toolchain().bin_dir)
@@ -187,7 +203,9 @@ def test_a_pod_runs_with_a_bridge_ip_a_token_and_reaches_another_pod_through_a_s
     assert report["apiserver"] == "200", report
 
 
-def test_down_leaves_nothing_behind(node_state_dir: Path, plane: testbed.ControlPlane) -> None:
+def test_down_leaves_nothing_behind(
+    node_state_dir: Path, plane: testbed.ControlPlane, host_before: dict[Path, str]
+) -> None:
     node = Node.attach(plane)
     assert node is not None
     pids = {**plane.pids, **node.pids}
@@ -199,3 +217,4 @@ def test_down_leaves_nothing_behind(node_state_dir: Path, plane: testbed.Control
     assert leftovers(node_state_dir) == []
     assert not Path("/sys/class/net", BRIDGE).exists()
     assert not node_state_dir.exists()
+    assert {path: path.read_text() for path in host_before} == host_before

@@ -81,6 +81,8 @@ CONTAINERD_NAMESPACE: Final = "k8s.io"
 #: Where runc's shim keeps the state of ``k8s.io`` containers even when containerd's own state
 #: directory is elsewhere (found at clean-up).
 RUNC_STATE: Final = Path("/run/containerd/runc") / CONTAINERD_NAMESPACE
+#: Where the cgroup v1 controllers are mounted.
+CGROUP_ROOT: Final = "/sys/fs/cgroup"
 #: Debian's CNI plugin directory (package containernetworking-plugins).
 CNI_BIN_DIR: Final = Path("/usr/lib/cni")
 
@@ -368,9 +370,10 @@ class Node:
         self._import_pause_image(toolchain)
         self._start_controller_manager(toolchain)
         self._start_scheduler(toolchain)
-        self._start_proxy(toolchain)
         self._start_kubelet(toolchain)
+        # kube-proxy reads its node's object at start (and is unhealthy without it).
         self._wait_node_ready()
+        self._start_proxy(toolchain)
         self._wait_default_service_account()
 
     def stop(self) -> None:
@@ -387,6 +390,7 @@ class Node:
             containerd.terminate()
         self._kill_shims()
         self._delete_runc_state()
+        _remove_cgroups()
         self._unmount_all()
         self._clean_iptables()
         if self.state_file.exists():
@@ -568,8 +572,14 @@ class Node:
                     "metricsBindAddress": f"{LOOPBACK}:{ports.proxy_metrics}",
                     # NodePorts only on the bridge, never on the machine's external interface.
                     "nodePortAddresses": [f"{GATEWAY}/32"],
-                    # Zero leaves the machine's conntrack sysctls alone.
-                    "conntrack": {"maxPerCore": 0, "min": 0},
+                    # Zero leaves the machine's conntrack sysctls alone (by default kube-proxy
+                    # rewrites the established and close-wait timeouts machine-wide).
+                    "conntrack": {
+                        "maxPerCore": 0,
+                        "min": 0,
+                        "tcpEstablishedTimeout": "0s",
+                        "tcpCloseWaitTimeout": "0s",
+                    },
                 }
             )
         )
@@ -795,6 +805,20 @@ def _remove_kube_chains(binary: str) -> None:
             _run([binary, "-w", "-t", table, "-X", chain], check=False)
 
 
+def _our_cgroups() -> list[Path]:
+    """The cgroup folders containerd made for pods (one ``k8s.io`` per v1 controller)."""
+    return sorted(Path(CGROUP_ROOT).glob(f"*/{CONTAINERD_NAMESPACE}"))
+
+
+def _remove_cgroups() -> None:
+    """Remove the (by now empty) pod cgroups, deepest first; a busy one stays and is reported."""
+    for top in _our_cgroups():
+        folders = [top, *(p for p in top.rglob("*") if p.is_dir())]
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
 def _pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
@@ -840,6 +864,7 @@ def leftovers(state_dir: Path) -> list[str]:
     found += [f"mount {m}" for m in _mounts_below(state_dir)]
     if _link_exists(BRIDGE):
         found.append(f"link {BRIDGE}")
+    found += [f"cgroup {folder}" for folder in _our_cgroups()]
     if RUNC_STATE.is_dir():
         found += [f"runc state {entry}" for entry in RUNC_STATE.iterdir()]
     routes = _run(["ip", "route", "show", "proto", ROUTE_PROTO], check=False).strip()
