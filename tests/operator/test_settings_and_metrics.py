@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import datetime as dt
+import pwd
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from captchatask.events import EventType, ObjectRef, build_event
 from captchatask.model import TaskRef
+from captchatask_operator import cli
 from captchatask_operator import settings as settings_module
 from captchatask_operator.metrics import Metrics
 
@@ -127,3 +131,19 @@ def test_event_bodies_point_at_the_task_instance() -> None:
 def test_the_operator_source_root_is_not_a_package(repo_root: Path) -> None:
     assert not (repo_root / "operator" / "__init__.py").exists()
     assert (repo_root / "operator" / "captchatask_operator" / "peering-crd.yaml").exists()
+
+
+def test_the_peering_identity_never_needs_a_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The chart runs the operator as uid 65532, which the image need not know: kopf's default
+    # identity (getpass.getuser) raised KeyError there and the operator crashed in every pod.
+    def no_entry(uid: int) -> Any:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(variable, raising=False)
+
+    assert cli.peering_identity({"CAPTCHATASK_POD_NAME": "op-1"}) == "op-1"
+    first, second = cli.peering_identity({}), cli.peering_identity({})
+    assert first != second
+    assert first.startswith(socket.gethostname())
