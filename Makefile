@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export TESTBIN_DIR ?= $(CURDIR)/.testbin
 PYTEST_ARGS ?=
 
-.PHONY: help venv testbin node-binaries node-packages cluster cluster-down test-node lint typecheck unit test manifests check-manifests chaos bench demo clean
+.PHONY: help venv testbin node-binaries node-packages cluster cluster-down test-node e2e lint typecheck unit test manifests check-manifests chaos bench demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ cluster-down: venv ## stop the cluster and remove everything it made
 
 test-node: venv node-binaries node-packages ## only the node tests (a real kubelet runs pods)
 	$(BIN)/pytest -m node $(PYTEST_ARGS)
+
+e2e: venv node-binaries node-packages ## the chart on a real node (or $$KUBECONFIG's cluster); nothing lost
+	$(BIN)/python -m bench.e2e $(E2E_ARGS)
 
 lint: venv ## ruff check + format check
 	$(BIN)/ruff check .

@@ -206,6 +206,16 @@ build_node() {
     )
     for cmd in "${todo[@]}"; do mv "$out/$cmd.tmp" "$out/$cmd"; done
   fi
+  # CoreDNS answers pods' DNS (Services by name) the way a real cluster's does.
+  local dns_out; dns_out=$(bin_dir coredns "$COREDNS_VERSION")
+  if reports "CoreDNS-$COREDNS_VERSION" "$dns_out/coredns" -version; then
+    log "coredns v$COREDNS_VERSION: cached in $dns_out"
+  else
+    log "coredns v$COREDNS_VERSION: building (cold on 2 cores: several minutes, it has many plugins)"
+    mkdir -p "$dns_out"
+    with_progress "building coredns" env GOBIN="$dns_out" go install -trimpath -ldflags "-s -w" \
+      "github.com/coredns/coredns@v$COREDNS_VERSION"
+  fi
   # The pod sandbox ("pause") program: no registry to pull one from, so it is built here and
   # packaged as an image by the testbed. Keyed by the hash of its source.
   local src="$here/pause"
@@ -224,6 +234,7 @@ build_node() {
   for cmd in "${NODE_COMMANDS[@]}"; do
     ln -sf "$out/$cmd" "$TESTBIN_DIR/bin/$cmd"
   done
+  ln -sf "$dns_out/coredns" "$TESTBIN_DIR/bin/coredns"
 }
 
 check_toolchain

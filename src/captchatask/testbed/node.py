@@ -42,7 +42,12 @@ import yaml
 
 from captchatask.testbed.errors import ControlPlaneError, MissingBinaryError
 from captchatask.testbed.oci import ImageFile, write_oci_archive
-from captchatask.testbed.plane import SERVICE_CLUSTER_IP_RANGE, ControlPlane, Progress
+from captchatask.testbed.plane import (
+    KUBECONFIG_CONTEXT,
+    SERVICE_CLUSTER_IP_RANGE,
+    ControlPlane,
+    Progress,
+)
 from captchatask.testbed.processes import POLL_INTERVAL, ManagedProcess, pid_alive
 from captchatask.testbed.toolchain import LOOPBACK, TESTBIN_ENV, free_ports
 
@@ -76,6 +81,42 @@ NODE_NAME: Final = "captchatask-node"
 #: The pod sandbox image; fully qualified, because containerd looks up ``x/y:z`` as
 #: ``docker.io/x/y:z`` and then tries that registry.
 PAUSE_IMAGE: Final = "localhost/captchatask/pause:testbed"
+#: The cluster's DNS domain (CoreDNS serves it; the kubelet writes it into pods' resolv.conf).
+CLUSTER_DOMAIN: Final = "cluster.local"
+#: CoreDNS's identity and the RBAC kubeadm gives it (read Services, EndpointSlices, namespaces).
+DNS_USER: Final = "system:coredns"
+_DNS_RBAC: Final = [
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": "system:coredns"},
+        "rules": [
+            {
+                "apiGroups": [""],
+                "resources": ["endpoints", "services", "pods", "namespaces"],
+                "verbs": ["list", "watch"],
+            },
+            {
+                "apiGroups": ["discovery.k8s.io"],
+                "resources": ["endpointslices"],
+                "verbs": ["list", "watch"],
+            },
+        ],
+    },
+    {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRoleBinding",
+        "metadata": {"name": "system:coredns"},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "ClusterRole",
+            "name": "system:coredns",
+        },
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": DNS_USER}],
+    },
+]
+#: The node's Kubernetes components, in the order they are stopped.
+NODE_COMPONENTS: Final = ("kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager")
 #: containerd's namespace for Kubernetes.
 CONTAINERD_NAMESPACE: Final = "k8s.io"
 #: Where runc's shim keeps the state of ``k8s.io`` containers even when containerd's own state
@@ -109,6 +150,7 @@ class NodeToolchain:
     kube_scheduler: Path
     kube_proxy: Path
     pause: Path
+    coredns: Path
     containerd: Path
     ctr: Path
     runc: Path
@@ -143,7 +185,14 @@ def locate_node_toolchain(bin_dir: Path) -> NodeToolchain:
         If anything is missing, or the process is not root (a node needs mounts, network
         namespaces and iptables).
     """
-    built = ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy", "pause")
+    built = (
+        "kubelet",
+        "kube-controller-manager",
+        "kube-scheduler",
+        "kube-proxy",
+        "pause",
+        "coredns",
+    )
     missing_built = [name for name in built if not os.access(bin_dir / name, os.X_OK)]
     sbin = (Path("/usr/sbin"), Path("/sbin"))
     system = {name: _which(name, *sbin) for name in ("containerd", "ctr", "runc", "iptables")}
@@ -176,6 +225,7 @@ def locate_node_toolchain(bin_dir: Path) -> NodeToolchain:
         kube_scheduler=bin_dir / "kube-scheduler",
         kube_proxy=bin_dir / "kube-proxy",
         pause=bin_dir / "pause",
+        coredns=bin_dir / "coredns",
         containerd=_required(system["containerd"]),
         ctr=_required(system["ctr"]),
         runc=_required(system["runc"]),
@@ -294,6 +344,7 @@ class _NodePorts:
     scheduler: int
     proxy_healthz: int
     proxy_metrics: int
+    dns_ready: int
 
 
 class Node:
@@ -363,11 +414,12 @@ class Node:
                 f"({socket} is longer than {MAX_SOCKET_PATH} bytes); use a shorter --state-dir"
             )
         self.root.mkdir(parents=True, exist_ok=True)
-        ports = free_ports(6)
+        ports = free_ports(7)
         self._ports = _NodePorts(*ports)
         self._write_state()
         self._start_containerd(toolchain)
         self._import_pause_image(toolchain)
+        self._start_dns(toolchain)
         self._start_controller_manager(toolchain)
         self._start_scheduler(toolchain)
         self._start_kubelet(toolchain)
@@ -380,7 +432,7 @@ class Node:
         """Tear pods down through the kubelet, stop every process, sweep what remains."""
         if self._processes.get("kubelet") is not None and self.plane.is_running():
             self._delete_all_pods()
-        for name in ("kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager"):
+        for name in (*NODE_COMPONENTS, "coredns"):
             process = self._processes.get(name)
             if process is not None:
                 process.terminate()
@@ -505,6 +557,39 @@ class Node:
     def _kubeconfig(self, user: str, groups: Sequence[str] = ()) -> Path:
         return self.plane.user_kubeconfig(
             user, groups, path=self.root / "kubeconfigs" / f"{user.replace(':', '-')}.kubeconfig"
+        )
+
+    def _start_dns(self, toolchain: NodeToolchain) -> None:
+        """Start CoreDNS on the gateway: Services by name, as a real cluster resolves them.
+
+        It runs as a process of the machine (no image of it can be pulled) with its own
+        identity, bound to the same ClusterRole kubeadm gives it. It has no ``forward``: a name
+        outside the cluster gets no answer instead of a query leaving the machine.
+        """
+        ports = self._require_ports()
+        self.plane.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_DNS_RBAC))
+        kubeconfig = self._kubeconfig(DNS_USER)
+        corefile = self.root / "Corefile"
+        corefile.write_text(
+            f""".:53 {{
+    bind {GATEWAY}
+    errors
+    ready {LOOPBACK}:{ports.dns_ready}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {kubeconfig} {KUBECONFIG_CONTEXT}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    cache 5
+}}
+"""
+        )
+        self._say(f"starting CoreDNS on {GATEWAY}:53")
+        process = self._launch("coredns", [str(toolchain.coredns), "-conf", str(corefile)])
+        self._wait(
+            "CoreDNS /ready",
+            process,
+            lambda: _http_ok(f"http://{LOOPBACK}:{ports.dns_ready}/ready"),
         )
 
     def _start_controller_manager(self, toolchain: NodeToolchain) -> None:
@@ -633,6 +718,9 @@ class Node:
                     "imageGCHighThresholdPercent": 100,
                     "imageGCLowThresholdPercent": 99,
                     "serializeImagePulls": False,
+                    # Our CoreDNS on the gateway; names outside the cluster get no answer.
+                    "clusterDNS": [GATEWAY],
+                    "clusterDomain": CLUSTER_DOMAIN,
                 }
             )
         )

@@ -1,0 +1,398 @@
+"""``make e2e``: captchatask installed the way a user installs it, on a real node, loses nothing.
+
+The steps, each a gate for the next:
+
+1. a cluster: the test bed's node (``captchatask testbed up --node``) unless ``KUBECONFIG``
+   names one (kind, or a user's own cluster; then the images must already be loadable there);
+2. the images built by ``hack/build-images.sh`` and imported into the node's containerd;
+3. ``helm install`` of ``charts/captchatask`` as users get it, plus the values selecting the local
+   images and ``bench/e2e-values.yaml`` (two operators with peering, two receivers), and every
+   pod Ready;
+4. the emulator as a pod behind a Service, a CaptchaProvider pointing at it (``publicURL`` at
+   the receiver Service), with a share of the pingbacks dropped and duplicated;
+5. the tasks, by ``kubectl apply``; the verdict against the emulator's own accounting: lost 0,
+   submitted twice 0, every token exact.
+
+It prints a summary and writes ``bench/results/e2e.json``. Run ``python -m bench.e2e --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+REPO: Final = Path(__file__).resolve().parents[1]
+RESULTS: Final = REPO / "bench" / "results" / "e2e.json"
+VALUES: Final = REPO / "bench" / "e2e-values.yaml"
+NAMESPACE: Final = "captchatask-e2e"
+RELEASE: Final = "captchatask"
+EMULATOR: Final = "emulator"
+EMULATOR_PORT: Final = 8089
+EMULATOR_IMAGE: Final = "ghcr.io/captchatask/captchatask-emulator"
+#: The 32-character key the emulator accepts (a test value, not a secret).
+EMULATOR_KEY: Final = "e2ekey0123456789abcdef0123456789"
+PROVIDER: Final = "emulator"
+#: Seconds for every pod of the release to become Ready.
+READY_TIMEOUT: Final = 300
+#: The default (small) profile: `make test` runs this one.
+DEFAULT_TASKS: Final = 100
+
+
+def say(message: str) -> None:
+    """Progress on stderr, timestamped relative to the start."""
+    print(f"[e2e {time.monotonic() - STARTED:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+STARTED = time.monotonic()
+
+
+@dataclass
+class Cluster:
+    """Where the run happens: a kubeconfig, and how to make an image archive available."""
+
+    kubeconfig: Path
+    bin_dir: Path | None = None
+    importer: Any = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["KUBECONFIG"] = str(self.kubeconfig)
+        if self.bin_dir is not None:
+            env["PATH"] = f"{self.bin_dir}{os.pathsep}{env.get('PATH', '')}"
+        return env
+
+    def run(
+        self, *argv: str, input: str | None = None, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=timeout,
+            check=False,
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(
+                f"`{' '.join(argv)}` failed ({result.returncode}):\n{result.stderr}{result.stdout}"
+            )
+        return result
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        return self.run("kubectl", *args, input=input, check=check).stdout
+
+    def get_json(self, *args: str) -> Any:
+        return json.loads(self.kubectl("get", *args, "-o", "json"))
+
+
+@contextlib.contextmanager
+def testbed_cluster(state_dir: Path, *, keep: bool) -> Iterator[Cluster]:
+    """The test bed's node for the run; torn down afterwards unless ``keep``."""
+    from captchatask import testbed  # noqa: PLC0415 - only this mode needs the test bed
+    from captchatask.testbed.node import Node  # noqa: PLC0415
+
+    cli = [sys.executable, "-m", "captchatask.testbed"]
+    say("starting the test bed node (captchatask testbed up --node)")
+    up = subprocess.run(
+        [*cli, "up", "--node", "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    try:
+        if up.returncode != 0:
+            raise RuntimeError("captchatask testbed up --node failed (its errors are above)")
+        plane = testbed.ControlPlane.attach(state_dir)
+        assert plane is not None
+        node = Node.attach(plane)
+        assert node is not None
+        yield Cluster(
+            kubeconfig=plane.kubeconfig,
+            bin_dir=plane.toolchain.bin_dir,
+            importer=node.import_image,
+            facts={"cluster": "testbed node", "startup_seconds": time.monotonic() - STARTED},
+        )
+    finally:
+        if keep:
+            say(f"keeping the node: `captchatask testbed down --state-dir {state_dir}`")
+        else:
+            say("tearing the node down")
+            subprocess.run([*cli, "down", "--state-dir", str(state_dir)], check=False)
+
+
+def build_images() -> tuple[list[tuple[str, Path]], Path]:
+    """Run ``hack/build-images.sh``: the image names, their archives and the values file."""
+    say("building the images (hack/build-images.sh; cached when nothing changed)")
+    out = subprocess.run(
+        [str(REPO / "hack" / "build-images.sh")], stdout=subprocess.PIPE, text=True, check=True
+    ).stdout
+    images = [(name, Path(path)) for name, path in (line.split() for line in out.splitlines())]
+    values = images[0][1].parent / "values-local-images.yaml"
+    return images, values
+
+
+def pods_ready(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    """Wait until every pod in ``namespace`` is Ready; return one summary row per pod."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        pods = cluster.get_json("pods", "-n", namespace)["items"]
+        rows = [
+            {
+                "name": p["metadata"]["name"],
+                "ready": any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in p["status"].get("conditions", [])
+                ),
+                "ip": p["status"].get("podIP"),
+                "restarts": sum(
+                    c.get("restartCount", 0) for c in p["status"].get("containerStatuses", [])
+                ),
+            }
+            for p in pods
+        ]
+        if rows and all(row["ready"] for row in rows):
+            return rows
+        if time.monotonic() > deadline:
+            described = cluster.kubectl("describe", "pods", "-n", namespace, check=False)
+            raise RuntimeError(
+                f"pods not Ready after {READY_TIMEOUT}s: {rows}\n{described[-4000:]}"
+            )
+        time.sleep(2)
+
+
+def emulator_manifests(namespace: str, tag: str, args: Sequence[str]) -> list[dict[str, Any]]:
+    """The emulator as a Deployment behind a Service, run like the chart runs its pods."""
+    labels = {"app.kubernetes.io/name": EMULATOR}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": EMULATOR, "namespace": namespace},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "securityContext": {"runAsNonRoot": True, "runAsUser": 65532},
+                        "containers": [
+                            {
+                                "name": EMULATOR,
+                                "image": f"{EMULATOR_IMAGE}:{tag}",
+                                "imagePullPolicy": "Never",
+                                "args": [
+                                    "emulator",
+                                    "--host=0.0.0.0",
+                                    f"--port={EMULATOR_PORT}",
+                                    f"--key={EMULATOR_KEY}",
+                                    *args,
+                                ],
+                                "ports": [{"name": "http", "containerPort": EMULATOR_PORT}],
+                                "readinessProbe": {
+                                    "httpGet": {"path": "/_emulator/healthz", "port": "http"}
+                                },
+                            }
+                        ],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": EMULATOR, "namespace": namespace},
+            "spec": {
+                "selector": labels,
+                "ports": [{"name": "http", "port": EMULATOR_PORT, "targetPort": "http"}],
+            },
+        },
+    ]
+
+
+def provider_manifests(namespace: str) -> list[dict[str, Any]]:
+    """The API-key Secret and the CaptchaProvider: the emulator's and the receiver's Services."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "emulator-key", "namespace": namespace},
+            "stringData": {"apiKey": EMULATOR_KEY},
+        },
+        {
+            "apiVersion": "captchatask.dev/v1alpha1",
+            "kind": "CaptchaProvider",
+            "metadata": {"name": PROVIDER, "namespace": namespace},
+            "spec": {
+                "dialect": "captchaai",
+                "baseURL": f"http://{EMULATOR}.{namespace}.svc:{EMULATOR_PORT}",
+                "apiKeySecretRef": {"name": "emulator-key"},
+                "pingback": {"publicURL": f"http://{RELEASE}-receiver.{namespace}.svc"},
+                "polling": {"callbackTimeoutSeconds": 15, "intervalSeconds": 5, "maxPolls": 40},
+                "maxInFlight": 100,
+            },
+        },
+    ]
+
+
+def task_manifests(namespace: str, count: int) -> list[dict[str, Any]]:
+    """``count`` reCAPTCHA v2 tasks for the emulator provider."""
+    return [
+        {
+            "apiVersion": "captchatask.dev/v1alpha1",
+            "kind": "CaptchaTask",
+            "metadata": {"name": f"e2e-{i:04d}", "namespace": namespace},
+            "spec": {
+                "providerRef": {"name": PROVIDER},
+                "type": "RecaptchaV2",
+                "siteKey": "6Le-wvkSAAAAAPBMRTvw0Q4Muexq9bi0DJwx_mJ-",
+                "pageURL": f"https://example.test/page/{i}",
+                "deadlineSeconds": 600,
+            },
+        }
+        for i in range(count)
+    ]
+
+
+def emulator_tasks(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
+    """The emulator's accounting, through the API server's Service proxy (any cluster)."""
+    path = (
+        f"/api/v1/namespaces/{namespace}/services/http:{EMULATOR}:{EMULATOR_PORT}"
+        "/proxy/_emulator/tasks"
+    )
+    return list(json.loads(cluster.kubectl("get", "--raw", path))["tasks"])
+
+
+def wait_tasks(
+    cluster: Cluster, namespace: str, count: int, timeout: float
+) -> list[dict[str, Any]]:
+    """Wait until every task has a terminal phase (or ``timeout``); return them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tasks = cluster.get_json("captchatasks", "-n", namespace)["items"]
+        phases: dict[str, int] = {}
+        for task in tasks:
+            phase = task.get("status", {}).get("phase", "-")
+            phases[phase] = phases.get(phase, 0) + 1
+        done = sum(n for p, n in phases.items() if p in {"Solved", "Failed"})
+        if done >= count or time.monotonic() > deadline:
+            say(f"tasks: {phases}")
+            return list(tasks)
+        say(f"tasks: {phases}")
+        time.sleep(5)
+
+
+def verdict(tasks: list[dict[str, Any]], provider_tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Compare the tasks with the emulator's accounting."""
+    by_id = {str(t["id"]): t for t in provider_tasks}
+    claimed: dict[str, int] = {}
+    lost, wrong_token = [], []
+    for task in tasks:
+        status = task.get("status", {})
+        name = task["metadata"]["name"]
+        provider_id = str(status.get("providerTaskId", ""))
+        claimed[provider_id] = claimed.get(provider_id, 0) + 1
+        if status.get("phase") != "Solved":
+            lost.append(name)
+            continue
+        expected = by_id.get(provider_id, {}).get("token")
+        if status.get("solution", {}).get("token") != expected:
+            wrong_token.append(name)
+    orphans = [i for i in by_id if i not in claimed]
+    return {
+        "tasks": len(tasks),
+        "solved": len(tasks) - len(lost),
+        "lost": len(lost),
+        "lost_examples": sorted(lost)[:10],
+        "submitted_twice": len(orphans),
+        "wrong_token": len(wrong_token),
+        "provider_tasks": len(provider_tasks),
+    }
+
+
+def run(cluster: Cluster, *, tasks: int, images: list[tuple[str, Path]], values: Path) -> int:
+    """Steps 2-5 on ``cluster``; return the exit status."""
+    summary: dict[str, Any] = {"cluster": cluster.facts}
+    if cluster.importer is not None:
+        for name, archive in images:
+            say(f"importing {name}")
+            cluster.importer(archive)
+    tag = images[0][0].rpartition(":")[2]
+    cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    say("helm install charts/captchatask")
+    started = time.monotonic()
+    cluster.run(
+        "helm", "install", RELEASE, str(REPO / "charts" / "captchatask"),
+        "-n", NAMESPACE, "-f", str(values), "-f", str(VALUES),
+        "--wait", f"--timeout={READY_TIMEOUT}s",
+    )  # fmt: skip
+    say("deploying the emulator")
+    emulator_args = [
+        "--pingback-drop-rate=0.3",
+        "--pingback-duplicate-rate=0.2",
+        "--solve-time-scale=0.1",
+    ]
+    cluster.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=yaml.safe_dump_all(emulator_manifests(NAMESPACE, tag, emulator_args)),
+    )
+    pods = pods_ready(cluster, NAMESPACE)
+    summary["pods"] = pods
+    summary["ready_seconds"] = round(time.monotonic() - started, 1)
+    say(f"every pod Ready ({len(pods)}) in {summary['ready_seconds']}s")
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(provider_manifests(NAMESPACE)))
+    say(f"applying {tasks} tasks")
+    started = time.monotonic()
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(task_manifests(NAMESPACE, tasks)))
+    finished = wait_tasks(cluster, NAMESPACE, tasks, timeout=600)
+    summary["tasks_seconds"] = round(time.monotonic() - started, 1)
+    summary["verdict"] = verdict(finished, emulator_tasks(cluster, NAMESPACE))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    v = summary["verdict"]
+    print(
+        f"pods Ready: {sum(p['ready'] for p in pods)}/{len(pods)} in {summary['ready_seconds']}s | "
+        f"tasks {v['tasks']}: solved {v['solved']}, lost {v['lost']}, "
+        f"submitted twice {v['submitted_twice']}, wrong token {v['wrong_token']} "
+        f"in {summary['tasks_seconds']}s | {RESULTS.relative_to(REPO)}"
+    )
+    passed = v["lost"] == 0 and v["submitted_twice"] == 0 and v["wrong_token"] == 0
+    print("PASSED" if passed else "FAILED")
+    return 0 if passed else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the e2e suite; see the module docstring."""
+    parser = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=DEFAULT_TASKS, help="tasks to create")
+    parser.add_argument(
+        "--state-dir", type=Path, default=REPO / ".testbed-e2e", help="the test bed node's state"
+    )
+    parser.add_argument("--keep", action="store_true", help="leave the test bed node running")
+    args = parser.parse_args(argv)
+    images, values = build_images()
+    kubeconfig = os.environ.get("KUBECONFIG")
+    if kubeconfig:
+        say(f"using the cluster of KUBECONFIG={kubeconfig} (images must be loaded there)")
+        cluster = Cluster(kubeconfig=Path(kubeconfig), facts={"cluster": "KUBECONFIG"})
+        return run(cluster, tasks=args.tasks, images=images, values=values)
+    with testbed_cluster(args.state_dir.resolve(), keep=args.keep) as cluster:
+        return run(cluster, tasks=args.tasks, images=images, values=values)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
