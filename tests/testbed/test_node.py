@@ -2,7 +2,8 @@
 
 One node for the module (starting it takes a minute): it must become Ready, run a pod from an
 image imported locally (no registry), give it an address on the bridge and its ServiceAccount
-token, route a ClusterIP Service to another pod, and let the pod reach kube-apiserver in-cluster.
+token, route a ClusterIP Service to another pod (by address and, through CoreDNS, by name), and
+let the pod reach kube-apiserver in-cluster.
 ``down`` must then leave no process, mount, link, route or iptables rule behind.
 
 A missing binary or package fails these tests with the command that provides it: a skipped node
@@ -189,7 +190,12 @@ def test_a_pod_runs_with_a_bridge_ip_a_token_and_reaches_another_pod_through_a_s
         "wait", "-n", namespace, "--for=condition=Ready", "pod/server", f"--timeout={POD_TIMEOUT}s"
     )
     cluster_ip = _get(plane, "service", "server", "-n", namespace)["spec"]["clusterIP"]
-    client = _pod("client", probe_image, ["probe", f"http://{cluster_ip}/"], {"app": "client"})
+    urls = [
+        f"http://{cluster_ip}/",
+        f"http://server.{namespace}.svc.cluster.local/",
+        "http://server/",
+    ]
+    client = _pod("client", probe_image, ["probe", *urls], {"app": "client"})
     plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(client))
 
     report = _probe_report(plane, namespace, "client")
@@ -199,7 +205,9 @@ def test_a_pod_runs_with_a_bridge_ip_a_token_and_reaches_another_pod_through_a_s
     assert _get(plane, "pod", "client", "-n", namespace)["status"]["podIP"] == report["pod-ip"]
     assert report["token"].endswith(" bytes"), report
     assert int(report["token"].split()[0]) > 0, report
-    assert report["service"] == "hello from server", report
+    assert report["service-0"] == "hello from server", report  # by ClusterIP
+    assert report["service-1"] == "hello from server", report  # by name, through CoreDNS
+    assert report["service-2"] == "hello from server", report  # by the namespace's search path
     assert report["apiserver"] == "200", report
 
 

@@ -115,8 +115,6 @@ _DNS_RBAC: Final = [
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": DNS_USER}],
     },
 ]
-#: The node's Kubernetes components, in the order they are stopped.
-NODE_COMPONENTS: Final = ("kubelet", "kube-proxy", "kube-scheduler", "kube-controller-manager")
 #: containerd's namespace for Kubernetes.
 CONTAINERD_NAMESPACE: Final = "k8s.io"
 #: Where runc's shim keeps the state of ``k8s.io`` containers even when containerd's own state
@@ -430,12 +428,14 @@ class Node:
 
     def stop(self) -> None:
         """Tear pods down through the kubelet, stop every process, sweep what remains."""
+        # The controllers first: with them running, every deleted pod of a Deployment comes
+        # straight back and the kubelet never finishes tearing down.
+        for name in ("kube-controller-manager", "kube-scheduler"):
+            self._terminate(name)
         if self._processes.get("kubelet") is not None and self.plane.is_running():
             self._delete_all_pods()
-        for name in (*NODE_COMPONENTS, "coredns"):
-            process = self._processes.get(name)
-            if process is not None:
-                process.terminate()
+        for name in ("kubelet", "kube-proxy", "coredns"):
+            self._terminate(name)
         self._kill_containers()
         containerd = self._processes.get("containerd")
         if containerd is not None:
@@ -458,10 +458,13 @@ class Node:
             data = json.loads(node.state_file.read_text())
         except FileNotFoundError:
             return None
-        if data.get("ports"):
-            node._ports = _NodePorts(**data["ports"])
-        if data.get("toolchain"):
-            node._toolchain = NodeToolchain(**{k: Path(v) for k, v in data["toolchain"].items()})
+        # A record from another version of this module must still let `down` clean up: the
+        # ports and binaries are only needed to start, so a mismatch just leaves them unknown.
+        with contextlib.suppress(TypeError):
+            node._ports = _NodePorts(**data["ports"]) if data.get("ports") else None
+        with contextlib.suppress(TypeError):
+            recorded = data.get("toolchain") or {}
+            node._toolchain = NodeToolchain(**{k: Path(v) for k, v in recorded.items()})
         node._processes = {
             name: ManagedProcess.from_json(name, record)
             for name, record in data.get("processes", {}).items()
@@ -495,6 +498,14 @@ class Node:
         self._write_state()
         return process
 
+    def _tool(self, name: str) -> Path:
+        """A binary for clean-up, found even when the recorded toolchain is unknown."""
+        if self._toolchain is not None:
+            return Path(getattr(self._toolchain, name.replace("-", "_")))
+        if name.startswith("kube"):
+            return self.plane.toolchain.bin_dir / name
+        return _which(name, Path("/usr/sbin"), Path("/sbin")) or Path(name)
+
     def _require_ports(self) -> _NodePorts:
         if self._ports is None:
             raise ControlPlaneError("the node has not been started")
@@ -520,7 +531,7 @@ class Node:
     def _ctr(self, *args: str, check: bool = True) -> str:
         return _run(
             [
-                str(self.toolchain.ctr), f"--address={self.containerd_socket}",
+                str(self._tool("ctr")), f"--address={self.containerd_socket}",
                 f"--namespace={CONTAINERD_NAMESPACE}", *args,
             ],
             check=check,
@@ -797,6 +808,11 @@ class Node:
 
     # -- teardown ---------------------------------------------------------------------------
 
+    def _terminate(self, name: str) -> None:
+        process = self._processes.get(name)
+        if process is not None:
+            process.terminate()
+
     def _delete_all_pods(self) -> None:
         """Delete every pod and let the kubelet stop them (CNI DEL, netns removal, unmounts)."""
         self._say("deleting every pod so the kubelet tears them down")
@@ -848,10 +864,10 @@ class Node:
         Only this node's containerd uses the ``k8s.io`` namespace on the machine (the system
         containerd is never started by the test bed), so every record there is ours.
         """
-        if not RUNC_STATE.is_dir() or self._toolchain is None:
+        if not RUNC_STATE.is_dir():
             return
         for entry in RUNC_STATE.iterdir():
-            runc = [str(self._toolchain.runc), "--root", str(RUNC_STATE)]
+            runc = [str(self._tool("runc")), "--root", str(RUNC_STATE)]
             _run([*runc, "delete", "--force", entry.name], check=False)
 
     def _unmount_all(self) -> None:
@@ -866,9 +882,9 @@ class Node:
 
     def _clean_iptables(self) -> None:
         """Remove kube-proxy's and the kubelet's chains (``KUBE-*``) from every table."""
-        toolchain = self._toolchain
-        if toolchain is not None and os.access(toolchain.kube_proxy, os.X_OK):
-            _run([str(toolchain.kube_proxy), "--cleanup"], check=False)
+        kube_proxy = self._tool("kube-proxy")
+        if os.access(kube_proxy, os.X_OK):
+            _run([str(kube_proxy), "--cleanup"], check=False)
         for binary in ("iptables", "ip6tables"):
             if shutil.which(binary) is not None:
                 _remove_kube_chains(binary)

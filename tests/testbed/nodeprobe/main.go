@@ -2,9 +2,10 @@
 // tests themselves (no registry, no base image): a static binary with two modes.
 //
 //	nodeprobe serve ADDR   answer every HTTP request with "hello from $HOSTNAME"
-//	nodeprobe probe URL    print what a pod sees, one "key: value" line each, then wait:
-//	                       its ServiceAccount token, an HTTP GET of URL (another pod through a
-//	                       Service), and the API server reached in-cluster with that token
+//	nodeprobe probe URL... print what a pod sees, one "key: value" line each, then wait:
+//	                       its ServiceAccount token, an HTTP GET of each URL ("service-N":
+//	                       another pod through a Service, by ClusterIP or by DNS name), and the
+//	                       API server reached in-cluster with that token
 package main
 
 import (
@@ -24,7 +25,7 @@ import (
 const saDir = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 func main() {
-	if len(os.Args) != 3 {
+	if len(os.Args) < 3 {
 		fmt.Fprintln(os.Stderr, "usage: nodeprobe serve ADDR | nodeprobe probe URL")
 		os.Exit(2)
 	}
@@ -32,7 +33,7 @@ func main() {
 	case "serve":
 		serve(os.Args[2])
 	case "probe":
-		probe(os.Args[2])
+		probe(os.Args[2:])
 		wait()
 	default:
 		os.Exit(2)
@@ -55,7 +56,7 @@ func line(key, value string) {
 	fmt.Printf("%s: %s\n", key, strings.ReplaceAll(value, "\n", " "))
 }
 
-func probe(url string) {
+func probe(urls []string) {
 	addrs, _ := net.InterfaceAddrs()
 	for _, a := range addrs {
 		if ipnet, ok := a.(*net.IPNet); ok && !ipnet.IP.IsLoopback() && ipnet.IP.To4() != nil {
@@ -69,18 +70,20 @@ func probe(url string) {
 		line("token", fmt.Sprintf("%d bytes", len(token)))
 	}
 	client := &http.Client{Timeout: 5 * time.Second}
-	var body []byte
-	for attempt := 0; attempt < 30; attempt++ {
-		resp, err := client.Get(url)
-		if err == nil {
-			body, _ = io.ReadAll(resp.Body)
-			resp.Body.Close()
-			break
+	for i, url := range urls {
+		var body []byte
+		for attempt := 0; attempt < 30; attempt++ {
+			resp, err := client.Get(url)
+			if err == nil {
+				body, _ = io.ReadAll(resp.Body)
+				resp.Body.Close()
+				break
+			}
+			body = []byte("error " + err.Error())
+			time.Sleep(time.Second)
 		}
-		body = []byte("error " + err.Error())
-		time.Sleep(time.Second)
+		line(fmt.Sprintf("service-%d", i), string(body))
 	}
-	line("service", string(body))
 	line("apiserver", apiserver(token))
 }
 
