@@ -64,6 +64,8 @@ class Cluster:
     kubeconfig: Path
     bin_dir: Path | None = None
     importer: Any = None
+    #: Stops and starts kube-apiserver (only the test bed can; None elsewhere).
+    restart_apiserver: Any = None
     facts: dict[str, Any] = field(default_factory=dict)
 
     def env(self) -> dict[str, str]:
@@ -106,6 +108,7 @@ def testbed_cluster(state_dir: Path, *, keep: bool) -> Iterator[Cluster]:
 
     cli = [sys.executable, "-m", "captchatask.testbed"]
     say("starting the test bed node (captchatask testbed up --node)")
+    started = time.monotonic()
     up = subprocess.run(
         [*cli, "up", "--node", "--state-dir", str(state_dir)],
         stdout=subprocess.PIPE,
@@ -115,15 +118,22 @@ def testbed_cluster(state_dir: Path, *, keep: bool) -> Iterator[Cluster]:
     try:
         if up.returncode != 0:
             raise RuntimeError("captchatask testbed up --node failed (its errors are above)")
+        took = time.monotonic() - started
         plane = testbed.ControlPlane.attach(state_dir)
         assert plane is not None
         node = Node.attach(plane)
         assert node is not None
+
+        def restart_apiserver() -> None:
+            plane.stop_apiserver()
+            plane.start_apiserver()
+
         yield Cluster(
             kubeconfig=plane.kubeconfig,
             bin_dir=plane.toolchain.bin_dir,
             importer=node.import_image,
-            facts={"cluster": "testbed node", "startup_seconds": time.monotonic() - STARTED},
+            restart_apiserver=restart_apiserver,
+            facts={"cluster": "testbed node", "node_start_seconds": round(took, 1)},
         )
     finally:
         if keep:
@@ -294,6 +304,74 @@ def wait_tasks(
         time.sleep(5)
 
 
+def operator_states(cluster: Cluster, namespace: str) -> dict[str, bool | None]:
+    """Each operator pod's ``active`` flag from its /readyz (None when it does not answer)."""
+    pods = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/component=operator")[
+        "items"
+    ]
+    states: dict[str, bool | None] = {}
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        if pod["metadata"].get("deletionTimestamp"):
+            continue
+        raw = cluster.run(
+            "kubectl", "get", "--raw",
+            f"/api/v1/namespaces/{namespace}/pods/{name}:9090/proxy/readyz",
+            check=False,
+        )  # fmt: skip
+        try:
+            states[name] = bool(json.loads(raw.stdout)["active"])
+        except (ValueError, KeyError, TypeError):
+            states[name] = None
+    return states
+
+
+def disrupt(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    """Mid-run: force-delete the active operator, delete a receiver, restart kube-apiserver."""
+    facts: dict[str, Any] = {}
+    states = operator_states(cluster, namespace)
+    active = [name for name, is_active in states.items() if is_active]
+    if len(active) != 1:
+        raise RuntimeError(f"expected exactly one active operator, got {states}")
+    standby = [name for name in states if name not in active]
+    say(f"force-deleting the active operator {active[0]} (standby: {standby})")
+    # Taken over when any other operator is active: the Deployment's replacement pod may win
+    # (kopf peering prefers the higher priority, and the chart's are random).
+    started = time.monotonic()
+    cluster.kubectl(
+        "delete", "pod", "-n", namespace, active[0], "--grace-period=0", "--force", "--wait=false"
+    )
+    deadline = started + 300
+    while time.monotonic() < deadline:
+        now = operator_states(cluster, namespace)
+        winners = [name for name, is_active in now.items() if is_active and name != active[0]]
+        if winners:
+            facts["takeover_seconds"] = round(time.monotonic() - started, 1)
+            facts["taken_over_by"] = "standby" if winners[0] in standby else "replacement pod"
+            break
+        time.sleep(0.5)
+    else:
+        raise RuntimeError(
+            f"no standby took over within 300 s: {operator_states(cluster, namespace)}"
+        )
+    say(f"{facts['taken_over_by']} active after {facts['takeover_seconds']}s")
+    receivers = cluster.get_json(
+        "pods", "-n", namespace, "-l", "app.kubernetes.io/component=receiver"
+    )["items"]
+    victim = receivers[0]["metadata"]["name"]
+    say(f"deleting receiver pod {victim}")
+    cluster.kubectl("delete", "pod", "-n", namespace, victim, "--wait=false")
+    facts["receiver_deleted"] = victim
+    if cluster.restart_apiserver is not None:
+        say("restarting kube-apiserver")
+        started = time.monotonic()
+        cluster.restart_apiserver()
+        facts["apiserver_restart_seconds"] = round(time.monotonic() - started, 1)
+    else:
+        facts["apiserver_restart_seconds"] = None
+    return facts
+
+
 def verdict(tasks: list[dict[str, Any]], provider_tasks: list[dict[str, Any]]) -> dict[str, Any]:
     """Compare the tasks with the emulator's accounting."""
     by_id = {str(t["id"]): t for t in provider_tasks}
@@ -343,6 +421,7 @@ def run(cluster: Cluster, *, tasks: int, images: list[tuple[str, Path]], values:
         "--pingback-drop-rate=0.3",
         "--pingback-duplicate-rate=0.2",
         "--solve-time-scale=0.1",
+        "--threads=200",
     ]
     cluster.kubectl(
         "apply",
@@ -358,14 +437,19 @@ def run(cluster: Cluster, *, tasks: int, images: list[tuple[str, Path]], values:
     say(f"applying {tasks} tasks")
     started = time.monotonic()
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(task_manifests(NAMESPACE, tasks)))
+    time.sleep(3)
+    summary["disruptions"] = disrupt(cluster, NAMESPACE)
     finished = wait_tasks(cluster, NAMESPACE, tasks, timeout=600)
     summary["tasks_seconds"] = round(time.monotonic() - started, 1)
     summary["verdict"] = verdict(finished, emulator_tasks(cluster, NAMESPACE))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     v = summary["verdict"]
+    d = summary["disruptions"]
     print(
         f"pods Ready: {sum(p['ready'] for p in pods)}/{len(pods)} in {summary['ready_seconds']}s | "
+        f"takeover {d['takeover_seconds']}s | "
+        f"apiserver restart {d['apiserver_restart_seconds']}s | "
         f"tasks {v['tasks']}: solved {v['solved']}, lost {v['lost']}, "
         f"submitted twice {v['submitted_twice']}, wrong token {v['wrong_token']} "
         f"in {summary['tasks_seconds']}s | {RESULTS.relative_to(REPO)}"
