@@ -52,7 +52,7 @@ typecheck: venv ## mypy --strict
 unit: venv ## only the tests that need no control plane
 	$(BIN)/pytest -m "not controlplane" $(PYTEST_ARGS)
 
-test: venv testbin lint typecheck ## lint, types, and every test on a real control plane
+test: venv testbin node-binaries node-packages lint typecheck ## lint, types, every test (control plane, node, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 manifests: venv testbin ## render deploy/ from the chart

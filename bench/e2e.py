@@ -257,8 +257,8 @@ def provider_manifests(namespace: str) -> list[dict[str, Any]]:
     ]
 
 
-def task_manifests(namespace: str, count: int) -> list[dict[str, Any]]:
-    """``count`` reCAPTCHA v2 tasks for the emulator provider."""
+def task_manifests(namespace: str, count: int, *, start: int = 0) -> list[dict[str, Any]]:
+    """``count`` reCAPTCHA v2 tasks for the emulator provider, numbered from ``start``."""
     return [
         {
             "apiVersion": "captchatask.dev/v1alpha1",
@@ -272,7 +272,7 @@ def task_manifests(namespace: str, count: int) -> list[dict[str, Any]]:
                 "deadlineSeconds": 600,
             },
         }
-        for i in range(count)
+        for i in range(start, start + count)
     ]
 
 
@@ -326,9 +326,33 @@ def operator_states(cluster: Cluster, namespace: str) -> dict[str, bool | None]:
     return states
 
 
+def single_active(cluster: Cluster, namespace: str, timeout: float = 180) -> float:
+    """Wait until exactly one operator is active; return how long more than one was.
+
+    Two replicas started together both resume (kopf peering) and stay active until one of them
+    sees the other's keep-alive, up to a peering lifetime later: a window the summary reports.
+    """
+    started = time.monotonic()
+    dual = 0.0
+    last = started
+    while time.monotonic() - started < timeout:
+        states = operator_states(cluster, namespace)
+        now = time.monotonic()
+        active = sum(1 for is_active in states.values() if is_active)
+        if active > 1:
+            dual += now - last
+        elif active == 1:
+            return round(dual, 1)
+        last = now
+        time.sleep(1)
+    raise RuntimeError(f"not exactly one active operator after {timeout}s: {states}")
+
+
 def disrupt(cluster: Cluster, namespace: str) -> dict[str, Any]:
     """Mid-run: force-delete the active operator, delete a receiver, restart kube-apiserver."""
-    facts: dict[str, Any] = {}
+    facts: dict[str, Any] = {"both_active_seconds": single_active(cluster, namespace)}
+    if facts["both_active_seconds"]:
+        say(f"both operators were active for {facts['both_active_seconds']}s after starting")
     states = operator_states(cluster, namespace)
     active = [name for name, is_active in states.items() if is_active]
     if len(active) != 1:
@@ -370,6 +394,55 @@ def disrupt(cluster: Cluster, namespace: str) -> dict[str, Any]:
     else:
         facts["apiserver_restart_seconds"] = None
     return facts
+
+
+def upgrade_in_flight(cluster: Cluster, namespace: str, first: int, count: int) -> dict[str, Any]:
+    """Apply ``count`` more tasks, then ``helm upgrade`` a changed value that rolls every pod."""
+    say(f"applying {count} more tasks, then helm upgrade (rolls the operators and receivers)")
+    batch = task_manifests(namespace, count, start=first)
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(batch))
+    started = time.monotonic()
+    cluster.run(
+        "helm", "upgrade", RELEASE, str(REPO / "charts" / "captchatask"), "-n", namespace,
+        "--reuse-values",
+        "--set-string", "operator.podAnnotations.e2e-rollout=1",
+        "--set-string", "receiver.podAnnotations.e2e-rollout=1",
+        "--wait", f"--timeout={READY_TIMEOUT}s",
+    )  # fmt: skip
+    for deployment in ("operator", "receiver"):
+        cluster.kubectl(
+            "rollout", "status", "-n", namespace, f"deployment/{RELEASE}-{deployment}",
+            f"--timeout={READY_TIMEOUT}s",
+        )  # fmt: skip
+    return {"upgrade_seconds": round(time.monotonic() - started, 1)}
+
+
+def uninstall(cluster: Cluster, namespace: str, tasks: int) -> dict[str, Any]:
+    """``helm uninstall``: every object of the release goes; the CRDs and the tasks stay."""
+    say("helm uninstall")
+    cluster.run("helm", "uninstall", RELEASE, "-n", namespace, "--wait")
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    kinds = (
+        "deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,roles,"
+        "rolebindings,poddisruptionbudgets,networkpolicies"
+    )
+    left = cluster.kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "name").split()
+    cluster_left = cluster.kubectl(
+        "get", "clusterroles,clusterrolebindings,clusterkopfpeerings", "-l", selector,
+        "-o", "name", check=False,
+    ).split()  # fmt: skip
+    # The pingback key Secret is kept on purpose (helm.sh/resource-policy: keep), so pingback
+    # URLs already handed to the provider stay verifiable after a reinstall.
+    kept_by_design = [name for name in left if name == f"secret/{RELEASE}-pingback-key"]
+    remaining_tasks = len(cluster.get_json("captchatasks", "-n", namespace)["items"])
+    crds = cluster.kubectl("get", "crd", "-o", "name").split()
+    return {
+        "left_behind": sorted(set(left + cluster_left) - set(kept_by_design)),
+        "kept_by_design": kept_by_design,
+        "tasks_kept": remaining_tasks,
+        "tasks_expected": tasks,
+        "crds_kept": sorted(c for c in crds if c.endswith(".captchatask.dev")),
+    }
 
 
 def verdict(tasks: list[dict[str, Any]], provider_tasks: list[dict[str, Any]]) -> dict[str, Any]:
@@ -439,22 +512,39 @@ def run(cluster: Cluster, *, tasks: int, images: list[tuple[str, Path]], values:
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(task_manifests(NAMESPACE, tasks)))
     time.sleep(3)
     summary["disruptions"] = disrupt(cluster, NAMESPACE)
-    finished = wait_tasks(cluster, NAMESPACE, tasks, timeout=600)
+    wait_tasks(cluster, NAMESPACE, tasks, timeout=600)
+    more = tasks // 2
+    summary["upgrade"] = upgrade_in_flight(cluster, NAMESPACE, tasks, more)
+    finished = wait_tasks(cluster, NAMESPACE, tasks + more, timeout=600)
     summary["tasks_seconds"] = round(time.monotonic() - started, 1)
     summary["verdict"] = verdict(finished, emulator_tasks(cluster, NAMESPACE))
+    summary["uninstall"] = uninstall(cluster, NAMESPACE, tasks + more)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
     v = summary["verdict"]
     d = summary["disruptions"]
     print(
         f"pods Ready: {sum(p['ready'] for p in pods)}/{len(pods)} in {summary['ready_seconds']}s | "
-        f"takeover {d['takeover_seconds']}s | "
+        f"takeover {d['takeover_seconds']}s (both active at start: {d['both_active_seconds']}s) | "
         f"apiserver restart {d['apiserver_restart_seconds']}s | "
         f"tasks {v['tasks']}: solved {v['solved']}, lost {v['lost']}, "
         f"submitted twice {v['submitted_twice']}, wrong token {v['wrong_token']} "
         f"in {summary['tasks_seconds']}s | {RESULTS.relative_to(REPO)}"
     )
-    passed = v["lost"] == 0 and v["submitted_twice"] == 0 and v["wrong_token"] == 0
+    u = summary["uninstall"]
+    print(
+        f"helm upgrade in flight {summary['upgrade']['upgrade_seconds']}s | helm uninstall: "
+        f"left behind {u['left_behind'] or 'nothing'}, tasks kept {u['tasks_kept']}/"
+        f"{u['tasks_expected']}, CRDs kept {len(u['crds_kept'])}/3"
+    )
+    passed = (
+        v["lost"] == 0
+        and v["submitted_twice"] == 0
+        and v["wrong_token"] == 0
+        and not u["left_behind"]
+        and u["tasks_kept"] == u["tasks_expected"]
+        and len(u["crds_kept"]) == 3
+    )
     print("PASSED" if passed else "FAILED")
     return 0 if passed else 1
 

@@ -3,8 +3,10 @@
 ``bench.e2e`` brings up the test bed's node, imports the images, installs the chart with two
 peered operators and two receivers, runs 100 tasks through the emulator with pingbacks dropped
 and duplicated while the active operator is force-deleted, a receiver deleted and kube-apiserver
-restarted, and judges against the emulator's accounting. This test runs it and checks the
-verdict it wrote; a missing binary or package makes it fail with the command that provides it.
+restarted, then 50 more during a ``helm upgrade`` that rolls every pod, judges against the
+emulator's accounting, and checks that ``helm uninstall`` keeps the CRDs and the tasks. This test
+runs it and checks the verdict it wrote; a missing binary or package makes it fail with the
+command that provides it.
 """
 
 from __future__ import annotations
@@ -49,5 +51,9 @@ def test_the_chart_on_a_node_loses_no_task(tmp_path: Path) -> None:
     assert all(pod["ready"] for pod in summary["pods"])
     assert summary["disruptions"]["takeover_seconds"] is not None
     verdict = summary["verdict"]
-    assert verdict["tasks"] == verdict["solved"] == 100
+    assert verdict["tasks"] == verdict["solved"] == 150  # 100, then 50 during helm upgrade
     assert (verdict["lost"], verdict["submitted_twice"], verdict["wrong_token"]) == (0, 0, 0)
+    uninstall = summary["uninstall"]
+    assert uninstall["left_behind"] == []
+    assert uninstall["tasks_kept"] == 150
+    assert len(uninstall["crds_kept"]) == 3

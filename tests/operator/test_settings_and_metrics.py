@@ -15,6 +15,7 @@ from captchatask.events import EventType, ObjectRef, build_event
 from captchatask.model import TaskRef
 from captchatask_operator import cli
 from captchatask_operator import settings as settings_module
+from captchatask_operator.handlers import Runtime, build_registry
 from captchatask_operator.metrics import Metrics
 
 
@@ -147,3 +148,15 @@ def test_the_peering_identity_never_needs_a_passwd_entry(monkeypatch: pytest.Mon
     first, second = cli.peering_identity({}), cli.peering_identity({})
     assert first != second
     assert first.startswith(socket.gethostname())
+
+
+def test_the_leader_daemon_puts_no_finalizer_on_the_peering_object() -> None:
+    # kopf finalizes every daemon's object by default. On the chart's peering object that made
+    # `helm uninstall` hang for ever: the operator pods went with it, so nobody removed it.
+    settings = settings_module.parse(["--all-namespaces", "--peering", "captchatask"], {})
+    runtime = Runtime(settings, registry=CollectorRegistry(), signer=None)
+
+    registry = build_registry(runtime)
+
+    daemons = {str(h.id): h for h in registry._spawning.get_all_handlers()}
+    assert daemons["leader"].requires_finalizer is False
