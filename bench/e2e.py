@@ -426,7 +426,16 @@ def uninstall(cluster: Cluster, namespace: str, tasks: int) -> dict[str, Any]:
         "deployments,replicasets,pods,services,configmaps,secrets,serviceaccounts,roles,"
         "rolebindings,poddisruptionbudgets,networkpolicies"
     )
-    left = cluster.kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "name").split()
+    # helm waits for the objects it created; their pods (terminating with the grace period the
+    # chart gives them) and ReplicaSets go afterwards, through the garbage collector.
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        left = cluster.kubectl("get", kinds, "-n", namespace, "-l", selector, "-o", "name").split()
+        if all(name == f"secret/{RELEASE}-pingback-key" for name in left):
+            break
+        if time.monotonic() > deadline:
+            break
+        time.sleep(2)
     cluster_left = cluster.kubectl(
         "get", "clusterroles,clusterrolebindings,clusterkopfpeerings", "-l", selector,
         "-o", "name", check=False,
