@@ -869,6 +869,15 @@ class Node:
         for entry in RUNC_STATE.iterdir():
             runc = [str(self._tool("runc")), "--root", str(RUNC_STATE)]
             _run([*runc, "delete", "--force", entry.name], check=False)
+        # The shim's (now empty) folders, down to /run/containerd if nothing else uses it.
+        for folder in (
+            RUNC_STATE,
+            RUNC_STATE.parent,
+            RUNC_STATE.parents[1] / "s",
+            RUNC_STATE.parents[1],
+        ):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
     def _unmount_all(self) -> None:
         """Unmount everything below the state directory, deepest first.
