@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export TESTBIN_DIR ?= $(CURDIR)/.testbin
 PYTEST_ARGS ?=
 
-.PHONY: help venv testbin testtools fresh-check lint typecheck unit docs test manifests check-manifests chaos bench demo clean
+.PHONY: help venv testbin testtools node-binaries node-packages images cluster cluster-down test-node e2e fresh-check lint typecheck unit docs test manifests check-manifests chaos bench demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-16s %s\n", $$1, $$2}'
@@ -29,6 +29,24 @@ testtools: ## testbin plus what only tests and benchmarks use: helm, promtool, p
 	@hack/build-binaries.sh --test >/dev/null
 	@hack/system-packages.sh test
 
+node-binaries: testbin ## also build kubelet, controller-manager, scheduler, kube-proxy, CoreDNS, pause
+	@hack/build-binaries.sh --node >/dev/null
+
+node-packages: ## containerd, runc, CNI plugins, iptables, conntrack, buildah, podman (Debian, as root)
+	@hack/system-packages.sh node images
+
+cluster: venv node-binaries node-packages ## a one-node cluster (root): eval "$$(make -s cluster)"
+	@$(BIN)/captchatask testbed up --node
+
+cluster-down: venv ## stop the cluster and remove everything it made
+	@$(BIN)/captchatask testbed down
+
+test-node: venv testtools node-binaries node-packages ## only the node tests (a real kubelet runs pods)
+	$(BIN)/pytest -m node $(PYTEST_ARGS)
+
+e2e: venv testtools node-binaries node-packages ## the chart on a real node (or $$KUBECONFIG's cluster); nothing lost
+	$(BIN)/python -m bench.e2e $(E2E_ARGS)
+
 lint: venv ## ruff check + format check + import contracts (layers, purity, no cycles)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -43,7 +61,7 @@ unit: venv ## only the tests that need no control plane
 docs: venv ## the documentation site, strict (warnings and broken links fail), into docs/_build/html
 	$(BIN)/sphinx-build -W --keep-going -n -q -b dirhtml docs docs/_build/html
 
-test: venv testtools lint typecheck docs ## lint, types, docs, and every test on a real control plane
+test: venv testtools node-binaries node-packages lint typecheck docs ## lint, types, docs, every test (control plane, node, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 manifests: venv testtools ## render deploy/ from the chart

@@ -14,6 +14,7 @@ start and deactivates it on stop. Without peering the engine is activated at sta
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 from typing import Any, Final
@@ -242,4 +243,24 @@ def build_registry(runtime: Runtime) -> kopf.OperatorRegistry:
             finally:
                 await engine.deactivate()
 
+        # kopf gives every daemon a finalizer on its object, to stop the daemon before the
+        # object goes. Ours is the peering object the chart installs: `helm uninstall` deletes it
+        # together with the operator pods, nobody is left to remove the finalizer, and the
+        # uninstall hung for ever with the object stuck Terminating. The daemon needs no goodbye
+        # (the engine deactivates when kopf cancels it), so it runs without one; kopf also
+        # removes the finalizer an earlier version left ("no handlers requiring it").
+        _run_without_finalizer(registry, "leader")
+
     return registry
+
+
+def _run_without_finalizer(registry: kopf.OperatorRegistry, handler_id: str) -> None:
+    """Clear ``requires_finalizer`` of a daemon, which ``kopf.daemon`` always sets.
+
+    kopf has no public switch for it, so the registered (frozen) handler is replaced by a copy.
+    """
+    spawning = registry._spawning
+    handlers = spawning._handlers
+    for index, handler in enumerate(handlers):
+        if handler.id == handler_id:
+            handlers[index] = dataclasses.replace(handler, requires_finalizer=False)

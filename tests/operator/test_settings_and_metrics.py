@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+import pwd
+import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
 
 from captchatask.events import EventType, ObjectRef, build_event
 from captchatask.model import TaskRef
+from captchatask_operator import cli
 from captchatask_operator import settings as settings_module
+from captchatask_operator.handlers import Runtime, build_registry
 from captchatask_operator.metrics import Metrics
 
 
@@ -148,3 +153,31 @@ def test_event_bodies_point_at_the_task_instance() -> None:
 def test_the_operator_source_root_is_not_a_package(repo_root: Path) -> None:
     assert not (repo_root / "operator" / "__init__.py").exists()
     assert (repo_root / "operator" / "captchatask_operator" / "peering-crd.yaml").exists()
+
+
+def test_the_peering_identity_never_needs_a_passwd_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The chart runs the operator as uid 65532, which the image need not know: kopf's default
+    # identity (getpass.getuser) raised KeyError there and the operator crashed in every pod.
+    def no_entry(uid: int) -> Any:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for variable in ("LOGNAME", "USER", "LNAME", "USERNAME"):
+        monkeypatch.delenv(variable, raising=False)
+
+    assert cli.peering_identity({"CAPTCHATASK_POD_NAME": "op-1"}) == "op-1"
+    first, second = cli.peering_identity({}), cli.peering_identity({})
+    assert first != second
+    assert first.startswith(socket.gethostname())
+
+
+def test_the_leader_daemon_puts_no_finalizer_on_the_peering_object() -> None:
+    # kopf finalizes every daemon's object by default. On the chart's peering object that made
+    # `helm uninstall` hang for ever: the operator pods went with it, so nobody removed it.
+    settings = settings_module.parse(["--all-namespaces", "--peering", "captchatask"], {})
+    runtime = Runtime(settings, registry=CollectorRegistry(), signer=None)
+
+    registry = build_registry(runtime)
+
+    daemons = {str(h.id): h for h in registry._spawning.get_all_handlers()}
+    assert daemons["leader"].requires_finalizer is False

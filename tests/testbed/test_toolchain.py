@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 
 import pytest
 
 from captchatask import testbed
+from captchatask.testbed.node import locate_node_toolchain
+from captchatask.testbed.oci import ImageFile, write_oci_archive
 
 
 def test_a_missing_binary_fails_loudly_and_names_make_testbin(
@@ -61,3 +66,39 @@ def test_pinned_versions_come_from_hack_versions_env(repo_root: Path) -> None:
 
     assert versions["KUBERNETES_VERSION"].count(".") == 2
     assert versions["ETCD_VERSION"].startswith("3.6.")
+
+
+def test_a_missing_node_binary_fails_loudly_and_names_the_build_command(tmp_path: Path) -> None:
+    with pytest.raises(testbed.MissingBinaryError) as raised:
+        locate_node_toolchain(tmp_path)
+
+    message = str(raised.value)
+    assert "hack/build-binaries.sh --node" in message
+    for name in ("kubelet", "kube-controller-manager", "kube-scheduler", "kube-proxy", "pause"):
+        assert name in message
+
+
+def test_the_oci_archive_names_its_image_and_holds_the_file(tmp_path: Path) -> None:
+    archive = write_oci_archive(
+        tmp_path / "x.tar",
+        name="localhost/x/y:1",
+        files=[ImageFile("bin/hello", b"#!/bin/sh\n", 0o755)],
+        entrypoint=["/bin/hello"],
+    )
+    with tarfile.open(archive) as tar:
+        index = json.loads(_member(tar, "index.json"))
+        (manifest_desc,) = index["manifests"]
+        assert manifest_desc["annotations"]["io.containerd.image.name"] == "localhost/x/y:1"
+        manifest = json.loads(_member(tar, "blobs/" + manifest_desc["digest"].replace(":", "/")))
+        (layer_desc,) = manifest["layers"]
+        layer = _member(tar, "blobs/" + layer_desc["digest"].replace(":", "/"))
+    with tarfile.open(fileobj=io.BytesIO(layer)) as inner:
+        member = inner.getmember("bin/hello")
+        assert member.mode == 0o755
+        assert _member(inner, "bin/hello") == b"#!/bin/sh\n"
+
+
+def _member(tar: tarfile.TarFile, name: str) -> bytes:
+    extracted = tar.extractfile(name)
+    assert extracted is not None
+    return extracted.read()

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final
 
 from captchatask.testbed.errors import ControlPlaneError, KubectlError
+from captchatask.testbed.node import GATEWAY, Node, NodeNetwork, leftovers
 from captchatask.testbed.plane import STATE_FILE, ControlPlane, default_crd_documents
 from captchatask.testbed.processes import pid_alive
 
@@ -50,27 +51,55 @@ def _claim_state_dir(state_dir: Path) -> None:
     state_dir.mkdir(parents=True)
 
 
-def _cmd_up(state_dir: Path) -> int:
+def _cmd_up(state_dir: Path, *, node: bool) -> int:
     existing = ControlPlane.attach(state_dir, progress=_stderr)
     if existing is not None:
-        if existing.is_running():
+        if existing.is_running() and existing.node == node:
             _stderr(f"already running at {existing.server}")
             sys.stdout.write(_exports(existing))
             return 0
-        _stderr("found a stale test bed; cleaning it up")
-        existing.stop()
+        _stderr("found a stale or different test bed; stopping it first")
+        _stop_all(existing)
     _claim_state_dir(state_dir)
-    plane = ControlPlane(state_dir, progress=_stderr)
+    network = NodeNetwork(state_dir) if node else None
+    plane = (
+        ControlPlane(state_dir, address=GATEWAY, node=True, progress=_stderr)
+        if node
+        else ControlPlane(state_dir, progress=_stderr)
+    )
+    started: Node | None = None
     try:
+        if network is not None:
+            network.create()
         plane.start()
         names = plane.install_crds(default_crd_documents())
         _stderr(f"installed {len(names)} CRD(s)" if names else "no CRDs to install")
+        if node:
+            started = Node(plane, progress=_stderr)
+            started.start()
     except BaseException:
+        if started is not None:
+            started.stop()
         plane.stop()
+        if network is not None:
+            network.destroy()
         raise
     _stderr(f"logs in {plane.logs_dir}; stop with `captchatask testbed down`")
     sys.stdout.write(_exports(plane))
     return 0
+
+
+def _stop_all(plane: ControlPlane) -> dict[str, int]:
+    """Stop the node (if any), the control plane and the node's network; return the pids."""
+    node = Node.attach(plane, progress=_stderr)
+    pids = dict(plane.pids)
+    if node is not None:
+        pids.update(node.pids)
+        node.stop()
+    plane.stop()
+    if plane.node:
+        NodeNetwork(plane.state_dir).destroy()
+    return pids
 
 
 def _cmd_down(state_dir: Path) -> int:
@@ -78,11 +107,14 @@ def _cmd_down(state_dir: Path) -> int:
     if plane is None:
         _stderr(f"no test bed recorded in {state_dir}; nothing to stop")
         return 0
-    pids = plane.pids
-    plane.stop()
+    pids = _stop_all(plane)
     survivors = [f"{name} (pid {pid})" for name, pid in pids.items() if pid_alive(pid)]
     if survivors:
         _stderr(f"still running: {', '.join(survivors)}")
+        return 1
+    remaining = leftovers(state_dir) if plane.node else []
+    if remaining:
+        _stderr("left behind: " + "; ".join(remaining))
         return 1
     shutil.rmtree(state_dir)
     _stderr(f"stopped {', '.join(f'{n} (pid {p})' for n, p in pids.items())}; removed {state_dir}")
@@ -129,8 +161,19 @@ def cli_main(argv: list[str]) -> int:
             default=DEFAULT_STATE_DIR,
             help=f"where the test bed keeps its state (default: ./{DEFAULT_STATE_DIR})",
         )
+        if name == "up":
+            sub.add_argument(
+                "--node",
+                action="store_true",
+                help="also run a node (containerd, kubelet, controller-manager, scheduler, "
+                "kube-proxy) so pods run; needs root and `hack/build-binaries.sh --node`",
+            )
     args = parser.parse_args(argv)
-    handlers: dict[str, Callable[[Path], int]] = {"up": _cmd_up, "down": _cmd_down, "env": _cmd_env}
+    handlers: dict[str, Callable[[Path], int]] = {
+        "up": lambda state_dir: _cmd_up(state_dir, node=args.node),
+        "down": _cmd_down,
+        "env": _cmd_env,
+    }
     try:
         return handlers[args.command](args.state_dir.resolve())
     except (ControlPlaneError, KubectlError) as err:

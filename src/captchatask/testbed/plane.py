@@ -47,6 +47,18 @@ KUBECTL_TIMEOUT: Final = 120.0
 
 #: Ranges and identities passed to kube-apiserver (control-plane.md section 1).
 SERVICE_CLUSTER_IP_RANGE: Final = "10.0.0.0/24"
+#: The ClusterIP of the ``kubernetes`` Service: the first address of the range.
+KUBERNETES_SERVICE_IP: Final = "10.0.0.1"
+#: The names pods use for the API server, all in its serving certificate.
+KUBERNETES_DNS_NAMES: Final = (
+    "localhost",
+    "kubernetes",
+    "kubernetes.default",
+    "kubernetes.default.svc",
+    "kubernetes.default.svc.cluster.local",
+)
+#: The identity kube-apiserver uses towards the kubelet (logs, exec, port-forward).
+KUBELET_CLIENT_USER: Final = "kube-apiserver-kubelet-client"
 ADMIN_USER: Final = "admin"
 ADMIN_GROUPS: Final = ("system:masters",)
 
@@ -110,6 +122,14 @@ class ControlPlane:
         here. It is created if missing and kept after :meth:`stop` (the logs are useful).
     start_timeout
         Seconds each process may take to become ready.
+    address
+        Where kube-apiserver listens and what it advertises. Loopback unless the test bed has a
+        node: pods cannot reach the host's loopback, so a node's control plane listens on the
+        pod bridge's gateway address instead (still an address of this machine only).
+    node
+        Configure kube-apiserver for a node: the Node authorizer and NodeRestriction, the
+        ServiceAccount admission plugin (which mounts tokens into pods) and a client
+        certificate for talking to the kubelet (logs, exec).
     progress
         Called with a human-readable line while starting and waiting; None for silence.
 
@@ -124,10 +144,14 @@ class ControlPlane:
         state_dir: Path,
         *,
         start_timeout: float = DEFAULT_START_TIMEOUT,
+        address: str = LOOPBACK,
+        node: bool = False,
         progress: Progress | None = None,
     ) -> None:
         self.state_dir = state_dir.resolve()
         self.start_timeout = start_timeout
+        self.address = address
+        self.node = node
         self._progress = progress
         self._toolchain: Toolchain | None = None
         self._ports: _Ports | None = None
@@ -172,8 +196,13 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        """The API server URL, ``https://127.0.0.1:<port>``."""
-        return f"https://{LOOPBACK}:{self._require_ports().apiserver}"
+        """The API server URL, ``https://<address>:<port>`` (loopback without a node)."""
+        return f"https://{self.address}:{self._require_ports().apiserver}"
+
+    @property
+    def apiserver_port(self) -> int:
+        """kube-apiserver's secure port."""
+        return self._require_ports().apiserver
 
     @property
     def etcd_url(self) -> str:
@@ -551,6 +580,8 @@ class ControlPlane:
             raise ControlPlaneError(f"{plane.state_file} is corrupt ({err}); remove it") from err
         if data.get("format") != STATE_FORMAT:
             raise ControlPlaneError(f"{plane.state_file} has an unknown format")
+        plane.address = str(data.get("address", LOOPBACK))
+        plane.node = bool(data.get("node", False))
         if data.get("ports"):
             plane._ports = _Ports(**data["ports"])
         toolchain = data.get("toolchain")
@@ -566,6 +597,8 @@ class ControlPlane:
         toolchain = self._toolchain
         data = {
             "format": STATE_FORMAT,
+            "address": self.address,
+            "node": self.node,
             "ports": vars(self._ports) if self._ports else None,
             "toolchain": {k: str(v) for k, v in vars(toolchain).items()} if toolchain else None,
             "etcd": self._etcd.to_json() if self._etcd else None,
@@ -628,6 +661,18 @@ class ControlPlane:
 
         self._say(f"starting kube-apiserver on {self.server}")
         pki_dir = self.pki_dir
+        if self.node:
+            node_args = [
+                "--authorization-mode=Node,RBAC",
+                "--enable-admission-plugins=NodeRestriction",
+                f"--kubelet-client-certificate={pki_dir / 'apiserver-kubelet-client.crt'}",
+                f"--kubelet-client-key={pki_dir / 'apiserver-kubelet-client.key'}",
+                "--kubelet-preferred-address-types=InternalIP",
+            ]
+        else:
+            # No controller-manager creates the `default` ServiceAccount, which the
+            # ServiceAccount admission plugin would require of every pod.
+            node_args = ["--authorization-mode=RBAC", "--disable-admission-plugins=ServiceAccount"]
         self._apiserver = ManagedProcess.launch(
             name="kube-apiserver",
             argv=[
@@ -637,12 +682,11 @@ class ControlPlane:
                 f"--tls-cert-file={pki_dir / 'apiserver.crt'}",
                 f"--tls-private-key-file={pki_dir / 'apiserver.key'}",
                 f"--secure-port={api_port}",
-                f"--bind-address={LOOPBACK}",
-                f"--advertise-address={LOOPBACK}",
+                f"--bind-address={self.address}",
+                f"--advertise-address={self.address}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
                 "--allow-privileged=true",
-                "--disable-admission-plugins=ServiceAccount",
-                "--authorization-mode=RBAC",
+                *node_args,
                 f"--client-ca-file={pki_dir / 'client-ca.crt'}",
                 f"--service-account-issuer={self.server}/",
                 f"--service-account-key-file={pki_dir / 'sa.pub'}",
@@ -670,14 +714,22 @@ class ControlPlane:
         pki_dir = self.pki_dir
         serving_ca = pki.CertificateAuthority.create("captchatask-testbed-serving-ca")
         serving_ca.write(cert_path=pki_dir / "serving-ca.crt", key_path=pki_dir / "serving-ca.key")
+        # Pods reach the API server through the `kubernetes` Service, so its ClusterIP and DNS
+        # names must be in the certificate as well as the address it listens on.
+        ip_addresses = tuple(dict.fromkeys((LOOPBACK, self.address, KUBERNETES_SERVICE_IP)))
         serving_ca.issue_serving(
-            common_name="localhost", dns_names=("localhost",), ip_addresses=(LOOPBACK,)
+            common_name="localhost", dns_names=KUBERNETES_DNS_NAMES, ip_addresses=ip_addresses
         ).write(cert_path=pki_dir / "apiserver.crt", key_path=pki_dir / "apiserver.key")
         client_ca = pki.CertificateAuthority.create("captchatask-testbed-client-ca")
         client_ca.write(cert_path=pki_dir / "client-ca.crt", key_path=pki_dir / "client-ca.key")
         client_ca.issue_client(user=ADMIN_USER, groups=ADMIN_GROUPS).write(
             cert_path=pki_dir / "admin.crt", key_path=pki_dir / "admin.key"
         )
+        if self.node:
+            client_ca.issue_client(user=KUBELET_CLIENT_USER, groups=ADMIN_GROUPS).write(
+                cert_path=pki_dir / "apiserver-kubelet-client.crt",
+                key_path=pki_dir / "apiserver-kubelet-client.key",
+            )
         signing_key = pki.generate_signing_key()
         (pki_dir / "sa.pub").write_bytes(pki.public_key_pem(signing_key))
         (pki_dir / "sa.key").touch(mode=0o600)
@@ -757,7 +809,7 @@ class ControlPlane:
         accept: str = "application/json",
     ) -> tuple[int, bytes]:
         connection = http.client.HTTPSConnection(
-            LOOPBACK,
+            self.address,
             self._require_ports().apiserver,
             timeout=PROBE_TIMEOUT,
             context=self._tls_context(client_cert=client_cert),

@@ -1,0 +1,3 @@
+module captchatask.dev/testbed/pause
+
+go 1.22

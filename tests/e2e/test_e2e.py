@@ -1,0 +1,59 @@
+"""``make e2e`` in its small profile, as part of ``make test``: the chart on a real node.
+
+``bench.e2e`` brings up the test bed's node, imports the images, installs the chart with two
+peered operators and two receivers, runs 100 tasks through the emulator with pingbacks dropped
+and duplicated while the active operator is force-deleted, a receiver deleted and kube-apiserver
+restarted, then 50 more during a ``helm upgrade`` that rolls every pod, judges against the
+emulator's accounting, and checks that ``helm uninstall`` keeps the CRDs and the tasks. This test
+runs it and checks the verdict it wrote; a missing binary or package makes it fail with the
+command that provides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from captchatask import testbed
+from captchatask.testbed.node import locate_node_toolchain
+
+pytestmark = [pytest.mark.controlplane, pytest.mark.node, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+RESULTS = REPO / "bench" / "results" / "e2e.json"
+
+
+@pytest.mark.timeout(1800)
+def test_the_chart_on_a_node_loses_no_task(tmp_path: Path) -> None:
+    try:
+        locate_node_toolchain(testbed.locate_toolchain().bin_dir)
+    except testbed.MissingBinaryError as err:
+        pytest.fail(str(err), pytrace=False)
+    env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}  # always the test bed node
+
+    run = subprocess.run(
+        [sys.executable, "-m", "bench.e2e", "--state-dir", str(tmp_path / "node")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1700,
+        check=False,
+    )
+
+    assert run.returncode == 0, f"make e2e failed:\n{run.stderr[-6000:]}\n{run.stdout}"
+    summary = json.loads(RESULTS.read_text())
+    assert all(pod["ready"] for pod in summary["pods"])
+    assert summary["disruptions"]["takeover_seconds"] is not None
+    verdict = summary["verdict"]
+    assert verdict["tasks"] == verdict["solved"] == 150  # 100, then 50 during helm upgrade
+    assert (verdict["lost"], verdict["submitted_twice"], verdict["wrong_token"]) == (0, 0, 0)
+    uninstall = summary["uninstall"]
+    assert uninstall["left_behind"] == []
+    assert uninstall["tasks_kept"] == 150
+    assert len(uninstall["crds_kept"]) == 3

@@ -1,0 +1,3 @@
+module captchatask.dev/tests/nodeprobe
+
+go 1.22
