@@ -38,12 +38,14 @@ COPY .wheelhouse/ /wheels/
 
 FROM wheels-${WHEELS} AS wheels
 
-# The two virtualenvs install only from /wheels, so both routes give the same packages.
+# The two virtualenvs install only from /wheels, so both routes give the same packages. pip and
+# setuptools leave afterwards: nothing runs them in a container (about 25 MB less).
 FROM python AS venv-runtime
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=wheels /wheels/ /wheels/
 RUN python -m venv /opt/captchatask \
  && /opt/captchatask/bin/pip install --no-index --find-links /wheels captchatask \
+ && /opt/captchatask/bin/pip uninstall --yes --quiet pip setuptools \
  && /opt/captchatask/bin/python -m compileall -q /opt/captchatask \
  && ! /opt/captchatask/bin/python -c "import kopf" 2>/dev/null
 
@@ -52,6 +54,7 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=wheels /wheels/ /wheels/
 RUN python -m venv /opt/captchatask \
  && /opt/captchatask/bin/pip install --no-index --find-links /wheels 'captchatask[operator]' \
+ && /opt/captchatask/bin/pip uninstall --yes --quiet pip setuptools \
  && /opt/captchatask/bin/python -m compileall -q /opt/captchatask
 
 FROM python AS emulator
