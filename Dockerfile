@@ -13,7 +13,12 @@
 #   index    (default) resolved from the package index during the build, pinned by constraints.txt;
 #   context  taken from .wheelhouse/ in the build context: the build needs no network at all.
 #            hack/build-images.sh makes the wheelhouse with `pip wheel` on the host and builds
-#            with `--build-arg WHEELS=context --network none` (hermetic and reproducible).
+#            with `--build-arg WHEELS=context --network none` (hermetic and reproducible). By hand:
+#              pip wheel -c constraints.txt --wheel-dir .wheelhouse '.[operator]'
+#              docker build --build-arg WHEELS=context --network none --target operator ...
+#            (.wheelhouse/ must hold wheels for CPython 3.11 on the image's platform.)
+# With podman or buildah pass --build-arg WHEELS=index explicitly for the default route: buildah
+# 1.28 chooses the stages to build from the --build-arg values and ignores the ARG's default.
 # Either way the runtime stages are the same: a virtualenv copied onto a slim Python, bytecode
 # compiled at build time (works with a read-only root filesystem), an unprivileged user.
 ARG PYTHON_VERSION=3.11
@@ -21,7 +26,8 @@ ARG WHEELS=index
 
 FROM python:${PYTHON_VERSION}-slim-bookworm AS python
 
-# Wheels from the package index: the project's own wheel and every pinned dependency.
+# Wheels from the package index: the project's own wheel and every pinned dependency. The pip of
+# a fresh virtualenv (ensurepip) does it, so the base image needs no pip of its own.
 FROM python AS wheels-index
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -30,7 +36,8 @@ COPY src/ src/
 COPY operator/ operator/
 COPY sidecar/ sidecar/
 COPY charts/captchatask/crds/ charts/captchatask/crds/
-RUN python -m pip wheel -c constraints.txt --wheel-dir /wheels '.[operator]'
+RUN python -m venv /opt/wheel-builder \
+ && /opt/wheel-builder/bin/pip wheel -c constraints.txt --wheel-dir /wheels '.[operator]'
 
 # Wheels made beforehand on the host (the same `pip wheel` command), for builds without network.
 FROM python AS wheels-context
