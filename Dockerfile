@@ -13,7 +13,8 @@
 #   index    (default) resolved from the package index during the build, pinned by constraints.txt;
 #   context  taken from .wheelhouse/ in the build context: the build needs no network at all.
 #            hack/build-images.sh makes the wheelhouse with `pip wheel` on the host and builds
-#            with `--build-arg WHEELS=context --network none` (hermetic and reproducible). By hand:
+#            with `--build-arg WHEELS=context --network none` (hermetic: every input is on the host
+#            before the build starts). By hand:
 #              pip wheel -c constraints.txt --wheel-dir .wheelhouse '.[operator]'
 #              docker build --build-arg WHEELS=context --network none --target operator ...
 #            (.wheelhouse/ must hold wheels for CPython 3.11 on the image's platform.)

@@ -37,6 +37,10 @@ unit: venv ## only the tests that need no control plane
 test: venv testbin lint typecheck ## lint, types, and every test on a real control plane
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+.PHONY: images
+images: ## build the operator, sidecar and emulator images as OCI archives (no Docker needed)
+	hack/build-images.sh
+
 manifests: venv testbin ## render deploy/ from the chart
 	hack/render-manifests.sh
 
