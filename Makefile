@@ -64,6 +64,9 @@ docs: venv ## the documentation site, strict (warnings and broken links fail), i
 test: venv testtools node-binaries node-packages lint typecheck docs ## lint, types, docs, every test (control plane, node, e2e)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+images: venv ## build the operator, sidecar and emulator images as OCI archives (no Docker needed)
+	hack/build-images.sh
+
 manifests: venv testtools ## render deploy/ from the chart
 	hack/render-manifests.sh
 

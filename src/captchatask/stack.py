@@ -29,7 +29,7 @@ from typing import Any, Final, Self
 from captchatask import testbed
 from captchatask.testbed.processes import ManagedProcess
 
-#: What the Dockerfile's operator image (and the chart) set for the operator process: glibc arenas capped
+#: What the operator image (and the chart) set for the operator process: glibc arenas capped
 #: at 2 (BENCH-4: less heap fragmentation), so benchmarks measure the production setting.
 OPERATOR_IMAGE_ENV: Final = {"MALLOC_ARENA_MAX": "2"}
 #: How long a component may take to answer its health endpoint after start.
