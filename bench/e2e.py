@@ -154,6 +154,25 @@ def build_images() -> tuple[list[tuple[str, Path]], Path]:
     return images, values
 
 
+def prebuilt_images(tag: str, workdir: Path) -> tuple[list[tuple[str, Path | None]], Path]:
+    """Images someone else built and loaded into the cluster (``docker build`` + ``kind load``).
+
+    The same names and chart values as :func:`build_images`, with ``tag``; nothing to import.
+    """
+    prefix = "ghcr.io/captchatask/captchatask"
+    names = [f"{prefix}-{target}:{tag}" for target in ("operator", "sidecar", "emulator")]
+    image = {"tag": tag, "pullPolicy": "Never"}
+    document = {
+        "operator": {"image": {"repository": f"{prefix}-operator", **image}},
+        "receiver": {"image": {"repository": f"{prefix}-sidecar", **image}},
+        "sidecar": {"image": {"repository": f"{prefix}-sidecar", **image}},
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    values = workdir / "values-prebuilt-images.yaml"
+    values.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return [(name, None) for name in names], values
+
+
 def pods_ready(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
     """Wait until every pod in ``namespace`` is Ready; return one summary row per pod."""
     deadline = time.monotonic() + READY_TIMEOUT
@@ -482,11 +501,15 @@ def verdict(tasks: list[dict[str, Any]], provider_tasks: list[dict[str, Any]]) -
     }
 
 
-def run(cluster: Cluster, *, tasks: int, images: list[tuple[str, Path]], values: Path) -> int:
+def run(
+    cluster: Cluster, *, tasks: int, images: Sequence[tuple[str, Path | None]], values: Path
+) -> int:
     """Steps 2-5 on ``cluster``; return the exit status."""
     summary: dict[str, Any] = {"cluster": cluster.facts}
     if cluster.importer is not None:
         for name, archive in images:
+            if archive is None:
+                raise RuntimeError(f"{name}: no archive to import into the test bed node")
             say(f"importing {name}")
             cluster.importer(archive)
     tag = images[0][0].rpartition(":")[2]
@@ -566,9 +589,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--state-dir", type=Path, default=REPO / ".testbed-e2e", help="the test bed node's state"
     )
     parser.add_argument("--keep", action="store_true", help="leave the test bed node running")
+    parser.add_argument(
+        "--prebuilt-tag",
+        metavar="TAG",
+        help="with KUBECONFIG: the images are already loaded in that cluster under this tag "
+        "(e.g. `docker build --target operator|sidecar|emulator` and `kind load docker-image`); "
+        "nothing is built",
+    )
     args = parser.parse_args(argv)
-    images, values = build_images()
     kubeconfig = os.environ.get("KUBECONFIG")
+    images: Sequence[tuple[str, Path | None]]
+    if args.prebuilt_tag:
+        if not kubeconfig:
+            parser.error("--prebuilt-tag needs KUBECONFIG (the test bed node imports its own)")
+        images, values = prebuilt_images(args.prebuilt_tag, args.state_dir.resolve())
+    else:
+        images, values = build_images()
     if kubeconfig:
         say(f"using the cluster of KUBECONFIG={kubeconfig} (images must be loaded there)")
         cluster = Cluster(kubeconfig=Path(kubeconfig), facts={"cluster": "KUBECONFIG"})
