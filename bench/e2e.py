@@ -502,9 +502,14 @@ def verdict(tasks: list[dict[str, Any]], provider_tasks: list[dict[str, Any]]) -
 
 
 def run(
-    cluster: Cluster, *, tasks: int, images: Sequence[tuple[str, Path | None]], values: Path
+    cluster: Cluster,
+    *,
+    tasks: int,
+    images: Sequence[tuple[str, Path | None]],
+    values: Path,
+    results: Path = RESULTS,
 ) -> int:
-    """Steps 2-5 on ``cluster``; return the exit status."""
+    """Steps 2-5 on ``cluster``; write the summary to ``results``; return the exit status."""
     summary: dict[str, Any] = {"cluster": cluster.facts}
     if cluster.importer is not None:
         for name, archive in images:
@@ -551,8 +556,8 @@ def run(
     summary["tasks_seconds"] = round(time.monotonic() - started, 1)
     summary["verdict"] = verdict(finished, emulator_tasks(cluster, NAMESPACE))
     summary["uninstall"] = uninstall(cluster, NAMESPACE, tasks + more)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(summary, indent=2) + "\n")
     v = summary["verdict"]
     d = summary["disruptions"]
     print(
@@ -561,7 +566,7 @@ def run(
         f"apiserver restart {d['apiserver_restart_seconds']}s | "
         f"tasks {v['tasks']}: solved {v['solved']}, lost {v['lost']}, "
         f"submitted twice {v['submitted_twice']}, wrong token {v['wrong_token']} "
-        f"in {summary['tasks_seconds']}s | {RESULTS.relative_to(REPO)}"
+        f"in {summary['tasks_seconds']}s | {results}"
     )
     u = summary["uninstall"]
     print(
@@ -590,6 +595,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="leave the test bed node running")
     parser.add_argument(
+        "--results", type=Path, default=RESULTS, help="where the summary is written (JSON)"
+    )
+    parser.add_argument(
         "--prebuilt-tag",
         metavar="TAG",
         help="with KUBECONFIG: the images are already loaded in that cluster under this tag "
@@ -608,9 +616,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if kubeconfig:
         say(f"using the cluster of KUBECONFIG={kubeconfig} (images must be loaded there)")
         cluster = Cluster(kubeconfig=Path(kubeconfig), facts={"cluster": "KUBECONFIG"})
-        return run(cluster, tasks=args.tasks, images=images, values=values)
+        return run(cluster, tasks=args.tasks, images=images, values=values, results=args.results)
     with testbed_cluster(args.state_dir.resolve(), keep=args.keep) as cluster:
-        return run(cluster, tasks=args.tasks, images=images, values=values)
+        return run(cluster, tasks=args.tasks, images=images, values=values, results=args.results)
 
 
 if __name__ == "__main__":

@@ -168,8 +168,8 @@ def test_every_site_link_in_the_readme_lands_on_a_built_page(site: Path) -> None
 def test_every_command_the_readme_names_exists() -> None:
     readme = _readme()
     makefile = (REPO / "Makefile").read_text(encoding="utf-8")
-    targets = set(re.findall(r"^([a-z][a-z-]*):", makefile, flags=re.M))
-    for target in re.findall(r"(?:^|\$ |`)make ([a-z][a-z-]*)", readme, flags=re.M):
+    targets = set(re.findall(r"^([a-z][a-z0-9-]*):", makefile, flags=re.M))
+    for target in re.findall(r"(?:^|\$ |`|sudo )make ([a-z][a-z0-9-]*)", readme, flags=re.M):
         assert target in targets, f"README names `make {target}`, which the Makefile lacks"
     # A command starts a line (or follows a prompt, a backtick or `kubectl ` as a plugin); this
     # skips `-n captchatask get ...`, where captchatask is a namespace.

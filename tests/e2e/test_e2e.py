@@ -25,7 +25,6 @@ from captchatask.testbed.node import locate_node_toolchain
 pytestmark = [pytest.mark.controlplane, pytest.mark.node, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-RESULTS = REPO / "bench" / "results" / "e2e.json"
 
 
 @pytest.mark.timeout(1800)
@@ -36,8 +35,12 @@ def test_the_chart_on_a_node_loses_no_task(tmp_path: Path) -> None:
         pytest.fail(str(err), pytrace=False)
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}  # always the test bed node
 
+    argv = [
+        sys.executable, "-m", "bench.e2e",
+        "--state-dir", str(tmp_path / "node"), "--results", str(tmp_path / "e2e.json"),
+    ]  # fmt: skip
     run = subprocess.run(
-        [sys.executable, "-m", "bench.e2e", "--state-dir", str(tmp_path / "node")],
+        argv,
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -47,7 +50,7 @@ def test_the_chart_on_a_node_loses_no_task(tmp_path: Path) -> None:
     )
 
     assert run.returncode == 0, f"make e2e failed:\n{run.stderr[-6000:]}\n{run.stdout}"
-    summary = json.loads(RESULTS.read_text())
+    summary = json.loads((tmp_path / "e2e.json").read_text())
     assert all(pod["ready"] for pod in summary["pods"])
     assert summary["disruptions"]["takeover_seconds"] is not None
     verdict = summary["verdict"]
