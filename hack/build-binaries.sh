@@ -43,6 +43,16 @@ done
 start_all=$(date +%s)
 log() { printf '[build-binaries %4ss] %s\n' "$(( $(date +%s) - start_all ))" "$*" >&2; }
 
+# Run a command with its output kept in a log file, shown only if it fails: `go get` lists every
+# module it adds (hundreds of lines for Kubernetes), which buries the progress lines.
+quietly() {
+  local logfile=$1; shift
+  if ! "$@" >"$logfile" 2>&1; then
+    cat "$logfile" >&2
+    return 1
+  fi
+}
+
 # Run a long command, printing a heartbeat every 30 s so CI logs show it is alive.
 with_progress() {
   local what=$1; shift
@@ -108,7 +118,8 @@ kubernetes_ldflags() {
 }
 
 # In the current (empty) directory, make a wrapper module that can build k8s.io/kubernetes
-# commands: VERSION CMD... (control-plane.md section 2 explains why a plain go install fails).
+# commands: VERSION CMD... (a plain `go install` fails: its go.mod points the k8s.io staging
+# modules at local directories, which a module download does not have).
 kubernetes_wrapper_module() {
   local v=$1; shift
   go mod init captchatask.dev/testbin/kubernetes >/dev/null 2>&1
@@ -127,7 +138,7 @@ kubernetes_wrapper_module() {
   [ "$n" -gt 0 ] || { echo "no staging replaces found in $gomod" >&2; exit 1; }
   local targets=("k8s.io/kubernetes@v$v")
   for cmd in "$@"; do targets+=("k8s.io/kubernetes/cmd/$cmd@v$v"); done
-  with_progress "resolving modules" go get "${targets[@]}"
+  with_progress "resolving modules" quietly "$PWD/go-get.log" go get "${targets[@]}"
 }
 
 build_kubernetes() {
@@ -170,7 +181,7 @@ build_etcd() {
   (
     cd "$wd"
     go mod init captchatask.dev/testbin/etcd >/dev/null 2>&1
-    with_progress "resolving modules" go get "go.etcd.io/etcd/server/v3@v$v"
+    with_progress "resolving modules" quietly "$PWD/go-get.log" go get "go.etcd.io/etcd/server/v3@v$v"
     with_progress "building etcd" go build -trimpath -ldflags "-s -w" -o "$out/etcd.tmp" \
       go.etcd.io/etcd/server/v3
   )

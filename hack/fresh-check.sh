@@ -16,7 +16,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # The tools the project builds or unpacks into its cache (hack/build-binaries.sh), and the
 # virtualenv's console scripts: none of them may come from the machine.
 hidden=(etcd kube-apiserver kubectl helm promtool prometheus wrk kubelet kube-controller-manager
-  kube-scheduler kube-proxy captchatask kubectl-captchatask ruff mypy pytest)
+  kube-scheduler kube-proxy coredns pause captchatask kubectl-captchatask ruff mypy pytest)
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/captchatask-fresh.XXXXXX")
 cleanup() {

@@ -1,6 +1,6 @@
 """The chart against the real API server: dry-run every scenario, install it, prove its RBAC.
 
-There are no controllers here (control-plane.md §1): Deployments never get Pods, so installs run
+There are no controllers in the plain test bed: Deployments never get Pods, so installs run
 without ``--wait`` and assert that every object exists. RBAC is proven with
 ``kubectl auth can-i --as=system:serviceaccount:<ns>:<sa>``: each component's allowed checks AND
 the denied ones, so a grant that grows (or shrinks) fails a test.

@@ -45,7 +45,7 @@ PROBE_TIMEOUT: Final = 2.0
 #: Seconds a kubectl invocation may take before it is treated as hung.
 KUBECTL_TIMEOUT: Final = 120.0
 
-#: Ranges and identities passed to kube-apiserver (control-plane.md section 1).
+#: Ranges and identities passed to kube-apiserver.
 SERVICE_CLUSTER_IP_RANGE: Final = "10.0.0.0/24"
 #: The ClusterIP of the ``kubernetes`` Service: the first address of the range.
 KUBERNETES_SERVICE_IP: Final = "10.0.0.1"
