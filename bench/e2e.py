@@ -649,8 +649,11 @@ def receiver_pingbacks(cluster: Cluster, namespace: str, seen: dict[str, dict[st
     pods = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/component=receiver")
     for pod in pods["items"]:
         name = pod["metadata"]["name"]
+        if not pod["status"].get("podIP"):
+            continue
+        # Bounded: a terminating pod's proxy may hang until the API server gives up on it.
         raw = cluster.run(
-            "kubectl", "get", "--raw",
+            "kubectl", "get", "--raw", "--request-timeout=5s",
             f"/api/v1/namespaces/{namespace}/pods/{name}:9090/proxy/metrics",
             check=False,
         )  # fmt: skip
