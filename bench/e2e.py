@@ -10,8 +10,11 @@ The steps, each a gate for the next:
    pod Ready;
 4. the emulator as a pod behind a Service, a CaptchaProvider pointing at it (``publicURL`` at
    the receiver Service), with a share of the pingbacks dropped and duplicated;
-5. the tasks, by ``kubectl apply``; the verdict against the emulator's own accounting: lost 0,
-   submitted twice 0, every token exact.
+5. ``helm test`` (the chart's test hook) passes;
+6. an app pod made from the chart's sidecar snippet (``helm get notes``) creates a task through its
+   sidecar's local API and reads the emulator's token;
+7. the tasks, by ``kubectl apply``; the verdict against the emulator's own accounting: lost 0,
+   recorded twice 0, submitted twice 0, every token exact.
 
 It prints a summary and writes ``bench/results/e2e.json``. Run ``python -m bench.e2e --help``.
 """
@@ -47,6 +50,54 @@ PROVIDER: Final = "emulator"
 READY_TIMEOUT: Final = 300
 #: The default (small) profile: `make test` runs this one.
 DEFAULT_TASKS: Final = 100
+#: The ServiceAccount of the app pod built from the chart's sidecar snippet (listed under
+#: ``sidecar.namespaces`` in ``bench/e2e-values.yaml``, so the chart gives it the sidecar Role).
+APP_SERVICE_ACCOUNT: Final = "e2e-app"
+#: The task the app creates through its sidecar's local API.
+APP_TASK: Final = "sidecar-app-task"
+#: The app container: create a task through the sidecar's local API, long-poll its result,
+#: print it on one line, then idle like an app would (a restart must not create a second task:
+#: the fixed name makes a repeated create a 409, and the app just reads the task then).
+APP_SCRIPT: Final = """
+import json, os, signal, sys, time, urllib.error, urllib.request
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+base = os.environ["CAPTCHATASK_URL"]
+task = {
+    "name": "%(name)s",
+    "providerRef": {"name": "%(provider)s"},
+    "type": "RecaptchaV2",
+    "siteKey": "6Le-wvkSAAAAAPBMRTvw0Q4Muexq9bi0DJwx_mJ-",
+    "pageURL": "https://example.test/app",
+    "deadlineSeconds": 600,
+}
+def call(method, path, body=None):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        base + path, data=data, method=method, headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=90) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as err:
+        return err.code, {"problem": err.read(2048).decode(errors="replace")}
+    except OSError as err:
+        return 0, {"error": str(err)}
+for attempt in range(150):  # the API server restarts mid-run: retry what is retryable
+    status, body = call("POST", "/v1/tasks", task)
+    print("POST /v1/tasks ->", status, flush=True)
+    if status in (201, 409):
+        break
+    time.sleep(2)
+for attempt in range(10):
+    status, body = call("GET", "/v1/tasks/%(name)s?wait=60")
+    print("GET /v1/tasks/%(name)s?wait=60 ->", status, body.get("phase"), flush=True)
+    if status == 200 and body.get("done"):
+        break
+    time.sleep(1)
+print("RESULT " + json.dumps(body), flush=True)
+while True:
+    time.sleep(3600)
+"""
 
 
 def say(message: str) -> None:
@@ -305,11 +356,20 @@ def emulator_tasks(cluster: Cluster, namespace: str) -> list[dict[str, Any]]:
 
 
 def wait_tasks(
-    cluster: Cluster, namespace: str, count: int, timeout: float
+    cluster: Cluster,
+    namespace: str,
+    count: int,
+    timeout: float,
+    receivers: dict[str, dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Wait until every task has a terminal phase (or ``timeout``); return them."""
+    """Wait until every task has a terminal phase (or ``timeout``); return them.
+
+    With ``receivers``, each round also scrapes the receivers' pingback counters into it.
+    """
     deadline = time.monotonic() + timeout
     while True:
+        if receivers is not None:
+            receiver_pingbacks(cluster, namespace, receivers)
         tasks = cluster.get_json("captchatasks", "-n", namespace)["items"]
         phases: dict[str, int] = {}
         for task in tasks:
@@ -367,7 +427,9 @@ def single_active(cluster: Cluster, namespace: str, timeout: float = 180) -> flo
     raise RuntimeError(f"not exactly one active operator after {timeout}s: {states}")
 
 
-def disrupt(cluster: Cluster, namespace: str) -> dict[str, Any]:
+def disrupt(
+    cluster: Cluster, namespace: str, receivers: dict[str, dict[str, float]]
+) -> dict[str, Any]:
     """Mid-run: force-delete the active operator, delete a receiver, restart kube-apiserver."""
     facts: dict[str, Any] = {"both_active_seconds": single_active(cluster, namespace)}
     if facts["both_active_seconds"]:
@@ -398,10 +460,11 @@ def disrupt(cluster: Cluster, namespace: str) -> dict[str, Any]:
             f"no standby took over within 300 s: {operator_states(cluster, namespace)}"
         )
     say(f"{facts['taken_over_by']} active after {facts['takeover_seconds']}s")
-    receivers = cluster.get_json(
+    receiver_pods = cluster.get_json(
         "pods", "-n", namespace, "-l", "app.kubernetes.io/component=receiver"
     )["items"]
-    victim = receivers[0]["metadata"]["name"]
+    victim = receiver_pods[0]["metadata"]["name"]
+    receiver_pingbacks(cluster, namespace, receivers)  # its counters go with it
     say(f"deleting receiver pod {victim}")
     cluster.kubectl("delete", "pod", "-n", namespace, victim, "--wait=false")
     facts["receiver_deleted"] = victim
@@ -415,11 +478,18 @@ def disrupt(cluster: Cluster, namespace: str) -> dict[str, Any]:
     return facts
 
 
-def upgrade_in_flight(cluster: Cluster, namespace: str, first: int, count: int) -> dict[str, Any]:
+def upgrade_in_flight(
+    cluster: Cluster,
+    namespace: str,
+    first: int,
+    count: int,
+    receivers: dict[str, dict[str, float]],
+) -> dict[str, Any]:
     """Apply ``count`` more tasks, then ``helm upgrade`` a changed value that rolls every pod."""
     say(f"applying {count} more tasks, then helm upgrade (rolls the operators and receivers)")
     batch = task_manifests(namespace, count, start=first)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(batch))
+    receiver_pingbacks(cluster, namespace, receivers)
     started = time.monotonic()
     cluster.run(
         "helm", "upgrade", RELEASE, str(REPO / "charts" / "captchatask"), "-n", namespace,
@@ -470,6 +540,196 @@ def uninstall(cluster: Cluster, namespace: str, tasks: int) -> dict[str, Any]:
         "tasks_kept": remaining_tasks,
         "tasks_expected": tasks,
         "crds_kept": sorted(c for c in crds if c.endswith(".captchatask.dev")),
+    }
+
+
+def helm_test(cluster: Cluster, namespace: str) -> dict[str, Any]:
+    """``helm test``: the chart's own test hook checks the release's Services from a pod."""
+    say("helm test")
+    started = time.monotonic()
+    result = cluster.run(
+        "helm", "test", RELEASE, "-n", namespace, f"--timeout={READY_TIMEOUT}s", check=False
+    )
+    facts: dict[str, Any] = {
+        "passed": result.returncode == 0,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    if result.returncode != 0:
+        # The hook pod is kept when it fails (its delete policy): its log names the check.
+        log = cluster.kubectl("logs", "-n", namespace, f"{RELEASE}-test", check=False)
+        facts["output"] = (result.stderr + result.stdout + log)[-3000:]
+        say(f"helm test failed:\n{facts['output']}")
+    return facts
+
+
+def sidecar_app_pod(cluster: Cluster, namespace: str, tag: str) -> dict[str, Any]:
+    """The chart's sidecar snippet as a user gets it (``helm get notes``), with our app in it.
+
+    The snippet is used as printed: the sidecar init container, its volumes, the pod's security
+    context, ServiceAccount and the app's ``CAPTCHATASK_URL``. Only the app container's image and
+    command are ours (the placeholder ``registry.example.com/my-app`` is the user's app).
+    """
+    notes = cluster.run("helm", "get", "notes", RELEASE, "-n", namespace).stdout
+    _, separator, snippet = notes.partition("\n---\n")
+    if not separator:
+        raise RuntimeError(f"helm get notes printed no sidecar snippet:\n{notes}")
+    pod: dict[str, Any] = yaml.safe_load(snippet)
+    app = pod["spec"]["containers"][0]
+    app["image"] = f"{EMULATOR_IMAGE}:{tag}"
+    app["imagePullPolicy"] = "Never"
+    app["command"] = ["python", "-c", APP_SCRIPT % {"name": APP_TASK, "provider": PROVIDER}]
+    return pod
+
+
+def start_sidecar_app(cluster: Cluster, namespace: str, tag: str) -> str:
+    """Create the app's ServiceAccount (the user's part) and the pod; return the pod's name."""
+    pod = sidecar_app_pod(cluster, namespace, tag)
+    account = pod["spec"]["serviceAccountName"]
+    if pod["metadata"]["namespace"] != namespace or account != APP_SERVICE_ACCOUNT:
+        raise RuntimeError(
+            f"the snippet names {pod['metadata']['namespace']}/{account}: sidecar.namespaces in "
+            f"{VALUES.name} must list {namespace}/{APP_SERVICE_ACCOUNT}"
+        )
+    say(f"starting the app pod {pod['metadata']['name']} from the chart's sidecar snippet")
+    cluster.kubectl("create", "serviceaccount", "-n", namespace, account, check=False)
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump(pod))
+    return str(pod["metadata"]["name"])
+
+
+def sidecar_app_result(
+    cluster: Cluster, namespace: str, pod: str, timeout: float = 300
+) -> dict[str, Any]:
+    """Wait for the app's printed result; check it is the task's, and the pod's shape."""
+    deadline = time.monotonic() + timeout
+    result: dict[str, Any] | None = None
+    log = ""
+    while time.monotonic() < deadline:
+        log = cluster.kubectl("logs", "-n", namespace, pod, "-c", "app", check=False)
+        lines = [line for line in log.splitlines() if line.startswith("RESULT ")]
+        if lines:
+            result = json.loads(lines[-1].removeprefix("RESULT "))
+            break
+        time.sleep(2)
+    body = cluster.get_json("pod", "-n", namespace, pod)
+    init = {c["name"]: c for c in body["spec"].get("initContainers", [])}
+    statuses = body["status"].get("initContainerStatuses", [])
+    facts: dict[str, Any] = {
+        "pod": pod,
+        "native_sidecar": init.get("captchatask", {}).get("restartPolicy") == "Always",
+        "sidecar_running": any(
+            s["name"] == "captchatask" and "running" in s.get("state", {}) for s in statuses
+        ),
+        "sidecar_restarts": sum(s.get("restartCount", 0) for s in statuses),
+        "phase": (result or {}).get("phase"),
+        "token": ((result or {}).get("solution") or {}).get("token"),
+        "provider_task_id": (result or {}).get("providerTaskId"),
+    }
+    if result is None:
+        described = cluster.kubectl("describe", "pod", "-n", namespace, pod, check=False)
+        sidecar_log = cluster.kubectl(
+            "logs", "-n", namespace, pod, "-c", "captchatask", check=False
+        )
+        facts["output"] = (log + described + sidecar_log)[-4000:]
+        say(f"the app printed no result:\n{facts['output']}")
+    task = cluster.run(
+        "kubectl", "get", "captchatask", "-n", namespace, APP_TASK, "-o", "json", check=False
+    )  # fmt: skip
+    annotations = json.loads(task.stdout)["metadata"].get("annotations", {}) if task.stdout else {}
+    facts["created_by"] = annotations.get("captchatask.dev/created-by")
+    return facts
+
+
+def receiver_pingbacks(cluster: Cluster, namespace: str, seen: dict[str, dict[str, float]]) -> None:
+    """Scrape each live receiver's ``captchatask_pingbacks_total`` into ``seen`` (per pod).
+
+    Counters only grow while a pod lives; the run deletes and rolls receivers, so it scrapes
+    often and keeps each pod's last numbers (a pod's final seconds may go unseen: the counts are
+    a lower bound, the per-task checks in :func:`recorded_twice` are exact).
+    """
+    pods = cluster.get_json("pods", "-n", namespace, "-l", "app.kubernetes.io/component=receiver")
+    for pod in pods["items"]:
+        name = pod["metadata"]["name"]
+        if not pod["status"].get("podIP"):
+            continue
+        # Bounded: a terminating pod's proxy may hang until the API server gives up on it.
+        raw = cluster.run(
+            "kubectl", "get", "--raw", "--request-timeout=5s",
+            f"/api/v1/namespaces/{namespace}/pods/{name}:9090/proxy/metrics",
+            check=False,
+        )  # fmt: skip
+        if raw.returncode != 0:
+            continue
+        counts = seen.setdefault(name, {})
+        for line in raw.stdout.splitlines():
+            if line.startswith("captchatask_pingbacks_total{") and f'"{namespace}"' in line:
+                labels, _, value = line.rpartition(" ")
+                outcome = labels.split('outcome="', 1)[1].split('"', 1)[0]
+                counts[outcome] = max(counts.get(outcome, 0.0), float(value))
+
+
+def recorded_twice(
+    cluster: Cluster,
+    namespace: str,
+    tasks: list[dict[str, Any]],
+    provider_tasks: list[dict[str, Any]],
+    receivers: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Results announced more than once per task, against the emulator's pingback accounting.
+
+    A task's result is announced by a receiver (a pingback it recorded) or by the operator (a
+    fallback poll that recorded it: a ``Solved`` Event "recovered by fallback poll"). Each
+    recording appends a ``Complete`` condition. A task counts as recorded twice when it has more
+    than one ``Complete`` condition, more than one recovery, or a recovery although its result
+    was delivered by a pingback; and in total the announcements may not exceed the tasks solved
+    (the larger of the two counts is reported).
+    """
+    events = cluster.get_json(
+        "events", "-n", namespace,
+        "--field-selector", "involvedObject.kind=CaptchaTask,reason=Solved",
+    )["items"]  # fmt: skip
+    recoveries: dict[str, int] = {}
+    for event in events:
+        if "fallback poll" in event.get("message", ""):
+            name = event["involvedObject"]["name"]
+            recoveries[name] = recoveries.get(name, 0) + int(event.get("count") or 1)
+    twice: list[str] = []
+    for task in tasks:
+        name = task["metadata"]["name"]
+        status = task.get("status", {})
+        complete = sum(
+            1
+            for c in status.get("conditions", [])
+            if c.get("type") == "Complete" and c.get("status") == "True"
+        )
+        recovered = recoveries.get(name, 0)
+        by_pingback = status.get("deliveredBy") == "pingback"
+        if complete > 1 or recovered > 1 or (recovered and by_pingback):
+            twice.append(name)
+    solved = sum(1 for t in tasks if t.get("status", {}).get("phase") == "Solved")
+    by_pingback = sum(1 for t in tasks if t.get("status", {}).get("deliveredBy") == "pingback")
+    recorded = int(sum(c.get("recorded", 0.0) for c in receivers.values()))
+    duplicates = int(sum(c.get("duplicate", 0.0) for c in receivers.values()))
+    announced = recorded + sum(recoveries.values())
+    delivered = sum(
+        1
+        for t in provider_tasks
+        for a in t.get("pingback", {}).get("attempts", [])
+        if a.get("status") is not None and 200 <= a["status"] < 300
+    )
+    return {
+        "recorded_twice": max(len(twice), announced - solved),
+        "recorded_twice_examples": sorted(twice)[:10],
+        "delivered_by_pingback": by_pingback,
+        "recovered_by_poll": sum(recoveries.values()),
+        "receivers_recorded": recorded,
+        "receivers_duplicate": duplicates,
+        "emulator_pingbacks_delivered": delivered,
+        "emulator_pingbacks_dropped": sum(
+            1 for t in provider_tasks if t.get("pingback", {}).get("outcome") == "dropped"
+        ),
+        "emulator_duplicates_sent": sum(
+            1 for t in provider_tasks if t.get("pingback", {}).get("copies", 0) > 1
+        ),
     }
 
 
@@ -532,6 +792,9 @@ def run(
         "--pingback-duplicate-rate=0.2",
         "--solve-time-scale=0.1",
         "--threads=200",
+        # The emulator sends pingbacks only to loopback and the hosts named here: without it
+        # every pingback would be refused and the drop/duplicate faults would test nothing.
+        f"--pingback-host={RELEASE}-receiver.{NAMESPACE}.svc",
     ]
     cluster.kubectl(
         "apply",
@@ -543,19 +806,34 @@ def run(
     summary["pods"] = pods
     summary["ready_seconds"] = round(time.monotonic() - started, 1)
     say(f"every pod Ready ({len(pods)}) in {summary['ready_seconds']}s")
+    summary["helm_test"] = helm_test(cluster, NAMESPACE)
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(provider_manifests(NAMESPACE)))
+    app_pod = start_sidecar_app(cluster, NAMESPACE, tag)
     say(f"applying {tasks} tasks")
     started = time.monotonic()
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(task_manifests(NAMESPACE, tasks)))
+    receivers: dict[str, dict[str, float]] = {}
     time.sleep(3)
-    summary["disruptions"] = disrupt(cluster, NAMESPACE)
-    wait_tasks(cluster, NAMESPACE, tasks, timeout=600)
+    summary["disruptions"] = disrupt(cluster, NAMESPACE, receivers)
+    wait_tasks(cluster, NAMESPACE, tasks, timeout=600, receivers=receivers)
+    summary["sidecar_app"] = sidecar_app_result(cluster, NAMESPACE, app_pod)
     more = tasks // 2
-    summary["upgrade"] = upgrade_in_flight(cluster, NAMESPACE, tasks, more)
-    finished = wait_tasks(cluster, NAMESPACE, tasks + more, timeout=600)
+    summary["upgrade"] = upgrade_in_flight(cluster, NAMESPACE, tasks, more, receivers)
+    total = tasks + more + 1  # and the app's task
+    finished = wait_tasks(cluster, NAMESPACE, total, timeout=600, receivers=receivers)
+    receiver_pingbacks(cluster, NAMESPACE, receivers)
     summary["tasks_seconds"] = round(time.monotonic() - started, 1)
-    summary["verdict"] = verdict(finished, emulator_tasks(cluster, NAMESPACE))
-    summary["uninstall"] = uninstall(cluster, NAMESPACE, tasks + more)
+    provider_tasks = emulator_tasks(cluster, NAMESPACE)
+    summary["verdict"] = verdict(finished, provider_tasks)
+    summary["verdict"].update(
+        recorded_twice(cluster, NAMESPACE, finished, provider_tasks, receivers)
+    )
+    by_id = {str(t["id"]): t for t in provider_tasks}
+    app = summary["sidecar_app"]
+    expected = by_id.get(str(app["provider_task_id"]), {}).get("token")
+    app["token_matches"] = app["token"] is not None and app["token"] == expected
+    cluster.kubectl("delete", "pod", "-n", NAMESPACE, app_pod, "--wait=false", check=False)
+    summary["uninstall"] = uninstall(cluster, NAMESPACE, total)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(summary, indent=2) + "\n")
     v = summary["verdict"]
@@ -565,8 +843,18 @@ def run(
         f"takeover {d['takeover_seconds']}s (both active at start: {d['both_active_seconds']}s) | "
         f"apiserver restart {d['apiserver_restart_seconds']}s | "
         f"tasks {v['tasks']}: solved {v['solved']}, lost {v['lost']}, "
+        f"recorded twice {v['recorded_twice']}, "
         f"submitted twice {v['submitted_twice']}, wrong token {v['wrong_token']} "
         f"in {summary['tasks_seconds']}s | {results}"
+    )
+    a = summary["sidecar_app"]
+    print(
+        f"pingbacks: emulator delivered {v['emulator_pingbacks_delivered']} "
+        f"(dropped {v['emulator_pingbacks_dropped']}, sent twice {v['emulator_duplicates_sent']}), "
+        f"results by pingback {v['delivered_by_pingback']}, by poll {v['recovered_by_poll']} | "
+        f"helm test {'passed' if summary['helm_test']['passed'] else 'FAILED'} | "
+        f"sidecar app {a['pod']}: {a['phase']}, token "
+        f"{'exact' if a['token_matches'] else 'WRONG'}"
     )
     u = summary["uninstall"]
     print(
@@ -576,7 +864,11 @@ def run(
     )
     passed = (
         v["lost"] == 0
+        and v["recorded_twice"] == 0
         and v["submitted_twice"] == 0
+        and summary["helm_test"]["passed"]
+        and a["token_matches"]
+        and a["native_sidecar"]
         and v["wrong_token"] == 0
         and not u["left_behind"]
         and u["tasks_kept"] == u["tasks_expected"]

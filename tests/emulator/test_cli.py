@@ -25,7 +25,12 @@ def test_help_documents_every_knob(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    renamed = {"pingback_errors": "--no-error-pingbacks", "api_keys": "--key", "busy": "--busy"}
+    renamed = {
+        "pingback_errors": "--no-error-pingbacks",
+        "api_keys": "--key",
+        "busy": "--busy",
+        "pingback_hosts": "--pingback-host",
+    }
     not_flags = {"solve_times", "user_agent", "faults", "seed", "id_type"}
     for item in dataclasses.fields(Faults):
         assert renamed.get(item.name, "--" + item.name.replace("_", "-")) in text, item.name
@@ -60,9 +65,12 @@ def test_arguments_map_to_the_frozen_config() -> None:
             "--no-error-pingbacks",
             "--res-502-rate=0.25",
             "--max-user-turn",
+            "--pingback-host=rx.a.svc",
+            "--pingback-host=rx.b.svc",
         ]
     )
     config = config_from_args(args)
+    assert config.pingback_hosts == frozenset({"rx.a.svc", "rx.b.svc"})
     assert config.seed == 3
     assert config.api_keys == frozenset({"k" * 32})
     assert (config.threads, config.busy) == (2, BusyBehaviour.QUEUE)

@@ -14,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from captchatask.emulator.config import DEFAULT_API_KEY, EmulatorConfig, Faults, PingbackStyle
-from captchatask.emulator.pingback import is_loopback_url
+from captchatask.emulator.pingback import is_allowed_url, is_loopback_url
 from captchatask.emulator.server import RunningEmulator, run_emulator
 
 SITEKEY = "6LeIxAcTAAAAAJcZVRqyHh71UMIEGNQ_MXjiZKhI"
@@ -237,3 +237,28 @@ async def test_non_loopback_targets_are_refused_and_never_contacted(
 )
 def test_loopback_check(url: str, loopback: bool) -> None:
     assert is_loopback_url(url) is loopback
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed"),
+    [
+        ("http://127.0.0.1:8080/cb", True),
+        ("http://receiver.ns.svc/v1/pingback/x", True),
+        ("https://receiver.ns.svc:8443/cb", True),
+        ("http://receiver.ns.svc.evil.example/cb", False),
+        ("http://other.ns.svc/cb", False),
+        ("ftp://receiver.ns.svc/cb", False),
+        ("http://[::1/cb", False),
+    ],
+)
+def test_named_pingback_hosts_are_allowed_and_nothing_else(url: str, allowed: bool) -> None:
+    """An e2e in a cluster sends pingbacks to a receiver Service by name; only that name opens."""
+    assert is_allowed_url(url, frozenset({"receiver.ns.svc"})) is allowed
+
+
+async def test_a_host_not_listed_is_still_refused(session: aiohttp.ClientSession) -> None:
+    cfg = EmulatorConfig(seed=5, solve_time_scale=0.0, pingback_hosts=frozenset({"rx.test"}))
+    async with run_emulator(cfg) as emulator:
+        task_id = await submit(session, emulator, "http://192.0.2.1/cb")
+        await settle(emulator, [task_id])
+        assert emulator.task(task_id).pingback_outcome == "refused"

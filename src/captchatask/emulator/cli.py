@@ -207,6 +207,14 @@ def build_parser(prog: str = "captchatask emulator") -> argparse.ArgumentParser:
         "--ban-seconds", type=float, default=defaults.ban_seconds, help="how long IP_BANNED lasts"
     )
 
+    parser.add_argument(
+        "--pingback-host",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="a host name pingbacks may be sent to besides loopback (repeatable; fixed at start)",
+    )
+
     fault = parser.add_argument_group("faults (also changeable at runtime)")
     fault.add_argument(
         "--pingback-style",
@@ -335,6 +343,7 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         ban_after_bad_keys=args.ban_after_bad_keys,
         ban_seconds=args.ban_seconds,
         bulk_max_ids=args.bulk_max_ids,
+        pingback_hosts=frozenset(args.pingback_host),
         faults=faults,
     )
 

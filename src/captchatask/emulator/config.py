@@ -245,6 +245,10 @@ class EmulatorConfig:
         ``ERROR_BAD_PARAMETERS``).
     user_agent
         The user agent returned with Enterprise answers.
+    pingback_hosts
+        Host names pingbacks may be sent to besides loopback (e.g. a receiver Service's name
+        inside a test cluster). Read once: unlike the faults, never changeable at runtime, so
+        nothing can point the emulator at an arbitrary address later.
     faults
         The initial fault-injection knobs.
     """
@@ -280,6 +284,7 @@ class EmulatorConfig:
         "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
         "(KHTML, like Gecko) Chrome/126.0.0.0 Safari/537.36"
     )
+    pingback_hosts: frozenset[str] = frozenset()
     faults: Faults = Faults()
 
     def __post_init__(self) -> None:

@@ -4,8 +4,9 @@ When a task with a ``pingback`` URL finishes, the sender delivers ``id`` and ``c
 answer, or ``ERROR_CAPTCHA_UNSOLVABLE``) in the selected style: CaptchaAI's GET
 ``URL?id=...&code=...`` or 2captcha's urlencoded POST. The real services document no retries
 and no signature, so by default there are none; faults can drop, duplicate, delay, reorder and
-retry deliveries. For safety the sender only ever connects to loopback addresses: any other
-host is refused and recorded, never contacted.
+retry deliveries. For safety the sender only ever connects to loopback addresses and to the
+host names listed at start-up (``--pingback-host``, e.g. a receiver Service inside a test
+cluster): any other host is refused and recorded, never contacted.
 
 Each decision and attempt is written to the task's accounting record, so a test can tell a
 dropped pingback from one that was sent and lost by the receiver.
@@ -26,7 +27,7 @@ from yarl import URL
 from captchatask.emulator.config import PingbackStyle
 from captchatask.emulator.state import UNSOLVABLE, EmulatorState, PingbackAttempt, TaskRecord
 
-__all__ = ["PingbackSender", "is_loopback_url"]
+__all__ = ["PingbackSender", "is_allowed_url", "is_loopback_url"]
 
 _LOCALHOST: Final = "localhost"
 _HTTP_SERVER_ERROR: Final = 500
@@ -49,6 +50,18 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def is_allowed_url(url: str, hosts: frozenset[str]) -> bool:
+    """Return whether a pingback may go to ``url``: loopback, or http(s) to one of ``hosts``."""
+    if is_loopback_url(url):
+        return True
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+    except ValueError:
+        return False
+    return parts.scheme in {"http", "https"} and host is not None and host in hosts
 
 
 class PingbackSender:
@@ -88,7 +101,7 @@ class PingbackSender:
         if task.state == UNSOLVABLE and not faults.pingback_errors:
             self._outcome(task, "not_sent")
             return
-        if not is_loopback_url(task.pingback_url):
+        if not is_allowed_url(task.pingback_url, self._state.config.pingback_hosts):
             self._outcome(task, "refused")
             return
         if faults.pingback_drop_rate and rng.random() < faults.pingback_drop_rate:
