@@ -244,7 +244,17 @@ build_wrk() {
   (
     cd "$wd"
     # _apt cannot write into a root-owned temp dir; the download then runs unsandboxed (harmless).
-    apt-get download -qq "wrk=$v" "$LUAJIT_DEBIAN_PACKAGE" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true
+    fetch() {
+      apt-get download -qq "wrk=$v" "$LUAJIT_DEBIAN_PACKAGE" 2>&1 \
+        | grep -v '^W: Download is performed unsandboxed' >&2 || true
+      ls ./*.deb >/dev/null 2>&1
+    }
+    # A machine whose package index was never fetched knows no wrk; as root, fetch it once.
+    if ! fetch && [ "$(id -u)" = 0 ]; then
+      log "wrk $v: the package index does not know it; apt-get update first"
+      apt-get -o DPkg::Lock::Timeout=600 update -qq >&2 || true
+      fetch || true
+    fi
     ls ./*.deb >/dev/null 2>&1 || {
       echo "build-binaries: apt-get download wrk=$v failed (is the package index current? \`apt-get update\` as root)" >&2
       exit 1
