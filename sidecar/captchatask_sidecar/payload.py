@@ -13,10 +13,14 @@ and hands it to the recorder. Accepted shapes (``provider-api.md`` section 3):
   "token" | "text": .., "userAgent": ..}}`` or ``{"errorId": 12, "errorCode": "ERROR_..."}``.
 
 Anything else is refused with a :class:`PingbackError` that carries the HTTP status to answer:
-a missing or repeated field, an id that is not a provider task id, an empty or oversize answer
-(400), a body over the limit (413) or too slow to arrive (408), an unknown media type (415),
-a code that is no final result (422). The limits are the CRD's, so a result accepted here always
-fits the ledger. Below :func:`read_pingback` the parsers are pure functions of bytes and fields.
+a missing or repeated field, an id that is not a provider task id, an empty or oversize answer,
+a field that is not UTF-8 text (a ``%FF`` escape, a raw ``\\xff``, a lone surrogate) or JSON
+nested deeper than the parser recurses (400), a body over the limit (413) or too slow to
+arrive (408), an unknown media type (415), a code that is no final result (422). The limits
+are the CRD's, so a result accepted here always fits the ledger. Text is decoded strictly, never
+with replacement characters: a token we could only keep mangled is refused (the fallback poll
+still fetches the real one), so what is recorded as the solution is what the provider sent.
+Below :func:`read_pingback` the parsers are pure functions of bytes and fields.
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ MAX_FIELDS: Final = 16
 FORM: Final = "application/x-www-form-urlencoded"
 MULTIPART: Final = "multipart/form-data"
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})
+#: The answer to a field that is not UTF-8 text (decoded strictly, never with replacements).
+NOT_UTF8: Final = "a field is not UTF-8"
 
 
 class Source(StrEnum):
@@ -251,6 +257,10 @@ def from_json(raw: bytes) -> Pingback:
     """
     try:
         body: Any = json.loads(raw)
+    except RecursionError as exc:
+        # Authentic but absurd (a pingback is three levels deep): the parser's recursion limit
+        # is the bound, and hitting it is the sender's error, not ours.
+        raise MalformedPingbackError("JSON nested too deeply") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedPingbackError("malformed JSON") from exc
     if not isinstance(body, Mapping):
@@ -263,7 +273,9 @@ def from_json(raw: bytes) -> Pingback:
         code = body.get("errorCode")
         if not isinstance(code, str) or not code or len(code) > MAX_ERROR_CODE_CHARS:
             raise MalformedPingbackError("errorCode is required when errorId is not 0")
-        return Pingback(provider_task_id=task_id, code=code, source=Source.JSON, error=True)
+        return Pingback(
+            provider_task_id=task_id, code=_unicode_text(code), source=Source.JSON, error=True
+        )
     if body.get("status") != "ready":
         raise MalformedPingbackError("status must be 'ready'")
     solution = body.get("solution")
@@ -271,11 +283,12 @@ def from_json(raw: bytes) -> Pingback:
         raise MalformedPingbackError("solution is required")
     for key in SOLUTION_KEYS:
         if key in solution:
+            agent = _user_agent(solution.get("userAgent"))
             return Pingback(
                 provider_task_id=task_id,
-                code=_code(solution[key]),
+                code=_unicode_text(_code(solution[key])),
                 source=Source.JSON,
-                user_agent=_user_agent(solution.get("userAgent")),
+                user_agent=None if agent is None else _unicode_text(agent),
             )
     raise MalformedPingbackError("solution has no answer")
 
@@ -319,16 +332,40 @@ async def read_pingback(
     raise UnsupportedMediaTypeError("unsupported media type")
 
 
+def _unicode_text(value: str) -> str:
+    """``value`` if it encodes as UTF-8; JSON's ``\\ud800`` escapes can make lone surrogates.
+
+    Such a string cannot be spooled, stored in the ledger or handed to a browser: refused.
+    """
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise MalformedPingbackError(NOT_UTF8) from exc
+    return value
+
+
 def _query(request: web.Request) -> Iterable[tuple[str, str]]:
-    fields = query_fields(request.rel_url.raw_query_string)
-    return request.query.items() if fields is None else fields
+    raw = request.rel_url.raw_query_string
+    fields = query_fields(raw)
+    if fields is not None:
+        return fields
+    # Not the framework's ``request.query``: it decodes ``%FF`` to U+FFFD, which would record
+    # a token the provider never sent.
+    try:
+        return parse_qsl(raw, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError as exc:
+        raise MalformedPingbackError(NOT_UTF8) from exc
 
 
 def _parse_form(raw: bytes) -> list[tuple[str, str]]:
     try:
         text = raw.decode("utf-8")
-        return parse_qsl(text, keep_blank_values=True, strict_parsing=True, max_num_fields=16)
-    except (UnicodeDecodeError, ValueError) as exc:
+        return parse_qsl(
+            text, keep_blank_values=True, strict_parsing=True, max_num_fields=16, errors="strict"
+        )
+    except UnicodeDecodeError as exc:
+        raise MalformedPingbackError(NOT_UTF8) from exc
+    except ValueError as exc:
         raise MalformedPingbackError("malformed form body") from exc
 
 

@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from captchatask import kube, signing, testbed
 from captchatask.ledger import Ledger
@@ -260,3 +261,95 @@ def test_result_series_are_per_served_namespace_and_start_at_zero() -> None:
     ):
         assert sample(name, {"namespace": "team-a", label: value}) == 0
     assert sample("captchatask_build_info", {"version": __version__}) == 1
+
+
+# -- authentic pingbacks with hostile content: a clear 4xx, never a mangled token ---------------
+
+
+async def test_json_nested_a_thousand_deep_is_a_bad_request(receiver: Receiver) -> None:
+    deep = b'{"taskId": 1, "status": "ready", "solution": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    response = await receiver.client.post(
+        receiver.path(), data=deep, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    assert "nested" in (await response.json())["detail"]
+    receiver.assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "id=1&code=%FF",
+        "id=1&code=tok%FFen",
+        "id=1&code=%ED%B3%BF",  # an encoded lone surrogate: not UTF-8 either
+        "id=%FF1&code=tok",
+        "id=1&code=tok&userAgent=%C0%AF",
+    ],
+)
+async def test_a_query_that_is_not_utf8_is_refused_not_mangled(
+    receiver: Receiver, query: str
+) -> None:
+    response = await receiver.client.get(URL(receiver.path() + "?" + query, encoded=True))
+    assert response.status == 400
+    assert (await response.json())["detail"] == "a field is not UTF-8"
+    receiver.assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"id=1&code=%FF",
+        b"id=1&code=tok%FFen",
+        b"id=1&code=tok\xffen",
+        b"id=1&code=%ED%B3%BF",
+    ],
+)
+async def test_a_form_body_that_is_not_utf8_is_refused_not_mangled(
+    receiver: Receiver, body: bytes
+) -> None:
+    response = await receiver.client.post(
+        receiver.path(), data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    receiver.assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"taskId": 1, "status": "ready", "solution": {"token": "tok\\udcffen"}}',
+        b'{"taskId": 1, "status": "ready", "solution": {"token": "t", "userAgent": "\\ud800"}}',
+        b'{"taskId": 1, "status": "ready", "solution": {"token": "tok\xffen"}}',
+    ],
+)
+async def test_a_json_token_that_is_not_unicode_text_is_refused(
+    receiver: Receiver, body: bytes
+) -> None:
+    response = await receiver.client.post(
+        receiver.path(), data=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    receiver.assert_nothing_written()
+
+
+@pytest.mark.parametrize(
+    ("raw", "token"),
+    [
+        ("tok%C3%A9n", "tok\u00e9n"),
+        ("%EF%BF%BD", "\ufffd"),  # a replacement character the provider really sent
+        ("a%2Bb+c", "a+b c"),
+    ],
+)
+async def test_escaped_utf8_in_a_query_is_kept_exactly(
+    receiver: Receiver, raw: str, token: str
+) -> None:
+    response = await receiver.client.get(
+        URL(receiver.path() + "?id=1&code=" + raw, encoded=True)
+    )
+    assert response.status == 200
+    assert response.headers[OUTCOME_HEADER] == "spooled"
+    (entry,) = receiver.spool.due(float("inf"), 10)
+    assert entry.record.result.token == token
