@@ -31,9 +31,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.chaos.plan import FaultEvent, FaultKind, Plan, TaskPlan
 from bench.chaos.profiles import Profile
-from bench.chaos.scan import Leak, find_leaks
+from bench.chaos.scan import Leak, find_leaks, find_token_leaks
 from bench.chaos.verdict import KillWindow, Samples, Snapshot
 from captchatask import kube, model
+from captchatask.provider import codes
 from captchatask.signing import PingbackSigner, load_keys
 from captchatask.stack import Stack, StackConfig
 
@@ -446,9 +447,33 @@ class ChaosRun:
         ):
             async with http.get(url) as reply:
                 sources.append((name, await reply.text()))
+        # Tokens belong in the objects and the spool: only logs, Events and metrics are searched.
+        objects = {kube.TASKS.plural, kube.PROVIDERS.plural, kube.DEAD_LETTERS.plural}
+        token_sources = [(name, text) for name, text in sources if name not in objects]
+        tokens = await self._tokens(client)
         sources.extend(
             (f"spool {path.name}", path.read_bytes().decode("latin-1"))
             for path in sorted(self.stack.spool_dir.glob("*"))
             if path.is_file()
         )
-        return find_leaks(self.secrets(), sources)
+        return find_leaks(self.secrets(), sources) + find_token_leaks(tokens, token_sources)
+
+    async def _tokens(self, client: kube.KubeClient) -> dict[str, list[str]]:
+        """Every task's pingback path token and every solution token (recorded or dead-lettered)."""
+        signer = PingbackSigner(load_keys(self.stack.key_file))
+        tasks = (await client.list(kube.TASKS, NAMESPACE, timeout=30.0)).get("items") or []
+        letters = (await client.list(kube.DEAD_LETTERS, NAMESPACE, timeout=30.0)).get("items")
+        path_tokens = [signer.token(model.TaskView.from_body(body).ref) for body in tasks]
+        solutions = [
+            token
+            for body in tasks
+            if (token := ((body.get("status") or {}).get("solution") or {}).get("token"))
+        ]
+        solutions += [
+            code
+            for body in letters or []
+            if (code := ((body.get("spec") or {}).get("payload") or {}).get("code"))
+            and not code.startswith("ERROR")
+            and code not in codes.known_codes()  # a provider's verdict, not a solution
+        ]
+        return {"pingback token": path_tokens, "solution token": solutions}

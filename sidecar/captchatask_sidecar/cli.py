@@ -18,6 +18,7 @@ from prometheus_client import REGISTRY
 
 from captchatask.kube import KubeError
 from captchatask.signing import SigningKeyError
+from captchatask_sidecar.accesslog import install_log_filters
 from captchatask_sidecar.server import serve
 from captchatask_sidecar.settings import Settings, SettingsError, load
 
@@ -44,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     logging.basicConfig(level=settings.log_level, format=LOG_FORMAT, stream=sys.stderr)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    install_log_filters()
     try:
         asyncio.run(_run(settings))
     except (OSError, SigningKeyError, KubeError, SettingsError) as exc:

@@ -14,7 +14,7 @@ and hands it to the recorder. Accepted shapes (``provider-api.md`` section 3):
 
 Anything else is refused with a :class:`PingbackError` that carries the HTTP status to answer:
 a missing or repeated field, an id that is not a provider task id, an empty or oversize answer,
-a field that is not UTF-8 text (a ``%FF`` escape, a raw ``\\xff``, a lone surrogate) or JSON
+a field that is not UTF-8 text (a ``%FF`` escape, a raw byte 0xFF, a lone surrogate) or JSON
 nested deeper than the parser recurses (400), a body over the limit (413) or too slow to
 arrive (408), an unknown media type (415), a code that is no final result (422). The limits
 are the CRD's, so a result accepted here always fits the ledger. Text is decoded strictly, never
@@ -333,7 +333,7 @@ async def read_pingback(
 
 
 def _unicode_text(value: str) -> str:
-    """``value`` if it encodes as UTF-8; JSON's ``\\ud800`` escapes can make lone surrogates.
+    """``value`` if it encodes as UTF-8 (a JSON escape of a lone surrogate makes one that won't).
 
     Such a string cannot be spooled, stored in the ledger or handed to a browser: refused.
     """

@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from captchatask import kube, signing
 from captchatask.ledger import Ledger
 from captchatask.provider import codes
+from captchatask_sidecar.accesslog import RedactingAccessLogger
 from captchatask_sidecar.admin import Health, create_admin_app
 from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.local_api import LocalApi, create_local_app
@@ -154,6 +155,8 @@ async def _start(
     runner = web.AppRunner(
         app,
         access_log=logging.getLogger("captchatask_sidecar.access") if settings.access_log else None,
+        # Never aiohttp's own format: the request line carries the path token and solutions.
+        access_log_class=RedactingAccessLogger,
         shutdown_timeout=settings.shutdown_timeout_seconds,
         keepalive_timeout=keepalive,
         # A GET pingback carries its token in the query: allow a full-size token on the line.

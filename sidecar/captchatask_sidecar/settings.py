@@ -105,7 +105,10 @@ ENV: Final[dict[str, tuple[str, str]]] = {
         "time in-flight requests get to finish on SIGTERM",
     ),
     "max_wait_seconds": ("CAPTCHATASK_MAX_WAIT_SECONDS", "upper bound of ?wait= long-polls"),
-    "access_log": ("CAPTCHATASK_ACCESS_LOG", "log every request (off: it costs throughput)"),
+    "access_log": (
+        "CAPTCHATASK_ACCESS_LOG",
+        "log every request, path token and query values masked (off: it costs throughput)",
+    ),
     "log_level": ("CAPTCHATASK_LOG_LEVEL", "DEBUG, INFO, WARNING or ERROR"),
 }
 

@@ -346,9 +346,7 @@ async def test_a_json_token_that_is_not_unicode_text_is_refused(
 async def test_escaped_utf8_in_a_query_is_kept_exactly(
     receiver: Receiver, raw: str, token: str
 ) -> None:
-    response = await receiver.client.get(
-        URL(receiver.path() + "?id=1&code=" + raw, encoded=True)
-    )
+    response = await receiver.client.get(URL(receiver.path() + "?id=1&code=" + raw, encoded=True))
     assert response.status == 200
     assert response.headers[OUTCOME_HEADER] == "spooled"
     (entry,) = receiver.spool.due(float("inf"), 10)
