@@ -3,22 +3,28 @@
 Its own application and runner, so a scrape never competes with pingbacks for a route and
 pingback traffic never reaches the metrics. Readiness means "a pingback sent here now will be
 acknowledged honestly": it turns false when the spool cannot be written (a full or read-only
-volume; checked by a periodic probe and by every failed append) and while shutting down, so
-the Service stops routing pingbacks to a receiver that could only answer ``503``.
+volume; checked by a periodic probe and by every failed append), while shutting down, and while
+a supervised background loop keeps crashing (the drainer: acknowledged results would pile up
+unreplayed), so the Service stops routing pingbacks to a receiver that could only answer ``503``
+or could not deliver what it acknowledged.
+
+Readiness is composable: each condition is a named reason with a check
+(:meth:`Health.unready_when`), and ``/readyz`` lists the reasons that hold.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.aiohttp import make_aiohttp_handler
 
+from captchatask.supervise import Supervisor
 from captchatask_sidecar.errors import problem, problem_middleware
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.spool import Spool
@@ -36,6 +42,12 @@ class Health:
     metrics: Metrics
     shutting_down: bool = False
     reasons: list[str] = field(default_factory=list)
+    #: Further named conditions: reason -> "unready now?" (see :meth:`unready_when`).
+    checks: dict[str, Callable[[], bool]] = field(default_factory=dict)
+
+    def unready_when(self, reason: str, check: Callable[[], bool]) -> None:
+        """Add a condition: the receiver is unready, saying ``reason``, while ``check()`` holds."""
+        self.checks[reason] = check
 
     def ready(self) -> tuple[bool, list[str]]:
         """Whether the receiver can acknowledge pingbacks honestly, and if not, why."""
@@ -45,7 +57,15 @@ class Health:
         if not self.spool.writable:
             reasons.append("the spool cannot be written")
         self.metrics.spool_writable.set(1 if self.spool.writable else 0)
+        reasons.extend(reason for reason, check in self.checks.items() if check())
         return not reasons, reasons
+
+    def supervise(self, loop: str, run: Callable[[], Coroutine[Any, Any, None]]) -> Supervisor:
+        """A supervised background loop, counted in the metrics, unready while it keeps crashing."""
+        supervisor = Supervisor(name=loop, loop=run)
+        supervisor.on_crash = self.metrics.track_loop(loop, healthy=lambda: supervisor.healthy)
+        self.unready_when(f"the {loop} keeps crashing", lambda: not supervisor.healthy)
+        return supervisor
 
     async def probe_forever(self) -> None:
         """Probe the spool volume periodically (a failed append also marks it unwritable)."""
@@ -102,9 +122,10 @@ def create_admin_app(
         ]
     )
     if probe:
+        prober = health.supervise("spool-probe", health.probe_forever)
 
         async def run_probe(_app: web.Application) -> AsyncIterator[None]:
-            task = asyncio.create_task(health.probe_forever(), name="spool-probe")
+            task = asyncio.create_task(prober.run(), name="spool-probe")
             yield
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -42,6 +42,8 @@ PINGBACK_OUTCOMES: Final = (
 REPLAY_OUTCOMES: Final = ("recorded", "duplicate", "late", "dead_lettered", "retry")
 #: Why a ledger (or dead-letter) write did not happen on the first try.
 LEDGER_ERROR_REASONS: Final = ("timeout", "unavailable", "api_error", "dead_letter_failed")
+#: The background loops the sidecar supervises (:mod:`captchatask.supervise`).
+BACKGROUND_LOOPS: Final = ("drainer", "spool-probe")
 #: Pingback handling takes about a millisecond on the ledger path and far less on the spool
 #: path; the buckets resolve both (and the 0.5 s ledger budget).
 HANDLE_BUCKETS: Final = (
@@ -129,6 +131,21 @@ class Metrics:
             "Restarts of the shared task watch behind the local API's long-polls.",
             registry=registry,
         )
+        self.loop_crashes = Counter(
+            "captchatask_background_loop_crashes",
+            "Crashes of a supervised background loop (each followed by a restart with back-off).",
+            ["loop"],
+            registry=registry,
+        )
+        self.loop_healthy = Gauge(
+            "captchatask_background_loop_healthy",
+            "0 while a supervised background loop keeps crashing (readiness follows it), else 1.",
+            ["loop"],
+            registry=registry,
+        )
+        for loop in BACKGROUND_LOOPS:
+            self.loop_crashes.labels(loop)
+            self.loop_healthy.labels(loop).set(1)
         self.spool_writable.set(1)
         # Bound children: the hot path avoids the label lookup on every request.
         self._pingback: dict[tuple[str, str], Counter] = {
@@ -170,6 +187,15 @@ class Metrics:
         if child is None:
             child = self._ledger_error[key] = self.ledger_write_errors.labels(namespace, reason)
         return child
+
+    def track_loop(self, loop: str, *, healthy: Callable[[], bool]) -> Callable[[object], None]:
+        """Export one supervised loop's health (read at scrape time); return its crash counter.
+
+        The returned callable is the supervisor's ``on_crash``.
+        """
+        self.loop_healthy.labels(loop).set_function(lambda: 1.0 if healthy() else 0.0)
+        crashes = self.loop_crashes.labels(loop)
+        return lambda _exc: crashes.inc()
 
     def track_spool(self, *, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         """Compute the spool gauges at scrape time from the spool itself (always exact)."""

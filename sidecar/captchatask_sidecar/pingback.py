@@ -32,7 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from captchatask import signing
 from captchatask.model import TaskRef
 from captchatask.provider import codes
-from captchatask_sidecar.drainer import Drainer
+from captchatask.supervise import Supervisor
 from captchatask_sidecar.errors import problem, problem_middleware
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
 from captchatask_sidecar.payload import PingbackError, read_pingback
@@ -162,7 +162,7 @@ async def receive_pingback(request: web.Request) -> web.Response:
 
 
 def create_pingback_app(
-    receiver: PingbackReceiver, *, drainer: Drainer | None = None
+    receiver: PingbackReceiver, *, drainer: Supervisor | None = None
 ) -> web.Application:
     """Build the pingback application (one route, problem-JSON errors).
 
@@ -171,7 +171,8 @@ def create_pingback_app(
     receiver
         The handler's dependencies.
     drainer
-        Started with the app and stopped after in-flight pingbacks finished, so nothing is
+        The supervised drainer (restarted after a crash, see :mod:`captchatask.supervise`):
+        started with the app and stopped after in-flight pingbacks finished, so nothing is
         replayed while the last requests still write to the spool.
     """
     app = web.Application(middlewares=[problem_middleware], client_max_size=receiver.max_body_bytes)

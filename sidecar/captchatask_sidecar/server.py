@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from captchatask import kube, signing
 from captchatask.ledger import Ledger
 from captchatask.provider import codes
+from captchatask.supervise import Supervisor
 from captchatask_sidecar.accesslog import RedactingAccessLogger
 from captchatask_sidecar.admin import Health, create_admin_app
 from captchatask_sidecar.drainer import Drainer
@@ -55,6 +56,8 @@ class Sidecar:
     spool: Spool
     recorder: Recorder
     drainer: Drainer
+    #: The drainer's supervisor (crashes, restarts, health).
+    drain_loop: Supervisor
     health: Health
     pingback_app: web.Application
     local_app: web.Application | None
@@ -136,14 +139,16 @@ async def assemble(
                 max_body_bytes=settings.local_max_body_bytes,
             )
         health = Health(spool=spool, metrics=metrics)
+        drain_loop = health.supervise("drainer", drainer.run)
         yield Sidecar(
             settings=settings,
             metrics=metrics,
             spool=spool,
             recorder=recorder,
             drainer=drainer,
+            drain_loop=drain_loop,
             health=health,
-            pingback_app=create_pingback_app(receiver, drainer=drainer),
+            pingback_app=create_pingback_app(receiver, drainer=drain_loop),
             local_app=local_app,
             admin_app=create_admin_app(registry=registry, health=health),
         )
