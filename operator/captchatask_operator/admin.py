@@ -2,7 +2,9 @@
 
 Started in kopf's ``on.startup`` and stopped in ``on.cleanup`` (never at import time), on a port
 separate from anything else. ``/readyz`` answers 200 once the operator has started; the body says
-whether this replica is the active one or a standby (both are healthy members of the pair).
+whether this replica is the active one or a standby (both are healthy members of the pair). It
+answers 503, naming why, while a supervised background loop (the timer that runs every poll,
+deadline and TTL) keeps crashing: the replica is up but does not do its job.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class Health:
     started: Callable[[], bool]
     active: Callable[[], bool]
     before_scrape: Callable[[], None]
+    #: Named reasons the replica is unready now (empty: none).
+    unready: Callable[[], list[str]] = list
 
 
 def create_app(registry: CollectorRegistry, health: Health) -> web.Application:
@@ -41,8 +45,11 @@ def create_app(registry: CollectorRegistry, health: Health) -> web.Application:
         return web.Response(text="ok\n")
 
     async def readyz(_request: web.Request) -> web.Response:
-        body = json.dumps({"started": health.started(), "active": health.active()})
-        status = 200 if health.started() else 503
+        reasons = health.unready()
+        body = json.dumps(
+            {"started": health.started(), "active": health.active(), "unready": reasons}
+        )
+        status = 200 if health.started() and not reasons else 503
         return web.Response(text=body + "\n", status=status, content_type="application/json")
 
     app = web.Application()

@@ -44,11 +44,12 @@ from captchatask.events import EventRecorder, EventType, ObjectRef
 from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, Phase, TaskRef, TaskView
 from captchatask.signing import PingbackSigner
+from captchatask.supervise import Supervisor
 from captchatask_operator import policy
 from captchatask_operator.actions import Counters, Deps, ProviderState
 from captchatask_operator.endings import Endings
 from captchatask_operator.index import TaskIndex
-from captchatask_operator.metrics import Metrics
+from captchatask_operator.metrics import ACTION_LOOP, Metrics
 from captchatask_operator.policy import FailureCode
 from captchatask_operator.polling import Poller
 from captchatask_operator.providers import ProviderChecks
@@ -125,6 +126,11 @@ class Engine:
         self.providers: dict[ProviderKey, ProviderState] = {}
         self.queues: dict[ProviderKey, ProviderQueue] = {}
         self.timer = Timer(clock=clock, dispatch=self._dispatch, flush=self._flush_polls)
+        #: The timer runs supervised: a bug in a dispatch must not end every poll and deadline.
+        self.timer_loop = Supervisor(name="timer", loop=self.timer.run)
+        self.timer_loop.on_crash = metrics.track_loop(
+            "timer", healthy=lambda: not self.active or self.timer_loop.healthy
+        )
         #: The timer's schedule (read by tests and introspection).
         self.schedule = self.timer.schedule
         self.counters = Counters()
@@ -169,7 +175,7 @@ class Engine:
                 return
             await self._rebuild()
             self.active = True
-            self._timer = asyncio.create_task(self.timer.run(), name="captchatask timer")
+            self._timer = asyncio.create_task(self.timer_loop.run(), name="captchatask timer")
             logger.info(
                 "engine active: %d tasks, %d providers, %d dead letters",
                 len(self.tasks),
@@ -499,7 +505,23 @@ class Engine:
         """Run a coroutine in the background; cancelled when the engine deactivates."""
         task = asyncio.create_task(coro)
         self._ops.add(task)
-        task.add_done_callback(self._ops.discard)
+        task.add_done_callback(self._op_done)
+
+    def _op_done(self, task: asyncio.Task[None]) -> None:
+        """Forget a finished action; log and count one that raised (else it would go unseen)."""
+        self._ops.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.metrics.loop_crashes.labels(ACTION_LOOP).inc()
+            logger.error("background action crashed", exc_info=exc)
+
+    def unhealthy_loops(self) -> list[str]:
+        """Supervised loops that keep crashing (readiness lists them; empty when standby)."""
+        if self.active and not self.timer_loop.healthy:
+            return ["the timer keeps crashing"]
+        return []
 
     def run(
         self,

@@ -96,6 +96,9 @@ class Runtime:
             clock=utcnow,
             enabled=self.settings.events,
         )
+        self._events.poster.on_crash = self.metrics.track_loop(
+            "event-poster", healthy=lambda: self._events is None or self._events.poster.healthy
+        )
         self._events.start()
         engine = Engine(
             client=client,
@@ -114,6 +117,7 @@ class Runtime:
                     started=lambda: self.started,
                     active=lambda: engine.active,
                     before_scrape=engine.refresh_gauges,
+                    unready=engine.unhealthy_loops,
                 ),
             ),
             host=self.settings.admin_host,

@@ -29,7 +29,7 @@ attempt did.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -66,6 +66,10 @@ OTHER_CODE: Final = "other"
 #: Solve times span a fast v3 token (seconds) to a slow v2 with fallback polls (minutes).
 SOLVE_BUCKETS: Final = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 REQUEST_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: The operator's supervised background loops (:mod:`captchatask.supervise`).
+BACKGROUND_LOOPS: Final = ("timer", "event-poster")
+#: The ``loop`` label of a one-shot background action (a poll batch, a check) that crashed.
+ACTION_LOOP: Final = "action"
 
 
 def failure_label(code: str) -> str:
@@ -161,9 +165,35 @@ class Metrics:
             [NS, "outcome"],
             registry=registry,
         )
+        self.loop_crashes = Counter(
+            "captchatask_operator_background_loop_crashes_total",
+            "Crashes of a supervised background loop (the timer, the event poster; each followed"
+            " by a restart with back-off) or of a one-shot background action.",
+            ["loop"],
+            registry=registry,
+        )
+        self.loop_healthy = Gauge(
+            "captchatask_operator_background_loop_healthy",
+            "0 while a supervised background loop keeps crashing (readiness follows it), else 1.",
+            ["loop"],
+            registry=registry,
+        )
+        for loop in BACKGROUND_LOOPS:
+            self.loop_crashes.labels(loop)
+            self.loop_healthy.labels(loop).set(1)
+        self.loop_crashes.labels(ACTION_LOOP)
         self.active.set(0)
         self._known: set[tuple[str, str]] = set()
         self._namespaces: set[str] = set()
+
+    def track_loop(self, loop: str, *, healthy: Callable[[], bool]) -> Callable[[object], None]:
+        """Export one supervised loop's health (read at scrape time); return its crash counter.
+
+        The returned callable is the supervisor's ``on_crash``.
+        """
+        self.loop_healthy.labels(loop).set_function(lambda: 1.0 if healthy() else 0.0)
+        crashes = self.loop_crashes.labels(loop)
+        return lambda _exc: crashes.inc()
 
     def ensure_namespace(self, namespace: str) -> None:
         """Pre-create the dead-letter series of a namespace at 0 (idempotent)."""

@@ -4,7 +4,9 @@ Both components tell humans what happened to a task through Events (``kubectl de
 ctask``): the operator on every transition it makes, the sidecar when a pingback lands. Events
 are a courtesy, not the ledger: losing one must never delay or fail a status write, so
 :class:`EventRecorder` queues them (bounded; the oldest are dropped under pressure and counted)
-and one background task posts them. :func:`build_event` is the pure part.
+and one background task posts them, supervised (:mod:`captchatask.supervise`: a bug that
+raises in it is logged and the poster restarted, not silently ended). :func:`build_event` is
+the pure part.
 
 Messages must never contain an API key or the pingback HMAC key; callers pass fixed sentences
 and codes.
@@ -23,6 +25,7 @@ from enum import StrEnum
 from typing import Any, Final
 
 from captchatask import kube, model
+from captchatask.supervise import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +132,11 @@ class EventRecorder:
         ``False`` turns :meth:`emit` into a no-op (``--no-events``).
     max_queue
         Queue bound; see :data:`DEFAULT_MAX_QUEUE`.
+
+    Attributes
+    ----------
+    poster
+        The poster's supervisor (set its ``on_crash`` to count crashes).
     """
 
     def __init__(
@@ -148,6 +156,7 @@ class EventRecorder:
         self._enabled = enabled
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=max_queue)
         self._task: asyncio.Task[None] | None = None
+        self.poster = Supervisor(name="event poster", loop=self._run)
         self.posted = 0
         self.dropped = 0
 
@@ -173,7 +182,7 @@ class EventRecorder:
     def start(self) -> None:
         """Start the posting task (call from the running loop)."""
         if self._task is None and self._enabled:
-            self._task = asyncio.create_task(self._run(), name="captchatask event poster")
+            self._task = asyncio.create_task(self.poster.run(), name="captchatask event poster")
 
     async def _run(self) -> None:
         while True:
