@@ -38,9 +38,10 @@ async def test_a_crashing_loop_is_restarted_counted_and_unhealthy_after_a_streak
     await working.wait()
     assert supervisor.crashes == 3
     assert [type(exc) for exc in seen] == [ValueError] * 3
-    assert not supervisor.healthy  # three in a row, and the fourth run is young
+    young = supervisor.healthy  # three in a row, and the fourth run is young
     clock.now += supervisor.stable_after
-    assert supervisor.healthy  # it has run long enough
+    stable = supervisor.healthy  # it has run long enough
+    assert (young, stable) == (False, True)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
