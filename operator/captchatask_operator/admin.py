@@ -46,9 +46,10 @@ def create_app(registry: CollectorRegistry, health: Health) -> web.Application:
 
     async def readyz(_request: web.Request) -> web.Response:
         reasons = health.unready()
-        body = json.dumps(
-            {"started": health.started(), "active": health.active(), "unready": reasons}
-        )
+        state: dict[str, object] = {"started": health.started(), "active": health.active()}
+        if reasons:
+            state["unready"] = reasons
+        body = json.dumps(state)
         status = 200 if health.started() and not reasons else 503
         return web.Response(text=body + "\n", status=status, content_type="application/json")
 

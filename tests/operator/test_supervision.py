@@ -42,7 +42,7 @@ class Running:
 
     async def readyz(self) -> tuple[int, list[str]]:
         response = await self.admin.get("/readyz")
-        return response.status, list((await response.json())["unready"])
+        return response.status, list((await response.json()).get("unready", []))
 
 
 class Fault:
