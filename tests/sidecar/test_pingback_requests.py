@@ -351,3 +351,28 @@ async def test_escaped_utf8_in_a_query_is_kept_exactly(
     assert response.headers[OUTCOME_HEADER] == "spooled"
     (entry,) = receiver.spool.due(float("inf"), 10)
     assert entry.record.result.token == token
+
+
+async def test_a_multipart_field_whose_charset_decodes_to_a_lone_surrogate_is_refused(
+    receiver: Receiver,
+) -> None:
+    # A guard: a part's own charset is honoured, and Python's UTF-16 decoder refuses a lone
+    # surrogate, so this never reaches the spool's UTF-8 encoding.
+    boundary = "b0undary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="id"\r\n\r\n1\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="code"\r\n'
+            "Content-Type: text/plain; charset=utf-16-le\r\n\r\n"
+        ).encode()
+        + b"t\x00\x00\xd8"
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    response = await receiver.client.post(
+        receiver.path(),
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    assert response.status == 400
+    assert response.content_type == "application/problem+json"
+    receiver.assert_nothing_written()
