@@ -143,6 +143,9 @@ class EngineActions(Protocol):
     def unschedule(self, kind: Kind, key: tuple[str, str]) -> None:
         """Drop one timed action from the schedule (if it is there)."""
 
+    def take_polls(self, provider_key: ProviderKey, *, by: float, limit: int) -> list[TaskKey]:
+        """Take up to ``limit`` of a provider's polls due by ``by`` (epoch s) off the schedule."""
+
     async def fresh(self, ref: TaskRef) -> TaskView | None:
         """GET a task; ``None`` if it is gone, being deleted, or another instance."""
 

@@ -66,6 +66,9 @@ OTHER_CODE: Final = "other"
 #: Solve times span a fast v3 token (seconds) to a slow v2 with fallback polls (minutes).
 SOLVE_BUCKETS: Final = (1, 2, 5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300, 600, 1200)
 REQUEST_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+#: Ids per ``res.php`` poll request: 1 without bulk ``ids=``, up to the client's ``bulk_max_ids``
+#: (100 by default) with it; the low buckets are fine because low rates make small batches.
+BATCH_BUCKETS: Final = (1, 2, 3, 5, 10, 20, 50, 100)
 
 
 def failure_label(code: str) -> str:
@@ -127,6 +130,13 @@ class Metrics:
             "Duration of one HTTP exchange with the solver API.",
             [NS, "provider", "endpoint"],
             buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.poll_batch_size = Histogram(
+            "captchatask_poll_batch_size",
+            "Task ids per res.php poll request (always 1 without bulk ids=): calls per poll.",
+            [NS, "provider"],
+            buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.solve_duration = Histogram(
@@ -196,6 +206,7 @@ class Metrics:
             self.provider_request_duration.labels(*key, endpoint)
             for outcome in OUTCOMES:
                 self.provider_requests.labels(*key, endpoint, outcome)
+        self.poll_batch_size.labels(*key)
         for delivered in DeliveredBy:
             self.solve_duration.labels(*key, str(delivered))
         self.provider_ready.labels(*key).set(0)

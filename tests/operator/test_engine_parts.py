@@ -19,9 +19,13 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from captchatask import kube, model
+from captchatask.emulator.config import DEFAULT_API_KEY
+from captchatask.emulator.server import RunningEmulator
 from captchatask.events import EventRecorder, EventType
 from captchatask.ledger import Ledger
 from captchatask.model import TaskRef, TaskView
+from captchatask.provider.client import ProviderClient
+from captchatask.provider.codes import Dialect
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import Counters, Deps, EngineActions, ProviderState
@@ -118,6 +122,11 @@ class FakeEngine:
 
     def pump(self, provider_key: tuple[str, str]) -> None:
         self.calls.append(("pump", *provider_key))
+
+    def take_polls(
+        self, provider_key: tuple[str, str], *, by: float, limit: int
+    ) -> list[tuple[str, str]]:
+        return []
 
 
 def _conforms(fake: FakeEngine) -> EngineActions:
@@ -285,6 +294,49 @@ async def test_polls_of_a_provider_not_checked_yet_are_retried_soon(
     await poller.poll_batch(PROVIDER, [task.key, (NS, "gone")])
 
     assert fake.scheduled == {(Kind.POLL, *task.key): T0 + policy.UNCHECKED_RETRY}
+
+
+@pytest.mark.parametrize(
+    ("dialect", "requests", "sizes"),
+    [
+        (Dialect.TWOCAPTCHA, 2, {"1.0": 1, "2.0": 2, "3.0": 2}),  # bulk ids=: 2 ids, then 1
+        (Dialect.CAPTCHAAI, 3, {"1.0": 3, "2.0": 3, "3.0": 3}),  # one id per request
+    ],
+)
+async def test_the_batch_size_histogram_counts_ids_per_res_php_request(
+    fake: FakeEngine,
+    deps: Deps,
+    emulator: RunningEmulator,
+    dialect: Dialect,
+    requests: int,
+    sizes: dict[str, int],
+) -> None:
+    poller = Poller(_conforms(fake), deps)
+    state = provider_state()
+    state.client = ProviderClient(
+        session=deps.http,
+        base_url=emulator.base_url,
+        api_key=DEFAULT_API_KEY,
+        dialect=dialect,
+        bulk_max_ids=2,
+    )
+    fake.providers[PROVIDER] = state
+    keys = [
+        put_task(fake, f"t{n}", status={"phase": "Submitted", "providerTaskId": f"70000000{n}"}).key
+        for n in range(3)
+    ]
+
+    await poller.poll_batch(PROVIDER, keys)
+
+    labels = {"namespace": NS, "provider": "default"}
+    registry = deps.metrics.registry
+    name = "captchatask_poll_batch_size"
+    assert registry.get_sample_value(f"{name}_count", labels) == requests
+    assert registry.get_sample_value(f"{name}_sum", labels) == 3
+    for bound, count in sizes.items():
+        assert registry.get_sample_value(f"{name}_bucket", labels | {"le": bound}) == count
+    totals = emulator.summary()["totals"]
+    assert totals["res_requests"] == requests
 
 
 # -- dead-letter requeue -----------------------------------------------------------------------
