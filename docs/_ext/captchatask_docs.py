@@ -412,7 +412,7 @@ def chaos_figures(results_file: Path) -> str:
         f"**{verdict}** ({len(doc['violations'])} violations). Replay: `{doc['replay']}`.",
         "",
         "```text",
-        report.table(doc["figures"]),
+        report.table(doc["figures"], dialect=doc.get("dialect", "captchaai")),
         "```",
         "",
         "Fault timeline:",
