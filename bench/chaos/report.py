@@ -75,14 +75,27 @@ def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
 def _batches(sizes: dict[str, Any] | None) -> str:
     if sizes is None:
         return "n/a (not measured by this run)"
-    histogram = ", ".join(f"{size}: {n}" for size, n in sizes["histogram"].items() if n)
+    ranges = sorted(sizes["histogram"].items(), key=lambda item: _low(item[0]))
+    histogram = ", ".join(f"{size}: {n}" for size, n in ranges if n)
     return f"{histogram or 'none'} (mean {sizes['mean']})"
+
+
+def _low(size: str) -> int:
+    """The lower bound of a size range label (``"4-5"``, ``"2"``, ``">100"``), for ordering."""
+    return int(size.lstrip(">").split("-")[0]) + (1 if size.startswith(">") else 0)
 
 
 def _recovery(delays: dict[str, Any] | None) -> str:
     if not delays or not delays.get("samples"):
         return "n/a"
-    return f"{delays['p50']:.2f} / {delays['p99']:.2f} / {delays['max']:.2f} s, {delays['samples']}"
+    text = (
+        f"{delays['p50']:.2f} / {delays['p99']:.2f} / {delays['max']:.2f} s, {delays['samples']}"
+        f" ({delays.get('within_budget', 0)} within 1 s"
+    )
+    slow = delays.get("over_budget_due")
+    if slow:
+        text += f"; the others fell due t+{slow[0]:.0f}..{slow[1]:.0f} s"
+    return text + ")"
 
 
 def _seconds(value: float | None) -> str:

@@ -128,18 +128,23 @@ def batch_sizes(incarnations: list[Samples]) -> dict[str, Any]:
     }
 
 
+#: The recovery budget: a poll recovers a ready result within this long after the timeout.
+RECOVERY_BUDGET_SECONDS: Final = 1.0
+
+
 def recovery_delays(
     tasks: Iterable[Mapping[str, Any]],
     emulator: Mapping[str, Mapping[str, Any]],
     callback_timeout: float,
-) -> list[float]:
-    """Seconds from the callback timeout to ``finishedAt`` of tasks the operator recovered.
+) -> list[tuple[float, float]]:
+    """(due, delay) of every task the operator recovered; due = submittedAt + callback timeout.
 
-    Only tasks solved by poll whose answer the provider held by the callback timeout: a task
-    still unsolved then is polled again after ``intervalSeconds`` by design, which says nothing
-    about batching. Negative: recovered before the timeout (a poll carried early in a batch).
+    The delay runs from the callback timeout to ``finishedAt``. Only tasks solved by poll whose
+    answer the provider held by the callback timeout count: a task still unsolved then is
+    polled again after ``intervalSeconds`` by design, which says nothing about batching.
+    Negative: recovered before the timeout (a poll carried early in a batch).
     """
-    delays: list[float] = []
+    found: list[tuple[float, float]] = []
     for body in tasks:
         status = body.get("status", {})
         if status.get("phase") != SOLVED or status.get("deliveredBy") != str(
@@ -153,8 +158,25 @@ def recovery_delays(
         due = submitted + callback_timeout
         solved_at = record.get("finished_at")
         if solved_at is not None and float(solved_at) <= due:
-            delays.append(finished - due)
-    return delays
+            found.append((due, finished - due))
+    return found
+
+
+def recovery_figures(found: list[tuple[float, float]], *, start: float | None) -> dict[str, Any]:
+    """Quantiles of the recovery delay, the share within budget, and when the slow ones fell due.
+
+    Under chaos the slow recoveries are the tasks that fell due while the API server was away
+    or the operator restarted; ``over_budget_due`` (seconds after the first task was created)
+    lets the reader hold them against the fault timeline.
+    """
+    delays = [delay for _due, delay in found]
+    slow = sorted(due for due, delay in found if delay > RECOVERY_BUDGET_SECONDS)
+    figures: dict[str, Any] = _quantiles(delays) | {"samples": len(delays)}
+    if delays:
+        figures["within_budget"] = len(delays) - len(slow)
+    if slow and start is not None:
+        figures["over_budget_due"] = [round(slow[0] - start, 1), round(slow[-1] - start, 1)]
+    return figures
 
 
 def _pingback_fates(emulator_tasks: Iterable[Mapping[str, Any]]) -> Counter[str]:
@@ -303,6 +325,8 @@ def evaluate(snap: Snapshot) -> Verdict:
     fates = _pingback_fates(snap.emulator_tasks)
     in_calls = int(totals.get("in_requests", 0))
     recovery = recovery_delays(tasks.values(), emulator, snap.callback_timeout_seconds)
+    created_at = [_time(body["metadata"].get("creationTimestamp")) for body in tasks.values()]
+    first_created = min((at for at in created_at if at is not None), default=None)
     res_calls = int(totals.get("res_requests", 0))
 
     verdict.figures = {
@@ -346,7 +370,7 @@ def evaluate(snap: Snapshot) -> Verdict:
             "per_task": round((in_calls + res_calls) / planned, 3) if planned else 0.0,
         },
         "poll_batch_sizes": batch_sizes(op),
-        "recovery_after_callback_timeout": _quantiles(recovery) | {"samples": len(recovery)},
+        "recovery_after_callback_timeout": recovery_figures(recovery, start=first_created),
         "sidecar_pingbacks": {
             outcome: int(metric_sum(sc, "captchatask_pingbacks_total", outcome=outcome))
             for outcome in ("recorded", "duplicate", "late", "rejected", "spooled", "dead_lettered")
