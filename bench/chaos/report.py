@@ -55,6 +55,7 @@ def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
             f"{calls['res_php_bulk']} bulk)",
         ),
         ("poll batch sizes (ids per res.php poll: requests)", _batches(f.get("poll_batch_sizes"))),
+        ("operator's solver requests by endpoint", f.get("operator_requests", "n/a")),
         (
             "recovery after the callback timeout (p50 / p99 / max, n)",
             _recovery(f.get("recovery_after_callback_timeout")),

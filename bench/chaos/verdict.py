@@ -370,6 +370,12 @@ def evaluate(snap: Snapshot) -> Verdict:
             "per_task": round((in_calls + res_calls) / planned, 3) if planned else 0.0,
         },
         "poll_batch_sizes": batch_sizes(op),
+        # The operator's own count of solver requests by endpoint (inline retries included):
+        # what the res.php calls were spent on (polls, bulk polls, account checks).
+        "operator_requests": {
+            endpoint: int(metric_sum(op, "captchatask_provider_requests_total", endpoint=endpoint))
+            for endpoint in ("submit", "get", "get_bulk", "getbalance", "threadsinfo")
+        },
         "recovery_after_callback_timeout": recovery_figures(recovery, start=first_created),
         "sidecar_pingbacks": {
             outcome: int(metric_sum(sc, "captchatask_pingbacks_total", outcome=outcome))
