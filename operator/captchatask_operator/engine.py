@@ -464,7 +464,9 @@ class Engine:
         """Drop one timed action from the schedule (if it is there)."""
         self.timer.cancel(kind, key)
 
-    def take_polls(self, provider_key: ProviderKey, *, by: float, limit: int) -> list[TaskKey]:
+    def take_polls(
+        self, provider_key: ProviderKey, *, by: float, limit: int
+    ) -> list[tuple[TaskKey, float]]:
         """Take up to ``limit`` of a provider's polls due by ``by`` off the schedule (earliest).
 
         The poller calls this when a bulk request goes out anyway, to carry polls due within
@@ -479,7 +481,7 @@ class Engine:
             return task is not None and task.provider_key == provider_key
 
         taken = self.timer.schedule.take_due(by, accept=of_provider, limit=limit)
-        return [(namespace, name) for (_kind, namespace, name), _due in taken]
+        return [((namespace, name), due) for (_kind, namespace, name), due in taken]
 
     def _flush_polls(self, now: float) -> float | None:
         return self.poller.flush(now)

@@ -6,7 +6,8 @@ one batch until the batch holds ``bulk_max_ids`` ids or its *oldest* poll is lat
 in one ``get_results`` call (bulk ``ids=`` where the dialect supports it). A batch that goes
 out also carries the provider's polls due within the next window (polled early rather than in
 a request of their own), as many as fit the request's free ids: an id in a request that is
-sent anyway costs nothing, and early costs the recovery budget nothing, where late would.
+sent anyway costs nothing, and early costs the recovery budget nothing, where late would (an
+early poll that finds no answer is polled again when it was due, not an interval later).
 Adaptive: at a high rate a batch fills at once; at a low rate a poll waits at most the window
 and goes at most the window early. Providers without bulk polling (one request per id
 anyway) are neither held back nor pulled forward. ``captchatask_poll_batch_size`` counts the
@@ -28,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -139,14 +140,26 @@ class Poller:
                 del self.batches[provider_key]
                 keys = list(batch.keys)
                 room = free_ids(len(keys), max_ids=client.bulk_max_ids)
-                keys += engine.take_polls(provider_key, by=now + window, limit=room)
-                engine.spawn(self.poll_batch(provider_key, keys))
+                early = dict(engine.take_polls(provider_key, by=now + window, limit=room))
+                keys += early
+                engine.spawn(self.poll_batch(provider_key, keys, early=early))
             elif next_flush is None or deadline < next_flush:
                 next_flush = deadline
         return next_flush
 
-    async def poll_batch(self, provider_key: ProviderKey, keys: list[TaskKey]) -> None:
-        """Poll the tasks of one provider that came due together (one bulk request)."""
+    async def poll_batch(
+        self,
+        provider_key: ProviderKey,
+        keys: list[TaskKey],
+        *,
+        early: Mapping[TaskKey, float] | None = None,
+    ) -> None:
+        """Poll the tasks of one provider that came due together (one bulk request).
+
+        ``early`` maps the polls carried before their due time to that time (epoch seconds):
+        one that finds no answer is polled again when it was due, not an interval later.
+        """
+        early = early or {}
         engine = self.engine
         async with self._poll_sem:
             state = engine.providers.get(provider_key)
@@ -191,7 +204,7 @@ class Poller:
                 return
             await asyncio.gather(
                 *(
-                    self._after_poll(state, by_id[pid], result)
+                    self._after_poll(state, by_id[pid], result, was_due=early.get(by_id[pid].key))
                     for pid, result in results.items()
                     if pid in by_id
                 )
@@ -217,16 +230,28 @@ class Poller:
             self.deps.metrics.fallback_polls.labels(*state.spec.key, str(PollOutcome.ERROR)).inc()
             engine.schedule_at(Kind.POLL, task.key, later)
 
-    async def _after_poll(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
+    async def _after_poll(
+        self, state: ProviderState, task: TaskRecord, result: PollResult, *, was_due: float | None
+    ) -> None:
         """Apply one task's poll result; on an API failure, poll again soon (nothing lost)."""
         try:
-            await self.apply(state, task, result)
+            await self.apply(state, task, result, was_due=was_due)
         except Exception as exc:  # noqa: BLE001 - one task's failure must not stop its batch
             logger.warning("poll result of %s/%s not applied: %r", *task.key, exc)
             self.engine.schedule_at(Kind.POLL, task.key, self.deps.clock() + policy.API_RETRY)
 
-    async def apply(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
-        """Apply one poll result to one task as it was when the poll went out."""
+    async def apply(
+        self,
+        state: ProviderState,
+        task: TaskRecord,
+        result: PollResult,
+        *,
+        was_due: float | None = None,
+    ) -> None:
+        """Apply one poll result to one task as it was when the poll went out.
+
+        ``was_due``: when the poll was due, if a bulk request carried it early.
+        """
         engine = self.engine
         async with self._record_sem:
             outcome = policy.classify_poll(result)
@@ -278,10 +303,16 @@ class Poller:
                     f"{result.code}: the provider no longer holds this task's result",
                 )
                 return
-            await self._not_ready(state, task, result.wait_seconds, outcome)
+            await self._not_ready(state, task, result.wait_seconds, outcome, was_due=was_due)
 
     async def _not_ready(
-        self, state: ProviderState, task: TaskRecord, wait_seconds: float | None, outcome: str
+        self,
+        state: ProviderState,
+        task: TaskRecord,
+        wait_seconds: float | None,
+        outcome: str,
+        *,
+        was_due: float | None,
     ) -> None:
         engine = self.engine
         plan = policy.after_poll(
@@ -290,6 +321,7 @@ class Poller:
             now=self.deps.clock(),
             checkpoint_every=self.deps.settings.poll_status_every,
             wait_seconds=wait_seconds if outcome is PollOutcome.UNKNOWN else None,
+            was_due=None if was_due is None else dt.datetime.fromtimestamp(was_due, dt.UTC),
         )
         self.polls[task.key] = plan.polls
         if plan.exhausted:

@@ -26,6 +26,7 @@ from captchatask.ledger import Ledger
 from captchatask.model import TaskRef, TaskView
 from captchatask.provider.client import ProviderClient
 from captchatask.provider.codes import Dialect
+from captchatask.provider.tasks import build_submit_params
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import Counters, Deps, EngineActions, ProviderState
@@ -125,7 +126,7 @@ class FakeEngine:
 
     def take_polls(
         self, provider_key: tuple[str, str], *, by: float, limit: int
-    ) -> list[tuple[str, str]]:
+    ) -> list[tuple[tuple[str, str], float]]:
         return []
 
 
@@ -337,6 +338,38 @@ async def test_the_batch_size_histogram_counts_ids_per_res_php_request(
         assert registry.get_sample_value(f"{name}_bucket", labels | {"le": bound}) == count
     totals = emulator.summary()["totals"]
     assert totals["res_requests"] == requests
+
+
+async def test_a_poll_taken_early_that_finds_no_answer_still_polls_at_its_due_time(
+    fake: FakeEngine, deps: Deps, emulator: RunningEmulator
+) -> None:
+    """Early must never cost recovery delay: not ready early is not "not ready when due"."""
+    poller = Poller(_conforms(fake), deps)
+    state = provider_state()
+    client = ProviderClient(
+        session=deps.http,
+        base_url=emulator.base_url,
+        api_key=DEFAULT_API_KEY,
+        dialect=Dialect.TWOCAPTCHA,
+    )
+    state.client = client
+    fake.providers[PROVIDER] = state
+    spec = {"type": "RecaptchaV2", "siteKey": "6Le-wvkSAAAAAPBMRTvw0Q4Muexq9bi0DJwx_mJ-"}
+    spec["pageURL"] = "https://shop.example.com/login"
+    keys = []
+    for name in ("due", "early"):
+        params = build_submit_params(spec, dialect=Dialect.TWOCAPTCHA, pingback_url=None)
+        pid = await client.submit(params)
+        keys.append(put_task(fake, name, status={"phase": "Submitted", "providerTaskId": pid}).key)
+        poller.polls[keys[-1]] = 1  # past the first poll: no status checkpoint is written
+    due_later = T0 + dt.timedelta(seconds=0.6)
+
+    await poller.poll_batch(PROVIDER, keys, early={keys[1]: due_later.timestamp()})
+
+    interval = dt.timedelta(seconds=state.spec.polling.interval)
+    assert fake.scheduled[(Kind.POLL, *keys[0])] == T0 + interval
+    assert fake.scheduled[(Kind.POLL, *keys[1])] == due_later
+    assert poller.polls[keys[1]] == 2
 
 
 # -- dead-letter requeue -----------------------------------------------------------------------
