@@ -2,7 +2,8 @@
 
 With every pingback dropped, every task must be recovered by polling, and the polls of tasks
 that fall due together must share ``res.php`` requests: the operator's batch-size histogram
-must count far fewer requests than tasks, and the emulator must have served bulk ``ids=`` requests. The operator runs with the production batching window (the harness default is tiny).
+must count far fewer requests than tasks, and the emulator must have served bulk ``ids=``
+requests. The operator runs with the production batching window (the harness default is tiny).
 """
 
 from __future__ import annotations
