@@ -9,7 +9,9 @@ fake clock:
   number of ambiguous attempts, or submit.
 * **Polling** (:func:`first_poll_at`, :func:`resume_polls`, :func:`after_poll`): the first poll
   exactly at ``submittedAt + callbackTimeoutSeconds`` (poll-only: the documented first-poll
-  delay), then every ``intervalSeconds``, never more than ``maxPolls``. Poll counters are
+  delay), then every ``intervalSeconds``, never more than ``maxPolls`` (these are due times:
+  bulk batching sends a poll at most ``--poll-batch-window`` early or late, and a poll sent
+  early that finds no answer is planned again at its due time). Poll counters are
   persisted only every ``poll_status_every`` polls; after a restart the unpersisted polls are
   *assumed* to have happened (at most ``every - 1`` of them), so ``maxPolls`` is never exceeded.
 * **Provider health** (:func:`provider_verdict`, :func:`transient_recheck_delay`): a Ready
