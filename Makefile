@@ -70,8 +70,9 @@ images: venv ## build the operator, sidecar and emulator images as OCI archives 
 manifests: venv testtools ## render deploy/ from the chart
 	hack/render-manifests.sh
 
-chaos: venv testtools ## the full chaos run (1,000 tasks, all faults)
+chaos: venv testtools ## the full chaos run (1,000 tasks, all faults), CaptchaAI then 2captcha dialect
 	$(BIN)/python -m bench.chaos --profile full
+	$(BIN)/python -m bench.chaos --profile full --dialect 2captcha
 
 bench: venv testtools ## the benchmarks, side by side with the baselines
 	$(BIN)/python -m bench.run

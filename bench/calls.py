@@ -39,6 +39,8 @@ import aiohttp
 
 from bench import cluster
 from bench.baselines.seed_poller import CALLBACK_TIMEOUT_SECONDS, SWEEP_SECONDS, SeedPoller, serving
+from bench.chaos.run import parse_samples
+from bench.chaos.verdict import Samples, batch_sizes
 from bench.loadgen import percentile
 from bench.profiles import Profile
 from captchatask import kube, model
@@ -134,6 +136,17 @@ def _calls(
         "calls_per_task": round(task_calls / n, 4) if n else None,
         "calls_per_task_incl_account": round((task_calls + account) / n, 4) if n else None,
     }
+
+
+def _operator_samples(stack: Stack) -> Samples:
+    """One scrape of our operator's /metrics."""
+    with urllib.request.urlopen(stack.operator_metrics_url, timeout=30) as reply:
+        return parse_samples(reply.read().decode())
+
+
+def _batch_sizes(before: Samples, after: Samples) -> dict[str, Any]:
+    """The operator's batch-size histogram (ids per res.php poll request) between two scrapes."""
+    return batch_sizes([{key: value - before.get(key, 0.0) for key, value in after.items()}])
 
 
 def _delay_stats(delays: list[float]) -> dict[str, Any]:
@@ -233,6 +246,7 @@ async def _levels(
             for url in (stack.emulator_url, seed_url):
                 _post_json(f"{url}/_emulator/faults", {"pingback_drop_rate": loss})
             ours_before, seed_before = _totals(stack.emulator_url), _totals(seed_url)
+            samples_before = _operator_samples(stack)
             started = time.monotonic()
             prefix = f"loss{round(loss * 100):03d}"
             items, seed_ids = await asyncio.gather(
@@ -259,6 +273,7 @@ async def _levels(
                 _task_records(seed_url, set(seed_ids)),
                 len(seed_ids),
             )
+            ours_calls["batch_sizes"] = _batch_sizes(samples_before, _operator_samples(stack))
             delays, delivered = _ours_delays(items, callback_timeout)
             seed_delays = [
                 at - (poller.submitted_at[task_id] + poller.threshold)
@@ -280,7 +295,8 @@ async def _levels(
                 }
             )
             say(
-                f"  ours {ours_calls['calls_per_task']} calls/task, "
+                f"  ours {ours_calls['calls_per_task']} calls/task "
+                f"({ours_calls['batch_sizes']['mean']} ids per poll request), "
                 f"seed {seed_calls['calls_per_task']} calls/task ({elapsed:.0f}s)"
             )
         levels.append(await _ours_single(stack, client, profile, callback_timeout, say))

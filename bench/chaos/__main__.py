@@ -1,4 +1,8 @@
-"""``python -m bench.chaos --profile full|ci|smoke [--seed N]``: run, print, write JSON.
+"""``python -m bench.chaos --profile full|ci|smoke [--dialect D] [--seed N]``: run, print, JSON.
+
+``--dialect 2captcha`` runs the same profile against a 2captcha-dialect provider, where bulk
+``ids=`` polling is documented and on: its figures go to ``chaos-<profile>-2captcha.json``
+beside the CaptchaAI run's ``chaos-<profile>.json``.
 
 Exit status 0 when the run passed, 1 when any guarantee was broken (the violations are
 printed, the logs kept), 2 on a usage error.
@@ -20,7 +24,7 @@ from typing import Any
 from bench.chaos.plan import make_plan
 from bench.chaos.profiles import PROFILES
 from bench.chaos.report import table, write_json
-from bench.chaos.run import ChaosRun
+from bench.chaos.run import DIALECTS, ChaosRun
 from bench.chaos.verdict import evaluate
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -29,6 +33,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="ci")
+    parser.add_argument(
+        "--dialect", choices=DIALECTS, default=DIALECTS[0], help="the provider's API dialect"
+    )
     parser.add_argument("--seed", type=int, default=None, help="replay a run (default: random)")
     parser.add_argument("--tasks", type=int, default=None, help="override the profile's N")
     parser.add_argument("--workdir", type=Path, default=None, help="logs and state (kept)")
@@ -56,14 +63,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[chaos {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
     window = f"{profile.create_seconds:.0f}s"
+    dialect = "" if args.dialect == DIALECTS[0] else f" --dialect {args.dialect}"
+    replay = f"python -m bench.chaos --profile {profile.name}{dialect} --seed {seed}"
     say(f"profile {profile.name}: {profile.tasks} tasks over {window}, seed {seed}")
-    say(f"replay with: python -m bench.chaos --profile {profile.name} --seed {seed}")
+    say(f"provider dialect: {args.dialect}")
+    say(f"replay with: {replay}")
     say("fault timeline (seconds after the first task is created):")
     for line in plan.timeline():
         say(f"  {line}")
 
     started = time.time()
-    run = ChaosRun(profile=profile, plan=plan, workdir=workdir, say=say)
+    run = ChaosRun(profile=profile, plan=plan, workdir=workdir, say=say, dialect=args.dialect)
     snapshot = run.execute()
     verdict = evaluate(snapshot)
     tl = run.timeline
@@ -84,18 +94,20 @@ def main(argv: list[str] | None = None) -> int:
         verdict.violations.append(f"secret leak: {leak.describe()}")
 
     print()
-    print(table(verdict.figures))
+    print(table(verdict.figures, dialect=args.dialect))
     document: dict[str, Any] = {
         "profile": profile.name,
+        "dialect": args.dialect,
         "seed": seed,
-        "replay": f"python -m bench.chaos --profile {profile.name} --seed {seed}",
+        "replay": replay,
         "passed": verdict.passed,
         "violations": verdict.violations,
         "fault_timeline": tl.executed,
         "figures": verdict.figures,
         "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    out = args.json or RESULTS / f"chaos-{profile.name}.json"
+    suffix = "" if args.dialect == DIALECTS[0] else f"-{args.dialect}"
+    out = args.json or RESULTS / f"chaos-{profile.name}{suffix}.json"
     write_json(out, document)
     print(f"\nfigures written to {out}")
     if verdict.passed:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def table(figures: dict[str, Any]) -> str:
+def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
     """The human table (the documentation's Guarantees page is generated from it)."""
     f = figures
     faults = f["faults"]
@@ -15,6 +15,7 @@ def table(figures: dict[str, Any]) -> str:
     calls = f["provider_calls"]
     drain = f["timings"]
     rows = [
+        ("provider dialect", dialect),
         ("tasks", f"{f['tasks']} ({', '.join(f'{k} {v}' for k, v in f['tasks_by_type'].items())})"),
         ("faults: pingbacks dropped", faults["pingbacks_dropped"]),
         ("faults: pingbacks duplicated", faults["pingbacks_duplicated"]),
@@ -53,6 +54,12 @@ def table(figures: dict[str, Any]) -> str:
             f"{calls['per_task']} ({calls['in_php']} in.php, {calls['res_php']} res.php, "
             f"{calls['res_php_bulk']} bulk)",
         ),
+        ("poll batch sizes (ids per res.php poll: requests)", _batches(f.get("poll_batch_sizes"))),
+        ("operator's solver requests by endpoint", f.get("operator_requests", "n/a")),
+        (
+            "recovery after the callback timeout (p50 / p99 / max, n)",
+            _recovery(f.get("recovery_after_callback_timeout")),
+        ),
         ("sidecar pingback outcomes", f["sidecar_pingbacks"]),
         ("sidecar spool replays", f["sidecar_spool_replays"]),
         ("metrics vs ledger", f["metrics_vs_ledger"]),
@@ -64,6 +71,32 @@ def table(figures: dict[str, Any]) -> str:
     ]
     width = max(len(str(label)) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _batches(sizes: dict[str, Any] | None) -> str:
+    if sizes is None:
+        return "n/a (not measured by this run)"
+    ranges = sorted(sizes["histogram"].items(), key=lambda item: _low(item[0]))
+    histogram = ", ".join(f"{size}: {n}" for size, n in ranges if n)
+    return f"{histogram or 'none'} (mean {sizes['mean']})"
+
+
+def _low(size: str) -> int:
+    """The lower bound of a size range label (``"4-5"``, ``"2"``, ``">100"``), for ordering."""
+    return int(size.lstrip(">").split("-")[0]) + (1 if size.startswith(">") else 0)
+
+
+def _recovery(delays: dict[str, Any] | None) -> str:
+    if not delays or not delays.get("samples"):
+        return "n/a"
+    text = (
+        f"{delays['p50']:.2f} / {delays['p99']:.2f} / {delays['max']:.2f} s, {delays['samples']}"
+        f" ({delays.get('within_budget', 0)} within 1 s"
+    )
+    slow = delays.get("over_budget_due")
+    if slow:
+        text += f"; the others fell due t+{slow[0]:.0f}..{slow[1]:.0f} s"
+    return text + ")"
 
 
 def _seconds(value: float | None) -> str:

@@ -112,10 +112,20 @@ def parse_samples(text: str) -> Samples:
     return samples
 
 
-def stack_config(profile: Profile, seed: int, workdir: Path) -> StackConfig:
+#: Provider dialects a run can speak. 2captcha documents bulk ``ids=`` polling (on by default
+#: there); CaptchaAI does not (off), so its run polls one id per request.
+DIALECTS: Final = ("captchaai", "2captcha")
+#: How the emulator delivers pingbacks in each dialect (CaptchaAI's blog: GET; 2captcha: POST).
+PINGBACK_STYLES: Final = {"captchaai": "cai-get", "2captcha": "2c-post"}
+
+
+def stack_config(
+    profile: Profile, seed: int, workdir: Path, *, dialect: str = DIALECTS[0]
+) -> StackConfig:
     """The stack of a chaos run: fault rates on the emulator, short timings everywhere."""
     sent = 1.0 - profile.drop_fraction  # duplicate and late apply to pingbacks actually sent
     emulator_args = [
+        "--pingback-style", PINGBACK_STYLES[dialect],
         "--solve-time-scale", str(profile.solve_time_scale),
         "--unsolvable-rate", str(profile.unsolvable_rate),
         "--threads", str(profile.tasks * 2),
@@ -131,11 +141,12 @@ def stack_config(profile: Profile, seed: int, workdir: Path) -> StackConfig:
         seed=seed,
         emulator_args=emulator_args,
         provider_spec={
+            "dialect": dialect,
             "polling": {
                 "callbackTimeoutSeconds": profile.callback_timeout_seconds,
                 "intervalSeconds": profile.poll_interval_seconds,
                 "maxPolls": profile.max_polls,
-            }
+            },
         },
     )
 
@@ -153,12 +164,21 @@ def task_body(task: TaskPlan) -> dict[str, Any]:
 class ChaosRun:
     """One run; :meth:`execute` returns the snapshot the verdict is computed from."""
 
-    def __init__(self, *, profile: Profile, plan: Plan, workdir: Path, say: Say) -> None:
+    def __init__(
+        self,
+        *,
+        profile: Profile,
+        plan: Plan,
+        workdir: Path,
+        say: Say,
+        dialect: str = DIALECTS[0],
+    ) -> None:
         self.profile = profile
         self.plan = plan
         self.workdir = workdir
         self.say = say
-        self.stack = Stack(stack_config(profile, plan.seed, workdir), progress=say)
+        self.dialect = dialect
+        self.stack = Stack(stack_config(profile, plan.seed, workdir, dialect=dialect), progress=say)
         self.timeline = Timeline()
         self.sidecar = Scrapes(self.stack.sidecar_metrics_url)
         self.operator = Scrapes(self.stack.operator_metrics_url)
@@ -419,6 +439,7 @@ class ChaosRun:
             sidecar_kills=list(self.timeline.sidecar_kills),
             spool_bytes=self.spool_bytes(),
             planted=list(self.planted),
+            callback_timeout_seconds=float(self.profile.callback_timeout_seconds),
         )
 
     # -- secrets -------------------------------------------------------------------------------

@@ -25,6 +25,8 @@ UNSOLVABLE_CODE: Final = "ERROR_CAPTCHA_UNSOLVABLE"
 SOLVED: Final = str(model.Phase.SOLVED)
 FAILED: Final = str(model.Phase.FAILED)
 TERMINAL: Final = frozenset({SOLVED, FAILED})
+#: Upper bounds of the operator's ``captchatask_poll_batch_size`` buckets (ids per request).
+BATCH_BOUNDS: Final = (1, 2, 3, 5, 10, 20, 50, 100)
 #: Event reasons that announce a task's result (one per task, or a result was recorded twice).
 RESULT_EVENT_REASONS: Final = frozenset({"Solved", "Failed"})
 
@@ -57,6 +59,8 @@ class Snapshot:
     sidecar_kills: list[KillWindow]
     spool_bytes: int
     planted: list[str]
+    #: The provider's ``callbackTimeoutSeconds`` (recovery delay is measured from it).
+    callback_timeout_seconds: float = 0.0
 
 
 @dataclass
@@ -98,6 +102,81 @@ def _time(value: object) -> float | None:
 
 def _in_windows(at: float | None, windows: Iterable[KillWindow]) -> bool:
     return at is not None and any(window.holds(at) for window in windows)
+
+
+def batch_sizes(incarnations: list[Samples]) -> dict[str, Any]:
+    """The batch-size histogram (ids per ``res.php`` poll request) over every incarnation.
+
+    Counts per size range (``"4-5"``: requests of 4 or 5 ids), from the cumulative buckets.
+    """
+    name = "captchatask_poll_batch_size"
+    counts: dict[str, int] = {}
+    below, low = 0, 1
+    for bound in BATCH_BOUNDS:
+        cumulative = int(metric_sum(incarnations, f"{name}_bucket", le=f"{float(bound)}"))
+        label = str(bound) if low == bound else f"{low}-{bound}"
+        counts[label] = cumulative - below
+        below, low = cumulative, bound + 1
+    total = int(metric_sum(incarnations, f"{name}_count"))
+    counts[f">{BATCH_BOUNDS[-1]}"] = total - below
+    ids = metric_sum(incarnations, f"{name}_sum")
+    return {
+        "requests": total,
+        "ids": int(ids),
+        "mean": round(ids / total, 2) if total else None,
+        "histogram": counts,
+    }
+
+
+#: The recovery budget: a poll recovers a ready result within this long after the timeout.
+RECOVERY_BUDGET_SECONDS: Final = 1.0
+
+
+def recovery_delays(
+    tasks: Iterable[Mapping[str, Any]],
+    emulator: Mapping[str, Mapping[str, Any]],
+    callback_timeout: float,
+) -> list[tuple[float, float]]:
+    """(due, delay) of every task the operator recovered; due = submittedAt + callback timeout.
+
+    The delay runs from the callback timeout to ``finishedAt``. Only tasks solved by poll whose
+    answer the provider held by the callback timeout count: a task still unsolved then is
+    polled again after ``intervalSeconds`` by design, which says nothing about batching.
+    Negative: recovered before the timeout (a poll carried early in a batch).
+    """
+    found: list[tuple[float, float]] = []
+    for body in tasks:
+        status = body.get("status", {})
+        if status.get("phase") != SOLVED or status.get("deliveredBy") != str(
+            model.DeliveredBy.POLL
+        ):
+            continue
+        record = emulator.get(str(status.get("providerTaskId", "")))
+        submitted, finished = _time(status.get("submittedAt")), _time(status.get("finishedAt"))
+        if record is None or submitted is None or finished is None:
+            continue
+        due = submitted + callback_timeout
+        solved_at = record.get("finished_at")
+        if solved_at is not None and float(solved_at) <= due:
+            found.append((due, finished - due))
+    return found
+
+
+def recovery_figures(found: list[tuple[float, float]], *, start: float | None) -> dict[str, Any]:
+    """Quantiles of the recovery delay, the share within budget, and when the slow ones fell due.
+
+    Under chaos the slow recoveries are the tasks that fell due while the API server was away
+    or the operator restarted; ``over_budget_due`` (seconds after the first task was created)
+    lets the reader hold them against the fault timeline.
+    """
+    delays = [delay for _due, delay in found]
+    slow = sorted(due for due, delay in found if delay > RECOVERY_BUDGET_SECONDS)
+    figures: dict[str, Any] = _quantiles(delays) | {"samples": len(delays)}
+    if delays:
+        figures["within_budget"] = len(delays) - len(slow)
+    if slow and start is not None:
+        figures["over_budget_due"] = [round(slow[0] - start, 1), round(slow[-1] - start, 1)]
+    return figures
 
 
 def _pingback_fates(emulator_tasks: Iterable[Mapping[str, Any]]) -> Counter[str]:
@@ -245,6 +324,9 @@ def evaluate(snap: Snapshot) -> Verdict:
     planned = len(snap.planned)
     fates = _pingback_fates(snap.emulator_tasks)
     in_calls = int(totals.get("in_requests", 0))
+    recovery = recovery_delays(tasks.values(), emulator, snap.callback_timeout_seconds)
+    created_at = [_time(body["metadata"].get("creationTimestamp")) for body in tasks.values()]
+    first_created = min((at for at in created_at if at is not None), default=None)
     res_calls = int(totals.get("res_requests", 0))
 
     verdict.figures = {
@@ -287,6 +369,14 @@ def evaluate(snap: Snapshot) -> Verdict:
             "res_php_bulk": int(totals.get("res_bulk_requests", 0)),
             "per_task": round((in_calls + res_calls) / planned, 3) if planned else 0.0,
         },
+        "poll_batch_sizes": batch_sizes(op),
+        # The operator's own count of solver requests by endpoint (inline retries included):
+        # what the res.php calls were spent on (polls, bulk polls, account checks).
+        "operator_requests": {
+            endpoint: int(metric_sum(op, "captchatask_provider_requests_total", endpoint=endpoint))
+            for endpoint in ("submit", "get", "get_bulk", "getbalance", "threadsinfo")
+        },
+        "recovery_after_callback_timeout": recovery_figures(recovery, start=first_created),
         "sidecar_pingbacks": {
             outcome: int(metric_sum(sc, "captchatask_pingbacks_total", outcome=outcome))
             for outcome in ("recorded", "duplicate", "late", "rejected", "spooled", "dead_lettered")

@@ -405,6 +405,8 @@ def chaos_figures(results_file: Path) -> str:
     """One chaos run: how to replay it, its verdict and its table (``bench.chaos.report``)."""
     from bench.chaos import report  # noqa: PLC0415
 
+    if not results_file.exists():
+        return f"Not recorded yet: `{results_file.name}` is written by `make chaos`.\n"
     doc = json.loads(results_file.read_text(encoding="utf-8"))
     verdict = "passed" if doc["passed"] and not doc["violations"] else "FAILED"
     lines = [
@@ -412,7 +414,7 @@ def chaos_figures(results_file: Path) -> str:
         f"**{verdict}** ({len(doc['violations'])} violations). Replay: `{doc['replay']}`.",
         "",
         "```text",
-        report.table(doc["figures"]),
+        report.table(doc["figures"], dialect=doc.get("dialect", "captchaai")),
         "```",
         "",
         "Fault timeline:",
@@ -460,6 +462,7 @@ def generate(out: Path = GENERATED) -> list[Path]:
         "benchmarks.md": benchmark_tables(RESULTS_DIR / "full.json"),
         "chaos-full.md": chaos_figures(RESULTS_DIR / "chaos-full.json"),
         "chaos-ci.md": chaos_figures(RESULTS_DIR / "chaos-ci.json"),
+        "chaos-full-2captcha.md": chaos_figures(RESULTS_DIR / "chaos-full-2captcha.json"),
         "chaos-summary.md": chaos_summary(RESULTS_DIR / "chaos-full.json") + ".\n",
     }
     rules = alert_rules()

@@ -143,6 +143,11 @@ class EngineActions(Protocol):
     def unschedule(self, kind: Kind, key: tuple[str, str]) -> None:
         """Drop one timed action from the schedule (if it is there)."""
 
+    def take_polls(
+        self, provider_key: ProviderKey, *, by: float, limit: int
+    ) -> list[tuple[TaskKey, float]]:
+        """Take up to ``limit`` of a provider's polls due by ``by`` off the schedule, with due."""
+
     async def fresh(self, ref: TaskRef) -> TaskView | None:
         """GET a task; ``None`` if it is gone, being deleted, or another instance."""
 

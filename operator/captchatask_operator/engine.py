@@ -470,6 +470,25 @@ class Engine:
         """Drop one timed action from the schedule (if it is there)."""
         self.timer.cancel(kind, key)
 
+    def take_polls(
+        self, provider_key: ProviderKey, *, by: float, limit: int
+    ) -> list[tuple[TaskKey, float]]:
+        """Take up to ``limit`` of a provider's polls due by ``by`` off the schedule (earliest).
+
+        The poller calls this when a bulk request goes out anyway, to carry polls due within
+        the batching window (early) instead of sending them in a request of their own.
+        """
+
+        def of_provider(entry: EntryKey) -> bool:
+            kind, namespace, name = entry
+            if kind is not Kind.POLL:
+                return False
+            task = self.tasks.get((namespace, name))
+            return task is not None and task.provider_key == provider_key
+
+        taken = self.timer.schedule.take_due(by, accept=of_provider, limit=limit)
+        return [((namespace, name), due) for (_kind, namespace, name), due in taken]
+
     def _flush_polls(self, now: float) -> float | None:
         return self.poller.flush(now)
 

@@ -70,6 +70,9 @@ REQUEST_BUCKETS: Final = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BACKGROUND_LOOPS: Final = ("timer", "event-poster")
 #: The ``loop`` label of a one-shot background action (a poll batch, a check) that crashed.
 ACTION_LOOP: Final = "action"
+#: Ids per ``res.php`` poll request: 1 without bulk ``ids=``, up to the client's ``bulk_max_ids``
+#: (100 by default) with it; the low buckets are fine because low rates make small batches.
+BATCH_BUCKETS: Final = (1, 2, 3, 5, 10, 20, 50, 100)
 
 
 def failure_label(code: str) -> str:
@@ -131,6 +134,13 @@ class Metrics:
             "Duration of one HTTP exchange with the solver API.",
             [NS, "provider", "endpoint"],
             buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.poll_batch_size = Histogram(
+            "captchatask_poll_batch_size",
+            "Task ids per res.php poll request (always 1 without bulk ids=): calls per poll.",
+            [NS, "provider"],
+            buckets=BATCH_BUCKETS,
             registry=registry,
         )
         self.solve_duration = Histogram(
@@ -226,6 +236,7 @@ class Metrics:
             self.provider_request_duration.labels(*key, endpoint)
             for outcome in OUTCOMES:
                 self.provider_requests.labels(*key, endpoint, outcome)
+        self.poll_batch_size.labels(*key)
         for delivered in DeliveredBy:
             self.solve_duration.labels(*key, str(delivered))
         self.provider_ready.labels(*key).set(0)

@@ -9,7 +9,9 @@ fake clock:
   number of ambiguous attempts, or submit.
 * **Polling** (:func:`first_poll_at`, :func:`resume_polls`, :func:`after_poll`): the first poll
   exactly at ``submittedAt + callbackTimeoutSeconds`` (poll-only: the documented first-poll
-  delay), then every ``intervalSeconds``, never more than ``maxPolls``. Poll counters are
+  delay), then every ``intervalSeconds``, never more than ``maxPolls`` (these are due times:
+  bulk batching sends a poll at most ``--poll-batch-window`` early or late, and a poll sent
+  early that finds no answer is planned again at its due time). Poll counters are
   persisted only every ``poll_status_every`` polls; after a restart the unpersisted polls are
   *assumed* to have happened (at most ``every - 1`` of them), so ``maxPolls`` is never exceeded.
 * **Provider health** (:func:`provider_verdict`, :func:`transient_recheck_delay`): a Ready
@@ -286,18 +288,24 @@ def after_poll(
     now: dt.datetime,
     checkpoint_every: int,
     wait_seconds: float | None = None,
+    was_due: dt.datetime | None = None,
 ) -> AfterPoll:
     """Count a not-ready (or unknown) poll and plan the next one, or give up at ``maxPolls``.
 
     ``wait_seconds`` (an unknown code's conservative wait) stretches the interval, never
-    shortens it.
+    shortens it. ``was_due`` is set for a poll a bulk request carried before its due time: an
+    answer not ready early says nothing about the due time, so the poll that was due still
+    happens then (early must never add recovery delay).
     """
     polls = polls_before + 1
     if polls >= provider.polling.max_polls:
         return AfterPoll(polls, None, exhausted=True, checkpoint=True)
     interval = max(provider.polling.interval, wait_seconds or 0.0)
     checkpoint = polls == 1 or polls % checkpoint_every == 0
-    return AfterPoll(polls, now + dt.timedelta(seconds=interval), False, checkpoint)
+    next_due = now + dt.timedelta(seconds=interval)
+    if was_due is not None and now < was_due < next_due:
+        next_due = was_due
+    return AfterPoll(polls, next_due, False, checkpoint)
 
 
 # -- TTL -----------------------------------------------------------------------------------------

@@ -3,13 +3,20 @@
 The engine's timer hands every due poll to :meth:`Poller.collect`; a provider's polls gather in
 one batch until the batch holds ``bulk_max_ids`` ids or its *oldest* poll is late by
 ``--poll-batch-window`` (:meth:`Poller.flush`), then go out through :meth:`Poller.poll_batch`
-in one ``get_results`` call (bulk ``ids=`` where the dialect supports it). Adaptive: at a high
-rate a batch fills at once; at a low rate a poll waits at most the window, never more, and is
-never sent early. Providers without bulk polling (one request per id anyway) are not held
-back. Each answer is applied through the ledger like any other result: a found
-answer becomes ``Solved`` with ``deliveredBy: poll`` (a *fallback recovery*), a permanent code
-fails the task, a result the provider no longer holds fails it with ``ResultExpired``, and
-``CAPCHA_NOT_READY`` plans the next poll (:func:`policy.after_poll`, never beyond ``maxPolls``).
+in one ``get_results`` call (bulk ``ids=`` where the dialect supports it). A batch that goes
+out also carries the provider's polls due within the next window (polled early rather than in
+a request of their own), as many as fit the request's free ids: an id in a request that is
+sent anyway costs nothing, and early costs the recovery budget nothing, where late would (an
+early poll that finds no answer is polled again when it was due, not an interval later).
+Adaptive: at a high rate a batch fills at once; at a low rate a poll waits at most the window
+and goes at most the window early. Providers without bulk polling (one request per id
+anyway) are neither held back nor pulled forward. ``captchatask_poll_batch_size`` counts the
+ids of every ``res.php`` poll request.
+
+Each answer is applied through the ledger like any other result: a found answer becomes
+``Solved`` with ``deliveredBy: poll`` (a *fallback recovery*), a permanent code fails the task,
+a result the provider no longer holds fails it with ``ResultExpired``, and ``CAPCHA_NOT_READY``
+plans the next poll (:func:`policy.after_poll`, never beyond ``maxPolls``).
 
 An answer whose task vanished (or was recreated) while the request was in flight is authentic
 and paid for: it becomes a dead letter through :meth:`Ledger.dead_letter`, exactly as a
@@ -22,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -51,6 +58,19 @@ ProviderKey = tuple[str, str]
 RECORD_CONCURRENCY: Final = 16
 #: ``spec.payload.source`` of a dead letter written for a poll result (a CRD enum value).
 POLL_SOURCE: Final = "poll"
+
+
+def request_sizes(ids: int, *, bulk: bool, max_ids: int) -> list[int]:
+    """Ids per ``res.php`` request when polling ``ids`` tasks (what ``get_results`` sends)."""
+    if not bulk:
+        return [1] * ids
+    full, rest = divmod(ids, max_ids)
+    return [max_ids] * full + ([rest] if rest else [])
+
+
+def free_ids(ids: int, *, max_ids: int) -> int:
+    """Ids that still fit the bulk requests ``ids`` polls need (never an extra request)."""
+    return -ids % max_ids
 
 
 def _minimal_view(task: TaskRecord, phase: Phase) -> model.TaskView:
@@ -110,18 +130,36 @@ class Poller:
             state = engine.providers.get(provider_key)
             client = state.client if state is not None else None
             # No client yet (unchecked) or no bulk: nothing to gain by waiting.
-            hold = client is not None and client.bulk_results
-            full = client is not None and len(batch.keys) >= client.bulk_max_ids
-            deadline = batch.oldest + window
-            if not hold or full or now >= deadline:
+            if client is None or not client.bulk_results:
                 del self.batches[provider_key]
                 engine.spawn(self.poll_batch(provider_key, list(batch.keys)))
+                continue
+            full = len(batch.keys) >= client.bulk_max_ids
+            deadline = batch.oldest + window
+            if full or now >= deadline:
+                del self.batches[provider_key]
+                keys = list(batch.keys)
+                room = free_ids(len(keys), max_ids=client.bulk_max_ids)
+                early = dict(engine.take_polls(provider_key, by=now + window, limit=room))
+                keys += early
+                engine.spawn(self.poll_batch(provider_key, keys, early=early))
             elif next_flush is None or deadline < next_flush:
                 next_flush = deadline
         return next_flush
 
-    async def poll_batch(self, provider_key: ProviderKey, keys: list[TaskKey]) -> None:
-        """Poll the tasks of one provider that came due together (one bulk request)."""
+    async def poll_batch(
+        self,
+        provider_key: ProviderKey,
+        keys: list[TaskKey],
+        *,
+        early: Mapping[TaskKey, float] | None = None,
+    ) -> None:
+        """Poll the tasks of one provider that came due together (one bulk request).
+
+        ``early`` maps the polls carried before their due time to that time (epoch seconds):
+        one that finds no answer is polled again when it was due, not an interval later.
+        """
+        early = early or {}
         engine = self.engine
         async with self._poll_sem:
             state = engine.providers.get(provider_key)
@@ -154,6 +192,11 @@ class Poller:
             if not by_id:
                 return
             engine.counters.poll_requests += 1
+            batch_size = self.deps.metrics.poll_batch_size.labels(*state.spec.key)
+            for size in request_sizes(
+                len(by_id), bulk=state.client.bulk_results, max_ids=state.client.bulk_max_ids
+            ):
+                batch_size.observe(size)
             try:
                 results = await state.client.get_results(list(by_id))
             except ProviderError as exc:
@@ -161,7 +204,7 @@ class Poller:
                 return
             await asyncio.gather(
                 *(
-                    self._after_poll(state, by_id[pid], result)
+                    self._after_poll(state, by_id[pid], result, was_due=early.get(by_id[pid].key))
                     for pid, result in results.items()
                     if pid in by_id
                 )
@@ -187,16 +230,28 @@ class Poller:
             self.deps.metrics.fallback_polls.labels(*state.spec.key, str(PollOutcome.ERROR)).inc()
             engine.schedule_at(Kind.POLL, task.key, later)
 
-    async def _after_poll(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
+    async def _after_poll(
+        self, state: ProviderState, task: TaskRecord, result: PollResult, *, was_due: float | None
+    ) -> None:
         """Apply one task's poll result; on an API failure, poll again soon (nothing lost)."""
         try:
-            await self.apply(state, task, result)
+            await self.apply(state, task, result, was_due=was_due)
         except Exception as exc:  # noqa: BLE001 - one task's failure must not stop its batch
             logger.warning("poll result of %s/%s not applied: %r", *task.key, exc)
             self.engine.schedule_at(Kind.POLL, task.key, self.deps.clock() + policy.API_RETRY)
 
-    async def apply(self, state: ProviderState, task: TaskRecord, result: PollResult) -> None:
-        """Apply one poll result to one task as it was when the poll went out."""
+    async def apply(
+        self,
+        state: ProviderState,
+        task: TaskRecord,
+        result: PollResult,
+        *,
+        was_due: float | None = None,
+    ) -> None:
+        """Apply one poll result to one task as it was when the poll went out.
+
+        ``was_due``: when the poll was due, if a bulk request carried it early.
+        """
         engine = self.engine
         async with self._record_sem:
             outcome = policy.classify_poll(result)
@@ -248,10 +303,16 @@ class Poller:
                     f"{result.code}: the provider no longer holds this task's result",
                 )
                 return
-            await self._not_ready(state, task, result.wait_seconds, outcome)
+            await self._not_ready(state, task, result.wait_seconds, outcome, was_due=was_due)
 
     async def _not_ready(
-        self, state: ProviderState, task: TaskRecord, wait_seconds: float | None, outcome: str
+        self,
+        state: ProviderState,
+        task: TaskRecord,
+        wait_seconds: float | None,
+        outcome: str,
+        *,
+        was_due: float | None,
     ) -> None:
         engine = self.engine
         plan = policy.after_poll(
@@ -260,6 +321,7 @@ class Poller:
             now=self.deps.clock(),
             checkpoint_every=self.deps.settings.poll_status_every,
             wait_seconds=wait_seconds if outcome is PollOutcome.UNKNOWN else None,
+            was_due=None if was_due is None else dt.datetime.fromtimestamp(was_due, dt.UTC),
         )
         self.polls[task.key] = plan.polls
         if plan.exhausted:

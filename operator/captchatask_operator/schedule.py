@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from enum import StrEnum
 from typing import Final, Generic, TypeVar
 
@@ -114,6 +114,36 @@ class Schedule(Generic[K]):
             del self._live[key]
             out.append((key, due))
         return out
+
+    def take_due(
+        self, horizon: float, *, accept: Callable[[K], bool], limit: int
+    ) -> list[tuple[K, float]]:
+        """Remove and return up to ``limit`` accepted keys due at or before ``horizon``.
+
+        Earliest first, like :meth:`pop_due_timed`, but only the keys ``accept`` chooses, and
+        the horizon may lie in the future: a poll batch that goes out now takes its provider's
+        polls due within the batching window (see :meth:`.polling.Poller.flush`). Walks only
+        the part of the heap due by ``horizon`` (a heap's subtree below a later item is later
+        still), so the cost grows with what is due soon, not with the whole schedule.
+        """
+        if limit <= 0:
+            return []
+        found: list[tuple[float, int, K]] = []
+        stack = [0] if self._heap else []
+        while stack:
+            index = stack.pop()
+            due, seq, key = self._heap[index]
+            if due > horizon:
+                continue
+            live = self._live.get(key)
+            if live is not None and live[1] == seq and accept(key):
+                found.append((due, seq, key))
+            stack.extend(c for c in (2 * index + 1, 2 * index + 2) if c < len(self._heap))
+        found.sort()
+        taken = found[:limit]
+        for _due, _seq, key in taken:
+            del self._live[key]  # its heap item is now stale (lazy deletion)
+        return [(key, due) for due, _seq, key in taken]
 
     def clear(self) -> None:
         """Forget everything (the operator became a standby)."""

@@ -45,9 +45,11 @@ DEFAULT_SUBMIT_CONCURRENCY: Final = 16
 #: Concurrent res.php batches (one batch = the tasks of one provider due at the same moment).
 DEFAULT_POLL_CONCURRENCY: Final = 8
 #: A provider's due polls gather into one bulk request until it holds ``bulk_max_ids`` ids or
-#: its oldest poll is late by this much (never early). 0.9 s: at 20 tasks/s and 30 % pingback
-#: loss that is ~6 ids per request (BENCH-6: 0.2 s gave ~2; 0.8 s measured 5.5), and the p99
-#: recovery delay (~window + 10 ms) stays under 1 s; a higher rate fills the batch sooner.
+#: its oldest poll is late by this much, and the request also carries the provider's polls due
+#: within the next window (early costs no recovery delay). 0.9 s: at 20 tasks/s and 30 %
+#: pingback loss that is ~6 ids per request late-only (BENCH-6: 0.2 s gave ~2; 0.8 s measured
+#: 5.5), and the p99 recovery delay (~window + 10 ms) stays under 1 s; a higher rate fills
+#: the batch sooner.
 DEFAULT_POLL_BATCH_WINDOW: Final = 0.9
 #: Persist polls/lastPollAt/nextPollAt every Nth poll only: API writes per poll matter at scale.
 DEFAULT_POLL_STATUS_EVERY: Final = 5
@@ -196,7 +198,7 @@ _OPTIONS: Final[dict[str, _Option]] = {
         "--poll-batch-window",
         "POLL_BATCH_WINDOW_SECONDS",
         float,
-        "max lateness of a poll held back to share a bulk request with later ones",
+        "max lateness (and earliness) of a poll batched into a shared bulk request",
     ),
     "poll_status_every": _Option(
         "--poll-status-every",

@@ -162,9 +162,10 @@ class Harness:
         interval: int = 5,
         max_polls: int = 20,
         max_in_flight: int | None = None,
+        dialect: str = "captchaai",
     ) -> None:
         spec: dict[str, Any] = {
-            "dialect": "captchaai",
+            "dialect": dialect,
             "baseURL": emulator.base_url,
             "apiKeySecretRef": {"name": "solver"},
             "polling": {

@@ -19,9 +19,14 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from captchatask import kube, model
+from captchatask.emulator.config import DEFAULT_API_KEY
+from captchatask.emulator.server import RunningEmulator
 from captchatask.events import EventRecorder, EventType
 from captchatask.ledger import Ledger
 from captchatask.model import TaskRef, TaskView
+from captchatask.provider.client import ProviderClient
+from captchatask.provider.codes import Dialect
+from captchatask.provider.tasks import build_submit_params
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import Counters, Deps, EngineActions, ProviderState
@@ -118,6 +123,11 @@ class FakeEngine:
 
     def pump(self, provider_key: tuple[str, str]) -> None:
         self.calls.append(("pump", *provider_key))
+
+    def take_polls(
+        self, provider_key: tuple[str, str], *, by: float, limit: int
+    ) -> list[tuple[tuple[str, str], float]]:
+        return []
 
 
 def _conforms(fake: FakeEngine) -> EngineActions:
@@ -285,6 +295,81 @@ async def test_polls_of_a_provider_not_checked_yet_are_retried_soon(
     await poller.poll_batch(PROVIDER, [task.key, (NS, "gone")])
 
     assert fake.scheduled == {(Kind.POLL, *task.key): T0 + policy.UNCHECKED_RETRY}
+
+
+@pytest.mark.parametrize(
+    ("dialect", "requests", "sizes"),
+    [
+        (Dialect.TWOCAPTCHA, 2, {"1.0": 1, "2.0": 2, "3.0": 2}),  # bulk ids=: 2 ids, then 1
+        (Dialect.CAPTCHAAI, 3, {"1.0": 3, "2.0": 3, "3.0": 3}),  # one id per request
+    ],
+)
+async def test_the_batch_size_histogram_counts_ids_per_res_php_request(
+    fake: FakeEngine,
+    deps: Deps,
+    emulator: RunningEmulator,
+    dialect: Dialect,
+    requests: int,
+    sizes: dict[str, int],
+) -> None:
+    poller = Poller(_conforms(fake), deps)
+    state = provider_state()
+    state.client = ProviderClient(
+        session=deps.http,
+        base_url=emulator.base_url,
+        api_key=DEFAULT_API_KEY,
+        dialect=dialect,
+        bulk_max_ids=2,
+    )
+    fake.providers[PROVIDER] = state
+    keys = [
+        put_task(fake, f"t{n}", status={"phase": "Submitted", "providerTaskId": f"70000000{n}"}).key
+        for n in range(3)
+    ]
+
+    await poller.poll_batch(PROVIDER, keys)
+
+    labels = {"namespace": NS, "provider": "default"}
+    registry = deps.metrics.registry
+    name = "captchatask_poll_batch_size"
+    assert registry.get_sample_value(f"{name}_count", labels) == requests
+    assert registry.get_sample_value(f"{name}_sum", labels) == 3
+    for bound, count in sizes.items():
+        assert registry.get_sample_value(f"{name}_bucket", labels | {"le": bound}) == count
+    totals = emulator.summary()["totals"]
+    assert totals["res_requests"] == requests
+
+
+async def test_a_poll_taken_early_that_finds_no_answer_still_polls_at_its_due_time(
+    fake: FakeEngine, deps: Deps, emulator: RunningEmulator
+) -> None:
+    """Early must never cost recovery delay: not ready early is not "not ready when due"."""
+    poller = Poller(_conforms(fake), deps)
+    state = provider_state()
+    client = ProviderClient(
+        session=deps.http,
+        base_url=emulator.base_url,
+        api_key=DEFAULT_API_KEY,
+        dialect=Dialect.TWOCAPTCHA,
+    )
+    state.client = client
+    fake.providers[PROVIDER] = state
+    spec = {"type": "RecaptchaV2", "siteKey": "6Le-wvkSAAAAAPBMRTvw0Q4Muexq9bi0DJwx_mJ-"}
+    spec["pageURL"] = "https://shop.example.com/login"
+    keys = []
+    for name in ("due", "early"):
+        params = build_submit_params(spec, dialect=Dialect.TWOCAPTCHA, pingback_url=None)
+        pid = await client.submit(params)
+        keys.append(put_task(fake, name, status={"phase": "Submitted", "providerTaskId": pid}).key)
+        poller.polls[keys[-1]] = 1  # past the first poll: no status checkpoint is written
+    due_later = T0 + dt.timedelta(seconds=0.6)
+
+    await poller.poll_batch(PROVIDER, keys, early={keys[1]: due_later.timestamp()})
+
+    interval = dt.timedelta(seconds=state.spec.polling.interval)
+    assert fake.scheduled[(Kind.POLL, *keys[0])] == T0 + interval
+    assert fake.scheduled[(Kind.POLL, *keys[1])] == due_later
+    assert poller.polls[keys[1]] == 2
 
 
 # -- dead-letter requeue -----------------------------------------------------------------------

@@ -312,3 +312,16 @@ def test_threads_and_balance_decide_readiness() -> None:
         policy.provider_verdict(Dialect.TWOCAPTCHA, balance=0.0).reason is ProviderReason.NO_BALANCE
     )
     assert policy.provider_verdict(Dialect.TWOCAPTCHA, balance=3.5).ready
+
+
+def test_a_poll_taken_early_without_an_answer_is_planned_at_its_due_time() -> None:
+    spec = provider()  # intervalSeconds 30
+    early = policy.after_poll(
+        polls_before=1, provider=spec, now=at(129), checkpoint_every=5, was_due=at(130)
+    )
+    on_time = policy.after_poll(
+        polls_before=1, provider=spec, now=at(130), checkpoint_every=5, was_due=at(130)
+    )
+
+    assert (early.polls, early.next_due) == (2, at(130))
+    assert on_time.next_due == at(160)

@@ -308,3 +308,55 @@ def test_pop_due_timed_returns_the_due_times() -> None:
     schedule.set("b", 5.0)
 
     assert schedule.pop_due_timed(20.0) == [("b", 5.0), ("a", 10.0)]
+
+
+def submitted_task(eng: Engine, name: str, *, provider: str = "default") -> TaskRecord:
+    """A Submitted task in the index (no provider id: its poll is skipped, no request made)."""
+    view = model.TaskView.from_body(
+        {
+            "metadata": {"namespace": NS, "name": name, "uid": f"uid-{name}"},
+            "spec": {"type": "Turnstile", "providerRef": {"name": provider}},
+            "status": {"phase": "Submitted"},
+        }
+    )
+    record = TaskRecord.from_view(view, now=T0)
+    eng.tasks.put(record)
+    return record
+
+
+async def test_a_batch_that_goes_out_takes_the_providers_polls_due_within_the_window(
+    engine: tuple[Engine, FakeClock],
+) -> None:
+    """Polling a little early costs no request: the ids ride in a request that goes anyway."""
+    eng, clock = engine
+    window = eng.settings.poll_batch_window
+    async with aiohttp.ClientSession() as session:
+        state = provider_with_client(eng, session, dialect=Dialect.TWOCAPTCHA, bulk_max_ids=3)
+        t = clock.now.timestamp()
+        sent_at = t + window
+        names = ("a", "soon", "sooner", "full", "beyond")
+        for name in names:
+            submitted_task(eng, name)
+        submitted_task(eng, "elsewhere", provider="other")
+        at = {
+            "soon": sent_at + 0.5 * window,
+            "sooner": sent_at + 0.4 * window,
+            "full": sent_at + 0.6 * window,  # a fourth id would need a second request
+            "beyond": sent_at + 1.5 * window,
+            "elsewhere": sent_at + 0.1 * window,  # another provider's request
+        }
+        for name, due in at.items():
+            eng.schedule_at(Kind.POLL, (NS, name), dt.datetime.fromtimestamp(due, dt.UTC))
+        eng.poller.collect(state.spec.key, (NS, "a"), due=t)
+
+        eng.poller.flush(sent_at)
+
+    def still_scheduled(name: str) -> bool:
+        return eng.schedule.due_of((Kind.POLL, NS, name)) is not None
+
+    assert eng.poller.batches == {}
+    assert not still_scheduled("sooner")
+    assert not still_scheduled("soon")
+    assert still_scheduled("full")
+    assert still_scheduled("beyond")
+    assert still_scheduled("elsewhere")

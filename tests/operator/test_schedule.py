@@ -64,3 +64,25 @@ def test_the_heap_is_compacted_when_stale_items_pile_up() -> None:
     assert len(schedule) == 10
     assert schedule.heap_size <= 2 * 10 + 64 + 1
     assert schedule.pop_due(10_000.0) == list(range(10))
+
+
+def test_take_due_takes_accepted_keys_due_by_the_horizon_earliest_first_up_to_a_limit() -> None:
+    schedule: Schedule[str] = Schedule()
+    for key, due in (("p3", 13.0), ("p1", 11.0), ("x", 10.5), ("p2", 12.0), ("p9", 19.0)):
+        schedule.set(key, due)
+    schedule.set("p1", 11.5)  # rescheduled: its stale item must not be taken twice
+
+    taken = schedule.take_due(15.0, accept=lambda key: key.startswith("p"), limit=2)
+
+    assert taken == [("p1", 11.5), ("p2", 12.0)]
+    assert schedule.due_of("p1") is None
+    assert schedule.due_of("p2") is None
+    assert schedule.pop_due(100.0) == ["x", "p3", "p9"]
+
+
+def test_take_due_takes_nothing_without_room() -> None:
+    schedule: Schedule[str] = Schedule()
+    schedule.set("p", 1.0)
+
+    assert schedule.take_due(5.0, accept=lambda _key: True, limit=0) == []
+    assert schedule.due_of("p") == 1.0

@@ -7,6 +7,7 @@ assertions are on that sequence) and moves the emulator's manual clock or waits 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -516,3 +517,18 @@ async def test_the_api_key_never_appears_in_errors_reprs_or_logs(
     for record in caplog.records:
         assert SECRET_KEY not in record.getMessage()
         assert SECRET_KEY not in repr(record.__dict__)
+
+
+async def test_a_bulk_reply_that_cannot_be_split_falls_back_to_one_get_per_id(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Nothing escapes a ``|`` inside an answer: rather one call per id than no result at all."""
+    singles = [(200, json.dumps({"status": 1, "request": f"tok{n}"})) for n in (1, 2, 3)]
+    async with scripted([(200, "a|b|c|d"), *singles]) as (url, seen):
+        client = make_client(session, url, dialect=Dialect.TWOCAPTCHA, transport_retries=0)
+
+        results = await client.get_results(["1", "2", "3"])
+
+    assert results == {str(n): Solution(token=f"tok{n}") for n in (1, 2, 3)}
+    assert [request["form"].get("ids") for request in seen] == ["1,2,3", None, None, None]
+    assert [request["form"].get("id") for request in seen] == [None, "1", "2", "3"]

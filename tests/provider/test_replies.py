@@ -157,6 +157,18 @@ def test_bulk_reply_with_wrong_item_count_is_malformed() -> None:
         parse_bulk("ERROR_WRONG_USER_KEY", ["1", "2"])
 
 
+def test_a_bulk_answer_that_contains_the_separator_stays_one_item() -> None:
+    """GeeTest v3 answers are JSON whose ``seccode`` ends in ``|jordan``: not a separator."""
+    geetest = json.dumps({"challenge": "c1", "validate": "v1", "seccode": "v1|jordan"})
+    body = json.dumps({"status": 1, "request": f"tok1|{geetest}|CAPCHA_NOT_READY"})
+
+    assert parse_bulk(body, ["1", "2", "3"]) == {
+        "1": "tok1",
+        "2": geetest,
+        "3": "CAPCHA_NOT_READY",
+    }
+
+
 def test_bulk_single_id_error_is_an_item() -> None:
     assert parse_bulk("ERROR_WRONG_CAPTCHA_ID", ["1"]) == {"1": "ERROR_WRONG_CAPTCHA_ID"}
 

@@ -298,8 +298,17 @@ class ProviderClient:
             chunk = ids[start : start + self._bulk_max_ids]
             if len(chunk) == 1:
                 results[chunk[0]] = await self.get_result(chunk[0])
-            else:
+                continue
+            try:
                 results.update(await self._get_bulk(chunk))
+            except ProviderError as exc:
+                if exc.classification.code != codes.UNPARSEABLE_REPLY:
+                    raise
+                # An answer holding an unescaped "|" that no rule could glue back: one call
+                # per id costs more, but a bulk request that never parses would cost the
+                # results themselves.
+                for task_id in chunk:
+                    results[task_id] = await self.get_result(task_id)
         return results
 
     async def get_balance(self) -> float:

@@ -256,11 +256,48 @@ def parse_bulk(text: str, ids: Sequence[str]) -> dict[str, str]:
         items = reply.request.split("|") if reply.ok else [reply.request]
     else:
         items = body.split("|")
+    if len(items) > len(ids):
+        items = _rejoin_json(items)
     if len(items) == len(ids) + 1 and items[0] == _PLAIN_OK:
         items = items[1:]
     if len(items) != len(ids):
         raise MalformedReplyError(f"bulk reply has {len(items)} items for {len(ids)} ids")
     return dict(zip(ids, items, strict=True))
+
+
+def _rejoin_json(pieces: Sequence[str]) -> list[str]:
+    """Glue back JSON answers that the ``|`` split cut apart.
+
+    A bulk reply joins answers with ``|``, and nothing escapes a ``|`` inside an answer: a
+    GeeTest v3 answer is JSON whose ``seccode`` ends in ``|jordan``. An item that opens a JSON
+    object or list but does not parse is joined with the following pieces until it does; if
+    it never does, the pieces are left as they were (and the item count then says malformed).
+    """
+    items: list[str] = []
+    index = 0
+    while index < len(pieces):
+        piece = pieces[index]
+        end = index
+        if piece.startswith(("{", "[")):
+            candidate = piece
+            while not _is_json(candidate) and end + 1 < len(pieces):
+                end += 1
+                candidate = f"{candidate}|{pieces[end]}"
+            if _is_json(candidate):
+                piece = candidate
+            else:
+                end = index
+        items.append(piece)
+        index = end + 1
+    return items
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
 
 
 def parse_balance(reply: Reply) -> float:
