@@ -88,7 +88,8 @@ def ingestion_table(results: dict[str, Any]) -> str:
         row(
             "**ours, ledger path** (real API server)",
             ledger,
-            f"{ledger['recorded_per_second']:,.0f} recorded/s",
+            f"{ledger['recorded_per_second']:,.0f} recorded/s{_of_api_ceiling(ours, ledger)}"
+            f"; {ledger['outcomes'].get('spooled', 0):,.0f} spooled",
         ),
     ]
     closed = _table(
@@ -116,6 +117,14 @@ def ingestion_table(results: dict[str, Any]) -> str:
     )
     limit = ceiling_table(ours)
     return f"{closed}\n\n{paced}" + (f"\n\n{limit}" if limit else "")
+
+
+def _of_api_ceiling(ours: dict[str, Any], run: dict[str, Any]) -> str:
+    """`` (N% of the API ceiling)`` for a run's recorded rate, when the ceiling was measured."""
+    raw = ours.get("raw_ceiling")
+    if not raw or not raw.get("patches_per_second"):
+        return ""
+    return f" ({run['recorded_per_second'] / raw['patches_per_second']:.0%} of the API ceiling)"
 
 
 def ceiling_table(ours: dict[str, Any]) -> str:
