@@ -13,9 +13,11 @@ import asyncio
 from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
+import pytest
 
 from captchatask import kube
 from captchatask.model import DeliveredBy, TaskRef
@@ -101,3 +103,24 @@ async def test_pingbacks_beyond_the_writes_in_flight_are_spooled_without_waiting
         view = await cluster.task(namespace, f"burst-{index}")
         assert view is not None
         assert (view.solution_token, view.delivered_by) == (f"tok-{index}", DeliveredBy.PINGBACK)
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--ledger-min-in-flight=8", "--ledger-max-in-flight=4"], b"LEDGER_MAX_IN_FLIGHT"),
+        (["--ledger-max-in-flight=0"], b"LEDGER_MAX_IN_FLIGHT"),
+        (["--ledger-latency-tolerance=0.5"], b"LEDGER_LATENCY_TOLERANCE"),
+    ],
+)
+async def test_a_limit_that_cannot_hold_exits_2_with_the_setting_named(
+    sidecar: SidecarFactory, unreachable: Path, flags: list[str], named: bytes
+) -> None:
+    process = sidecar(kubeconfig=unreachable, namespace="apps", run=False)
+    process.argv.extend(flags)
+    proc = await asyncio.create_subprocess_exec(
+        *process.argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    _out, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"CAPTCHATASK_" + named in err
