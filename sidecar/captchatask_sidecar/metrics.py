@@ -12,7 +12,7 @@ alert must name its own. The value is only ever a namespace this process serves 
 for any other is rejected before it is counted), so cardinality is bounded by configuration. A
 rejected pingback proves nothing about whose it is: it is counted with an empty ``namespace``,
 which Prometheus drops, so under ``honor_labels`` it lands in the receiver's own namespace.
-Series about the process itself (spool, local API, watch) have no such label.
+Series about the process itself (spool, ledger admission, local API, watch) have no such label.
 """
 
 from __future__ import annotations
