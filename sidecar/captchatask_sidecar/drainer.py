@@ -103,10 +103,19 @@ class Drainer:
             self.wake.clear()
             now = time.monotonic()
             available = self.recorder.api_available
-            room = self.concurrency - len(running) if available else (0 if running else 1)
-            for entry in self.spool.due(now, room):
+            gate = self.recorder.gate
+            # Pingback writes still in flight keep their share of the API server: no new ones
+            # start while there is a backlog, so the drainer has it all one round trip later.
+            room = (
+                max(self.concurrency - len(running) - gate.limit.in_flight, 0 if running else 1)
+                if available
+                else (0 if running else 1)
+            )
+            due = self.spool.due(now, room)
+            for entry in due:
                 entry.in_flight = True  # before the task runs: the next due() must skip it
                 running.add(asyncio.create_task(self._replay(entry)))
+            gate.backlog = bool(running)  # nothing running: nothing was due, pingbacks may write
             if not running:
                 if not available and not self.spool.depth:
                     await self._probe()

@@ -23,8 +23,10 @@ or finds the API server unavailable shrinks it at once (:meth:`GradientLimit.dro
 does not grow while fewer than half of it are in use (it would say nothing about the API server).
 
 :class:`LedgerGate` adds the one rule that makes acknowledgements independent of the API server:
-while the drainer is replaying spooled results, the API server is already not keeping up, so a new
-pingback joins the spool behind them instead of competing with them (``backlog``).
+while results wait in the spool or the drainer is replaying them, the API server is already not
+keeping up, so a new pingback joins the spool behind them instead of competing with them
+(``backlog``). The drainer in turn leaves room for the pingback writes still in flight, so the
+hand-over from one to the other does not stretch those writes.
 
 Everything here is pure and synchronous: time comes from an injected clock, so the tests drive it
 by hand and nothing here sleeps or awaits.
@@ -204,10 +206,13 @@ class LedgerGate:
         self.limit = limit
         #: Spooled results being replayed right now (the drainer's writes in flight).
         self.replaying = 0
+        #: Results wait in the spool for the drainer (set on every append, cleared by the drainer
+        #: when it finds nothing due).
+        self.backlog = False
 
     def decide(self) -> Decision:
         """Write now (a slot was taken: release or drop it), or why to divert to the spool."""
-        if self.replaying:
+        if self.backlog or self.replaying:
             return Decision.BACKLOG
         if not self.limit.acquire():
             return Decision.LIMIT

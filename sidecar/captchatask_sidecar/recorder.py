@@ -119,6 +119,7 @@ class Recorder:
                 source=source,
             )
         )
+        self.gate.backlog = True  # the next pingbacks queue behind it, in the spool
         return SPOOLED
 
     async def _write(

@@ -163,10 +163,13 @@ def test_impossible_settings_are_refused(bad: dict[str, float]) -> None:
         LimitSettings(**bad)  # type: ignore[arg-type]
 
 
-def test_the_gate_diverts_beyond_the_limit_and_while_the_drainer_replays() -> None:
+def test_the_gate_diverts_beyond_the_limit_and_while_results_wait_in_the_spool() -> None:
     gate = LedgerGate(GradientLimit(LimitSettings(initial=2, maximum=2), clock=FakeClock()))
     assert [gate.decide() for _ in range(3)] == [Decision.WRITE, Decision.WRITE, Decision.LIMIT]
     gate.limit.release(0.004)
+    gate.backlog = True  # the diverted result was spooled
+    assert gate.decide() is Decision.BACKLOG  # join the spool behind it, even with a free slot
+    gate.backlog = False
     gate.replay_started()
     assert gate.decide() is Decision.BACKLOG  # the drainer is behind: join the spool
     gate.replay_finished()
