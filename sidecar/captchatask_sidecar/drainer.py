@@ -15,7 +15,9 @@ Pace: replays form a closed loop of at most ``concurrency`` writes in flight, a 
 as soon as one ends (not in batches that wait for their slowest write), so the spool drains at
 the API server's own pace and no faster. While replays are in flight the recorder's
 :class:`~.limiter.LedgerGate` sends new pingbacks to the spool behind them: the API server is
-already behind, and a new result should not overtake older acknowledged ones for its time.
+already behind, and a new result should not overtake older acknowledged ones for its time. The
+pingback writes still in flight when a backlog starts keep their share of ``concurrency`` until
+they end, so the hand-over does not stretch them.
 """
 
 from __future__ import annotations
