@@ -445,6 +445,7 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         )
         out["ledger_paced"]["outcomes"] = _delta(_outcomes(stack), before)
 
+        _wait_drained(stack)  # the paced run's spooled results: applied before wrk starts
         say(f"ledger path: wrk {profile.ledger_wrk_seconds:g}s over {len(wrk_paths)} tasks")
         wrk_file = wrk.write_paths(workdir / "ledger-wrk.paths", wrk_paths)
         before = _outcomes(stack)
