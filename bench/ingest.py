@@ -210,13 +210,22 @@ def _wait_drained(stack: Stack, *, patience: float = APPLIED_STALL_SECONDS) -> N
     raise RuntimeError("the sidecar's spool did not drain")
 
 
-def _wait_applied(stack: Stack, before: float, expected: int) -> tuple[float, float]:
-    """Wait until ``expected`` more results are in the ledger; (wall time then, how many)."""
+def _wait_applied(
+    stack: Stack, before: float, expected: int, in_flight: list[float]
+) -> tuple[float, float]:
+    """Wait until ``expected`` more results are in the ledger; (wall time then, how many).
+
+    Each poll also appends the drainer's replays in flight to ``in_flight`` (how hard it pushed).
+    """
     last_progress = time.monotonic()
     seen = -1.0
     while True:
         now = time.time()
-        applied = _applied(cluster.scrape(stack.sidecar_metrics_url)) - before
+        samples = cluster.scrape(stack.sidecar_metrics_url)
+        applied = _applied(samples) - before
+        in_flight.append(
+            cluster.metric_sum(samples, "captchatask_ledger_in_flight", writer="replay")
+        )
         if applied >= expected:
             return now, applied
         if applied > seen:
@@ -247,9 +256,12 @@ def _overload(
     before_samples = cluster.scrape(stack.sidecar_metrics_url)
     before = _applied(before_samples)
     outcomes_before = _outcomes(stack)
+    api_before = cluster.apiserver_metrics(stack)
     run = _paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
-    done_at, applied = _wait_applied(stack, before, expected=len(tasks))
+    in_flight: list[float] = []
+    done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
+    api_after = cluster.apiserver_metrics(stack)
     elapsed = done_at - run["started_at"]
     diverted = _diverted(after_samples)
     diverted_before = _diverted(before_samples)
@@ -260,6 +272,19 @@ def _overload(
         "applied": applied,
         "seconds_to_apply_all": round(elapsed, 3),
         "ledger_per_second": round(applied / elapsed, 1) if elapsed > 0 else None,
+        # Where the time went: how many replays the drainer kept in flight, what the API server
+        # itself says of the status PATCHes, and whether pingback writes timed out.
+        "replays_in_flight_mean": round(sum(in_flight) / len(in_flight), 1) if in_flight else None,
+        "apiserver_patch_status": _patch_latency(api_before, api_after),
+        "ledger_errors": {
+            reason: cluster.metric_sum(
+                after_samples, "captchatask_ledger_write_errors_total", reason=reason
+            )
+            - cluster.metric_sum(
+                before_samples, "captchatask_ledger_write_errors_total", reason=reason
+            )
+            for reason in ("timeout", "unavailable", "api_error")
+        },
     }
 
 

@@ -172,7 +172,13 @@ def ceiling_table(ours: dict[str, Any]) -> str:
                 f"{sum(diverted.values()):,.0f} (limit {diverted.get('limit', 0):,.0f}, "
                 f"backlog {diverted.get('backlog', 0):,.0f})",
                 f"{_num(over['ledger_per_second'], 0)} results/s "
-                f"(all {over['applied']:,.0f} in {over['seconds_to_apply_all']:.1f} s)",
+                f"(all {over['applied']:,.0f} in {over['seconds_to_apply_all']:.1f} s"
+                + (
+                    f"; {over['replays_in_flight_mean']:g} replays in flight on average"
+                    if over.get("replays_in_flight_mean") is not None
+                    else ""
+                )
+                + ")",
                 f"{over['ledger_per_second'] / ceiling:.0%}",
             ]
         )
