@@ -9,6 +9,13 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
 * **ours, ledger path** — the sidecar of a real :class:`~captchatask.stack.Stack` in front of the
   real kube-apiserver; every request goes to a distinct task prepared in ``Submitted``, so each
   pingback records one result (one CAS PATCH);
+* **raw API-server ceiling** — :mod:`bench.ceiling`: a minimal aiohttp client, 64 in flight, one
+  status JSON patch per task, against the same etcd + kube-apiserver; every ledger figure below is
+  also given as a ratio to it;
+* **ours, overload** — twice that ceiling offered to the sidecar, open loop
+  (:mod:`bench.loadgen`): the pingbacks' p99, their 5xx, and the rate at which the results reach
+  the ledger (first pingback sent to the last result applied, pingback path and spool replays
+  together) as a ratio of the ceiling;
 * **ours, spool path** — the same sidecar with the API server frozen (``SIGSTOP``,
   ``stack.plane.pause()``): the first pingback waits out the 0.5 s ledger budget and opens the
   sidecar's circuit; from then on every pingback is appended to the spool and group-fsync'd
@@ -36,9 +43,10 @@ from typing import Any, Final
 
 import aiohttp
 
-from bench import cluster, cores, profiler, wrk
+from bench import ceiling, cluster, cores, profiler, wrk
 from bench.loadgen import percentile
 from bench.profiles import Profile
+from captchatask import kube
 from captchatask.decision import Result
 from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy
@@ -54,6 +62,17 @@ LATENCY_LANES: Final = 4
 #: Time for the long-poll to be registered before the pingback is sent.
 LONG_POLL_SETTLE_SECONDS: Final = 0.05
 SERVER_READY_TIMEOUT: Final = 30.0
+#: Offered load of the overload run, in multiples of the raw API-server ceiling.
+OVERLOAD_FACTOR: Final = 2.0
+#: Requests the paced load generator sends to warm its pool before the clock starts (its own).
+LOADGEN_WARMUP: Final = 16
+#: How often the results' arrival in the ledger is sampled (bounds the error of the rate).
+APPLIED_POLL_SECONDS: Final = 0.05
+#: Give up waiting for results to reach the ledger after this long without progress.
+APPLIED_STALL_SECONDS: Final = 60.0
+#: The closed-loop ledger run spools tens of thousands of pingbacks; the drainer needs minutes
+#: for them on a slow machine.
+SPOOL_DRAIN_PATIENCE_SECONDS: Final = 600.0
 GUNICORN_THREADS: Final = 8
 
 Say = Callable[[str], None]
@@ -166,6 +185,109 @@ def _outcomes(stack: Stack) -> dict[str, float]:
     }
 
 
+def _applied(samples: cluster.Samples) -> float:
+    """Results in the ledger by this sidecar: on the pingback path or replayed from the spool."""
+    return cluster.metric_sum(
+        samples, "captchatask_pingbacks_total", outcome="recorded"
+    ) + cluster.metric_sum(samples, "captchatask_spool_replays_total", outcome="recorded")
+
+
+def _diverted(samples: cluster.Samples) -> dict[str, float]:
+    return {
+        reason: cluster.metric_sum(samples, "captchatask_ledger_diverted_total", reason=reason)
+        for reason in ("limit", "backlog")
+    }
+
+
+def _wait_drained(stack: Stack, *, patience: float = APPLIED_STALL_SECONDS) -> None:
+    """Wait until the sidecar's spool is empty (earlier runs' results all applied)."""
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline:
+        samples = cluster.scrape(stack.sidecar_metrics_url)
+        if not cluster.metric_sum(samples, "captchatask_pingback_spool_depth"):
+            return
+        time.sleep(APPLIED_POLL_SECONDS)
+    raise RuntimeError("the sidecar's spool did not drain")
+
+
+def _wait_applied(
+    stack: Stack, before: float, expected: int, in_flight: list[float]
+) -> tuple[float, float]:
+    """Wait until ``expected`` more results are in the ledger; (wall time then, how many).
+
+    Each poll also appends the drainer's replays in flight to ``in_flight`` (how hard it pushed).
+    """
+    last_progress = time.monotonic()
+    seen = -1.0
+    while True:
+        now = time.time()
+        samples = cluster.scrape(stack.sidecar_metrics_url)
+        applied = _applied(samples) - before
+        in_flight.append(
+            cluster.metric_sum(samples, "captchatask_ledger_in_flight", writer="replay")
+        )
+        if applied >= expected:
+            return now, applied
+        if applied > seen:
+            seen, last_progress = applied, time.monotonic()
+        elif time.monotonic() - last_progress > APPLIED_STALL_SECONDS:
+            return now, applied
+        time.sleep(APPLIED_POLL_SECONDS)
+
+
+async def _raw_ceiling(stack: Stack, tasks: Sequence[cluster.SubmittedTask]) -> dict[str, Any]:
+    config = kube.load_config(str(stack.plane.kubeconfig))
+    return await ceiling.probe(config, tasks, token=TOKEN)
+
+
+def _overload(
+    stack: Stack,
+    tasks: Sequence[cluster.SubmittedTask],
+    signer: PingbackSigner,
+    *,
+    rate: float,
+    seconds: float,
+    workdir: Path,
+) -> dict[str, Any]:
+    """Offer ``rate`` pingbacks/s (each to its own task) open loop; follow them into the ledger."""
+    paths = [signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}" for task in tasks]
+    paths_file = wrk.write_paths(workdir / "overload.paths", paths)
+    _wait_drained(stack)
+    before_samples = cluster.scrape(stack.sidecar_metrics_url)
+    before = _applied(before_samples)
+    outcomes_before = _outcomes(stack)
+    api_before = cluster.apiserver_metrics(stack)
+    run = _paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
+    in_flight: list[float] = []
+    done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
+    after_samples = cluster.scrape(stack.sidecar_metrics_url)
+    api_after = cluster.apiserver_metrics(stack)
+    elapsed = done_at - run["started_at"]
+    diverted = _diverted(after_samples)
+    diverted_before = _diverted(before_samples)
+    return run | {
+        "outcomes": _delta(_outcomes(stack), outcomes_before),
+        "diverted": {key: diverted[key] - diverted_before[key] for key in diverted},
+        "results": len(tasks),
+        "applied": applied,
+        "seconds_to_apply_all": round(elapsed, 3),
+        "ledger_per_second": round(applied / elapsed, 1) if elapsed > 0 else None,
+        # Where the time went: how many replays the drainer kept in flight, what the API server
+        # itself says of the status PATCHes, and whether pingback writes timed out.
+        "replays_in_flight_mean": round(sum(in_flight) / len(in_flight), 1) if in_flight else None,
+        "apiserver_patch_status": _patch_latency(api_before, api_after),
+        "ledger_errors": {
+            reason: cluster.metric_sum(
+                after_samples, "captchatask_ledger_write_errors_total", reason=reason
+            )
+            - cluster.metric_sum(
+                before_samples, "captchatask_ledger_write_errors_total", reason=reason
+            )
+            for reason in ("timeout", "unavailable", "api_error")
+        },
+    }
+
+
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
     return {key: after[key] - before.get(key, 0.0) for key in after}
 
@@ -260,15 +382,20 @@ async def _direct_records(stack: Stack, tasks: Sequence[cluster.SubmittedTask]) 
     }
 
 
-async def _prepare(stack: Stack, count: int) -> list[cluster.SubmittedTask]:
+#: Provider ids of the prepared tasks, per name prefix (each prefix its own range).
+_FIRST_IDS: Final = {"ing": 8_000_000_000, "ceil": 8_100_000_000, "over": 8_200_000_000}
+
+
+async def _prepare(stack: Stack, count: int, *, prefix: str = "ing") -> list[cluster.SubmittedTask]:
     async with cluster.kube_session(stack) as client:
         return await cluster.create_submitted_tasks(
-            client, NAMESPACE, prefix="ing", count=count, first_id=8_000_000_000
+            client, NAMESPACE, prefix=prefix, count=count, first_id=_FIRST_IDS[prefix]
         )
 
 
 def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
-    """The sidecar: pingback -> app latency, ledger path, then spool path (API server frozen)."""
+    """The sidecar: pingback -> app latency, the API server's ceiling and overload, ledger path,
+    then spool path (API server frozen)."""
     out: dict[str, Any] = {}
     stack = Stack(StackConfig(workdir=workdir / "stack", namespace=NAMESPACE), progress=say)
     try:
@@ -300,6 +427,41 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         say(f"pingback -> app: {len(latency_tasks)} long-polls")
         out["app_latency"] = asyncio.run(_app_latency(stack, latency_tasks, signer))
 
+        # The API server's own ceiling and the overload run come before the ledger runs: those
+        # leave a spool backlog whose replays would compete with them.
+        say(f"reference: {len(reference_tasks)} ledger records straight from a client")
+        out["apiserver_reference"] = asyncio.run(_direct_records(stack, reference_tasks))
+        say(f"  {out['apiserver_reference']['records_per_second']:,.0f} records/s")
+
+        say(
+            f"raw API-server ceiling: {profile.ceiling_tasks} status patches, "
+            f"{ceiling.PROBE_IN_FLIGHT} in flight"
+        )
+        ceiling_tasks = asyncio.run(_prepare(stack, profile.ceiling_tasks, prefix="ceil"))
+        raw = out["raw_ceiling"] = asyncio.run(_raw_ceiling(stack, ceiling_tasks))
+        say(f"  {raw['patches_per_second']:,.0f} patches/s, p99 {raw['p99_ms']:.1f} ms")
+        rate = OVERLOAD_FACTOR * raw["patches_per_second"]
+        count = round(rate * profile.overload_seconds) + LOADGEN_WARMUP
+        say(
+            f"overload: preparing {count} tasks, then {rate:,.0f} req/s for "
+            f"{profile.overload_seconds:g}s (open loop)"
+        )
+        overload_tasks = asyncio.run(_prepare(stack, count, prefix="over"))
+        out["overload"] = _overload(
+            stack,
+            overload_tasks,
+            signer,
+            rate=rate,
+            seconds=profile.overload_seconds,
+            workdir=workdir,
+        ) | {"factor": OVERLOAD_FACTOR, "ceiling_per_second": raw["patches_per_second"]}
+        over = out["overload"]
+        say(
+            f"  p99 {over['p99_ms']:.2f} ms, {over['http_5xx']} 5xx; "
+            f"{over['ledger_per_second']:,.0f} results/s into the ledger "
+            f"({over['ledger_per_second'] / raw['patches_per_second']:.0%} of the ceiling)"
+        )
+
         say(f"ledger path: paced {profile.ledger_rate:g} req/s for {profile.paced_seconds:g}s")
         paced_file = wrk.write_paths(workdir / "ledger-paced.paths", paced_paths)
         before = _outcomes(stack)
@@ -308,6 +470,7 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         )
         out["ledger_paced"]["outcomes"] = _delta(_outcomes(stack), before)
 
+        _wait_drained(stack)  # the paced run's spooled results: applied before wrk starts
         say(f"ledger path: wrk {profile.ledger_wrk_seconds:g}s over {len(wrk_paths)} tasks")
         wrk_file = wrk.write_paths(workdir / "ledger-wrk.paths", wrk_paths)
         before = _outcomes(stack)
@@ -335,9 +498,12 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
             f"p99 {result.p99_ms:.1f} ms"
         )
 
-        say(f"reference: {len(reference_tasks)} ledger records straight from a client")
-        out["apiserver_reference"] = asyncio.run(_direct_records(stack, reference_tasks))
-        say(f"  {out['apiserver_reference']['records_per_second']:,.0f} records/s")
+        # The closed-loop ledger run spools most of what it sends: let the drainer apply it all
+        # (it is the ledger path too), so the spool path below starts from an empty spool.
+        drain_started = time.monotonic()
+        _wait_drained(stack, patience=SPOOL_DRAIN_PATIENCE_SECONDS)
+        out["ledger_wrk"]["drain_seconds"] = round(time.monotonic() - drain_started, 1)
+        say(f"  its spool drained in {out['ledger_wrk']['drain_seconds']:g} s")
 
         say("spool path: kube-apiserver frozen (SIGSTOP)")
         stack.plane.pause()

@@ -101,6 +101,9 @@ async def paced(
         "requests": count,
         "ok": len(latencies),
         "errors": len(errors),
+        "http_5xx": sum(1 for kind in errors if kind.startswith("HTTP 5")),
+        # Wall-clock time of the first due request (others compare their own clocks with it).
+        "started_at": round(time.time() - (time.perf_counter() - start), 3),
         "error_kinds": sorted(set(errors))[:5],
         "send_seconds": round(elapsed, 3),
         "rate_achieved": round(count / elapsed, 1) if elapsed > 0 else None,

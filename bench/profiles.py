@@ -36,6 +36,10 @@ class Profile:
         Tasks per pingback-loss level (each system).
     submit_rate
         Tasks per second submitted in the API-calls runs (the target: 20).
+    ceiling_tasks
+        Tasks the raw API-server ceiling probe patches (one status JSON patch each).
+    overload_seconds
+        Duration of the overload run (twice the raw ceiling offered, open loop).
     time_scale
         Factor applied to every protocol time in the API-calls and recovery runs.
     scale_tasks
@@ -60,6 +64,8 @@ class Profile:
     spool_rate: float = 1000.0
     ledger_rate: float = 500.0
     submit_rate: float = 20.0
+    ceiling_tasks: int = 2000
+    overload_seconds: float = 5.0
 
     @property
     def paced_ledger_tasks(self) -> int:
@@ -93,6 +99,8 @@ SMALL: Final = Profile(
     scale_tasks=300,
     scale_callback_timeout=15,
     scale_solve_seconds=(8.0, 12.0),
+    ceiling_tasks=300,
+    overload_seconds=1.5,
 )
 
 PROFILES: Final = {profile.name: profile for profile in (FULL, SMALL)}

@@ -10,6 +10,14 @@ backoff capped at :data:`MAX_BACKOFF_SECONDS`, so a recovered API server is noti
 a second; then it replays with full concurrency and closes the recorder's circuit. A record the
 API server keeps refusing (RBAC, a vanished namespace) backs off on its own so it cannot block
 the others.
+
+Pace: replays form a closed loop of at most ``concurrency`` writes in flight, a new one starting
+as soon as one ends (not in batches that wait for their slowest write), so the spool drains at
+the API server's own pace and no faster. While replays are in flight the recorder's
+:class:`~.limiter.LedgerGate` sends new pingbacks to the spool behind them: the API server is
+already behind, and a new result should not overtake older acknowledged ones for its time. The
+pingback writes still in flight when a backlog starts keep their share of ``concurrency`` until
+they end, so the hand-over does not stretch them.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Final
+from typing import Any, Final
 
 from captchatask import kube
 from captchatask.ledger import Ledger
@@ -37,6 +45,15 @@ IDLE_SECONDS: Final = 1.0
 #: Source recorded in dead letters written from the spool (the CRD's ``payload.source``).
 SPOOL_SOURCE: Final = "spool"
 _UNAVAILABLE: Final = "unavailable"
+
+
+async def _all_done(running: set[asyncio.Task[str]]) -> set[asyncio.Task[str]]:
+    """Wait for every replay in flight to end; take them out of ``running``."""
+    done = set(running)
+    running.clear()
+    if done:
+        await asyncio.wait(done)
+    return done
 
 
 class Drainer:
@@ -74,29 +91,72 @@ class Drainer:
 
     async def run(self) -> None:
         """Drain forever (cancelled at shutdown; unresolved records stay on disk)."""
+        running: set[asyncio.Task[str]] = set()
+        try:
+            await self._drain(running)
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+
+    async def _drain(self, running: set[asyncio.Task[str]]) -> None:
         backoff = INITIAL_BACKOFF_SECONDS
         while True:
             self.wake.clear()
             now = time.monotonic()
-            limit = self.concurrency if self.recorder.api_available else 1
-            due = self.spool.due(now, limit)
-            if not due:
-                if not self.recorder.api_available and not self.spool.depth:
+            available = self.recorder.api_available
+            gate = self.recorder.gate
+            # Pingback writes still in flight keep their share of the API server: no new ones
+            # start while there is a backlog, so the drainer has it all one round trip later.
+            room = (
+                max(self.concurrency - len(running) - gate.limit.in_flight, 0 if running else 1)
+                if available
+                else (0 if running else 1)
+            )
+            due = self.spool.due(now, room)
+            for entry in due:
+                entry.in_flight = True  # before the task runs: the next due() must skip it
+                running.add(asyncio.create_task(self._replay(entry)))
+            gate.backlog = bool(running)  # nothing running: nothing was due, pingbacks may write
+            if not running:
+                if not available and not self.spool.depth:
                     await self._probe()
                 await self._sleep(self._next_due(now))
                 continue
-            outcomes = await asyncio.gather(*(self._replay(entry) for entry in due))
+            outcomes = await self._next_outcomes(running, room_left=available)
             if _UNAVAILABLE in outcomes:
                 self.recorder.api_available = False
+                # Let the others in flight end (they meet the same API server) before probing.
+                outcomes += [task.result() for task in await _all_done(running)]
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
                 continue
+            if not outcomes:
+                continue  # woken by a new spool record: start it
             backoff = INITIAL_BACKOFF_SECONDS
             if not self.recorder.api_available:
                 logger.info(
                     "API server answers again: draining %d spooled results", self.spool.depth
                 )
                 self.recorder.api_available = True
+
+    async def _next_outcomes(
+        self, running: set[asyncio.Task[str]], *, room_left: bool
+    ) -> list[str]:
+        """Wait for at least one replay to end (or, with room for more, a new spool record)."""
+        waiter: asyncio.Task[bool] | None = None
+        watched: set[asyncio.Future[Any]] = set(running)
+        if room_left and len(running) < self.concurrency:
+            waiter = asyncio.create_task(self.wake.wait())
+            watched.add(waiter)
+        try:
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if waiter is not None:
+                waiter.cancel()
+        finished = [task for task in running if task.done()]
+        running.difference_update(finished)
+        return [task.result() for task in finished]
 
     def _next_due(self, now: float) -> float:
         """Seconds until the earliest backed-off record is due (bounded by the idle sleep)."""
@@ -123,6 +183,7 @@ class Drainer:
     async def _replay(self, entry: Entry) -> str:
         record = entry.record
         entry.in_flight = True
+        self.recorder.gate.replay_started()
         try:
             outcome = await self.recorder.apply(
                 self.ledger,
@@ -151,6 +212,7 @@ class Drainer:
             return "refused"
         finally:
             entry.in_flight = False
+            self.recorder.gate.replay_finished()
         self.metrics.replay(record.ref.namespace, outcome).inc()
         self.spool.resolve(entry)
         return outcome

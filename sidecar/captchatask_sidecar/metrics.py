@@ -12,7 +12,7 @@ alert must name its own. The value is only ever a namespace this process serves 
 for any other is rejected before it is counted), so cardinality is bounded by configuration. A
 rejected pingback proves nothing about whose it is: it is counted with an empty ``namespace``,
 which Prometheus drops, so under ``honor_labels`` it lands in the receiver's own namespace.
-Series about the process itself (spool, local API, watch) have no such label.
+Series about the process itself (spool, ledger admission, local API, watch) have no such label.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ REPLAY_OUTCOMES: Final = ("recorded", "duplicate", "late", "dead_lettered", "ret
 LEDGER_ERROR_REASONS: Final = ("timeout", "unavailable", "api_error", "dead_letter_failed")
 #: The background loops the sidecar supervises (:mod:`captchatask.supervise`).
 BACKGROUND_LOOPS: Final = ("drainer", "spool-probe")
+#: Which writer holds a ledger write in flight: the pingback path, or the drainer's replays.
+LEDGER_WRITERS: Final = ("pingback", "replay")
+#: Why a pingback went to the spool without trying the ledger (:mod:`.limiter`): the adaptive
+#: limit was reached, or the drainer was replaying older results (the API server is behind).
+DIVERT_REASONS: Final = ("limit", "backlog")
 #: Pingback handling takes about a millisecond on the ledger path and far less on the spool
 #: path; the buckets resolve both (and the 0.5 s ledger budget).
 HANDLE_BUCKETS: Final = (
@@ -146,6 +151,25 @@ class Metrics:
         for loop in BACKGROUND_LOOPS:
             self.loop_crashes.labels(loop)
             self.loop_healthy.labels(loop).set(1)
+        self.ledger_limit = Gauge(
+            "captchatask_ledger_limit",
+            "The adaptive limit on pingback ledger writes in flight (beyond it: the spool).",
+            registry=registry,
+        )
+        self.ledger_in_flight = Gauge(
+            "captchatask_ledger_in_flight",
+            "Ledger writes in flight, by writer (pingback path, or the drainer's replays).",
+            ["writer"],
+            registry=registry,
+        )
+        self.ledger_diverted = Counter(
+            "captchatask_ledger_diverted",
+            "Pingbacks sent straight to the spool without trying the ledger, by reason (limit:"
+            " the adaptive limit was reached; backlog: the drainer was replaying).",
+            ["reason"],
+            registry=registry,
+        )
+        self.diverted = {reason: self.ledger_diverted.labels(reason) for reason in DIVERT_REASONS}
         self.spool_writable.set(1)
         # Bound children: the hot path avoids the label lookup on every request.
         self._pingback: dict[tuple[str, str], Counter] = {
@@ -196,6 +220,17 @@ class Metrics:
         self.loop_healthy.labels(loop).set_function(lambda: 1.0 if healthy() else 0.0)
         crashes = self.loop_crashes.labels(loop)
         return lambda _exc: crashes.inc()
+    def track_ledger(
+        self,
+        *,
+        limit: Callable[[], float],
+        pingback_in_flight: Callable[[], float],
+        replay_in_flight: Callable[[], float],
+    ) -> None:
+        """Compute the ledger-admission gauges at scrape time from the limiter itself."""
+        self.ledger_limit.set_function(limit)
+        self.ledger_in_flight.labels("pingback").set_function(pingback_in_flight)
+        self.ledger_in_flight.labels("replay").set_function(replay_in_flight)
 
     def track_spool(self, *, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         """Compute the spool gauges at scrape time from the spool itself (always exact)."""

@@ -8,7 +8,10 @@ handler answers ``200``) only once the result is
 * written as a ``CaptchaDeadLetter`` when it belongs to no task instance (``dead_lettered``), or
 * appended to the local spool and fsync'd (``spooled``) when the API server did not answer
   within the ledger budget, refused the write for a reason worth retrying, or the dead letter
-  could not be written.
+  could not be written, or **without trying the ledger** when :class:`~.limiter.LedgerGate`
+  says so: the adaptive limit on ledger writes in flight is reached, or the drainer is still
+  replaying older results. Above the API server's capacity a pingback therefore costs a spool
+  append, not a place in the API server's queue; the drainer applies it at the API server's pace.
 
 If even the spool fails, :class:`~.spool.SpoolWriteError` propagates and the handler answers
 ``503``: the sender may not retry, but the sidecar never claims a result it does not hold.
@@ -31,6 +34,7 @@ from captchatask import kube
 from captchatask.decision import Outcome, Result
 from captchatask.ledger import Ledger
 from captchatask.model import DeadLetterReason, TaskRef, TaskView
+from captchatask_sidecar.limiter import Decision, GradientLimit, LedgerGate, LimitSettings
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.spool import Spool
 from captchatask_sidecar.spoolformat import SpoolRecord
@@ -59,6 +63,10 @@ class Recorder:
         This receiver's name, written into dead letters.
     publish
         Called with a task after a result reached it (wakes local-API long-polls at once).
+    gate
+        Decides write-now or spool per pingback (default: the default adaptive limit).
+    clock
+        Monotonic seconds, for the write times the gate learns from.
     """
 
     def __init__(
@@ -70,6 +78,8 @@ class Recorder:
         budget: float,
         received_by: str,
         publish: Publish | None = None,
+        gate: LedgerGate | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.ledger = ledger
         self.spool = spool
@@ -77,6 +87,8 @@ class Recorder:
         self.budget = budget
         self.received_by = received_by
         self.publish = publish
+        self.clock = clock
+        self.gate = gate or LedgerGate(GradientLimit(LimitSettings(), clock=clock))
         #: The circuit: ``False`` while the API server is known to be away (set by timeouts
         #: here, cleared by the drainer when the API server answers again).
         self.api_available = True
@@ -91,26 +103,13 @@ class Recorder:
         """
         received_at = time.time()
         if self.api_available:
-            try:
-                async with asyncio.timeout(self.budget):
-                    return await self.apply(
-                        self.ledger, ref, result, source=source, received_at=received_at
-                    )
-            except TimeoutError:
-                self.metrics.ledger_error(ref.namespace, "timeout").inc()
-                self._open_circuit("the ledger budget was exceeded")
-            except kube.KubeUnavailable as exc:
-                self.metrics.ledger_error(ref.namespace, "unavailable").inc()
-                self._open_circuit(str(exc))
-            except kube.ApiError as exc:
-                self.metrics.ledger_error(ref.namespace, "api_error").inc()
-                logger.warning(
-                    "ledger write for %s/%s refused (%s %s); spooling it",
-                    ref.namespace,
-                    ref.name,
-                    exc.status,
-                    exc.reason,
-                )
+            decision = self.gate.decide()
+            if decision is Decision.WRITE:
+                written = await self._write(ref, result, source=source, received_at=received_at)
+                if written is not None:
+                    return written
+            else:
+                self.metrics.diverted[decision.value].inc()
         await self.spool.append(
             SpoolRecord(
                 ref=ref,
@@ -120,7 +119,50 @@ class Recorder:
                 source=source,
             )
         )
+        self.gate.backlog = True  # the next pingbacks queue behind it, in the spool
         return SPOOLED
+
+    async def _write(
+        self, ref: TaskRef, result: Result, *, source: str, received_at: float
+    ) -> str | None:
+        """Apply within the budget on a slot the gate gave; ``None``: spool it instead.
+
+        The slot goes back to the limit exactly once, with what the write taught about the API
+        server: its duration, or a drop (timeout, unavailable), or nothing (a refusal is about
+        this write, not about load).
+        """
+        limit = self.gate.limit
+        started = self.clock()
+        try:
+            async with asyncio.timeout(self.budget):
+                outcome = await self.apply(
+                    self.ledger, ref, result, source=source, received_at=received_at
+                )
+        except TimeoutError:
+            limit.drop()
+            self.metrics.ledger_error(ref.namespace, "timeout").inc()
+            self._open_circuit("the ledger budget was exceeded")
+        except kube.KubeUnavailable as exc:
+            limit.drop()
+            self.metrics.ledger_error(ref.namespace, "unavailable").inc()
+            self._open_circuit(str(exc))
+        except kube.ApiError as exc:
+            limit.release(None)
+            self.metrics.ledger_error(ref.namespace, "api_error").inc()
+            logger.warning(
+                "ledger write for %s/%s refused (%s %s); spooling it",
+                ref.namespace,
+                ref.name,
+                exc.status,
+                exc.reason,
+            )
+        except BaseException:
+            limit.release(None)  # cancelled (shutdown) or a bug: give the slot back, learn nothing
+            raise
+        else:
+            limit.release(self.clock() - started)
+            return outcome
+        return None
 
     def _open_circuit(self, why: str) -> None:
         if self.api_available:

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
@@ -32,6 +33,7 @@ from captchatask.supervise import Supervisor
 from captchatask_sidecar.accesslog import RedactingAccessLogger
 from captchatask_sidecar.admin import Health, create_admin_app
 from captchatask_sidecar.drainer import Drainer
+from captchatask_sidecar.limiter import GradientLimit, LedgerGate, LimitSettings
 from captchatask_sidecar.local_api import LocalApi, create_local_app
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.pingback import PingbackReceiver, create_pingback_app
@@ -45,6 +47,25 @@ logger = logging.getLogger(__name__)
 
 #: API-server connections: the ledger path keeps this many PATCHes in flight at most.
 KUBE_CONNECTIONS: Final = 128
+#: Pingback ledger writes in flight before the adaptive limit has measured anything: a few, since
+#: a few already saturate a measured kube-apiserver; it grows from there if the API server keeps
+#: answering at its unloaded speed.
+INITIAL_LEDGER_IN_FLIGHT: Final = 4
+
+
+def ledger_gate(settings: Settings) -> LedgerGate:
+    """The pingback path's write-now-or-spool decision, configured from the settings."""
+    minimum, maximum = settings.ledger_min_in_flight, settings.ledger_max_in_flight
+    limit = GradientLimit(
+        LimitSettings(
+            initial=min(maximum, max(minimum, INITIAL_LEDGER_IN_FLIGHT)),
+            minimum=minimum,
+            maximum=maximum,
+            tolerance=settings.ledger_latency_tolerance,
+        ),
+        clock=time.monotonic,
+    )
+    return LedgerGate(limit)
 
 
 @dataclass
@@ -82,6 +103,12 @@ async def assemble(
         )
         client = kube.KubeClient(config, session)
         hub = TaskHub(client, settings.pod_namespace, metrics)
+        gate = ledger_gate(settings)
+        metrics.track_ledger(
+            limit=lambda: gate.limit.limit,
+            pingback_in_flight=lambda: float(gate.limit.in_flight),
+            replay_in_flight=lambda: float(gate.replaying),
+        )
         recorder = Recorder(
             # The hot path retries a "come back later" only within its budget, then spools.
             ledger=Ledger(
@@ -93,6 +120,7 @@ async def assemble(
             budget=settings.ledger_budget_seconds,
             received_by=settings.pod_name,
             publish=hub.publish,
+            gate=gate,
         )
         drainer = Drainer(
             recorder=recorder,

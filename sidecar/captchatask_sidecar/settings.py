@@ -26,6 +26,15 @@ DEFAULT_SPOOL_DIR: Final = "/var/lib/captchatask/spool"
 #: How long a pingback waits for the API server before it is spooled instead: short, because
 #: some providers close the connection after about 2 s (CapMonster clones document it).
 DEFAULT_LEDGER_BUDGET_SECONDS: Final = 0.5
+#: Bounds of the adaptive limit on pingback ledger writes in flight (:mod:`.limiter`): the
+#: pingback path writes to the ledger only within it and spools the rest at once. One write
+#: always goes through (the minimum); 16 is past the point where a measured kube-apiserver took
+#: more results per second, and only adds queueing (a few in flight already saturate it).
+DEFAULT_LEDGER_MIN_IN_FLIGHT: Final = 1
+DEFAULT_LEDGER_MAX_IN_FLIGHT: Final = 16
+#: How many times its unloaded time a ledger write may take before the limit shrinks: 2 keeps a
+#: pingback's own wait within a few milliseconds of what an idle API server needs.
+DEFAULT_LEDGER_LATENCY_TOLERANCE: Final = 2.0
 #: A token is at most 64 KiB (the CRD's limit); the form/multipart envelope adds a little.
 DEFAULT_MAX_BODY_BYTES: Final = 96 * 1024
 #: An image task carries up to 800 KiB of base64; the local API accepts that plus the JSON.
@@ -67,6 +76,19 @@ ENV: Final[dict[str, tuple[str, str]]] = {
     "ledger_budget_seconds": (
         "CAPTCHATASK_LEDGER_BUDGET_SECONDS",
         "how long a pingback waits for the API server before it is spooled",
+    ),
+    "ledger_min_in_flight": (
+        "CAPTCHATASK_LEDGER_MIN_IN_FLIGHT",
+        "lower bound of the adaptive limit on pingback ledger writes in flight",
+    ),
+    "ledger_max_in_flight": (
+        "CAPTCHATASK_LEDGER_MAX_IN_FLIGHT",
+        "upper bound of that limit (beyond it pingbacks go to the spool at once;"
+        " min = max fixes it)",
+    ),
+    "ledger_latency_tolerance": (
+        "CAPTCHATASK_LEDGER_LATENCY_TOLERANCE",
+        "times its unloaded duration a ledger write may take before the limit shrinks",
     ),
     "max_body_bytes": ("CAPTCHATASK_MAX_BODY_BYTES", "largest accepted pingback body"),
     "read_timeout_seconds": (
@@ -152,6 +174,9 @@ class Settings:
     pingback_key_file: Path
     spool_dir: Path
     ledger_budget_seconds: float = DEFAULT_LEDGER_BUDGET_SECONDS
+    ledger_min_in_flight: int = DEFAULT_LEDGER_MIN_IN_FLIGHT
+    ledger_max_in_flight: int = DEFAULT_LEDGER_MAX_IN_FLIGHT
+    ledger_latency_tolerance: float = DEFAULT_LEDGER_LATENCY_TOLERANCE
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     read_timeout_seconds: float = DEFAULT_READ_TIMEOUT_SECONDS
     verify_by_poll: bool = False
@@ -259,6 +284,27 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     served = tuple(n.strip() for n in (ns["pingback_namespaces"] or "").split(",") if n.strip())
     if not served and namespace:
         served = (namespace,)
+    min_in_flight = int(
+        _number(
+            ns["ledger_min_in_flight"],
+            name="ledger_min_in_flight",
+            default=DEFAULT_LEDGER_MIN_IN_FLIGHT,
+            minimum=1,
+        )
+    )
+    max_in_flight = int(
+        _number(
+            ns["ledger_max_in_flight"],
+            name="ledger_max_in_flight",
+            default=max(DEFAULT_LEDGER_MAX_IN_FLIGHT, min_in_flight),
+            minimum=1,
+        )
+    )
+    if max_in_flight < min_in_flight:
+        raise SettingsError(
+            f"{ENV['ledger_max_in_flight'][0]}: must be at least"
+            f" {ENV['ledger_min_in_flight'][0]} ({min_in_flight}), got {max_in_flight}"
+        )
     level = (ns["log_level"] or "INFO").strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise SettingsError(f"{ENV['log_level'][0]}: unknown level {level!r}")
@@ -277,6 +323,14 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
             name="ledger_budget_seconds",
             default=DEFAULT_LEDGER_BUDGET_SECONDS,
             minimum=0.01,
+        ),
+        ledger_min_in_flight=min_in_flight,
+        ledger_max_in_flight=max_in_flight,
+        ledger_latency_tolerance=_number(
+            ns["ledger_latency_tolerance"],
+            name="ledger_latency_tolerance",
+            default=DEFAULT_LEDGER_LATENCY_TOLERANCE,
+            minimum=1.0,
         ),
         max_body_bytes=int(
             _number(

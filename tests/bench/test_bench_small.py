@@ -97,6 +97,22 @@ def test_ingestion_figures_are_finite_for_every_server(
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+def test_the_api_ceiling_and_the_overload_run_are_whole(
+    small_run: tuple[dict[str, Any], str, str],
+) -> None:
+    ours = small_run[0]["ingestion"]["ours"]
+    raw, overload = ours["raw_ceiling"], ours["overload"]
+    assert raw["ok"] == raw["patches"] > 0
+    assert _finite(raw["patches_per_second"])
+    assert overload["rate_target"] == pytest.approx(2 * raw["patches_per_second"])
+    for key in ("p50_ms", "p99_ms", "ledger_per_second", "seconds_to_apply_all"):
+        assert _finite(overload[key]), key
+    assert overload["applied"] >= overload["results"]  # every result reached the ledger
+    assert "API server at its limit" in small_run[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
 def test_calls_and_recovery_cover_every_loss_level(
     small_run: tuple[dict[str, Any], str, str],
 ) -> None:

@@ -101,9 +101,16 @@ async def test_the_same_pingback_fifty_times_at_once_is_recorded_once(
 ) -> None:
     # This is about fifty compare-and-set writes racing, not about the ledger budget: on a busy
     # machine some writes outlast the 0.5 s default and are (correctly) spooled instead, which
-    # the spool tests cover. A generous budget keeps every write on the ledger path.
+    # the spool tests cover. A generous budget and a limit of writes in flight fixed above fifty
+    # keep every write on the ledger path (the adaptive limit would spool most of them at once).
     running = sidecar(
-        kubeconfig=cluster.kubeconfig, namespace=namespace, flags={"ledger-budget-seconds": "30"}
+        kubeconfig=cluster.kubeconfig,
+        namespace=namespace,
+        flags={
+            "ledger-budget-seconds": "30",
+            "ledger-min-in-flight": "64",
+            "ledger-max-in-flight": "64",
+        },
     )
     task = await cluster.submitted(namespace, "fifty", "700")
     url = url_for(running.pingback_url, task.ref)

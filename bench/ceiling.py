@@ -1,0 +1,104 @@
+"""The raw API-server ceiling: what the test bed's own etcd + kube-apiserver take at all.
+
+Every ledger figure of the ingestion phase is a ratio to this one. The probe is deliberately
+minimal, so that nothing of ours (no ledger, no retry policy, no sidecar) is in the figure: one
+``aiohttp`` session, :data:`PROBE_IN_FLIGHT` requests in flight, and for each prepared
+``Submitted`` CaptchaTask exactly one JSON patch of its ``status`` subresource, shaped like the
+ledger's compare-and-set (``test`` the uid and the phase, then set the solved fields), so the API
+server does the same work per result as it does for a pingback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import aiohttp
+
+from bench.cluster import SubmittedTask
+from bench.loadgen import percentile
+from captchatask import kube, model
+
+#: Requests in flight: the same as wrk's connections on the ingestion runs (one setting for all).
+PROBE_IN_FLIGHT: Final = 64
+JSON_PATCH: Final = "application/json-patch+json"
+REQUEST_TIMEOUT_SECONDS: Final = 30.0
+
+
+def solved_patch(task: SubmittedTask, *, token: str, now: dt.datetime) -> list[dict[str, Any]]:
+    """One result as a status JSON patch: the ledger's compare-and-set shape, written by hand."""
+    stamp = model.format_time(now)
+    return [
+        {"op": "test", "path": "/metadata/uid", "value": task.ref.uid},
+        {"op": "test", "path": "/status/phase", "value": "Submitted"},
+        {"op": "test", "path": "/status/providerTaskId", "value": task.provider_task_id},
+        {"op": "add", "path": "/status/phase", "value": "Solved"},
+        {"op": "add", "path": "/status/solution", "value": {"token": token}},
+        {"op": "add", "path": "/status/finishedAt", "value": stamp},
+        {"op": "add", "path": "/status/pingbackAt", "value": stamp},
+        {"op": "add", "path": "/status/deliveredBy", "value": "pingback"},
+    ]
+
+
+def _headers(config: kube.KubeConfig) -> dict[str, str]:
+    headers = {"Accept": "application/json", "Content-Type": JSON_PATCH}
+    if config.token:
+        headers["Authorization"] = f"Bearer {config.token}"
+    return headers
+
+
+async def probe(
+    config: kube.KubeConfig,
+    tasks: Sequence[SubmittedTask],
+    *,
+    token: str,
+    in_flight: int = PROBE_IN_FLIGHT,
+) -> dict[str, Any]:
+    """PATCH each task's status once with ``in_flight`` requests outstanding; return the figures.
+
+    The rate is successful patches over the wall time of the whole run (first request sent to
+    last answer), so stragglers count against it as they would against a receiver.
+    """
+    headers = _headers(config)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    failures: list[str] = []
+    queue = iter(tasks)
+    connector = aiohttp.TCPConnector(ssl=kube.ssl_context(config), limit=in_flight)
+    timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        for task in queue:
+            url = f"{config.server}{kube.TASKS.path(task.ref.namespace, task.ref.name)}/status"
+            body = json.dumps(solved_patch(task, token=token, now=dt.datetime.now(dt.UTC)))
+            sent = time.perf_counter()
+            try:
+                async with session.patch(url, data=body, headers=headers) as reply:
+                    await reply.read()
+                    status = reply.status
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                failures.append(type(exc).__name__)
+                continue
+            statuses[status] = statuses.get(status, 0) + 1
+            if status == 200:
+                latencies.append((time.perf_counter() - sent) * 1e3)
+
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(in_flight)))
+        elapsed = time.perf_counter() - started
+    return {
+        "patches": len(tasks),
+        "ok": len(latencies),
+        "statuses": {str(code): count for code, count in sorted(statuses.items())},
+        "client_errors": len(failures),
+        "in_flight": in_flight,
+        "seconds": round(elapsed, 3),
+        "patches_per_second": round(len(latencies) / elapsed, 1) if elapsed > 0 else None,
+        "p50_ms": percentile(latencies, 0.50),
+        "p99_ms": percentile(latencies, 0.99),
+    }
