@@ -220,6 +220,7 @@ class Metrics:
         self.loop_healthy.labels(loop).set_function(lambda: 1.0 if healthy() else 0.0)
         crashes = self.loop_crashes.labels(loop)
         return lambda _exc: crashes.inc()
+
     def track_ledger(
         self,
         *,
