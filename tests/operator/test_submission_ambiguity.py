@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from types import SimpleNamespace
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -224,7 +224,6 @@ async def test_a_provider_id_survives_a_failed_submitted_write_and_is_not_resubm
     assert status["submission"]["attempts"] == 1
     assert emulator.summary()["totals"]["in_requests"] == 1
     assert await harness.events("Resubmitting") == []
-
 
 
 # -- the pure rule ------------------------------------------------------------------------------

@@ -137,7 +137,9 @@ def _html_502(state: EmulatorState) -> web.Response:
     return web.Response(status=502, text=_HTML_502, content_type="text/html")
 
 
-def _lose_reply(state: EmulatorState, request: web.Request, task: TaskRecord) -> web.Response | None:
+def _lose_reply(
+    state: EmulatorState, request: web.Request, task: TaskRecord
+) -> web.Response | None:
     """Lose the reply of an ``in.php`` that created ``task``, if the fault says so.
 
     The task stays created, solved and reported by pingback; only the reply is gone, as when a
