@@ -95,6 +95,8 @@ class TaskRecord:
     pingback_outcome: str | None = None
     pingback_copies: int = 0
     pingback_sent_at: list[float] = field(default_factory=list)
+    #: Wall-clock time (like ``created_at``) the first copy was acknowledged with a 2xx.
+    pingback_delivered_at: float | None = None
     pingback_attempts: list[PingbackAttempt] = field(default_factory=list)
 
     @property
@@ -132,6 +134,7 @@ class TaskRecord:
                 "outcome": self.pingback_outcome,
                 "copies": self.pingback_copies,
                 "sent_at": list(self.pingback_sent_at),
+                "delivered_at": self.pingback_delivered_at,
                 "attempts": [attempt.as_json() for attempt in self.pingback_attempts],
             },
         }
