@@ -25,15 +25,21 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
-from captchatask import model, testbed
+from captchatask import kube, model, testbed
 from captchatask.decision import Outcome, Result
 from captchatask.emulator.config import EmulatorConfig
 from captchatask.emulator.server import RunningEmulator, run_emulator
+from captchatask.events import EventRecorder
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask.provider import codes
 from captchatask_operator import policy
+from captchatask_operator import settings as settings_module
+from captchatask_operator.engine import Engine
+from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import StepKind
+from captchatask_operator.queueing import ProviderQueue
 from captchatask_operator.records import ProviderSpec, TaskRecord
 
 #: A solve slower than the 5 s an old-style "retry later" would wait, so that a premature
@@ -303,3 +309,40 @@ def test_only_failures_that_may_have_reached_the_provider_are_ambiguous(
 ) -> None:
     classification = codes.classify(code, dialect=codes.Dialect.CAPTCHAAI, endpoint="in")
     assert policy.is_ambiguous(classification) is ambiguous
+
+
+def engine_clock() -> dt.datetime:
+    return T0
+
+
+async def test_a_submission_postponed_by_an_unreachable_api_server_gives_its_slot_back() -> None:
+    """The retry must be able to queue the task again, or it is never submitted at all."""
+    settings = settings_module.parse(["--namespace", "ns"], {})
+    async with aiohttp.ClientSession() as session:
+        # A closed port: every API call is refused, exactly as while kube-apiserver is stopped.
+        client = kube.KubeClient(kube.KubeConfig(server="https://127.0.0.1:9"), session)
+        engine = Engine(
+            client=client,
+            http=session,
+            signer=None,
+            settings=settings,
+            metrics=Metrics(CollectorRegistry()),
+            events=EventRecorder(
+                client, component="test", instance="test", clock=engine_clock, enabled=False
+            ),
+            clock=engine_clock,
+        )
+        record = _record({})
+        engine.tasks.put(record)
+        queue = engine.queues.setdefault(record.provider_key, ProviderQueue())
+        queue.wait(record.key, record.created_at)
+        assert queue.admit(None) == [record.key]
+
+        assert engine.run(record.key, engine.submitter.submit(record), submitting=True)
+        while record.key in engine.busy:  # noqa: ASYNC110 - the engine exposes no "done" event
+            await asyncio.sleep(0.01)
+
+        assert record.key not in queue.in_flight
+        queue.wait(record.key, record.created_at)
+        assert record.key in queue
+        engine.timer.schedule.clear()
