@@ -53,6 +53,10 @@ class FaultKind(StrEnum):
     OPERATOR_KILL = "operator-kill"
     RES_502_BURST = "res-502-burst"
     PLANT_DEAD_LETTER = "plant-dead-letter"
+    #: The next ``amount`` ``in.php`` that create a task lose their reply (an HTML 502 on odd
+    #: ordinals, a dropped connection on even ones): the task exists, the operator never
+    #: learns its id, and its pingback (or, failing that, one resubmission) must settle it.
+    IN_REPLY_LOST = "in-reply-lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class FaultEvent:
         """One line of the printed timeline."""
         extra = {
             FaultKind.RES_502_BURST: f" x{self.amount}",
+            FaultKind.IN_REPLY_LOST: f" x{self.amount}",
             FaultKind.APISERVER_OUTAGE: f" for {self.amount}s",
         }.get(self.kind, f" #{self.amount}")
         return f"t+{self.at:7.2f}s  {self.kind}{extra}"
@@ -167,6 +172,12 @@ def make_plan(profile: Profile, seed: int) -> Plan:
     faults.extend(
         FaultEvent(rng.uniform(low, high), FaultKind.RES_502_BURST, profile.res_502_burst_size)
         for _ in range(profile.res_502_bursts)
+    )
+    faults.extend(
+        FaultEvent(
+            rng.uniform(low, high), FaultKind.IN_REPLY_LOST, profile.in_reply_lost_burst_size
+        )
+        for _ in range(profile.in_reply_lost_bursts)
     )
     for number in range(profile.planted_dead_letters):
         # One planted letter arrives during the outage, so it travels through the spool.

@@ -28,6 +28,9 @@ class Profile:
         How long the kube-apiserver is stopped.
     res_502_bursts, res_502_burst_size
         Bursts of HTML 502 on ``res.php`` and how many requests each one hits.
+    in_reply_lost_bursts, in_reply_lost_burst_size
+        Bursts of ``in.php`` replies lost after the task was created, and how many submits
+        each one hits (the emulator's "task created, reply lost" fault).
     planted_dead_letters
         Authentic (signed) pingbacks sent for tasks that do not exist: they must end up as
         exactly this many dead letters, nothing more.
@@ -44,6 +47,8 @@ class Profile:
     res_502_burst_size: int
     planted_dead_letters: int
     settle_seconds: float
+    in_reply_lost_bursts: int = 2
+    in_reply_lost_burst_size: int = 5
     sidecar_kills: int = 2
     operator_kills: int = 1
     #: Fractions of all pingbacks (the emulator applies duplicate/late to pingbacks it sends).

@@ -29,6 +29,7 @@ def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
         ),
         ("faults: unsolvable tasks", faults["unsolvable"]),
         ("faults: HTML 502 on res.php", faults["res_php_html_502"]),
+        ("faults: in.php replies lost (task created)", faults.get("in_php_replies_lost", "n/a")),
         ("faults: kube-apiserver stopped", f"{drain['apiserver_outage_seconds']:.1f} s"),
         ("faults: sidecar SIGKILL + restart", faults["sidecar_sigkills"]),
         ("faults: operator SIGKILL + restart", faults["operator_sigkills"]),
@@ -45,8 +46,16 @@ def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
         ("DUPLICATES RECORDED (must be 0)", f["duplicates_recorded"]),
         ("mixed-up tokens (must be 0)", f["mixed_up"]),
         ("submitted twice (must be 0)", f["submitted_twice"]),
+        (
+            "resubmitted after a lost in.php reply and no pingback",
+            f.get("resubmitted_after_lost_reply", "n/a"),
+        ),
         ("finished past deadline (must be 0)", f["past_deadline"]),
         ("dead letters left (= planted)", f["dead_letters"]),
+        (
+            "dead letters from abandoned submissions",
+            f.get("dead_letters_from_abandoned_submissions", "n/a"),
+        ),
         ("spool left (bytes / depth)", f"{f['spool_bytes_left']} / {f['spool_depth_left']:.0f}"),
         ("secret leaks (must be 0)", f["secret_leaks"]),
         (

@@ -186,6 +186,7 @@ class ChaosRun:
         self._t0 = 0.0
         self._stop_sampling = asyncio.Event()
         self._killing: set[str] = set()
+        self._reply_lost_bursts = 0
         self.leaks: list[Leak] = []
         #: Faults that could not be injected (the run then fails: it did not test what it says).
         self.errors: list[str] = []
@@ -305,6 +306,12 @@ class ChaosRun:
             )
         elif event.kind is FaultKind.PLANT_DEAD_LETTER:
             await self._plant(event.amount, http, signer)
+        elif event.kind is FaultKind.IN_REPLY_LOST:
+            self._reply_lost_bursts += 1
+            mode = "502" if self._reply_lost_bursts % 2 else "drop"
+            await asyncio.to_thread(
+                self.stack.emulator, "faults/in-reply-lost", {"count": event.amount, "mode": mode}
+            )
 
     async def _kill_restart(
         self, name: str, scrapes: Scrapes, kills: list[KillWindow], http: aiohttp.ClientSession

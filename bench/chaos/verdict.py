@@ -1,23 +1,34 @@
 """The verdict of a chaos run: pure checks of the ledger against the emulator's accounting.
 
 The emulator is the ground truth: it knows every task it created (one per ``in.php`` that
-succeeded), the token it issued for each, which were unsolvable, and the fate of every pingback
-(dropped, sent twice, delayed, sent to a dead receiver). The ledger is the set of CaptchaTask
-objects. A run passes when every planned task ended, in time, with exactly the emulator's
-answer for the provider task on record, no provider task was created for nothing (a
-resubmission), no result was recorded twice, the spool and the dead-letter queue are drained to
-exactly what the run planted, and the components' metrics tell the same story as the ledger.
+reached it, whether or not its reply got back), the token it issued for each, which were
+unsolvable, and the fate of every pingback (dropped, sent twice, delayed, sent to a dead
+receiver). The ledger is the set of CaptchaTask objects. A run passes when every planned task
+ended, in time, with exactly the emulator's answer for the provider task on record, no
+CaptchaTask created more provider tasks than the at-most-once rule allows, no result was
+recorded twice, the spool and the dead-letter queue are drained to exactly what the run
+planted, and the components' metrics tell the same story as the ledger.
+
+**Submitted twice** is counted per CaptchaTask from the emulator's own records (each provider
+task's pingback URL names the CaptchaTask it was created for). The rule the operator keeps: a
+CaptchaTask gets a further provider task only after an ``in.php`` whose reply was lost (the
+emulator marks it) *and* whose pingback had not been acknowledged when the next one was
+created. Any other extra provider task is a violation. A reply-lost task's pingback that
+arrives after the resubmission names a provider id other than the one on record and becomes a
+``ProviderTaskMismatch`` dead letter (documented): those are counted apart, not as unplanted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from captchatask import model
+from captchatask.signing import PINGBACK_PREFIX
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -179,6 +190,54 @@ def recovery_figures(found: list[tuple[float, float]], *, start: float | None) -
     return figures
 
 
+def _pingback_owner(record: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(CaptchaTask name, uid) named by a provider task's signed pingback URL, if it has one."""
+    url = record.get("pingback", {}).get("url")
+    if not url or PINGBACK_PREFIX not in str(url):
+        return None
+    parts = str(url).split(PINGBACK_PREFIX, 1)[1].strip("/").split("/")
+    return (parts[1], parts[2]) if len(parts) >= 3 else None  # namespace, name, uid, token
+
+
+@dataclass
+class Submissions:
+    """Provider tasks per CaptchaTask, from the emulator's records."""
+
+    per_task: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
+    #: Extra provider tasks the at-most-once rule allows (reply lost, pingback not yet in).
+    allowed_extra: list[str] = field(default_factory=list)
+    #: Extra provider tasks it does not allow.
+    twice: list[str] = field(default_factory=list)
+    #: Provider ids of reply-lost tasks that were superseded by a resubmission.
+    abandoned: set[str] = field(default_factory=set)
+
+
+def count_submissions(
+    emulator_tasks: Iterable[Mapping[str, Any]], uids: Mapping[str, str]
+) -> Submissions:
+    """Group provider tasks by the CaptchaTask their URL names; judge every extra one."""
+    found = Submissions()
+    for record in emulator_tasks:
+        owner = _pingback_owner(record)
+        if owner is None or uids.get(owner[0]) != owner[1]:
+            continue  # planted pingbacks, or a URL for no task instance of this run
+        found.per_task.setdefault(owner[0], []).append(record)
+    for name, records in found.per_task.items():
+        ordered = sorted(records, key=lambda r: float(r.get("created_at") or 0.0))
+        for earlier, later in itertools.pairwise(ordered):
+            delivered = earlier.get("pingback", {}).get("delivered_at")
+            lost_in_time = earlier.get("in_reply_lost") and (
+                delivered is None or float(delivered) >= float(later.get("created_at") or 0.0)
+            )
+            label = f"{name}({later.get('id')})"
+            if lost_in_time:
+                found.allowed_extra.append(label)
+                found.abandoned.add(str(earlier.get("id")))
+            else:
+                found.twice.append(label)
+    return found
+
+
 def _pingback_fates(emulator_tasks: Iterable[Mapping[str, Any]]) -> Counter[str]:
     fates: Counter[str] = Counter()
     for record in emulator_tasks:
@@ -262,7 +321,13 @@ def evaluate(snap: Snapshot) -> Verdict:
             )
             if owner and tasks[owner]["status"].get("phase") == SOLVED:
                 unsolvable_solved.append(owner)
-    orphans = [pid for pid in emulator if pid not in referenced]
+    submissions = count_submissions(
+        snap.emulator_tasks,
+        {name: str(body["metadata"].get("uid", "")) for name, body in tasks.items()},
+    )
+    owned = {str(r.get("id")) for records in submissions.per_task.values() for r in records}
+    # Provider tasks no CaptchaTask's URL names (poll-only submissions) fall back to the ledger.
+    orphans = [pid for pid in emulator if pid not in referenced and pid not in owned]
     shared = [pid for pid, count in referenced.items() if count > 1]
     extra_tasks = [name for name in tasks if name not in snap.planned]
 
@@ -278,10 +343,17 @@ def evaluate(snap: Snapshot) -> Verdict:
         str(letter.get("spec", {}).get("taskRef", {}).get("name")): letter
         for letter in snap.dead_letters
     }
+    abandoned_letters = [
+        name
+        for name, letter in letters.items()
+        if letter.get("spec", {}).get("reason")
+        == str(model.DeadLetterReason.PROVIDER_TASK_MISMATCH)
+        and str(letter.get("spec", {}).get("providerTaskId")) in submissions.abandoned
+    ]
     unexpected_letters = [
         f"{name}({letter['spec'].get('reason')})"
         for name, letter in letters.items()
-        if name not in snap.planted
+        if name not in snap.planted and name not in abandoned_letters
     ]
     missing_letters = [name for name in snap.planted if name not in letters]
 
@@ -342,6 +414,7 @@ def evaluate(snap: Snapshot) -> Verdict:
             "sidecar_sigkills": len(snap.sidecar_kills),
             "operator_sigkills": len(snap.operator_kills),
             "planted_dead_letters": len(snap.planted),
+            "in_php_replies_lost": int(totals.get("in_replies_lost", 0)),
         },
         "delivered_by": {
             "pingback": by_pingback,
@@ -358,9 +431,15 @@ def evaluate(snap: Snapshot) -> Verdict:
         + len(shared)
         + int(max(0.0, sc_recorded - by_pingback))
         + int(max(0.0, recoveries - poll_solved)),
-        "submitted_twice": len(orphans),
+        "submitted_twice": len(submissions.twice) + len(orphans),
+        # Allowed by the rule: the earlier in.php reply was lost and no pingback had come.
+        "resubmitted_after_lost_reply": len(submissions.allowed_extra),
+        "provider_tasks_per_task_max": max(
+            (len(records) for records in submissions.per_task.values()), default=0
+        ),
         "past_deadline": len(past_deadline),
-        "dead_letters": len(letters),
+        "dead_letters": len(letters) - len(abandoned_letters),
+        "dead_letters_from_abandoned_submissions": len(abandoned_letters),
         "spool_bytes_left": snap.spool_bytes,
         "spool_depth_left": spool_depth_final,
         "provider_calls": {
@@ -415,6 +494,10 @@ def evaluate(snap: Snapshot) -> Verdict:
     verdict.fail("unsolvable tasks recorded as Solved", unsolvable_solved)
     verdict.fail("tasks finished past their deadline", past_deadline)
     verdict.fail("provider tasks created for no task (submitted twice)", orphans)
+    verdict.fail(
+        "further provider tasks for one task without a lost in.php reply (submitted twice)",
+        submissions.twice,
+    )
     verdict.fail("provider tasks claimed by several tasks", shared)
     verdict.fail("tasks whose result was announced more than once", recorded_twice)
     verdict.fail("dead letters nobody planted", unexpected_letters)

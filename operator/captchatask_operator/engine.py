@@ -588,6 +588,12 @@ class Engine:
     def _after_action(self, key: TaskKey, *, submitting: bool, postponed: bool = False) -> None:
         task = self.tasks.get(key)
         if postponed and task is not None:
+            if submitting and task.phase is not Phase.SUBMITTED:
+                # Free the slot the admission reserved: the retry queues the task again, and a
+                # slot still held would make that a no-op (the task would never be submitted).
+                queue = self.queues.get(task.provider_key)
+                if queue is not None:
+                    queue.discard(key)
             return
         if task is not None and self.active:
             if task.phase is not Phase.SUBMITTED and not task.terminal:

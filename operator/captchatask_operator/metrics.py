@@ -101,7 +101,8 @@ class Metrics:
         )
         self.submissions = Counter(
             "captchatask_submissions_total",
-            "in.php submissions by outcome (ambiguous: transport failure, may exist remotely).",
+            "in.php submissions by outcome (ambiguous: the request may have reached the"
+            " provider, so a task may exist there; the task waits for its pingback).",
             [NS, "provider", "outcome"],
             registry=registry,
         )

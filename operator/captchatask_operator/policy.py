@@ -5,8 +5,9 @@ through the ledger. This is where the time-based rules live, so they are unit-te
 fake clock:
 
 * **Submission** (:func:`submission_step`): adopt, wait for an external id, park while the
-  provider is not Ready, wait out a back-off or an unresolved intent, fail after the bounded
-  number of ambiguous attempts, or submit.
+  provider is not Ready, wait out a back-off or an unresolved intent (a crash after
+  ``in.php``, or an ``in.php`` that failed ambiguously: :func:`is_ambiguous`), fail after the
+  bounded number of ambiguous attempts, or submit.
 * **Polling** (:func:`first_poll_at`, :func:`resume_polls`, :func:`after_poll`): the first poll
   exactly at ``submittedAt + callbackTimeoutSeconds`` (poll-only: the documented first-poll
   delay), then every ``intervalSeconds``, never more than ``maxPolls`` (these are due times:
@@ -58,8 +59,20 @@ DEFAULT_ERROR_WAIT_SECONDS: Final = 5.0
 TRANSIENT_RECHECK_BASE_SECONDS: Final = 1.0
 #: Check failures that say nothing about the account: the provider (or a proxy) hiccupped.
 TRANSIENT_CHECK_CODES: Final = frozenset(
+    {codes.TRANSPORT_ERROR, codes.CONNECT_ERROR, codes.HTTP_5XX, codes.UNPARSEABLE_REPLY}
+)
+#: Failed ``in.php`` outcomes after which the request may have reached the provider (and a
+#: task may exist there): a timeout or a connection lost after sending, a 5xx page (a proxy may
+#: have forwarded the request), an unparseable 200. ``CONNECT_ERROR`` (refused, DNS, TLS: the
+#: connection never opened) and every reply code (the provider answered) are definite.
+AMBIGUOUS_SUBMIT_CODES: Final = frozenset(
     {codes.TRANSPORT_ERROR, codes.HTTP_5XX, codes.UNPARSEABLE_REPLY}
 )
+#: First wait before re-trying a ``Submitted`` write the API server did not take (doubles per
+#: failure up to ``ID_WRITE_RETRY_CAP``): the id ``in.php`` returned is kept in memory until it
+#: is durable, since forgetting it would pay for a second task.
+ID_WRITE_RETRY_BASE: Final = 0.5
+ID_WRITE_RETRY_CAP: Final = 10.0
 
 
 class FailureCode(StrEnum):
@@ -175,9 +188,14 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
         )
     if task.unresolved_intent:
         assert task.intent_at is not None
-        since = task.intent_at
-        if ledger_unavailable_at is not None and ledger_unavailable_at > since:
-            since = ledger_unavailable_at
+        # The grace runs from the latest of: the intent, an ambiguous failure (the provider may
+        # have created the task as late as that), the API server's return (pingbacks spooled
+        # meanwhile are still being replayed).
+        since = max(
+            moment
+            for moment in (task.intent_at, task.ambiguous_at, ledger_unavailable_at)
+            if moment is not None
+        )
         resolve_at = since + dt.timedelta(
             seconds=intent_grace(provider, poll_only_grace=poll_only_grace)
         )
@@ -204,10 +222,16 @@ def _exhausted(task: TaskRecord) -> Step:
 def is_ambiguous(classification: Classification) -> bool:
     """Whether a failed submit may still have created a task at the provider.
 
-    A reply code means the provider answered and created nothing; a transport failure, an
-    HTML 5xx page or an unparseable reply leaves it open.
+    A reply code means the provider answered and created nothing, and a connection that never
+    opened sent nothing; a timeout or connection lost after sending, an HTML 5xx page or an
+    unparseable reply leaves it open (see :data:`AMBIGUOUS_SUBMIT_CODES`).
     """
-    return classification.code in TRANSIENT_CHECK_CODES
+    return classification.code in AMBIGUOUS_SUBMIT_CODES
+
+
+def id_write_retry_delay(failures: int) -> float:
+    """Seconds before re-trying a ``Submitted`` write after ``failures`` failures in a row."""
+    return min(ID_WRITE_RETRY_CAP, ID_WRITE_RETRY_BASE * 2.0 ** max(0, failures - 1))
 
 
 # -- polling -----------------------------------------------------------------------------------

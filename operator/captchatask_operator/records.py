@@ -62,6 +62,8 @@ class TaskRecord:
     last_poll_at: dt.datetime | None
     next_poll_at: dt.datetime | None
     intent_at: dt.datetime | None
+    #: When ``in.php`` last failed after its request may have reached the provider.
+    ambiguous_at: dt.datetime | None
     attempts: int
     next_attempt_at: dt.datetime | None
     waiting_reason: str | None
@@ -91,7 +93,9 @@ class TaskRecord:
         """An in.php call was started but neither its id nor its rejection was recorded.
 
         That is exactly the state a crash between the intent write and the ``Submitted`` write
-        leaves behind; a recorded rejection always writes ``nextAttemptAt`` after the intent.
+        leaves behind, and the state an *ambiguous* failure (the request may have reached the
+        provider: ``submission.ambiguousAt``) is recorded as; a definite rejection always
+        writes ``nextAttemptAt`` after the intent.
         """
         if self.intent_at is None or self.phase is Phase.SUBMITTED or self.terminal:
             return False
@@ -130,6 +134,7 @@ class TaskRecord:
             last_poll_at=model.parse_time(status.get("lastPollAt")),
             next_poll_at=model.parse_time(status.get("nextPollAt")),
             intent_at=model.parse_time(submission.get("intentAt")),
+            ambiguous_at=model.parse_time(submission.get("ambiguousAt")),
             attempts=_int(submission, "attempts", 0),
             next_attempt_at=model.parse_time(submission.get("nextAttemptAt")),
             waiting_reason=waiting,

@@ -174,7 +174,8 @@ _OPTIONS: Final[dict[str, _Option]] = {
         "--provider-transport-retries",
         "PROVIDER_TRANSPORT_RETRIES",
         int,
-        "transport retries inside one solver request",
+        "transport retries inside one solver request (never for an in.php that may have"
+        " reached the provider)",
     ),
     "max_submit_attempts": _Option(
         "--max-submit-attempts",

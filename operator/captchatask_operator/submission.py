@@ -7,22 +7,35 @@ both submit and a crash between the call and the ``Submitted`` write leaves a vi
 (``spec.providerTaskId``) skip ``in.php`` and go straight to ``Submitted``. Waiting tasks get a
 ``Submitted=False`` condition naming why. Every action here runs under the engine's per-task
 lock (:meth:`Engine.run`), which re-decides the task when the action ends.
+
+At most one paid provider task per ``in.php`` outcome we cannot see:
+
+* an ``in.php`` that failed after its request may have reached the provider
+  (:func:`policy.is_ambiguous`) is recorded exactly like a crash after ``in.php``: the intent
+  stays unresolved (``submission.ambiguousAt``, no ``nextAttemptAt``), one
+  ``SubmissionAmbiguous`` Warning is posted and ``captchatask_submissions_total{outcome=
+  "ambiguous"}`` counted; the task's own pingback (signed for this task) can still record the
+  result, and only after the pingback grace is it submitted again;
+* an id ``in.php`` did return is never dropped because the API server is away: the
+  ``Submitted`` write is retried with capped back-off until it is durable (if the process dies
+  meanwhile, the unresolved intent above applies).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from captchatask import model
+from captchatask import kube, model
 from captchatask.decision import CONDITION_SUBMITTED, set_condition
 from captchatask.events import EventType
 from captchatask.model import Phase, TaskView
 from captchatask.provider import tasks as provider_tasks
-from captchatask.provider.codes import Verdict
+from captchatask.provider.codes import Classification, Verdict
 from captchatask.provider.errors import ProviderError
 from captchatask_operator import policy
 from captchatask_operator.actions import Deps, EngineActions, ProviderState
@@ -127,6 +140,9 @@ class Submitter:
             return
         now = self.deps.clock()
         ambiguous = policy.is_ambiguous(classification)
+        if ambiguous:
+            await self._submit_ambiguous(view, state, classification, now=now)
+            return
         if verdict is Verdict.CONFIG_ERROR:
             self.deps.metrics.submissions.labels(*label, "config_error").inc()
             wait = self.deps.settings.provider_retry_seconds
@@ -134,16 +150,14 @@ class Submitter:
                 state, policy.provider_verdict(state.spec.dialect, error=classification)
             )
         else:
-            self.deps.metrics.submissions.labels(
-                *label, "ambiguous" if ambiguous else "retry_later"
-            ).inc()
+            self.deps.metrics.submissions.labels(*label, "retry_later").inc()
             wait = classification.wait_seconds or policy.DEFAULT_ERROR_WAIT_SECONDS
         previous: Mapping[str, Any] = view.status.get("submission") or {}
         fields = {
             "submission": {
                 **previous,
                 # A definite rejection created nothing remotely: it costs no attempt.
-                "attempts": attempts + 1 if ambiguous else attempts,
+                "attempts": attempts,
                 "nextAttemptAt": model.format_time(now + dt.timedelta(seconds=wait)),
                 "lastError": f"{classification.code}: {classification.reason}"[:1024],
             }
@@ -162,6 +176,50 @@ class Submitter:
                 f"in.php answered {classification.code}; retrying in {wait:g}s",
             )
 
+    async def _submit_ambiguous(
+        self,
+        view: TaskView,
+        state: ProviderState,
+        classification: Classification,
+        *,
+        now: dt.datetime,
+    ) -> None:
+        """Record an in.php that may have created a task: leave the intent unresolved.
+
+        No ``nextAttemptAt`` is written, so :func:`policy.submission_step` treats the task like
+        one whose operator crashed after ``in.php``: it waits the pingback grace from ``now``
+        (a pingback records the result and the id), then submits again. The intent write
+        already counted the attempt.
+        """
+        engine = self.engine
+        self.deps.metrics.submissions.labels(*state.spec.key, "ambiguous").inc()
+        previous: Mapping[str, Any] = view.status.get("submission") or {}
+        fields = {
+            "submission": {
+                **{k: v for k, v in previous.items() if k != "nextAttemptAt"},
+                "ambiguousAt": model.format_time(now),
+                "lastError": f"{classification.code}: {classification.reason}"[:1024],
+            }
+        }
+        written = await self.deps.ledger.update_status(view, fields, pin_version=True)
+        engine.counters.status_writes += 1
+        if written is None:
+            written = await engine.fresh(view.ref)
+        if written is not None:
+            engine.store(written)
+        grace = policy.intent_grace(
+            state.spec, poll_only_grace=self.deps.settings.intent_grace_seconds
+        )
+        waits_for = "its result by polling" if state.spec.poll_only else "its pingback"
+        engine.event(
+            view.ref,
+            EventType.WARNING,
+            "SubmissionAmbiguous",
+            f"in.php failed with {classification.code} after the request may have reached the "
+            f"provider, so a provider task may exist; waiting {grace:g}s for {waits_for} "
+            "before submitting again",
+        )
+
     async def _write_submitted(
         self,
         view: TaskView,
@@ -172,43 +230,101 @@ class Submitter:
         reason: str,
         message: str,
     ) -> None:
-        """Write ``Submitted`` with the provider id, retrying lost races until settled."""
+        """Write ``Submitted`` with the provider id, retrying lost races until settled.
+
+        The id exists only in memory until this write is durable, so an API server that is
+        away does not make us drop it: the write is retried with capped back-off
+        (:func:`policy.id_write_retry_delay`) for as long as it takes, re-reading first (a
+        write whose reply was lost may have applied). Lost compare-and-set races are retried
+        :data:`policy.MAX_CAS_RETRIES` times.
+        """
         engine = self.engine
         current: TaskView | None = view
-        for _ in range(policy.MAX_CAS_RETRIES):
-            if current is None or current.deleting or (current.phase and current.phase.terminal):
-                break  # gone, or a pingback already delivered the result: nothing to add
-            if current.provider_task_id not in (None, provider_task_id):
-                break
-            probe = replace(
-                TaskRecord.from_view(current, now=self.deps.clock()), submitted_at=submitted_at
-            )
-            first_poll = policy.first_poll_at(probe, provider)
-            fields = {
-                "phase": str(Phase.SUBMITTED),
-                "providerTaskId": provider_task_id,
-                "submittedAt": model.format_time(submitted_at),
-                "nextPollAt": model.format_time(first_poll),
-                "polls": 0,
-                "observedGeneration": current.generation,
-                "conditions": set_condition(
-                    current.status.get("conditions") or [],
-                    type_=CONDITION_SUBMITTED,
-                    status="True",
+        races = 0
+        failures = 0
+        stale = False
+        while races < policy.MAX_CAS_RETRIES:
+            try:
+                if stale:
+                    current = await engine.fresh(view.ref)
+                    stale = False
+                written = await self._try_submitted(
+                    current,
+                    provider_task_id=provider_task_id,
+                    provider=provider,
+                    submitted_at=submitted_at,
                     reason=reason,
                     message=message,
-                    generation=current.generation,
-                    now=submitted_at,
-                ),
-            }
-            written = await self.deps.ledger.update_status(current, fields, pin_version=True)
-            engine.counters.status_writes += 1
-            if written is not None:
-                engine.event(written.ref, EventType.NORMAL, reason, message)
-                engine.remember(written)
+                )
+            except kube.KubeUnavailable as exc:
+                failures += 1
+                delay = policy.id_write_retry_delay(failures)
+                logger.warning(
+                    "provider task id of %s/%s not written yet (attempt %d), retrying in %.1fs: %s",
+                    view.ref.namespace,
+                    view.ref.name,
+                    failures,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                stale = True
+                continue
+            if written is not False:
                 return
-            current = await engine.fresh(view.ref)
+            races += 1
+            stale = True
         engine.remember(await engine.fresh(view.ref))
+
+    async def _try_submitted(
+        self,
+        current: TaskView | None,
+        *,
+        provider_task_id: str,
+        provider: ProviderSpec,
+        submitted_at: dt.datetime,
+        reason: str,
+        message: str,
+    ) -> bool | None:
+        """One ``Submitted`` write: ``True`` written, ``False`` race lost, ``None`` not needed."""
+        engine = self.engine
+        if current is None or current.deleting or (current.phase and current.phase.terminal):
+            engine.remember(current)
+            return None  # gone, or a pingback already delivered the result: nothing to add
+        if current.provider_task_id == provider_task_id and current.phase is Phase.SUBMITTED:
+            engine.remember(current)
+            return None  # an earlier attempt applied although its reply was lost
+        if current.provider_task_id not in (None, provider_task_id):
+            engine.remember(current)
+            return None
+        probe = replace(
+            TaskRecord.from_view(current, now=self.deps.clock()), submitted_at=submitted_at
+        )
+        first_poll = policy.first_poll_at(probe, provider)
+        fields = {
+            "phase": str(Phase.SUBMITTED),
+            "providerTaskId": provider_task_id,
+            "submittedAt": model.format_time(submitted_at),
+            "nextPollAt": model.format_time(first_poll),
+            "polls": 0,
+            "observedGeneration": current.generation,
+            "conditions": set_condition(
+                current.status.get("conditions") or [],
+                type_=CONDITION_SUBMITTED,
+                status="True",
+                reason=reason,
+                message=message,
+                generation=current.generation,
+                now=submitted_at,
+            ),
+        }
+        written = await self.deps.ledger.update_status(current, fields, pin_version=True)
+        engine.counters.status_writes += 1
+        if written is None:
+            return False
+        engine.event(written.ref, EventType.NORMAL, reason, message)
+        engine.remember(written)
+        return True
 
     async def adopt(self, task: TaskRecord) -> None:
         """A task created with spec.providerTaskId goes straight to Submitted (no in.php)."""

@@ -34,6 +34,7 @@ from captchatask.provider.errors import (
     ConfigError,
     ProviderError,
     RetryLaterError,
+    SubmitAmbiguousError,
     TaskFailedError,
     UnknownReplyError,
 )
@@ -388,7 +389,7 @@ async def test_connection_failures_back_off_exponentially_then_raise(
     client = make_client(session, dead_url, sleep=sleep, observer=observer)
     with pytest.raises(RetryLaterError) as caught:
         await client.get_result("1234567890")
-    assert caught.value.classification.code == "TRANSPORT_ERROR"
+    assert caught.value.classification.code == "CONNECT_ERROR"  # refused: nothing was sent
     assert within_jitter(sleep.waits, [5.0, 10.0, 20.0])
     assert [outcome for _, outcome in observer.calls] == ["transport_error"] * 4
 
@@ -453,14 +454,27 @@ async def test_unknown_codes_are_counted_and_never_crash_a_poll(
         assert [outcome for _, outcome in observer.calls] == ["unknown", "unknown"]
 
 
-async def test_garbage_200_replies_are_retried_as_unparseable(
+async def test_garbage_200_replies_to_a_poll_are_retried_as_unparseable(
     session: aiohttp.ClientSession,
 ) -> None:
-    async with scripted([(200, "<html>maintenance</html>"), (200, "OK|1234567890")]) as (url, _):
+    async with scripted([(200, "<html>maintenance</html>"), (200, "OK|ANSWER")]) as (url, _):
         sleep = RecordingSleep()
         client = make_client(session, url, sleep=sleep)
-        assert await client.submit(params()) == "1234567890"
+        assert await client.get_result("1234567890") == Solution(token="ANSWER")
         assert within_jitter(sleep.waits, [5.0])
+
+
+async def test_a_garbage_200_reply_to_a_submit_is_ambiguous_and_not_repeated(
+    session: aiohttp.ClientSession,
+) -> None:
+    async with scripted([(200, "<html>maintenance</html>"), (200, "OK|1234567890")]) as (url, seen):
+        sleep = RecordingSleep()
+        client = make_client(session, url, sleep=sleep)
+        with pytest.raises(SubmitAmbiguousError) as caught:
+            await client.submit(params())
+        assert caught.value.classification.code == "UNPARSEABLE_REPLY"
+        assert len(seen) == 1
+        assert sleep.waits == []
 
 
 SECRET_KEY = "SECRETKEY-do-not-leak-0123456789"  # 32 characters, recognisable

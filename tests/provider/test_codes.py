@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from captchatask.provider.codes import (
+    CONNECT_ERROR,
     HTTP_5XX,
     TRANSPORT_ERROR,
     UNPARSEABLE_REPLY,
@@ -64,6 +65,7 @@ TABLE: list[tuple[str, str, tuple[Verdict, float | None], tuple[Verdict, float |
     ("ERROR_INTERNAL_SERVER_ERROR", "res", (RL, 10.0), (RL, 10.0)),
     (HTTP_5XX, "res", (RL, 5.0), (RL, 5.0)),
     (TRANSPORT_ERROR, "in", (RL, 5.0), (RL, 5.0)),
+    (CONNECT_ERROR, "in", (RL, 5.0), (RL, 5.0)),
     (UNPARSEABLE_REPLY, "res", (RL, 5.0), (RL, 5.0)),
     ("ERROR_CAPTCHA_UNSOLVABLE", "res", (TF, None), (TF, None)),
     ("ERROR_BAD_DUPLICATES", "res", (TF, None), (TF, None)),

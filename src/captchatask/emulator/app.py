@@ -16,6 +16,8 @@ so a test needs one URL. It serves JSON accounting and lets faults be changed at
 ``GET  /_emulator/faults``                  current fault knobs
 ``POST /_emulator/faults``                  JSON object of knobs to change (400 if invalid)
 ``POST /_emulator/faults/res-502-burst``    ``{"count": N}``: the next N ``res.php`` get 502
+``POST /_emulator/faults/in-reply-lost``    ``{"count": N, "mode": "502"|"drop"}``: the next N
+                                            ``in.php`` that create a task lose their reply
 ``POST /_emulator/reset``                   forget tasks, counters and bans
 =========================================  ==================================================
 """
@@ -135,6 +137,26 @@ def _html_502(state: EmulatorState) -> web.Response:
     return web.Response(status=502, text=_HTML_502, content_type="text/html")
 
 
+def _lose_reply(
+    state: EmulatorState, request: web.Request, task: TaskRecord
+) -> web.Response | None:
+    """Lose the reply of an ``in.php`` that created ``task``, if the fault says so.
+
+    The task stays created, solved and reported by pingback; only the reply is gone, as when a
+    proxy gives up on a slow upstream (502) or a connection breaks mid-reply (``drop``).
+    """
+    mode = state.take_in_reply_lost()
+    if mode is None:
+        return None
+    task.reply_lost = mode
+    state.totals["in_replies_lost"] += 1
+    if mode == "502":
+        return web.Response(status=502, text=_HTML_502, content_type="text/html")
+    if request.transport is not None:
+        request.transport.abort()
+    raise web.HTTPBadGateway  # never written: the connection is already closed
+
+
 def _sitekey(params: Mapping[str, str], name: str) -> str:
     if name not in params:
         raise _Rejected("ERROR_WRONG_GOOGLEKEY")  # 2captcha: "googlekey missing"
@@ -236,6 +258,9 @@ async def handle_in(request: web.Request) -> web.Response:
         )
     except (_Rejected, SubmitRejectedError) as rejection:
         return replier.status(rejection.code)
+    lost = _lose_reply(state, request, task)
+    if lost is not None:
+        return lost
     task_id: int | str = int(task.task_id) if state.config.id_type is IdType.INT else task.task_id
     return replier.ok({"status": 1, "request": task_id}, f"OK|{task.task_id}")
 
@@ -422,6 +447,17 @@ async def admin_res_502_burst(request: web.Request) -> web.Response:
     return web.json_response({"res_502_burst_remaining": state.res_502_burst})
 
 
+async def admin_in_reply_lost(request: web.Request) -> web.Response:
+    """Lose the replies of the next N ``in.php`` requests that create a task."""
+    state = request.app[runtime_key].state
+    try:
+        body = await request.json()
+        state.lose_in_replies(int(body["count"]), mode=str(body.get("mode", "502")))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise web.HTTPBadRequest(text='expected {"count": N, "mode": "502"|"drop"}') from exc
+    return web.json_response({"in_reply_lost_remaining": len(state.in_reply_lost)})
+
+
 async def admin_reset(request: web.Request) -> web.Response:
     """Forget tasks, counters and bans."""
     request.app[runtime_key].state.reset()
@@ -462,6 +498,7 @@ def create_app(config: EmulatorConfig, *, state: EmulatorState | None = None) ->
             web.get(f"{ADMIN_PREFIX}/faults", admin_get_faults),
             web.post(f"{ADMIN_PREFIX}/faults", admin_set_faults),
             web.post(f"{ADMIN_PREFIX}/faults/res-502-burst", admin_res_502_burst),
+            web.post(f"{ADMIN_PREFIX}/faults/in-reply-lost", admin_in_reply_lost),
             web.post(f"{ADMIN_PREFIX}/reset", admin_reset),
         ]
     )

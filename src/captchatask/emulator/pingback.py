@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import time
 from collections.abc import Coroutine
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -174,6 +175,8 @@ class PingbackSender:
             task.pingback_attempts.append(attempt)
             if attempt.status is not None and attempt.status < _HTTP_SERVER_ERROR:
                 delivered = _HTTP_OK_MIN <= attempt.status <= _HTTP_OK_MAX
+                if delivered and task.pingback_delivered_at is None:
+                    task.pingback_delivered_at = time.time()
                 return "delivered" if delivered else "rejected"
         return "failed"
 

@@ -41,6 +41,8 @@ SOLVING: Final = "solving"
 SOLVED: Final = "solved"
 UNSOLVABLE: Final = "unsolvable"
 UNSOLVABLE_CODE: Final = "ERROR_CAPTCHA_UNSOLVABLE"
+#: Ways the reply of an ``in.php`` that created a task can be lost (see ``lose_in_replies``).
+REPLY_LOST_MODES: Final = frozenset({"502", "drop"})
 
 
 class SubmitRejectedError(Exception):
@@ -88,9 +90,13 @@ class TaskRecord:
     res_calls: int = 0
     res_bulk_calls: int = 0
     reported: str | None = None
+    #: How ``in.php``'s reply was lost after this task was created (``502``, ``drop``), if it was.
+    reply_lost: str | None = None
     pingback_outcome: str | None = None
     pingback_copies: int = 0
     pingback_sent_at: list[float] = field(default_factory=list)
+    #: Wall-clock time (like ``created_at``) the first copy was acknowledged with a 2xx.
+    pingback_delivered_at: float | None = None
     pingback_attempts: list[PingbackAttempt] = field(default_factory=list)
 
     @property
@@ -119,11 +125,16 @@ class TaskRecord:
             "res_calls": self.res_calls,
             "res_bulk_calls": self.res_bulk_calls,
             "reported": self.reported,
+            "in_reply_lost": self.reply_lost,
             "pingback": {
                 "url_set": self.pingback_url is not None,
+                # The provider's own record of where it reports: lets a test count provider
+                # tasks per client-side task (the URL names it), as a real account page would.
+                "url": self.pingback_url,
                 "outcome": self.pingback_outcome,
                 "copies": self.pingback_copies,
                 "sent_at": list(self.pingback_sent_at),
+                "delivered_at": self.pingback_delivered_at,
                 "attempts": [attempt.as_json() for attempt in self.pingback_attempts],
             },
         }
@@ -171,6 +182,7 @@ class EmulatorState:
         self.totals: Counter[str] = Counter()
         self.reply_codes: Counter[str] = Counter()
         self.res_502_burst = 0
+        self.in_reply_lost: deque[str] = deque()
         self.pingback_addrs: list[str] = []
         self._in_times: deque[float] = deque()
         self._res_times: deque[float] = deque()
@@ -224,6 +236,7 @@ class EmulatorState:
         self.reply_codes.clear()
         self.balance = self.config.balance
         self.res_502_burst = 0
+        self.in_reply_lost.clear()
         self._in_times.clear()
         self._res_times.clear()
         self._created_times.clear()
@@ -306,6 +319,22 @@ class EmulatorState:
             self.res_502_burst -= 1
             return True
         return self.roll(self.faults.res_502_rate)
+
+    def lose_in_replies(self, count: int, *, mode: str) -> None:
+        """Lose the replies of the next ``count`` ``in.php`` requests that create a task.
+
+        ``mode`` is ``502`` (an nginx HTML 502 page, as a proxy in front of the provider sends
+        when its upstream answered too late) or ``drop`` (the connection is closed without a
+        reply). Either way the task exists and is solved, and its pingback is sent as usual:
+        the client just never learns the id.
+        """
+        if mode not in REPLY_LOST_MODES:
+            raise ValueError(f"mode must be one of {sorted(REPLY_LOST_MODES)}")
+        self.in_reply_lost.extend([mode] * max(0, count))
+
+    def take_in_reply_lost(self) -> str | None:
+        """The reply-lost mode for the task just created, or ``None`` to answer normally."""
+        return self.in_reply_lost.popleft() if self.in_reply_lost else None
 
     # -- tasks --------------------------------------------------------------------------------
 
@@ -469,5 +498,6 @@ class EmulatorState:
             "queued": len(self._queue),
             "balance": round(self.balance, 6),
             "res_502_burst_remaining": self.res_502_burst,
+            "in_reply_lost_remaining": len(self.in_reply_lost),
             "faults": self.faults.as_json(),
         }

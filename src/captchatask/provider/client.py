@@ -9,16 +9,22 @@ Failures are handled in two layers:
 
 * **Transport** (connection error, timeout, HTML 5xx page, unparseable body): retried inside
   the client with jittered exponential back-off from the documented 5 s, at most
-  ``transport_retries`` times, then raised as :class:`RetryLaterError`.
+  ``transport_retries`` times, then raised as :class:`RetryLaterError` -- except on ``in.php``
+  (below).
 * **Reply codes**: classified by :func:`captchatask.provider.codes.classify`. Short documented
   waits (``ERROR_NO_SLOT_AVAILABLE`` 5 s, ``MAX_USER_TURN`` 10 s, ``ERROR_SERVER_ERROR`` 10 s;
   anything up to ``max_inline_wait``) are waited for and retried inside the same budget; longer
   ones (``ERROR_ZERO_BALANCE`` 60 s, ``ERROR: 1005`` 5 min) are raised at once so the caller
   can reschedule instead of blocking a worker.
 
-Retrying a submit after a timeout may create a second task if the first request did reach the
-provider; the ledger tolerates an orphan task (it is never charged twice for one result), a
-lost task id it could not.
+**Submits are at most once per call.** ``in.php`` is the one request that creates (and bills) a
+task, so a submit whose request *may have reached the provider* is never repeated: a timeout,
+a connection reset or closed before the reply, an HTTP 5xx page (a proxy may have forwarded
+the request) and a 200 reply that cannot be parsed all raise :class:`SubmitAmbiguousError` at
+once; the caller waits for the task's pingback before it submits again. Only failures that
+certainly sent nothing are retried inline: a connection that could not be opened (refused,
+DNS failure, TLS handshake, connect timeout: pseudo-code ``CONNECT_ERROR``) and a well-formed
+reply carrying an error code (the provider answered and created nothing).
 
 Each HTTP exchange is reported to an optional observer ``(endpoint, outcome, seconds)`` for the
 ``captchatask_provider_requests_total`` and ``..._request_duration_seconds`` metrics; both label
@@ -43,6 +49,7 @@ from captchatask.provider.errors import (
     ConfigError,
     ProviderError,
     RetryLaterError,
+    SubmitAmbiguousError,
     TaskFailedError,
     UnknownReplyError,
     error_for,
@@ -59,6 +66,7 @@ __all__ = [
     "RequestObserver",
     "RetryLaterError",
     "Solution",
+    "SubmitAmbiguousError",
     "TaskFailedError",
     "ThreadsInfo",
     "UnknownReplyError",
@@ -85,6 +93,10 @@ OUTCOMES: Final = (
     "transport_error",
     "http_5xx",
 )
+#: Failures after which a request may have reached the provider (see the module docstring).
+_MAYBE_RECEIVED: Final = frozenset({codes.TRANSPORT_ERROR, codes.HTTP_5XX, codes.UNPARSEABLE_REPLY})
+#: aiohttp's errors raised while the connection is being opened, before any byte is sent.
+_NOT_SENT: Final = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 DEFAULT_BASE_URLS: Final = {
     Dialect.CAPTCHAAI: "https://ocr.captchaai.com",
@@ -123,7 +135,7 @@ class _Secret:
 
 
 def _outcome_of(classification: Classification) -> str:
-    if classification.code == codes.TRANSPORT_ERROR:
+    if classification.code in {codes.TRANSPORT_ERROR, codes.CONNECT_ERROR}:
         return "transport_error"
     if classification.code == codes.HTTP_5XX:
         return "http_5xx"
@@ -238,6 +250,9 @@ class ProviderClient:
 
         Raises
         ------
+        SubmitAmbiguousError
+            The request may have reached the provider and no id came back: a task may exist.
+            Never retried here (see the module docstring).
         ProviderError
             The subclass matching the verdict (``TaskFailedError`` for a rejected spec,
             ``ConfigError`` for key/account problems, ``RetryLaterError`` otherwise).
@@ -251,7 +266,12 @@ class ProviderClient:
             return replies.parse_task_id(reply)
 
         return await self._call(
-            "submit", "in.php", fields, handle, multipart="body" in params or "file" in params
+            "submit",
+            "in.php",
+            fields,
+            handle,
+            multipart="body" in params or "file" in params,
+            creates=True,
         )
 
     async def get_result(self, task_id: str) -> PollResult:
@@ -431,14 +451,22 @@ class ProviderClient:
         *,
         multipart: bool = False,
         outcome: Callable[[_T], str] | None = None,
+        creates: bool = False,
     ) -> _T:
-        """Run one request with bounded retries; see the module docstring for the policy."""
+        """Run one request with bounded retries; see the module docstring for the policy.
+
+        ``creates`` marks the request that creates a task (``in.php``): it is never repeated
+        after a failure that may have reached the provider.
+        """
         attempt = 0
         while True:
             started = time.monotonic()
             transport_failure: BaseException | None = None
             try:
                 status, text = await self._send(path, fields, multipart=multipart)
+            except _NOT_SENT as exc:
+                transport_failure = exc
+                classification = self._classify(codes.CONNECT_ERROR, "res")
             except (aiohttp.ClientError, TimeoutError) as exc:
                 transport_failure = exc
                 classification = self._classify(codes.TRANSPORT_ERROR, "res")
@@ -457,6 +485,12 @@ class ProviderClient:
                         self._observe(endpoint, label, started)
                         return value
             self._observe(endpoint, _outcome_of(classification), started)
+            if creates and classification.code in _MAYBE_RECEIVED:
+                logger.warning(
+                    "provider request may have been received; not repeated",
+                    extra={"endpoint": endpoint, "code": classification.code},
+                )
+                raise SubmitAmbiguousError(classification) from transport_failure
             wait = self._retry_wait(classification, attempt)
             if wait is None:
                 logger.warning(
@@ -476,7 +510,7 @@ class ProviderClient:
         if attempt >= self._retries or classification.verdict is not Verdict.RETRY_LATER:
             return None
         base = classification.wait_seconds or 0.0
-        if classification.code in {codes.TRANSPORT_ERROR, codes.HTTP_5XX, codes.UNPARSEABLE_REPLY}:
+        if classification.code in _MAYBE_RECEIVED or classification.code == codes.CONNECT_ERROR:
             return self._jittered(min(MAX_BACKOFF_SECONDS, base * 2**attempt))
         if base > self._max_inline_wait:
             return None

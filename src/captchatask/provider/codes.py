@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Final, Literal
 
 __all__ = [
+    "CONNECT_ERROR",
     "HTTP_5XX",
     "NOT_READY",
     "POLL_INTERVAL_SECONDS",
@@ -71,7 +72,9 @@ NOT_READY: Final = "CAPCHA_NOT_READY"
 """The canonical not-ready status (sic, no "T"); ``CAPTCHA_NOT_READY`` is accepted too."""
 
 TRANSPORT_ERROR: Final = "TRANSPORT_ERROR"
-"""Pseudo-code for connection failures and timeouts (no reply at all)."""
+"""Pseudo-code for a request that failed after it may have been sent (timeout, reset, no reply)."""
+CONNECT_ERROR: Final = "CONNECT_ERROR"
+"""Pseudo-code for a connection that could not be opened (refused, DNS, TLS): nothing was sent."""
 HTTP_5XX: Final = "HTTP_5XX"
 """Pseudo-code for an HTML 5xx page instead of an API reply."""
 UNPARSEABLE_REPLY: Final = "UNPARSEABLE_REPLY"
@@ -203,6 +206,7 @@ _COMMON: Final[dict[str, _Rule]] = {
     "ERROR_DUPLICATE_REPORT": _fail("task was already reported"),
     "ERROR_IP_ADDRES": _stop("pingback registration must come from the pingback IP"),
     TRANSPORT_ERROR: _retry("provider unreachable or timed out", _WAIT_HTTP_5XX),
+    CONNECT_ERROR: _retry("no connection to the provider; nothing was sent", _WAIT_HTTP_5XX),
     HTTP_5XX: _retry("provider answered with an HTTP 5xx page", _WAIT_HTTP_5XX),
     UNPARSEABLE_REPLY: _retry("provider reply could not be parsed", _WAIT_HTTP_5XX),
 }

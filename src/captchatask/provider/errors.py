@@ -14,6 +14,7 @@ __all__ = [
     "ConfigError",
     "ProviderError",
     "RetryLaterError",
+    "SubmitAmbiguousError",
     "TaskFailedError",
     "UnknownReplyError",
     "error_for",
@@ -35,6 +36,16 @@ class ProviderError(Exception):
 
 class RetryLaterError(ProviderError):
     """Transient failure: repeat the request after ``classification.wait_seconds``."""
+
+
+class SubmitAmbiguousError(RetryLaterError):
+    """An ``in.php`` failed after its request may have reached the provider.
+
+    The provider may have created (and will bill, solve and report) a task whose id we never
+    learned: repeating the request could create a second one. The client never repeats it;
+    the caller waits for the task's pingback before it submits again (see
+    :func:`captchatask.provider.client.ProviderClient.submit`).
+    """
 
 
 class UnknownReplyError(RetryLaterError):
