@@ -51,6 +51,35 @@ PROBE_NAME: Final = ".probe"
 PROBE_BYTES: Final = 8192
 
 
+class Disk:
+    """The spool's blocking file-system calls, in one place so a test can slow or record them.
+
+    Each of these can take as long as the disk wants (an ``fsync`` on a busy volume takes tens of
+    milliseconds), which is why the spool calls them only from its writer thread, never on the
+    event loop. Tests subclass it to block a call or to record the order of syncs.
+    """
+
+    def create(self, path: Path) -> int:
+        """Create (or open) a segment file for appending; return its descriptor."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def sync(self, fd: int) -> None:
+        """Make the data appended to ``fd`` durable (what every acknowledgement waits for)."""
+        os.fdatasync(fd)
+
+    def sync_directory(self, directory: Path) -> None:
+        """Make created or deleted directory entries durable."""
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def unlink(self, path: Path) -> None:
+        """Remove a file (already gone is fine)."""
+        path.unlink(missing_ok=True)
+
+
 class SpoolWriteError(Exception):
     """The record could not be made durable; the caller must not acknowledge it."""
 
@@ -93,6 +122,8 @@ class Spool:
         Called (on the loop) after records became durable, e.g. to wake the drainer.
     clock
         Wall clock in seconds (tests inject one).
+    disk
+        The blocking file-system calls (tests inject one that blocks or records).
     """
 
     def __init__(
@@ -101,8 +132,10 @@ class Spool:
         *,
         on_append: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
+        disk: Disk | None = None,
     ) -> None:
         self.directory = directory
+        self._disk = disk or Disk()
         self.on_append = on_append
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
@@ -158,21 +191,13 @@ class Spool:
 
     def _start_segment(self, seq: int) -> None:
         path = self.directory / f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._fsync_directory()
+        fd = self._disk.create(path)
+        self._disk.sync_directory(self.directory)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = fd
         self._current = Segment(seq=seq, path=path)
         self._segments[seq] = self._current
-
-    def _fsync_directory(self) -> None:
-        """Make a created or deleted segment's directory entry durable."""
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def _add_pending(self, payload: bytes, received_at: float, segment: Segment) -> int:
         self._next_id += 1
@@ -240,7 +265,7 @@ class Spool:
         try:
             while written < len(view):
                 written += os.write(self._fd, view[written:])
-            os.fdatasync(self._fd)
+            self._disk.sync(self._fd)
         except OSError:
             # Cut the partial batch off so the next batch does not follow garbage.
             try:
@@ -305,9 +330,7 @@ class Spool:
     def _delete(self, segment: Segment) -> None:
         self._segments.pop(segment.seq, None)
         try:
-            segment.path.unlink()
-        except FileNotFoundError:
-            pass
+            self._disk.unlink(segment.path)
         except OSError as exc:
             logger.warning("spool: could not delete drained segment %s: %s", segment.path.name, exc)
 
