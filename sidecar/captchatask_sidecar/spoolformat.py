@@ -10,6 +10,11 @@ the reader resynchronises on the next valid header (so a corrupt record in the m
 itself). A process never appends to a segment it did not create, so garbage is never followed by
 new data in the same file.
 
+Resolution journal. ``spool.resolved`` holds tombstones, framed like records: a record
+resolved (segment number and offset), a segment gone (fully resolved, being deleted) and, after a
+compaction, a floor below which every segment is gone. A replay skips what it names, so a result
+already in the ledger is not replayed after a restart, nor after a crash that undid a deletion.
+
 Payloads. Version 2 (written now) is a fixed binary layout, because encoding every record as
 JSON was a tenth of the spool path's CPU: a version byte, the receive time as a little-endian
 float64, then the twelve fields of :data:`V2_FIELDS` as UTF-8, their lengths up front (``u32``
@@ -194,13 +199,21 @@ class ScanReport:
     records: list[SpoolRecord] = field(default_factory=list)
     #: The payload each record was decoded from (same order as :attr:`records`).
     payloads: list[bytes] = field(default_factory=list)
+    #: Where each record's frame starts in the segment: its identity in a tombstone.
+    offsets: list[int] = field(default_factory=list)
     skipped_bytes: int = 0
     skipped_at: list[int] = field(default_factory=list)
 
 
-def scan(data: bytes) -> ScanReport:
-    """Read every valid record of a segment; skip (and report) torn or corrupt ones."""
-    report = ScanReport()
+def frames(data: bytes) -> tuple[list[tuple[int, bytes]], list[int], int]:
+    """Every valid frame of a file as ``(offset, payload)``, plus where and how much was skipped.
+
+    A frame is valid when its magic, length and checksum hold; anything else is skipped and the
+    reader resynchronises on the next magic that starts a valid frame.
+    """
+    found: list[tuple[int, bytes]] = []
+    skipped_at: list[int] = []
+    skipped_bytes = 0
     offset = 0
     end = len(data)
     while offset < end:
@@ -213,19 +226,84 @@ def scan(data: bytes) -> ScanReport:
                 and start + length <= end
                 and zlib.crc32(data[start : start + length]) == crc
             ):
-                payload = data[start : start + length]
-                try:
-                    report.records.append(SpoolRecord.decode(payload))
-                    report.payloads.append(payload)
-                except (ValueError, KeyError, TypeError):
-                    report.skipped_at.append(offset)
-                    report.skipped_bytes += HEADER.size + length
+                found.append((offset, data[start : start + length]))
                 offset = start + length
                 continue
-        # Not a valid record here: resynchronise on the next magic that starts a valid one.
-        report.skipped_at.append(offset)
+        skipped_at.append(offset)
         following = data.find(MAGIC, offset + 1)
         next_offset = end if following < 0 else following
-        report.skipped_bytes += next_offset - offset
+        skipped_bytes += next_offset - offset
         offset = next_offset
+    return found, skipped_at, skipped_bytes
+
+
+def scan(data: bytes) -> ScanReport:
+    """Read every valid record of a segment; skip (and report) torn or corrupt ones."""
+    found, skipped_at, skipped_bytes = frames(data)
+    report = ScanReport(skipped_bytes=skipped_bytes, skipped_at=skipped_at)
+    for offset, payload in found:
+        try:
+            report.records.append(SpoolRecord.decode(payload))
+        except (ValueError, KeyError, TypeError):
+            report.skipped_at.append(offset)
+            report.skipped_bytes += HEADER.size + len(payload)
+            continue
+        report.payloads.append(payload)
+        report.offsets.append(offset)
+    report.skipped_at.sort()
     return report
+
+
+# -- the resolution journal -----------------------------------------------------------------------
+
+#: One journal entry: kind, segment number, record offset (0 where it has none).
+JOURNAL_ENTRY: Final = struct.Struct("<BQQ")
+#: A record was resolved (it is in the ledger or a dead letter): never replay it.
+RESOLVED: Final = 1
+#: A segment was fully resolved and is being deleted: ignore it if it comes back.
+GONE: Final = 2
+#: Every segment numbered below this one is gone (written when the journal is compacted).
+FLOOR: Final = 3
+
+
+def journal_entry(kind: int, seq: int, offset: int = 0) -> bytes:
+    """One framed journal entry (see :func:`read_journal`)."""
+    return frame(JOURNAL_ENTRY.pack(kind, seq, offset))
+
+
+@dataclass(slots=True)
+class Journal:
+    """What the resolution journal says: which records and segments must never be replayed."""
+
+    floor: int = 0
+    gone: set[int] = field(default_factory=set)
+    resolved: set[tuple[int, int]] = field(default_factory=set)
+    skipped_bytes: int = 0
+
+    def is_gone(self, seq: int) -> bool:
+        """Whether segment ``seq`` was fully resolved (its file, if any, is a leftover)."""
+        return seq < self.floor or seq in self.gone
+
+
+def read_journal(data: bytes) -> Journal:
+    """Read the resolution journal; a torn or unknown entry is skipped (counted, not fatal).
+
+    A lost tombstone only means a replay the ledger recognises as a duplicate, so a damaged
+    journal never stops a start.
+    """
+    found, _skipped_at, skipped_bytes = frames(data)
+    journal = Journal(skipped_bytes=skipped_bytes)
+    for _offset, payload in found:
+        if len(payload) != JOURNAL_ENTRY.size:
+            journal.skipped_bytes += HEADER.size + len(payload)
+            continue
+        kind, seq, offset = JOURNAL_ENTRY.unpack(payload)
+        if kind == RESOLVED:
+            journal.resolved.add((seq, offset))
+        elif kind == GONE:
+            journal.gone.add(seq)
+        elif kind == FLOOR:
+            journal.floor = max(journal.floor, seq)
+        else:
+            journal.skipped_bytes += HEADER.size + len(payload)
+    return journal
