@@ -38,7 +38,7 @@ from captchatask.provider.codes import Dialect
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.pingback import OUTCOME_HEADER, PingbackReceiver, create_pingback_app
 from captchatask_sidecar.recorder import Recorder
-from captchatask_sidecar.spool import Disk, Spool
+from captchatask_sidecar.spool import SEGMENT_PREFIX, Disk, Spool
 from captchatask_sidecar.spoolformat import SpoolRecord, scan
 
 NAMESPACE = "apps"
@@ -101,9 +101,15 @@ class BlockingDisk(Disk):
 
 @dataclass
 class RecordingDisk(Disk):
-    """Logs every sync, with the provider task ids the synced segment holds at that moment."""
+    """Logs every sync, with the provider task ids the synced segment holds at that moment.
+
+    Unlinks wait for :attr:`allow_unlinks`, so the directory syncs that follow a deletion cannot
+    stand in for the one a new segment needs.
+    """
 
     events: list[tuple[str, object]] = field(default_factory=list)
+    allow_unlinks: threading.Event = field(default_factory=threading.Event)
+    unlink_waiting: threading.Event = field(default_factory=threading.Event)
     _paths: dict[int, Path] = field(default_factory=dict)
 
     def create(self, path: Path) -> int:
@@ -115,13 +121,19 @@ class RecordingDisk(Disk):
     def sync(self, fd: int) -> None:
         super().sync(fd)
         path = self._paths[fd]
-        ids = frozenset(r.result.provider_task_id for r in scan(path.read_bytes()).records)
-        self.events.append(("data-synced", (path.name, ids)))
+        if path.name.startswith(SEGMENT_PREFIX):
+            ids = frozenset(r.result.provider_task_id for r in scan(path.read_bytes()).records)
+            self.events.append(("data-synced", (path.name, ids)))
 
     def sync_directory(self, directory: Path) -> None:
         names = frozenset(p.name for p in directory.iterdir())
         super().sync_directory(directory)
         self.events.append(("dir-synced", names))
+
+    def unlink(self, path: Path) -> None:
+        self.unlink_waiting.set()
+        self.allow_unlinks.wait(HANG_GUARD_SECONDS)
+        super().unlink(path)
 
 
 @dataclass
@@ -223,14 +235,18 @@ async def test_a_spooled_pingback_is_answered_only_after_its_data_and_directory_
         disk.events.append(("acked", str(index)))
 
     await asyncio.gather(*(send(i) for i in range(1, 41)))
-    # Resolve everything: the segment rotates, and the next acknowledgements go to a new file.
+    # Resolve everything: the segment rotates (the next acknowledgements go to a new file) and
+    # the drained one is deleted once the test allows it.
     for entry in pingbacks.spool.due(time.monotonic(), limit=100):
         pingbacks.spool.resolve(entry)
+    assert await asyncio.to_thread(disk.unlink_waiting.wait, HANG_GUARD_SECONDS)
     await asyncio.gather(*(send(i) for i in range(41, 61)))
+    disk.allow_unlinks.set()
 
     events = disk.events
     for index in range(1, 61):
         acked = events.index(("acked", str(index)))
+        assert index <= 40 or ("created", "spool-000000000002.log") in events[:acked]
         synced = [
             value[0]  # type: ignore[index]
             for kind, value in events[:acked]
