@@ -17,8 +17,9 @@ No disk work on the event loop. Every call that can block on the volume (:class:
 creation and its directory sync, ``fdatasync``, ``unlink``, the journal) runs on one of two
 threads: the writer (appends) and the cleaner (tombstones, rotation, deletion, compaction), so a
 slow disk delays the pingbacks that wait for it, never the loop and every other request on it,
-and a hanging deletion never holds up an append. The next segment is created ahead by the
-cleaner; the writer only switches to it.
+and a hanging deletion never holds up an append. When the current segment is drained the cleaner
+creates the next one; appends go on to the current segment until the switch, so none waits for
+a directory sync.
 
 Memory. Everything acknowledged stays in memory until it reaches the ledger, which can be hundreds
 of thousands of results while the API server is away. Each is kept as one tuple of its payload

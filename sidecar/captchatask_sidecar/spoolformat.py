@@ -10,10 +10,10 @@ the reader resynchronises on the next valid header (so a corrupt record in the m
 itself). A process never appends to a segment it did not create, so garbage is never followed by
 new data in the same file.
 
-Resolution journal. ``spool.resolved`` holds tombstones, framed like records: a record
-resolved (segment number and offset), a segment gone (fully resolved, being deleted) and, after a
-compaction, a floor below which every segment is gone. A replay skips what it names, so a result
-already in the ledger is not replayed after a restart, nor after a crash that undid a deletion.
+Resolution journal. ``spool.resolved`` holds tombstones, framed like records: a record resolved
+(segment number and offset of its frame) or a segment gone (fully resolved, being deleted). A
+replay skips what they name, so a result already in the ledger is not replayed after a restart,
+nor after a crash that undid a deletion.
 
 Payloads. Version 2 (written now) is a fixed binary layout, because encoding every record as
 JSON was a tenth of the spool path's CPU: a version byte, the receive time as a little-endian
@@ -262,8 +262,6 @@ JOURNAL_ENTRY: Final = struct.Struct("<BQQ")
 RESOLVED: Final = 1
 #: A segment was fully resolved and is being deleted: ignore it if it comes back.
 GONE: Final = 2
-#: Every segment numbered below this one is gone (written when the journal is compacted).
-FLOOR: Final = 3
 
 
 def journal_entry(kind: int, seq: int, offset: int = 0) -> bytes:
@@ -275,14 +273,13 @@ def journal_entry(kind: int, seq: int, offset: int = 0) -> bytes:
 class Journal:
     """What the resolution journal says: which records and segments must never be replayed."""
 
-    floor: int = 0
     gone: set[int] = field(default_factory=set)
     resolved: set[tuple[int, int]] = field(default_factory=set)
     skipped_bytes: int = 0
 
     def is_gone(self, seq: int) -> bool:
         """Whether segment ``seq`` was fully resolved (its file, if any, is a leftover)."""
-        return seq < self.floor or seq in self.gone
+        return seq in self.gone
 
 
 def read_journal(data: bytes) -> Journal:
@@ -302,8 +299,6 @@ def read_journal(data: bytes) -> Journal:
             journal.resolved.add((seq, offset))
         elif kind == GONE:
             journal.gone.add(seq)
-        elif kind == FLOOR:
-            journal.floor = max(journal.floor, seq)
         else:
             journal.skipped_bytes += HEADER.size + len(payload)
     return journal
