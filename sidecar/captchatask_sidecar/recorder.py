@@ -33,7 +33,7 @@ from captchatask.ledger import Ledger
 from captchatask.model import DeadLetterReason, TaskRef, TaskView
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.spool import Spool
-from captchatask_sidecar.spoolformat import SpoolRecord
+from captchatask_sidecar.spoolformat import encode_record
 
 logger = logging.getLogger(__name__)
 
@@ -111,14 +111,11 @@ class Recorder:
                     exc.status,
                     exc.reason,
                 )
-        await self.spool.append(
-            SpoolRecord(
-                ref=ref,
-                result=result,
-                received_at=received_at,
-                received_by=self.received_by,
-                source=source,
-            )
+        await self.spool.append_payload(
+            encode_record(
+                ref, result, received_at=received_at, received_by=self.received_by, source=source
+            ),
+            received_at,
         )
         return SPOOLED
 

@@ -94,7 +94,7 @@ def test_the_reader_resynchronises_after_a_corrupt_record() -> None:
 async def test_resolving_everything_compacts_the_spool(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.open()
-    entries = [await spool.append(record(i)) for i in range(5)]
+    entries = [spool.entry(await spool.append(record(i))) for i in range(5)]
     (first_segment,) = spool.segment_files()
     for entry in entries:
         spool.resolve(entry)
@@ -140,7 +140,7 @@ async def test_oldest_age_follows_the_oldest_pending_record(tmp_path: Path) -> N
     spool = Spool(tmp_path, clock=lambda: now[0])
     spool.open()
     assert spool.oldest_age() == 0.0
-    first = await spool.append(record(1))  # received at ...001
+    first = spool.entry(await spool.append(record(1)))  # received at ...001
     await spool.append(record(5))
     assert spool.oldest_age() == pytest.approx(9.0)
     spool.resolve(first)
