@@ -35,7 +35,7 @@ from captchatask.provider import codes
 from captchatask.supervise import Supervisor
 from captchatask_sidecar.errors import problem, problem_middleware
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
-from captchatask_sidecar.payload import PingbackError, read_pingback
+from captchatask_sidecar.payload import PingbackError, from_query, read_pingback
 from captchatask_sidecar.recorder import Recorder
 from captchatask_sidecar.spool import SpoolWriteError
 from captchatask_sidecar.verify import NotConfirmedError, Verifier, VerifyUnavailableError
@@ -120,9 +120,12 @@ class PingbackReceiver:
             raise RejectedError(403, "forbidden")
         ref = TaskRef(namespace=namespace, name=name, uid=uid)
         try:
-            pingback = await read_pingback(
-                request, max_body_bytes=self.max_body_bytes, read_timeout=self.read_timeout
-            )
+            if request.method == hdrs.METH_GET:
+                pingback = from_query(request)
+            else:
+                pingback = await read_pingback(
+                    request, max_body_bytes=self.max_body_bytes, read_timeout=self.read_timeout
+                )
             result = pingback.to_result(dialect=self.dialect)
         except PingbackError as exc:
             raise RejectedError(exc.status, exc.detail) from exc

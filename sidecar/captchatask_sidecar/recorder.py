@@ -37,7 +37,7 @@ from captchatask.model import DeadLetterReason, TaskRef, TaskView
 from captchatask_sidecar.limiter import Decision, GradientLimit, LedgerGate, LimitSettings
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.spool import Spool
-from captchatask_sidecar.spoolformat import SpoolRecord
+from captchatask_sidecar.spoolformat import encode_record
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +110,11 @@ class Recorder:
                     return written
             else:
                 self.metrics.diverted[decision.value].inc()
-        await self.spool.append(
-            SpoolRecord(
-                ref=ref,
-                result=result,
-                received_at=received_at,
-                received_by=self.received_by,
-                source=source,
-            )
+        await self.spool.append_payload(
+            encode_record(
+                ref, result, received_at=received_at, received_by=self.received_by, source=source
+            ),
+            received_at,
         )
         self.gate.backlog = True  # the next pingbacks queue behind it, in the spool
         return SPOOLED

@@ -10,9 +10,16 @@ Format. Segment files ``spool-<seq>.log`` of framed, checksummed records; the by
 
 Group commit. Appends from concurrent requests are buffered; one writer job at a time writes the
 whole buffer and calls ``fdatasync`` once, in a dedicated single-thread executor (writes stay
-ordered, and the event loop never blocks on the disk). Each request waits for the batch holding
-its record: at high load a batch holds hundreds of records and costs one thread hop and one
-fsync, which is what makes the spool path nearly as fast as an empty handler.
+ordered). Each request waits for the batch holding its record: at high load a batch holds
+hundreds of records and costs one thread hop and one fsync.
+
+No disk work on the event loop. Every call that can block on the volume (:class:`Disk`: segment
+creation and its directory sync, ``fdatasync``, ``unlink``, the journal) runs on one of two
+threads: the writer (appends) and the cleaner (tombstones, rotation, deletion, compaction), so a
+slow disk delays the pingbacks that wait for it, never the loop and every other request on it,
+and a hanging deletion never holds up an append. When the current segment is drained the cleaner
+creates the next one; appends go on to the current segment until the switch, so none waits for
+a directory sync.
 
 Memory. Everything acknowledged stays in memory until it reaches the ledger, which can be hundreds
 of thousands of results while the API server is away. Each is kept as one tuple of its payload
@@ -22,9 +29,15 @@ collections grew to a quarter of a second at 85,000 results and stalled every re
 :class:`Entry` objects, with the drainer's bookkeeping, exist only for the few results being
 replayed or backing off.
 
-Compaction. Records are not rewritten or tombstoned: a replayed record that comes back after a
-crash is a duplicate the ledger recognises. A segment is deleted once every record in it is
-resolved, and the current segment is rotated as soon as the spool is empty.
+Resolution is durable. A record in the ledger (or a dead letter) gets a tombstone in the
+resolution journal (:mod:`.spoolformat`), written in batches by the cleaner and ``fdatasync``'d;
+a replay at startup skips tombstoned records. Without it, a restart replayed every record of a
+partly drained segment, and once the task was deleted such a replay became a spurious
+``TaskNotFound`` dead letter. A segment is deleted once every record in it is resolved: a
+"gone" tombstone is made durable first, then the file is unlinked and the directory synced, so a
+crash at any point (even one that undoes the unlink) replays nothing resolved. The current
+segment is rotated as soon as it is drained. The journal is compacted (rewritten to the
+tombstones of live segments, then renamed over) when the spool is empty or it has doubled.
 """
 
 from __future__ import annotations
@@ -35,20 +48,63 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from captchatask_sidecar.spoolformat import SpoolRecord, frame, scan
+from captchatask_sidecar.spoolformat import (
+    GONE,
+    HEADER,
+    RESOLVED,
+    Journal,
+    SpoolRecord,
+    frame_header,
+    journal_entry,
+    read_journal,
+    scan,
+)
 
 logger = logging.getLogger(__name__)
 
 SEGMENT_PREFIX: Final = "spool-"
 SEGMENT_SUFFIX: Final = ".log"
 PROBE_NAME: Final = ".probe"
+#: The resolution journal (tombstones; see the module docstring).
+JOURNAL_NAME: Final = "spool.resolved"
+#: Compact the journal once it is this big and twice its size after the last compaction.
+JOURNAL_COMPACT_BYTES: Final = 1 << 20
 #: The readiness probe writes this much (more than a typical record) and fsyncs it, so a full
 #: or read-only volume shows as unready before a pingback finds out.
 PROBE_BYTES: Final = 8192
+
+
+class Disk:
+    """The spool's blocking file-system calls, in one place so a test can slow or record them.
+
+    Each of these can take as long as the disk wants (an ``fsync`` on a busy volume takes tens of
+    milliseconds), which is why the spool calls them only from its writer thread, never on the
+    event loop. Tests subclass it to block a call or to record the order of syncs.
+    """
+
+    def create(self, path: Path) -> int:
+        """Create (or open) a segment file for appending; return its descriptor."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def sync(self, fd: int) -> None:
+        """Make the data appended to ``fd`` durable (what every acknowledgement waits for)."""
+        os.fdatasync(fd)
+
+    def sync_directory(self, directory: Path) -> None:
+        """Make created or deleted directory entries durable."""
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def unlink(self, path: Path) -> None:
+        """Remove a file (already gone is fine)."""
+        path.unlink(missing_ok=True)
 
 
 class SpoolWriteError(Exception):
@@ -57,12 +113,16 @@ class SpoolWriteError(Exception):
 
 @dataclass(slots=True, eq=False)
 class Segment:
-    """One segment file and how many of its records are not yet resolved."""
+    """One segment file: how many of its records are unresolved, and which are resolved."""
 
     seq: int
     path: Path
     unresolved: int = 0
     size: int = 0
+    #: Open for appending (the current and the next segment), else -1.
+    fd: int = -1
+    #: Offsets of its resolved records (what a journal compaction keeps as tombstones).
+    resolved: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
@@ -72,18 +132,19 @@ class Entry:
     id: int
     record: SpoolRecord
     segment: Segment
+    offset: int = 0  # where its frame starts in the segment (its identity in a tombstone)
     attempts: int = 0
     next_attempt: float = 0.0  # monotonic
     in_flight: bool = False
 
 
-#: What the spool keeps per pending result: payload, receive time, segment number. Only atomic
-#: values, so the garbage collector untracks the tuple (see the module docstring).
-_Pending = tuple[bytes, float, int]
+#: What the spool keeps per pending result: payload, receive time, segment number, offset. Only
+#: atomic values, so the garbage collector untracks the tuple (see the module docstring).
+_Pending = tuple[bytes, float, int, int]
 
 
 class Spool:
-    """The spool directory: replay at open, group-committed appends, compaction.
+    """The spool directory: replay at open, group-committed appends, durable resolution.
 
     Parameters
     ----------
@@ -93,6 +154,8 @@ class Spool:
         Called (on the loop) after records became durable, e.g. to wake the drainer.
     clock
         Wall clock in seconds (tests inject one).
+    disk
+        The blocking file-system calls (tests inject one that blocks or records).
     """
 
     def __init__(
@@ -101,40 +164,66 @@ class Spool:
         *,
         on_append: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
+        disk: Disk | None = None,
     ) -> None:
         self.directory = directory
         self.on_append = on_append
         self._clock = clock
+        self._disk = disk or Disk()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
+        self._cleaner_executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="spool-cleaner"
+        )
         self._segments: dict[int, Segment] = {}
         self._current: Segment | None = None
-        self._fd = -1
+        #: The next segment, created (and its directory entry synced) ahead by the cleaner.
+        self._spare: Segment | None = None
         self._next_id = 0
         self._pending: dict[int, _Pending] = {}
         #: Entries handed to the drainer (in flight or backing off), by id.
         self._entries: dict[int, Entry] = {}
         self._buffer: list[bytes] = []
-        self._batch: list[tuple[SpoolRecord, bytes, asyncio.Future[Entry]]] = []
+        self._batch: list[tuple[bytes, float, asyncio.Future[int]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._cleaner: asyncio.Task[None] | None = None
+        #: Resolved records whose tombstones are not written yet: (segment number, offset).
+        self._tombstones: list[tuple[int, int]] = []
+        self._journal_fd = -1
+        self._journal_size = 0
+        self._journal_compacted_size = 0
         self.writable = True
         self.closed = False
+        self._shut_down = False
 
     # -- startup ------------------------------------------------------------------------------
 
     def open(self) -> int:
-        """Replay existing segments into the pending results and start a fresh segment.
+        """Replay the unresolved records of existing segments and start a fresh segment.
 
         Blocking (startup only). Returns the number of records replayed.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
-        highest = 0
+        journal_path = self.directory / JOURNAL_NAME
+        journal = read_journal(journal_path.read_bytes()) if journal_path.exists() else Journal()
+        if journal.skipped_bytes:
+            logger.warning(
+                "spool journal: skipped %d bytes of torn or corrupt tombstones",
+                journal.skipped_bytes,
+            )
+        highest = max((*journal.gone, *(seq for seq, _offset in journal.resolved)), default=0)
         replayed = 0
+        already_resolved = 0
+        removed = False
         for path in sorted(self.directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")):
             seq_text = path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
             if not seq_text.isdigit():
                 continue
             seq = int(seq_text)
             highest = max(highest, seq)
+            if journal.is_gone(seq):
+                self._disk.unlink(path)  # a deletion that a crash undid
+                removed = True
+                continue
             report = scan(path.read_bytes())
             if report.skipped_bytes:
                 logger.warning(
@@ -143,65 +232,83 @@ class Spool:
                     report.skipped_bytes,
                     report.skipped_at[:10],
                 )
-            if not report.records:
-                path.unlink()
-                continue
             segment = Segment(seq=seq, path=path, size=path.stat().st_size)
+            for record, payload, offset in zip(
+                report.records, report.payloads, report.offsets, strict=True
+            ):
+                if (seq, offset) in journal.resolved:
+                    segment.resolved.append(offset)
+                    continue
+                self._add_pending(payload, record.received_at, segment, offset)
+            already_resolved += len(segment.resolved)
+            if not segment.unresolved:
+                self._disk.unlink(path)
+                removed = True
+                continue
             self._segments[seq] = segment
-            for record, payload in zip(report.records, report.payloads, strict=True):
-                self._add_pending(payload, record.received_at, segment)
-            replayed += len(report.records)
+            replayed += segment.unresolved
+        if removed:
+            self._disk.sync_directory(self.directory)
         if replayed:
             logger.warning("spool: %d acknowledged results replayed from disk", replayed)
-        self._start_segment(highest + 1)
+        if already_resolved:
+            logger.info("spool: %d records already resolved were not replayed", already_resolved)
+        self._current = self._create_segment(highest + 1)
+        self._segments[self._current.seq] = self._current
+        self._compact(self._live_tombstones())
         return replayed
 
-    def _start_segment(self, seq: int) -> None:
+    def _create_segment(self, seq: int) -> Segment:
+        """Create a segment file and make its directory entry durable (writer or cleaner)."""
         path = self.directory / f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._fsync_directory()
-        if self._fd >= 0:
-            os.close(self._fd)
-        self._fd = fd
-        self._current = Segment(seq=seq, path=path)
-        self._segments[seq] = self._current
-
-    def _fsync_directory(self) -> None:
-        """Make a created or deleted segment's directory entry durable."""
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = self._disk.create(path)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+            self._disk.sync_directory(self.directory)
+        except OSError:
+            os.close(fd)
+            raise
+        return Segment(seq=seq, path=path, fd=fd)
 
-    def _add_pending(self, payload: bytes, received_at: float, segment: Segment) -> int:
+    def _add_pending(
+        self, payload: bytes, received_at: float, segment: Segment, offset: int
+    ) -> int:
         self._next_id += 1
-        self._pending[self._next_id] = (payload, received_at, segment.seq)
+        self._pending[self._next_id] = (payload, received_at, segment.seq, offset)
         segment.unresolved += 1
         return self._next_id
 
     # -- appends ------------------------------------------------------------------------------
 
-    async def append(self, record: SpoolRecord) -> Entry:
-        """Append one record and return once it is fsync'd (group commit).
+    def append(self, record: SpoolRecord) -> asyncio.Future[int]:
+        """Append one record; the future resolves to its entry id once it is fsync'd.
 
         Raises
         ------
         SpoolWriteError
-            The write or the fsync failed; the record is not durable.
+            The write or the fsync failed (from the future); the record is not durable.
+        """
+        return self.append_payload(record.encode(), record.received_at)
+
+    def append_payload(self, payload: bytes, received_at: float) -> asyncio.Future[int]:
+        """:meth:`append` for a payload already encoded (the hot path: no record object).
+
+        Not a coroutine on purpose: the caller awaits the future directly, one coroutine frame
+        less to create and resume per pingback. Group commit: the record joins the buffer and
+        the running flusher (or a new one) writes it with everything else buffered, then calls
+        ``fdatasync`` once for all of them.
         """
         if self.closed or self._current is None:
             raise SpoolWriteError("the spool is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Entry] = loop.create_future()
-        payload = record.encode()
-        self._buffer.append(frame(payload))
-        self._batch.append((record, payload, future))
+        future: asyncio.Future[int] = loop.create_future()
+        self._buffer.append(frame_header(payload))
+        self._buffer.append(payload)
+        self._batch.append((payload, received_at, future))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush_loop())
         # Each request has its own future: a cancelled request cancels only that future, and
         # its record is still written and registered with the batch.
-        return await future
+        return future
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,21 +319,30 @@ class Spool:
                 self._buffer, self._batch = [], []
                 segment = self._current
                 assert segment is not None
+                offset = segment.size  # only this loop writes: the batch starts here
                 try:
                     await loop.run_in_executor(self._executor, self._write, data, segment)
                 except OSError as exc:
                     self.writable = False
                     error = SpoolWriteError(f"spool write failed: {exc.strerror or exc}")
                     logger.error("spool: %d results could not be written: %s", len(batch), exc)  # noqa: TRY400 - errno is enough
-                    for _record, _payload, future in batch:
+                    for _payload, _received_at, future in batch:
                         if not future.done():
                             future.set_exception(error)
                     continue
                 self.writable = True
-                for record, payload, future in batch:
-                    entry_id = self._add_pending(payload, record.received_at, segment)
+                # Inlined _add_pending: this loop runs once per acknowledged pingback.
+                pending = self._pending
+                seq = segment.seq
+                entry_id = self._next_id
+                for payload, received_at, future in batch:
+                    entry_id += 1
+                    pending[entry_id] = (payload, received_at, seq, offset)
                     if not future.done():
-                        future.set_result(Entry(id=entry_id, record=record, segment=segment))
+                        future.set_result(entry_id)
+                    offset += HEADER.size + len(payload)
+                self._next_id = entry_id
+                segment.unresolved += len(batch)
                 if self.on_append is not None:
                     self.on_append()
         finally:
@@ -235,16 +351,13 @@ class Spool:
 
     def _write(self, data: bytes, segment: Segment) -> None:
         """Runs on the writer thread: write all of ``data``, then fdatasync once."""
-        view = memoryview(data)
-        written = 0
         try:
-            while written < len(view):
-                written += os.write(self._fd, view[written:])
-            os.fdatasync(self._fd)
+            _write_all(segment.fd, data)
+            self._disk.sync(segment.fd)
         except OSError:
             # Cut the partial batch off so the next batch does not follow garbage.
             try:
-                os.ftruncate(self._fd, segment.size)
+                os.ftruncate(segment.fd, segment.size)
             except OSError:
                 logger.warning("spool: could not truncate a failed write (torn tail remains)")
             raise
@@ -253,14 +366,135 @@ class Spool:
     # -- resolution and compaction ------------------------------------------------------------
 
     def resolve(self, entry: Entry) -> None:
-        """The entry's result is in the ledger or a dead letter: forget it (idempotent)."""
+        """The entry's result is in the ledger or a dead letter: forget it (idempotent).
+
+        Never touches the disk: the tombstone, and the deletion of a drained segment, are the
+        cleaner's (see the module docstring).
+        """
         self._entries.pop(entry.id, None)
         if self._pending.pop(entry.id, None) is None:
             return
-        entry.segment.unresolved -= 1
-        if entry.segment is not self._current and entry.segment.unresolved == 0:
-            self._delete(entry.segment)
-        self._maybe_rotate()
+        segment = entry.segment
+        segment.unresolved -= 1
+        segment.resolved.append(entry.offset)
+        self._tombstones.append((segment.seq, entry.offset))
+        self._kick_cleaner()
+
+    def _maybe_rotate(self) -> None:
+        if self._rotation_due():
+            self._kick_cleaner()
+
+    def _rotation_due(self) -> bool:
+        """The current segment is drained (and nothing is being written to it)."""
+        current = self._current
+        return (
+            current is not None
+            and not self.closed
+            and self._flusher is None
+            and not current.unresolved
+            and current.size > 0
+        )
+
+    def _kick_cleaner(self) -> None:
+        if self._cleaner is None and self._current is not None and not self.closed:
+            self._cleaner = asyncio.get_running_loop().create_task(self._clean_loop())
+
+    async def _clean_loop(self) -> None:
+        """Tombstones, rotation, deletion and compaction, one step at a time, off the loop."""
+        try:
+            while await self._clean_step():
+                pass
+        except OSError as exc:
+            # Nothing acknowledged depends on this work: a missing tombstone costs a duplicate
+            # replay, an undeleted segment some disk. The next resolution retries.
+            logger.warning("spool: maintenance failed (retried on the next resolution): %s", exc)
+        finally:
+            self._cleaner = None
+
+    async def _clean_step(self) -> bool:
+        """Do the first piece of maintenance that is due; ``False`` when nothing was."""
+        loop = asyncio.get_running_loop()
+        run = self._cleaner_executor
+        if self._tombstones:
+            entries = b"".join(journal_entry(RESOLVED, seq, off) for seq, off in self._tombstones)
+            self._tombstones = []
+            await loop.run_in_executor(run, self._append_journal, entries)
+            return True
+        if self._rotation_due():
+            current = self._current
+            assert current is not None
+            if self._spare is None:
+                self._spare = await loop.run_in_executor(run, self._create_segment, current.seq + 1)
+                self._segments[self._spare.seq] = self._spare
+            if self._rotation_due():
+                self._current, self._spare = self._spare, None
+                return True
+        keep = (self._current, self._spare)
+        doomed = [s for s in self._segments.values() if not s.unresolved and s not in keep]
+        if doomed:
+            for segment in doomed:
+                del self._segments[segment.seq]
+            await loop.run_in_executor(run, self._delete_segments, doomed)
+            return True
+        if self._journal_size > self._journal_compacted_size and (
+            not self._pending
+            or self._journal_size > max(JOURNAL_COMPACT_BYTES, 2 * self._journal_compacted_size)
+        ):
+            await loop.run_in_executor(run, self._compact, self._live_tombstones())
+            return True
+        return False
+
+    def _append_journal(self, entries: bytes) -> None:
+        """Cleaner thread: append tombstones to the journal and make them durable."""
+        _write_all(self._journal_fd, entries)
+        self._disk.sync(self._journal_fd)
+        self._journal_size += len(entries)
+
+    def _delete_segments(self, segments: list[Segment]) -> None:
+        """Cleaner thread: "gone" tombstones first (durable), then unlink, then sync the directory.
+
+        In this order a crash at any point leaves either the file with its tombstone or no
+        file: a resolved record is never replayed.
+        """
+        self._append_journal(b"".join(journal_entry(GONE, segment.seq) for segment in segments))
+        for segment in segments:
+            if segment.fd >= 0:
+                os.close(segment.fd)
+                segment.fd = -1
+            try:
+                self._disk.unlink(segment.path)
+            except OSError as exc:
+                logger.warning(
+                    "spool: could not delete drained segment %s: %s", segment.path.name, exc
+                )
+        self._disk.sync_directory(self.directory)
+
+    def _live_tombstones(self) -> bytes:
+        """The journal's compacted content: the tombstones of segments still on disk."""
+        return b"".join(
+            journal_entry(RESOLVED, segment.seq, offset)
+            for segment in self._segments.values()
+            for offset in segment.resolved
+        )
+
+    def _compact(self, content: bytes) -> None:
+        """Rewrite the journal as ``content`` (temp file, sync, rename, directory sync)."""
+        path = self.directory / JOURNAL_NAME
+        temp = path.with_name(JOURNAL_NAME + ".tmp")
+        fd = self._disk.create(temp)
+        try:
+            os.ftruncate(fd, 0)
+            _write_all(fd, content)
+            self._disk.sync(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        os.replace(temp, path)
+        self._disk.sync_directory(self.directory)
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+        self._journal_fd = fd
+        self._journal_size = self._journal_compacted_size = len(content)
 
     # -- the drainer's view -------------------------------------------------------------------
 
@@ -273,11 +507,14 @@ class Spool:
         found: list[Entry] = []
         if limit <= 0:
             return found
-        for entry_id, (payload, _received_at, seq) in self._pending.items():
+        for entry_id, (payload, _received_at, seq, offset) in self._pending.items():
             entry = self._entries.get(entry_id)
             if entry is None:
                 entry = Entry(
-                    id=entry_id, record=SpoolRecord.decode(payload), segment=self._segments[seq]
+                    id=entry_id,
+                    record=SpoolRecord.decode(payload),
+                    segment=self._segments[seq],
+                    offset=offset,
                 )
                 self._entries[entry_id] = entry
             elif entry.in_flight or entry.next_attempt > now:
@@ -286,6 +523,20 @@ class Spool:
             if len(found) >= limit:
                 break
         return found
+
+    def entry(self, entry_id: int) -> Entry:
+        """The pending entry ``entry_id`` (what :meth:`append` resolved to), materialised."""
+        entry = self._entries.get(entry_id)
+        if entry is None:
+            payload, _received_at, seq, offset = self._pending[entry_id]
+            entry = Entry(
+                id=entry_id,
+                record=SpoolRecord.decode(payload),
+                segment=self._segments[seq],
+                offset=offset,
+            )
+            self._entries[entry_id] = entry
+        return entry
 
     def next_due(self, now: float) -> float | None:
         """Monotonic time the next pending entry is due (``now`` or earlier if one is due now).
@@ -300,34 +551,7 @@ class Spool:
 
     def records(self) -> list[SpoolRecord]:
         """Every pending record, oldest first (decodes each: for tests and diagnostics)."""
-        return [SpoolRecord.decode(payload) for payload, _at, _seq in self._pending.values()]
-
-    def _delete(self, segment: Segment) -> None:
-        self._segments.pop(segment.seq, None)
-        try:
-            segment.path.unlink()
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("spool: could not delete drained segment %s: %s", segment.path.name, exc)
-
-    def _maybe_rotate(self) -> None:
-        """Start a new segment when the current one is fully drained (and nothing is in flight)."""
-        current = self._current
-        if (
-            current is None
-            or self.closed
-            or self._flusher is not None
-            or current.unresolved
-            or not current.size
-        ):
-            return
-        try:
-            self._start_segment(current.seq + 1)
-        except OSError as exc:
-            logger.warning("spool: could not rotate segment: %s", exc)
-            return
-        self._delete(current)
+        return [SpoolRecord.decode(pending[0]) for pending in self._pending.values()]
 
     # -- observation --------------------------------------------------------------------------
 
@@ -336,10 +560,15 @@ class Spool:
         """Results acknowledged but not yet in the ledger."""
         return len(self._pending)
 
+    @property
+    def disk_bytes(self) -> int:
+        """Bytes of the segment files on disk (resolved records included until compaction)."""
+        return sum(segment.size for segment in self._segments.values())
+
     def oldest_age(self) -> float:
         """Seconds since the oldest pending result was received (0 when empty)."""
-        for _payload, received_at, _seq in self._pending.values():
-            return max(0.0, self._clock() - received_at)
+        for pending in self._pending.values():
+            return max(0.0, self._clock() - pending[1])
         return 0.0
 
     def segment_files(self) -> list[Path]:
@@ -366,21 +595,62 @@ class Spool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, b"\0" * PROBE_BYTES)
-            os.fdatasync(fd)
+            self._disk.sync(fd)
         finally:
             os.close(fd)
             path.unlink(missing_ok=True)
 
     # -- shutdown -----------------------------------------------------------------------------
 
+    async def settle(self) -> None:
+        """Wait until every append and every resolution so far is on disk (and compacted)."""
+        while self._flusher is not None or self._cleaner is not None:
+            task = self._flusher or self._cleaner
+            assert task is not None
+            await asyncio.shield(task)
+
     async def close(self) -> None:
-        """Flush what is buffered, then close; pending records stay on disk for the next start."""
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
+        """Flush what is buffered, write the tombstones, then close; all of it off the loop.
+
+        Pending records stay on disk for the next start. Idempotent.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
+        await self.settle()
         self.closed = True
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        if self._current is not None and not self._current.size:
-            self._delete(self._current)
-        self._executor.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._cleaner_executor, self._close_files)
+        for executor in (self._executor, self._cleaner_executor):
+            await loop.run_in_executor(None, executor.shutdown)
+
+    def _close_files(self) -> None:
+        """Cleaner thread: close every descriptor; remove segments that never got a record."""
+        empty = False
+        for segment in list(self._segments.values()):
+            if segment.fd >= 0:
+                os.close(segment.fd)
+                segment.fd = -1
+            if not segment.size and not segment.unresolved:
+                self._segments.pop(segment.seq, None)
+                try:
+                    self._disk.unlink(segment.path)
+                except OSError as exc:
+                    logger.warning("spool: could not delete %s: %s", segment.path.name, exc)
+                empty = True
+        if self._journal_fd >= 0:
+            os.close(self._journal_fd)
+            self._journal_fd = -1
+        if empty:
+            try:
+                self._disk.sync_directory(self.directory)
+            except OSError as exc:
+                logger.warning("spool: could not sync the spool directory: %s", exc)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    written = 0
+    while written < len(view):
+        written += os.write(fd, view[written:])

@@ -10,6 +10,11 @@ the reader resynchronises on the next valid header (so a corrupt record in the m
 itself). A process never appends to a segment it did not create, so garbage is never followed by
 new data in the same file.
 
+Resolution journal. ``spool.resolved`` holds tombstones, framed like records: a record resolved
+(segment number and offset of its frame) or a segment gone (fully resolved, being deleted). A
+replay skips what they name, so a result already in the ledger is not replayed after a restart,
+nor after a crash that undid a deletion.
+
 Payloads. Version 2 (written now) is a fixed binary layout, because encoding every record as
 JSON was a tenth of the spool path's CPU: a version byte, the receive time as a little-endian
 float64, then the twelve fields of :data:`V2_FIELDS` as UTF-8, their lengths up front (``u32``
@@ -73,35 +78,14 @@ class SpoolRecord:
     source: str
 
     def encode(self) -> bytes:
-        """The record's version 2 payload (see the module docstring; the spool path is hot)."""
-        result = self.result
-        ref = self.ref
-        fields = [
-            ref.namespace.encode(),
-            ref.name.encode(),
-            ref.uid.encode(),
-            _ENUM_BYTES[result.kind],
-            _ENUM_BYTES[result.delivered_by],
-        ]
-        lengths = [len(field) for field in fields]
-        for value in (
-            result.provider_task_id,
-            result.token,
-            result.user_agent,
-            result.code,
-            result.message,
-        ):
-            if value is None:
-                lengths.append(ABSENT)
-            else:
-                field = value.encode()
-                fields.append(field)
-                lengths.append(len(field))
-        for value in (self.received_by, self.source):
-            field = value.encode()
-            fields.append(field)
-            lengths.append(len(field))
-        return V2_HEAD.pack(FORMAT_VERSION, self.received_at, *lengths) + b"".join(fields)
+        """The record's version 2 payload (see :func:`encode_record`)."""
+        return encode_record(
+            self.ref,
+            self.result,
+            received_at=self.received_at,
+            received_by=self.received_by,
+            source=self.source,
+        )
 
     @classmethod
     def decode(cls, payload: bytes) -> SpoolRecord:
@@ -182,6 +166,71 @@ class SpoolRecord:
         return dt.datetime.fromtimestamp(self.received_at, tz=dt.UTC)
 
 
+def encode_record(
+    ref: TaskRef, result: Result, *, received_at: float, received_by: str, source: str
+) -> bytes:
+    """A version 2 payload straight from its parts (see the module docstring).
+
+    The spool path's hot spot: no :class:`SpoolRecord` is built, every field is encoded once
+    and the payload is one ``join``. A field that is ``None`` is written as :data:`ABSENT`.
+    """
+    namespace = ref.namespace.encode()
+    name = ref.name.encode()
+    uid = ref.uid.encode()
+    kind = _ENUM_BYTES[result.kind]
+    delivered_by = _ENUM_BYTES[result.delivered_by]
+    task_id = result.provider_task_id
+    token = result.token
+    agent = result.user_agent
+    code = result.code
+    message = result.message
+    task_id_b = b"" if task_id is None else task_id.encode()
+    token_b = b"" if token is None else token.encode()
+    agent_b = b"" if agent is None else agent.encode()
+    code_b = b"" if code is None else code.encode()
+    message_b = b"" if message is None else message.encode()
+    by = received_by.encode()
+    src = source.encode()
+    head = V2_HEAD.pack(
+        FORMAT_VERSION,
+        received_at,
+        len(namespace),
+        len(name),
+        len(uid),
+        len(kind),
+        len(delivered_by),
+        ABSENT if task_id is None else len(task_id_b),
+        ABSENT if token is None else len(token_b),
+        ABSENT if agent is None else len(agent_b),
+        ABSENT if code is None else len(code_b),
+        ABSENT if message is None else len(message_b),
+        len(by),
+        len(src),
+    )
+    return b"".join(
+        (
+            head,
+            namespace,
+            name,
+            uid,
+            kind,
+            delivered_by,
+            task_id_b,
+            token_b,
+            agent_b,
+            code_b,
+            message_b,
+            by,
+            src,
+        )
+    )
+
+
+def frame_header(payload: bytes) -> bytes:
+    """The header that precedes ``payload`` in a segment."""
+    return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload))
+
+
 def frame(payload: bytes) -> bytes:
     """Header + payload, as written to a segment."""
     return HEADER.pack(MAGIC, len(payload), zlib.crc32(payload)) + payload
@@ -194,13 +243,21 @@ class ScanReport:
     records: list[SpoolRecord] = field(default_factory=list)
     #: The payload each record was decoded from (same order as :attr:`records`).
     payloads: list[bytes] = field(default_factory=list)
+    #: Where each record's frame starts in the segment: its identity in a tombstone.
+    offsets: list[int] = field(default_factory=list)
     skipped_bytes: int = 0
     skipped_at: list[int] = field(default_factory=list)
 
 
-def scan(data: bytes) -> ScanReport:
-    """Read every valid record of a segment; skip (and report) torn or corrupt ones."""
-    report = ScanReport()
+def frames(data: bytes) -> tuple[list[tuple[int, bytes]], list[int], int]:
+    """Every valid frame of a file as ``(offset, payload)``, plus where and how much was skipped.
+
+    A frame is valid when its magic, length and checksum hold; anything else is skipped and the
+    reader resynchronises on the next magic that starts a valid frame.
+    """
+    found: list[tuple[int, bytes]] = []
+    skipped_at: list[int] = []
+    skipped_bytes = 0
     offset = 0
     end = len(data)
     while offset < end:
@@ -213,19 +270,79 @@ def scan(data: bytes) -> ScanReport:
                 and start + length <= end
                 and zlib.crc32(data[start : start + length]) == crc
             ):
-                payload = data[start : start + length]
-                try:
-                    report.records.append(SpoolRecord.decode(payload))
-                    report.payloads.append(payload)
-                except (ValueError, KeyError, TypeError):
-                    report.skipped_at.append(offset)
-                    report.skipped_bytes += HEADER.size + length
+                found.append((offset, data[start : start + length]))
                 offset = start + length
                 continue
-        # Not a valid record here: resynchronise on the next magic that starts a valid one.
-        report.skipped_at.append(offset)
+        skipped_at.append(offset)
         following = data.find(MAGIC, offset + 1)
         next_offset = end if following < 0 else following
-        report.skipped_bytes += next_offset - offset
+        skipped_bytes += next_offset - offset
         offset = next_offset
+    return found, skipped_at, skipped_bytes
+
+
+def scan(data: bytes) -> ScanReport:
+    """Read every valid record of a segment; skip (and report) torn or corrupt ones."""
+    found, skipped_at, skipped_bytes = frames(data)
+    report = ScanReport(skipped_bytes=skipped_bytes, skipped_at=skipped_at)
+    for offset, payload in found:
+        try:
+            report.records.append(SpoolRecord.decode(payload))
+        except (ValueError, KeyError, TypeError):
+            report.skipped_at.append(offset)
+            report.skipped_bytes += HEADER.size + len(payload)
+            continue
+        report.payloads.append(payload)
+        report.offsets.append(offset)
+    report.skipped_at.sort()
     return report
+
+
+# -- the resolution journal -----------------------------------------------------------------------
+
+#: One journal entry: kind, segment number, record offset (0 where it has none).
+JOURNAL_ENTRY: Final = struct.Struct("<BQQ")
+#: A record was resolved (it is in the ledger or a dead letter): never replay it.
+RESOLVED: Final = 1
+#: A segment was fully resolved and is being deleted: ignore it if it comes back.
+GONE: Final = 2
+
+
+def journal_entry(kind: int, seq: int, offset: int = 0) -> bytes:
+    """One framed journal entry (see :func:`read_journal`)."""
+    return frame(JOURNAL_ENTRY.pack(kind, seq, offset))
+
+
+@dataclass(slots=True)
+class Journal:
+    """What the resolution journal says: which records and segments must never be replayed."""
+
+    gone: set[int] = field(default_factory=set)
+    resolved: set[tuple[int, int]] = field(default_factory=set)
+    skipped_bytes: int = 0
+
+    def is_gone(self, seq: int) -> bool:
+        """Whether segment ``seq`` was fully resolved (its file, if any, is a leftover)."""
+        return seq in self.gone
+
+
+def read_journal(data: bytes) -> Journal:
+    """Read the resolution journal; a torn or unknown entry is skipped (counted, not fatal).
+
+    A lost tombstone only means a replay the ledger recognises as a duplicate, so a damaged
+    journal never stops a start.
+    """
+    found, _skipped_at, skipped_bytes = frames(data)
+    journal = Journal(skipped_bytes=skipped_bytes)
+    for _offset, payload in found:
+        if len(payload) != JOURNAL_ENTRY.size:
+            journal.skipped_bytes += HEADER.size + len(payload)
+            continue
+        kind, seq, offset = JOURNAL_ENTRY.unpack(payload)
+        if kind == RESOLVED:
+            journal.resolved.add((seq, offset))
+        elif kind == GONE:
+            journal.gone.add(seq)
+        else:
+            journal.skipped_bytes += HEADER.size + len(payload)
+    return journal

@@ -94,11 +94,12 @@ def test_the_reader_resynchronises_after_a_corrupt_record() -> None:
 async def test_resolving_everything_compacts_the_spool(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.open()
-    entries = [await spool.append(record(i)) for i in range(5)]
+    entries = [spool.entry(await spool.append(record(i))) for i in range(5)]
     (first_segment,) = spool.segment_files()
     for entry in entries:
         spool.resolve(entry)
     assert spool.depth == 0
+    await spool.settle()  # rotation and deletion are the cleaner thread's
     assert first_segment not in spool.segment_files()  # rotated and deleted
     assert all(path.stat().st_size == 0 for path in spool.segment_files())
     await spool.close()
@@ -115,6 +116,7 @@ async def test_replayed_segments_are_deleted_once_resolved(tmp_path: Path) -> No
     old = [p for p in reopened.segment_files() if p.stat().st_size]
     for entry in reopened.due(time.monotonic(), limit=10):
         reopened.resolve(entry)
+    await reopened.settle()
     assert not any(path.exists() for path in old)
     await reopened.close()
 
@@ -123,12 +125,13 @@ async def test_a_failed_write_raises_and_marks_the_spool_unwritable(tmp_path: Pa
     spool = Spool(tmp_path)
     spool.open()
     await spool.append(record(1))
-    os.close(spool._fd)  # the volume goes away under the open segment
+    assert spool._current is not None
+    os.close(spool._current.fd)  # the volume goes away under the open segment
     with pytest.raises(SpoolWriteError):
         await spool.append(record(2))
     assert not spool.writable
     assert spool.depth == 1  # the failed record is not claimed
-    spool._fd = -1
+    spool._current.fd = -1
     await spool.close()
 
 
@@ -137,7 +140,7 @@ async def test_oldest_age_follows_the_oldest_pending_record(tmp_path: Path) -> N
     spool = Spool(tmp_path, clock=lambda: now[0])
     spool.open()
     assert spool.oldest_age() == 0.0
-    first = await spool.append(record(1))  # received at ...001
+    first = spool.entry(await spool.append(record(1)))  # received at ...001
     await spool.append(record(5))
     assert spool.oldest_age() == pytest.approx(9.0)
     spool.resolve(first)
@@ -248,6 +251,6 @@ def test_pending_results_are_kept_out_of_the_garbage_collector(tmp_path: Path) -
     segment = spool._current
     assert segment is not None
     for index in range(100):
-        spool._add_pending(record(index).encode(), 1.0, segment)
+        spool._add_pending(record(index).encode(), 1.0, segment, index)
     gc.collect()
     assert not any(gc.is_tracked(value) for value in spool._pending.values())
