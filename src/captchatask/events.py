@@ -6,6 +6,12 @@ are a courtesy, not the ledger: losing one must never delay or fail a status wri
 :class:`EventRecorder` queues them (bounded; the oldest are dropped under pressure and counted)
 and one background task posts them. :func:`build_event` is the pure part.
 
+Routine Events. Every task that goes well makes the same two transitions, ``Submitted`` and
+``Solved``; an Event for each is a write and about 1 KiB of etcd per task (until ``--event-ttl``
+expires it), as much as the task itself, and tells nobody anything the task's status and
+conditions do not. :func:`is_routine` names them, so a component can skip them unless asked to
+keep every Event; warnings and the unusual transitions are always posted.
+
 Messages must never contain an API key or the pingback HMAC key; callers pass fixed sentences
 and codes.
 """
@@ -32,6 +38,8 @@ DEFAULT_MAX_QUEUE: Final = 1000
 MAX_MESSAGE_LENGTH: Final = 1024
 #: Per-request budget for posting one Event.
 POST_TIMEOUT_SECONDS: Final = 5.0
+#: Reasons of the Normal Events every successful task would get (see the module docstring).
+ROUTINE_REASONS: Final = frozenset({"Submitted", "Solved"})
 
 
 class EventType(StrEnum):
@@ -39,6 +47,11 @@ class EventType(StrEnum):
 
     NORMAL = "Normal"
     WARNING = "Warning"
+
+
+def is_routine(type_: EventType, reason: str) -> bool:
+    """Whether an Event only repeats the happy path (skippable; warnings never are)."""
+    return type_ is EventType.NORMAL and reason in ROUTINE_REASONS
 
 
 @dataclass(frozen=True, slots=True)
