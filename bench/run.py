@@ -168,8 +168,11 @@ def _merged(
 ) -> dict[str, Any]:
     """An earlier results document with ``phases`` replaced by this run's (``--only``)."""
     merged = previous | {key: value for key, value in current.items() if key not in PHASES}
-    for key in ("phase_seconds", "phase_started_at"):
-        merged[key] = previous.get(key, {}) | current.get(key, {})
+    earlier = {phase: previous["started_at"] for phase in PHASES if phase in previous}
+    merged["phase_seconds"] = previous.get("phase_seconds", {}) | current.get("phase_seconds", {})
+    merged["phase_started_at"] = (
+        earlier | previous.get("phase_started_at", {}) | current.get("phase_started_at", {})
+    )
     for phase in phases:
         merged[phase] = current[phase]
     merged["machine"] = previous.get("machine", {}) | current["machine"]
