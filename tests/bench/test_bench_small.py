@@ -134,3 +134,25 @@ def test_all_five_tables_are_printed_and_written(
     for title in TABLES:
         assert title in markdown
         assert title in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1080)
+def test_the_api_server_footprint_phases_account_for_every_task(
+    small_run: tuple[dict[str, Any], str, str],
+) -> None:
+    writes = small_run[0]["writes"]
+    for path in ("pingback", "poll"):
+        run = writes[path]
+        assert run["delivered_by"] == {path: run["tasks"]}
+        assert _finite(run["bytes_per_task_compacted"])
+        assert run["per_task"]["POST captchatasks"] == 1
+    fairness = small_run[0]["fairness"]
+    for key in ("kubernetes_defaults", "chart_apf"):
+        assert fairness[key]["list_pods"]["requests"] > 0
+        assert fairness[key]["pingbacks"]["ok"] > 0
+    assert fairness["apf_objects"] == ["PriorityLevelConfiguration", "FlowSchema"]
+    startup = small_run[0]["startup"]
+    assert _finite(startup["operator"]["first_poll_s"])
+    assert startup["receiver"]["open_replayed"] == startup["receiver"]["records"]
+    assert _finite(startup["receiver"]["process_serving_backlog_s"])
