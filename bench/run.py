@@ -9,7 +9,14 @@ Phases, in order (each starts its own whole-system :class:`~captchatask.stack.St
 
 1. ``ingestion`` — pingback ingestion and pingback -> app latency (:mod:`bench.ingest`);
 2. ``calls`` — provider calls per task and recovery delay (:mod:`bench.calls`);
-3. ``scale`` — 10,000 tasks in flight (:mod:`bench.scale`).
+3. ``scale`` — 10,000 tasks in flight (:mod:`bench.scale`);
+4. ``writes``, ``fairness``, ``startup`` — the API server's side: writes and etcd bytes per task
+   by delivery path (:mod:`bench.writes`), an unrelated client during a pingback storm with and
+   without the chart's APF objects (:mod:`bench.fairness`), startup at scale
+   (:mod:`bench.startup`).
+
+With ``--only``, the phases run replace theirs in an existing ``<profile>.json`` and the other
+phases' figures are kept (each phase records when it ran in ``phase_started_at``).
 
 Writes ``<results-dir>/<profile>.json`` (machine, versions, every figure, profiles) and
 ``<profile>.md`` (the tables), and prints the five tables and the target verdicts. Benchmarks
@@ -30,11 +37,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from bench import calls, cores, ingest, report, scale
+from bench import calls, cores, fairness, ingest, report, scale, startup, writes
 from bench.machine import machine_info
 from bench.profiles import PROFILES
 
-PHASES: Final = ("ingestion", "calls", "scale")
+PHASES: Final = ("ingestion", "calls", "scale", "writes", "fairness", "startup")
 DEFAULT_RESULTS_DIR: Final = Path(__file__).parent / "results"
 #: Seconds over which the machine's idle share is sampled before the run (other load skews).
 IDLE_SAMPLE_SECONDS: Final = 1.0
@@ -111,7 +118,14 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     with tempfile.TemporaryDirectory(prefix="captchatask-bench-") as scratch:
         workdir = args.workdir or Path(scratch)
-        modules = {"ingestion": ingest, "calls": calls, "scale": scale}
+        modules = {
+            "ingestion": ingest,
+            "calls": calls,
+            "scale": scale,
+            "writes": writes,
+            "fairness": fairness,
+            "startup": startup,
+        }
         for phase in PHASES:
             if phase not in phases:
                 continue
@@ -125,6 +139,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             results.setdefault("phase_seconds", {})[phase] = round(
                 time.monotonic() - phase_started, 1
             )
+            results.setdefault("phase_started_at", {})[phase] = results["started_at"]
     kubernetes: dict[str, Any] = {}
     kubernetes |= results.get("scale", {}).get("versions", {})
     kubernetes |= results.get("ingestion", {}).get("ours", {}).get("versions", {})
@@ -133,15 +148,35 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     results = _jsonable(results)
     args.results_dir.mkdir(parents=True, exist_ok=True)
     json_path = args.results_dir / f"{profile.name}.json"
+    if args.only and json_path.exists():
+        results = _merged(json.loads(json_path.read_text(encoding="utf-8")), results, phases)
     json_path.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
     text = report.render(results)
     (args.results_dir / f"{profile.name}.md").write_text(text, encoding="utf-8")
     print()
     print(text)
     say(f"results: {json_path} (total {results['total_seconds']}s)")
+    if profile.name == "full" and args.results_dir == DEFAULT_RESULTS_DIR:
+        report.write_readme(results)  # the README's table is generated from these results
     if args.record_bugs is not None:
         _record_bugs(args.record_bugs, results)
     return results
+
+
+def _merged(
+    previous: dict[str, Any], current: dict[str, Any], phases: Sequence[str]
+) -> dict[str, Any]:
+    """An earlier results document with ``phases`` replaced by this run's (``--only``)."""
+    merged = previous | {key: value for key, value in current.items() if key not in PHASES}
+    earlier = {phase: previous["started_at"] for phase in PHASES if phase in previous}
+    merged["phase_seconds"] = previous.get("phase_seconds", {}) | current.get("phase_seconds", {})
+    merged["phase_started_at"] = (
+        earlier | previous.get("phase_started_at", {}) | current.get("phase_started_at", {})
+    )
+    for phase in phases:
+        merged[phase] = current[phase]
+    merged["machine"] = previous.get("machine", {}) | current["machine"]
+    return merged
 
 
 def _profile_lines(summary: dict[str, Any] | None) -> list[str]:

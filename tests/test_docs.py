@@ -179,6 +179,18 @@ def test_every_command_the_readme_names_exists() -> None:
         assert verb in ALL_VERBS, f"README names `captchatask {verb}`, which does not exist"
 
 
+def test_the_readme_benchmark_table_is_generated_from_bench_results() -> None:
+    results_file = REPO / "bench" / "results" / "full.json"
+    block = DOCS.readme_benchmarks(results_file)
+    assert block in _readme(), "regenerate: python -m bench.report --readme bench/results/full.json"
+    # Every target the results carry is a row, whoever added it (the docs module put the
+    # checkout on sys.path: bench/ is a directory of it, not an installed package).
+    from bench import report  # noqa: PLC0415
+
+    results = json.loads(results_file.read_text(encoding="utf-8"))
+    assert all(f"| {item.target} |" in block for item in report.verdicts(results))
+
+
 def test_the_readme_quotes_the_latest_chaos_figures() -> None:
     summary = DOCS.chaos_summary(REPO / "bench" / "results" / "chaos-full.json")
     assert summary in _readme(), f"update the README's guarantees paragraph to: {summary}"

@@ -401,6 +401,15 @@ def benchmark_tables(results_file: Path) -> str:
     return report.render(results)
 
 
+def readme_benchmarks(results_file: Path) -> str:
+    """The README's benchmark block: every target of one results document (``bench.report``)."""
+    if str(ROOT) not in sys.path:  # bench/ is a directory of the checkout, not an installed package
+        sys.path.insert(0, str(ROOT))
+    from bench import report  # noqa: PLC0415
+
+    return report.readme_block(json.loads(results_file.read_text(encoding="utf-8")))
+
+
 def chaos_figures(results_file: Path) -> str:
     """One chaos run: how to replay it, its verdict and its table (``bench.chaos.report``)."""
     from bench.chaos import report  # noqa: PLC0415

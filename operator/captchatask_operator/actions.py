@@ -151,6 +151,9 @@ class EngineActions(Protocol):
     async def fresh(self, ref: TaskRef) -> TaskView | None:
         """GET a task; ``None`` if it is gone, being deleted, or another instance."""
 
+    async def fresh_compact(self, ref: TaskRef) -> TaskView | None:
+        """:meth:`fresh`, dropping the task's managedFields in the same request."""
+
     def store(self, view: TaskView) -> TaskRecord:
         """Store a body just read or written, without re-deciding (the caller does)."""
 

@@ -40,7 +40,7 @@ from typing import Any, Final
 import aiohttp
 
 from captchatask import kube
-from captchatask.events import EventRecorder, EventType, ObjectRef
+from captchatask.events import EventRecorder, EventType, ObjectRef, is_routine
 from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, Phase, TaskRef, TaskView
 from captchatask.signing import PingbackSigner
@@ -627,8 +627,33 @@ class Engine:
         return record
 
     def event(self, ref: TaskRef, type_: EventType, reason: str, message: str) -> None:
-        """Post an Event on a task instance (queued; never blocks)."""
+        """Post an Event on a task instance (queued; never blocks).
+
+        Routine Events (:func:`captchatask.events.is_routine`) are counted instead of posted
+        unless ``--routine-events``: they cost a write and about as much etcd as the task.
+        """
+        if not self.settings.routine_events and is_routine(type_, reason):
+            self.metrics.events_skipped.labels(reason).inc()
+            return
         self.events.emit(ObjectRef.task(ref), type_, reason, message)
+
+    async def fresh_compact(self, ref: TaskRef) -> TaskView | None:
+        """Like :meth:`fresh`, but drop the task's managedFields in the same request.
+
+        Called where the operator would GET the task anyway (before a submission intent), so the
+        read becomes a PATCH: once a task has no managedFields the API server records none for
+        later non-apply writes, which keeps about 1 KiB of field-ownership bookkeeping out of
+        every task in etcd. Anything unexpected falls back to the plain read.
+        """
+        if not self.settings.strip_managed_fields:
+            return await self.fresh(ref)
+        try:
+            view = await self.ledger.strip_managed_fields(ref)
+        except kube.ApiError:
+            view = None
+        if view is None or view.deleting:
+            return await self.fresh(ref)
+        return view
 
     async def fresh(self, ref: TaskRef) -> TaskView | None:
         """GET a task; ``None`` if it is gone, being deleted, or another instance."""

@@ -36,6 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from captchatask.buildinfo import register_build_info
 from captchatask.deadletters import RequeueOutcome
+from captchatask.events import ROUTINE_REASONS
 from captchatask.model import DeadLetterPhase, DeadLetterReason, DeliveredBy, Phase
 from captchatask.provider import codes
 from captchatask.provider.client import ENDPOINTS, OUTCOMES, RequestObserver
@@ -193,6 +194,14 @@ class Metrics:
             self.loop_crashes.labels(loop)
             self.loop_healthy.labels(loop).set(1)
         self.loop_crashes.labels(ACTION_LOOP)
+        self.events_skipped = Counter(
+            "captchatask_events_skipped_total",
+            "Routine task Events (Submitted, Solved) counted instead of posted (--routine-events).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in sorted(ROUTINE_REASONS):
+            self.events_skipped.labels(reason)
         self.active.set(0)
         self._known: set[tuple[str, str]] = set()
         self._namespaces: set[str] = set()

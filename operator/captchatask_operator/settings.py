@@ -96,6 +96,8 @@ class Settings:
     dead_letter_retry_max_seconds: float = DEFAULT_DEAD_LETTER_RETRY_MAX_SECONDS
     dead_letter_requeued_ttl_seconds: float = DEFAULT_DEAD_LETTER_REQUEUED_TTL_SECONDS
     events: bool = True
+    routine_events: bool = False
+    strip_managed_fields: bool = True
     log_level: str = "INFO"
 
     @property
@@ -238,6 +240,19 @@ _OPTIONS: Final[dict[str, _Option]] = {
         "delete a Requeued dead letter this long after it was applied",
     ),
     "events": _Option("--events", "EVENTS", bool, "post Kubernetes Events on transitions"),
+    "routine_events": _Option(
+        "--routine-events",
+        "ROUTINE_EVENTS",
+        bool,
+        "also post the Submitted and Solved Events every task gets (a write and ~1 KiB of etcd "
+        "per task each); off: they are only counted (captchatask_events_skipped_total)",
+    ),
+    "strip_managed_fields": _Option(
+        "--strip-managed-fields",
+        "STRIP_MANAGED_FIELDS",
+        bool,
+        "drop a task's managedFields before submitting it (about 1 KiB of etcd per task)",
+    ),
     "log_level": _Option("--log-level", "LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR"),
 }
 

@@ -55,7 +55,9 @@ class Submitter:
     async def submit(self, task: TaskRecord) -> None:
         """Submit one task: intent (CAS) -> in.php -> Submitted (CAS); see the module docs."""
         engine = self.engine
-        view = await engine.fresh(task.ref)
+        # The read the intent is pinned on; it also drops the task's managedFields (one PATCH
+        # instead of a GET, see Engine.fresh_compact).
+        view = await engine.fresh_compact(task.ref)
         if view is None:
             return
         record = engine.store(view)

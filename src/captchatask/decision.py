@@ -243,3 +243,16 @@ def cas_patch(
         {"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()
     )
     return ops
+
+
+def strip_managed_fields_patch(uid: str) -> JsonPatch:
+    """A JSON patch that drops an object's managedFields, if it is still this instance (pure).
+
+    ``[{}]`` is the API server's documented way to reset managedFields (an empty list is
+    ignored on purpose). Once an object has none, the API server records none for later
+    non-apply writes either, so the status writes of the ledger stay untracked.
+    """
+    return [
+        {"op": "test", "path": "/metadata/uid", "value": uid},
+        {"op": "add", "path": "/metadata/managedFields", "value": [{}]},
+    ]

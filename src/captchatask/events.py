@@ -8,6 +8,12 @@ and one background task posts them, supervised (:mod:`captchatask.supervise`: a 
 raises in it is logged and the poster restarted, not silently ended). :func:`build_event` is
 the pure part.
 
+Routine Events. Every task that goes well makes the same two transitions, ``Submitted`` and
+``Solved``; an Event for each is a write and about 1 KiB of etcd per task (until ``--event-ttl``
+expires it), as much as the task itself, and tells nobody anything the task's status and
+conditions do not. :func:`is_routine` names them, so a component can skip them unless asked to
+keep every Event; warnings and the unusual transitions are always posted.
+
 Messages must never contain an API key or the pingback HMAC key; callers pass fixed sentences
 and codes.
 """
@@ -35,6 +41,8 @@ DEFAULT_MAX_QUEUE: Final = 1000
 MAX_MESSAGE_LENGTH: Final = 1024
 #: Per-request budget for posting one Event.
 POST_TIMEOUT_SECONDS: Final = 5.0
+#: Reasons of the Normal Events every successful task would get (see the module docstring).
+ROUTINE_REASONS: Final = frozenset({"Submitted", "Solved"})
 
 
 class EventType(StrEnum):
@@ -42,6 +50,11 @@ class EventType(StrEnum):
 
     NORMAL = "Normal"
     WARNING = "Warning"
+
+
+def is_routine(type_: EventType, reason: str) -> bool:
+    """Whether an Event only repeats the happy path (skippable; warnings never are)."""
+    return type_ is EventType.NORMAL and reason in ROUTINE_REASONS
 
 
 @dataclass(frozen=True, slots=True)

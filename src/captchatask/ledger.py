@@ -35,6 +35,7 @@ from captchatask.decision import (
     condition_reason,
     decide,
     result_status,
+    strip_managed_fields_patch,
 )
 from captchatask.model import DeadLetterReason, Phase, TaskRef, TaskView
 
@@ -107,6 +108,28 @@ class Ledger:
             )
         except kube.ApiError as exc:
             if exc.conflict or exc.not_found:
+                return None
+            raise
+        return TaskView.from_body(body)
+
+    async def strip_managed_fields(self, ref: TaskRef) -> TaskView | None:
+        """Drop a task's managedFields and return it; ``None`` if it is gone or another instance.
+
+        Not a status write (the main resource is patched, only ``metadata.managedFields``
+        changes) and no compare-and-set of an outcome: it pins only the uid. A task that already
+        has none is left unwritten by the API server (a no-op patch).
+        """
+        try:
+            body = await self.client.patch(
+                kube.TASKS,
+                ref.namespace,
+                ref.name,
+                strip_managed_fields_patch(ref.uid),
+                patch_type=kube.JSON_PATCH,
+                timeout=self.timeout,
+            )
+        except kube.ApiError as exc:
+            if exc.conflict or exc.not_found:  # a failed uid test is a conflict
                 return None
             raise
         return TaskView.from_body(body)

@@ -118,6 +118,7 @@ def release(
         "--set", "receiver.ingress.enabled=true",
         "--set", "receiver.ingress.hosts={pingbacks.example.com}",
         "--set", "networkPolicy.enabled=true",
+        "--set", "apiPriority.enabled=true",
     ]  # fmt: skip
     _helm(argv, control_plane)
     yield rel
@@ -528,3 +529,45 @@ def test_the_plugin_command_notes_print_runs_as_printed(
         )
         assert result.returncode == 0, f"{command}: {result.stderr}"
         assert result.stdout == f"No dead letters in namespace {release.namespace}.\n"
+
+
+def _flow_schema_of(
+    kubectl: testbed.Kubectl, kubeconfig: Path, *args: str
+) -> tuple[str | None, str | None]:
+    """(FlowSchema uid, PriorityLevel uid) the API server classified one request into."""
+    result = kubectl(f"--kubeconfig={kubeconfig}", *args, "-v=8", check=False)
+    headers = {}
+    for line in result.stderr.splitlines():
+        if "X-Kubernetes-Pf-" in line:
+            name, _, value = line.split("X-Kubernetes-Pf-", 1)[1].partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return headers.get("flowschema-uid"), headers.get("prioritylevel-uid")
+
+
+def test_api_priority_objects_are_accepted_and_match_the_components_requests(
+    release: Release, kubectl: testbed.Kubectl, control_plane: testbed.ControlPlane
+) -> None:
+    name = f"{release.name}-captchatask-components"
+    schema = json.loads(kubectl("get", "flowschema", name, "-o", "json").stdout)
+    level = json.loads(kubectl("get", "prioritylevelconfiguration", name, "-o", "json").stdout)
+    # The API server took both and found the level the schema names.
+    dangling = [c for c in schema["status"]["conditions"] if c["type"] == "Dangling"]
+    assert [c["status"] for c in dangling] == ["False"]
+    ours = (schema["metadata"]["uid"], level["metadata"]["uid"])
+    for component in ("operator", "receiver"):
+        config = control_plane.service_account_kubeconfig(
+            release.namespace, f"{release.name}-captchatask-{component}"
+        )
+        tasks = ("get", "captchatasks", "-n", release.namespace)
+        assert _flow_schema_of(kubectl, config, *tasks) == ours, component
+        # Anything else the component asks (here: pods) keeps Kubernetes' own priority.
+        pods = ("get", "pods", "-n", release.namespace)
+        assert _flow_schema_of(kubectl, config, *pods)[0] not in (None, ours[0])
+    # Another ServiceAccount's task requests are not ours either.
+    other = control_plane.service_account_kubeconfig(release.other_namespace, "someone")
+    assert _flow_schema_of(kubectl, other, "get", "captchatasks", "-n", release.namespace)[
+        0
+    ] not in (
+        None,
+        ours[0],
+    )

@@ -516,3 +516,61 @@ def test_helm_test_checks_only_what_the_network_policies_admit(render: Render) -
         )
     )
     assert json.loads(closed["spec"]["containers"][0]["args"][1]) == []
+
+
+def test_the_operator_skips_routine_events_and_strips_managed_fields_by_default(
+    render: Render,
+) -> None:
+    (container,) = _deployment(render(), "operator")["spec"]["template"]["spec"]["containers"]
+    env = _env(container)
+    assert env["CAPTCHATASK_ROUTINE_EVENTS"] == "false"
+    assert env["CAPTCHATASK_STRIP_MANAGED_FIELDS"] == "true"
+    kept = _deployment(
+        render(
+            sets=["operator.writes.routineEvents=true", "operator.writes.stripManagedFields=false"]
+        ),
+        "operator",
+    )
+    env = _env(kept["spec"]["template"]["spec"]["containers"][0])
+    assert env["CAPTCHATASK_ROUTINE_EVENTS"] == "true"
+    assert env["CAPTCHATASK_STRIP_MANAGED_FIELDS"] == "false"
+
+
+def test_api_priority_objects_are_off_by_default(render: Render) -> None:
+    kinds = {obj["kind"] for obj in render()}
+    assert "FlowSchema" not in kinds
+    assert "PriorityLevelConfiguration" not in kinds
+
+
+def test_api_priority_puts_both_service_accounts_in_their_own_priority_level(
+    render: Render,
+) -> None:
+    objects = render(sets=["apiPriority.enabled=true"])
+    (level,) = _by_kind(objects, "PriorityLevelConfiguration")
+    (schema,) = _by_kind(objects, "FlowSchema")
+    assert level["spec"]["type"] == "Limited"
+    assert level["spec"]["limited"]["nominalConcurrencyShares"] == 10
+    assert level["spec"]["limited"]["limitResponse"]["type"] == "Queue"
+    assert schema["spec"]["priorityLevelConfiguration"]["name"] == level["metadata"]["name"]
+    # Below kube's own service-accounts schema (9000), above the kube-system ones (900).
+    assert 900 < schema["spec"]["matchingPrecedence"] < 9000
+    subjects = [
+        (s["serviceAccount"]["namespace"], s["serviceAccount"]["name"])
+        for rule in schema["spec"]["rules"]
+        for s in rule["subjects"]
+    ]
+    accounts = {
+        (obj["metadata"]["namespace"], obj["metadata"]["name"])
+        for obj in _by_kind(objects, "ServiceAccount")
+    }
+    assert set(subjects) == accounts
+    assert len(accounts) == 2
+    # kopf's peering keep-alives (kopf.dev) stay in Kubernetes' own levels: a storm of results
+    # queued here must never delay a standby's view of the active replica.
+    groups = {
+        group
+        for rule in schema["spec"]["rules"]
+        for resource_rule in rule["resourceRules"]
+        for group in resource_rule["apiGroups"]
+    }
+    assert groups == {"captchatask.dev", ""}

@@ -85,6 +85,9 @@ class FakeEngine:
     async def fresh(self, ref: TaskRef) -> TaskView | None:
         return self.views.get(ref)
 
+    async def fresh_compact(self, ref: TaskRef) -> TaskView | None:
+        return self.views.get(ref)
+
     def store(self, view: TaskView) -> TaskRecord:
         record = TaskRecord.from_view(view, now=self.now)
         self.tasks.put(record)

@@ -48,7 +48,7 @@ async def test_tasks_are_submitted_once_and_solved_by_pingback(
 ) -> None:
     await harness.secret()
     await harness.provider(emulator, public_url=receiver.base_url, callback_timeout=30)
-    operator = harness.start_operator()
+    operator = harness.start_operator("--routine-events")  # the Submitted Events are checked
     await harness.started(operator)
 
     names = await harness.tasks(10)

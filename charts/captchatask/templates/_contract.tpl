@@ -18,6 +18,8 @@ When a component renames a flag or variable, change this file (and the table in 
                   CAPTCHATASK_DEAD_LETTER_RETRY_BASE_SECONDS
                   CAPTCHATASK_DEAD_LETTER_RETRY_MAX_SECONDS
                   CAPTCHATASK_DEAD_LETTER_REQUEUED_TTL_SECONDS
+              env CAPTCHATASK_ROUTINE_EVENTS                   <- operator.writes.*
+                  CAPTCHATASK_STRIP_MANAGED_FIELDS
               env MALLOC_ARENA_MAX                             <- operator.mallocArenaMax
   receiver  captchatask sidecar (sidecar/captchatask_sidecar/settings.py, ENV)
               env CAPTCHATASK_PINGBACK_ADDR=0.0.0.0:8080       pingbacks (the Service targets it)
@@ -100,6 +102,12 @@ When a component renames a flag or variable, change this file (and the table in 
   value: {{ .retryMaxSeconds | quote }}
 - name: CAPTCHATASK_DEAD_LETTER_REQUEUED_TTL_SECONDS
   value: {{ .requeuedTtlSeconds | quote }}
+{{- end }}
+{{- with .Values.operator.writes }}
+- name: CAPTCHATASK_ROUTINE_EVENTS
+  value: {{ .routineEvents | quote }}
+- name: CAPTCHATASK_STRIP_MANAGED_FIELDS
+  value: {{ .stripManagedFields | quote }}
 {{- end }}
 {{- with .Values.operator.mallocArenaMax }}
 - name: MALLOC_ARENA_MAX

@@ -1,0 +1,365 @@
+"""API Priority and Fairness: an unrelated client's ``list pods`` during a pingback storm.
+
+The chart can put the operator's and the receivers' ServiceAccounts in a priority level of their
+own (``apiPriority.enabled``: a FlowSchema and a PriorityLevelConfiguration). This phase shows
+what that buys on the real kube-apiserver of the test bed, where APF is on by default:
+
+1. the receiver (the production sidecar) runs as a ServiceAccount, as in a pod, so the API
+   server classifies its requests like a cluster would (an admin certificate would be exempt);
+   another ServiceAccount in another namespace plays the unrelated client, listing 20 pods;
+2. the API server's capacity for ledger writes is probed straight from a client (records/s);
+3. the unrelated client's ``list pods`` latency is measured idle, then during a pingback storm
+   at twice that capacity (paced, every pingback a distinct ``Submitted`` task), first with
+   Kubernetes' default FlowSchemas only, then with the chart's two objects applied — rendered
+   from the chart itself (``helm template --show-only``), so what is measured is what ships.
+
+Between the two storms the receiver drains its spool (the results it acknowledged but could not
+write in time) and the API server goes quiet again. Each request's classification is read from
+the API server's ``X-Kubernetes-PF-FlowSchema-UID`` / ``-PriorityLevel-UID`` response headers.
+Both components share two cores with the API server here: the figures say how the API server
+shares what it has, not what a real control plane would do. Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp
+import yaml
+
+from bench import cluster, cores, wrk
+from bench.loadgen import percentile
+from bench.profiles import Profile
+from captchatask import kube, testbed
+from captchatask.decision import Result
+from captchatask.ledger import Ledger
+from captchatask.model import DeliveredBy
+from captchatask.signing import PingbackSigner, load_keys
+from captchatask.stack import Stack, StackConfig
+
+NAMESPACE: Final = "fair"
+OTHER_NAMESPACE: Final = "other-team"
+#: The chart's names for release "bench" (the FlowSchema names these ServiceAccounts).
+RELEASE: Final = "bench"
+RECEIVER_ACCOUNT: Final = f"{RELEASE}-captchatask-receiver"
+READER_ACCOUNT: Final = "reader"
+PODS: Final = 20
+TOKEN: Final = "03AFcWeA" + "x7Kq2mZ" * 60
+CHART_DIR: Final = Path(__file__).resolve().parent.parent / "charts" / "captchatask"
+#: Storm rate as a multiple of the probed capacity (the issue's "2x capacity").
+STORM_FACTOR: Final = 2.0
+#: Seconds between two ``list pods`` of the unrelated client (it is a light, steady user).
+READER_PERIOD_SECONDS: Final = 0.05
+#: Longest wait for the spool to drain between the storms.
+DRAIN_TIMEOUT_SECONDS: Final = 300.0
+SIZES: Final = {"full": (1000, 6.0, 200), "small": (100, 1.0, 20)}
+"""Per profile: capacity-probe records, storm seconds, idle ``list pods`` samples."""
+
+Say = Callable[[str], None]
+
+
+class _Stack(Stack):
+    """The stack, with the sidecar authenticated by a ServiceAccount kubeconfig once it exists."""
+
+    sidecar_kubeconfig: Path | None = None
+
+    def argv(self, name: str) -> list[str]:
+        argv = super().argv(name)
+        if name == "sidecar" and self.sidecar_kubeconfig is not None:
+            argv += ["--kubeconfig", str(self.sidecar_kubeconfig)]
+        return argv
+
+
+def _bind_admin(stack: Stack, namespace: str, account: str) -> Path:
+    """A ServiceAccount kubeconfig with cluster-admin (not exempt from APF, unlike masters)."""
+    path = stack.plane.service_account_kubeconfig(namespace, account)
+    stack.plane.kubectl(
+        "create", "clusterrolebinding", f"bench-{namespace}-{account}",
+        "--clusterrole=cluster-admin", f"--serviceaccount={namespace}:{account}",
+    )  # fmt: skip
+    return path
+
+
+def _pods(stack: Stack) -> None:
+    documents = [
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"app-{index:02d}", "namespace": OTHER_NAMESPACE},
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+        }
+        for index in range(PODS)
+    ]
+    text = "\n---\n".join(json.dumps(document) for document in documents)
+    stack.plane.kubectl("apply", "-n", OTHER_NAMESPACE, "-f", "-", input=text)
+
+
+def _apf_manifest(kube_version: str) -> str:
+    """The chart's FlowSchema and PriorityLevelConfiguration for release ``bench``."""
+    helm = testbed.find_tool("helm")
+    if helm is None:
+        raise RuntimeError(f"helm is missing: run `{testbed.TEST_TOOLS_HINT}`")
+    argv = [
+        str(helm), "template", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE,
+        "--set", "apiPriority.enabled=true", "--kube-version", kube_version,
+        "--show-only", "templates/apipriority-prioritylevel.yaml",
+        "--show-only", "templates/apipriority-flowschema.yaml",
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+class _Reader:
+    """The unrelated client: ``list pods`` in its namespace, steadily, in its own thread."""
+
+    def __init__(self, kubeconfig: Path) -> None:
+        self.config = kube.load_config(str(kubeconfig))
+        self.latencies: list[float] = []
+        self.classified: set[tuple[str, str]] = set()
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    async def _loop(self, count: int | None) -> None:
+        url = f"{self.config.server}/api/v1/namespaces/{OTHER_NAMESPACE}/pods"
+        headers = {"Authorization": f"Bearer {self.config.token}"}
+        async with aiohttp.ClientSession(connector=kube.connector(self.config)) as session:
+            done = 0
+            while not self._stop.is_set() and (count is None or done < count):
+                started = time.perf_counter()
+                try:
+                    async with session.get(url, headers=headers) as reply:
+                        await reply.read()
+                        if reply.status != 200:
+                            self.errors += 1
+                        self.classified.add(
+                            (
+                                reply.headers.get("X-Kubernetes-PF-FlowSchema-UID", ""),
+                                reply.headers.get("X-Kubernetes-PF-PriorityLevel-UID", ""),
+                            )
+                        )
+                except (aiohttp.ClientError, TimeoutError):
+                    self.errors += 1
+                self.latencies.append(time.perf_counter() - started)
+                done += 1
+                await asyncio.sleep(READER_PERIOD_SECONDS)
+
+    def measure(self, count: int) -> dict[str, Any]:
+        """Run ``count`` requests now (idle figure)."""
+        self.latencies = []
+        self._stop.clear()
+        asyncio.run(self._loop(count))
+        return self.summary()
+
+    def start(self) -> None:
+        """Keep listing in the background until :meth:`stop`."""
+        self.latencies = []
+        self._stop.clear()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._loop(None)), daemon=True)
+        self._thread.start()
+
+    def stop(self) -> dict[str, Any]:
+        """Stop the background loop; its figures."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """p50/p99/max in ms of the requests since the last start."""
+        ms = [value * 1e3 for value in self.latencies]
+        return {
+            "requests": len(ms),
+            "errors": self.errors,
+            "p50_ms": round(percentile(ms, 0.50), 2),
+            "p99_ms": round(percentile(ms, 0.99), 2),
+            "max_ms": round(max(ms), 2) if ms else None,
+        }
+
+
+async def _capacity(stack: Stack, tasks: Sequence[cluster.SubmittedTask]) -> float:
+    """Ledger records/s the API server takes straight from a client (64 in flight)."""
+    async with cluster.kube_session(stack) as client:
+        ledger = Ledger(client)
+        started = time.perf_counter()
+        await cluster.bounded(
+            (
+                ledger.record(
+                    task.ref,
+                    Result.solved(
+                        token=TOKEN,
+                        delivered_by=DeliveredBy.PINGBACK,
+                        provider_task_id=task.provider_task_id,
+                    ),
+                )
+                for task in tasks
+            ),
+            limit=64,
+        )
+        return len(tasks) / (time.perf_counter() - started)
+
+
+def _storm(stack: Stack, paths_file: Path, *, rate: float, seconds: float) -> dict[str, Any]:
+    argv = [
+        sys.executable, "-m", "bench.loadgen", "--base", stack.pingback_url,
+        "--paths", str(paths_file), "--rate", f"{rate:.0f}", "--seconds", str(seconds),
+    ]  # fmt: skip
+    done = subprocess.run(
+        cores.pinned(cores.LOAD_CORE, argv),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=seconds + 300,
+    )
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _outcomes(stack: Stack) -> dict[str, float]:
+    samples = cluster.scrape(stack.sidecar_metrics_url)
+    return {
+        outcome: cluster.metric_sum(samples, "captchatask_pingbacks_total", outcome=outcome)
+        for outcome in ("recorded", "spooled", "rejected")
+    }
+
+
+def _wait_drained(stack: Stack) -> float:
+    """Wait until the receiver's spool is empty; seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < DRAIN_TIMEOUT_SECONDS:
+        depth = cluster.metric_sum(
+            cluster.scrape(stack.sidecar_metrics_url), "captchatask_pingback_spool_depth"
+        )
+        if depth == 0:
+            break
+        time.sleep(0.5)
+    return round(time.monotonic() - started, 1)
+
+
+def _flowcontrol(stack: Stack) -> dict[str, dict[str, float]]:
+    """Per priority level: requests dispatched, seconds they waited in queues, nominal seats."""
+    out: dict[str, dict[str, float]] = {}
+    for (name, labels), value in cluster.apiserver_metrics(stack).items():
+        level = dict(labels).get("priority_level")
+        if level is None:
+            continue
+        entry = out.setdefault(level, {"waited": 0.0, "wait_seconds": 0.0, "seats": 0.0})
+        if name == "apiserver_flowcontrol_request_wait_duration_seconds_count":
+            entry["waited"] += value
+        elif name == "apiserver_flowcontrol_request_wait_duration_seconds_sum":
+            entry["wait_seconds"] += value
+        elif name == "apiserver_flowcontrol_nominal_limit_seats":
+            entry["seats"] = value
+    return out
+
+
+def _flow_delta(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """Requests and mean queue wait per level during one storm (levels that saw traffic)."""
+    out = {}
+    for level, now in after.items():
+        then = before.get(level, {"waited": 0.0, "wait_seconds": 0.0})
+        count = now["waited"] - then["waited"]
+        if count >= 1:
+            out[level] = {
+                "requests": count,
+                "mean_wait_ms": round(
+                    (now["wait_seconds"] - then["wait_seconds"]) / count * 1e3, 2
+                ),
+                "nominal_seats": now["seats"],
+            }
+    return out
+
+
+def _storm_with_reader(
+    stack: Stack, reader: _Reader, paths_file: Path, *, rate: float, seconds: float
+) -> dict[str, Any]:
+    before = _outcomes(stack)
+    flow_before = _flowcontrol(stack)
+    reader.start()
+    try:
+        storm = _storm(stack, paths_file, rate=rate, seconds=seconds)
+    finally:
+        listing = reader.stop()
+    after = _outcomes(stack)
+    return {
+        "priority_levels": _flow_delta(flow_before, _flowcontrol(stack)),
+        "list_pods": listing,
+        "pingbacks": {
+            key: storm[key]
+            for key in ("rate_target", "rate_achieved", "ok", "errors", "p50_ms", "p99_ms")
+        },
+        "outcomes": {key: after[key] - before[key] for key in after},
+    }
+
+
+def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
+    """The APF side-by-side rows."""
+    probe_count, storm_seconds, idle_samples = SIZES.get(profile.name, SIZES["small"])
+    workdir.mkdir(parents=True, exist_ok=True)
+    stack = _Stack(StackConfig(workdir=workdir / "stack", namespace=NAMESPACE), progress=say)
+    out: dict[str, Any] = {"storm_seconds": storm_seconds, "storm_factor": STORM_FACTOR}
+    try:
+        stack.start()
+        stack.kill("operator")  # the prepared tasks are the operator's work already done
+        out["versions"] = cluster.versions(stack)
+        version = str(out["versions"].get("kube_apiserver", "v1.36.0")).lstrip("v")
+        stack.plane.kubectl("create", "namespace", OTHER_NAMESPACE)
+        stack.sidecar_kubeconfig = _bind_admin(stack, NAMESPACE, RECEIVER_ACCOUNT)
+        reader = _Reader(_bind_admin(stack, OTHER_NAMESPACE, READER_ACCOUNT))
+        _pods(stack)
+        stack.restart("sidecar")
+        signer = PingbackSigner(load_keys(stack.key_file))
+
+        async def prepare(count: int, prefix: str) -> list[cluster.SubmittedTask]:
+            async with cluster.kube_session(stack) as client:
+                return await cluster.create_submitted_tasks(
+                    client, NAMESPACE, prefix=prefix, count=count, first_id=9_000_000_000
+                )
+
+        say(f"fairness: probing ledger capacity with {probe_count} records")
+        capacity = asyncio.run(_capacity(stack, asyncio.run(prepare(probe_count, "cap"))))
+        out["capacity_records_per_second"] = round(capacity, 1)
+        rate = STORM_FACTOR * capacity
+        out["storm_rate"] = round(rate)
+        storm_tasks = round(rate * storm_seconds) + 16
+        say(f"  {capacity:.0f} records/s; preparing 2 x {storm_tasks} tasks for {rate:.0f}/s")
+        out["idle"] = reader.measure(idle_samples)
+        say(f"  idle list pods p50 {out['idle']['p50_ms']} ms, p99 {out['idle']['p99_ms']} ms")
+        for label, apply in (("kubernetes_defaults", False), ("chart_apf", True)):
+            tasks = asyncio.run(prepare(storm_tasks, label[:4]))
+            paths = [
+                signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}"
+                for task in tasks
+            ]
+            paths_file = wrk.write_paths(workdir / f"{label}.paths", paths)
+            if apply:
+                stack.plane.kubectl("apply", "-f", "-", input=_apf_manifest(version))
+            out[f"idle_before_{label}"] = reader.measure(idle_samples // 2)
+            say(f"  storm ({label}) at {rate:.0f}/s for {storm_seconds:g}s")
+            result = _storm_with_reader(stack, reader, paths_file, rate=rate, seconds=storm_seconds)
+            result["classified_as"] = sorted(reader.classified)
+            reader.classified = set()
+            out[label] = result
+            say(
+                f"    list pods p50 {result['list_pods']['p50_ms']} ms, "
+                f"p99 {result['list_pods']['p99_ms']} ms; pingback p99 "
+                f"{result['pingbacks']['p99_ms']:.1f} ms; {result['outcomes']}"
+            )
+            out[f"drain_seconds_after_{label}"] = _wait_drained(stack)
+        out["apf_objects"] = [
+            item["kind"] for item in yaml.safe_load_all(_apf_manifest(version)) if item
+        ]
+    finally:
+        with contextlib.suppress(Exception):
+            stack.stop()
+    return out

@@ -1,0 +1,218 @@
+"""Tables and target verdicts of the API-server footprint phases: writes, fairness, startup.
+
+Pure functions of the results document, like :mod:`bench.report` (which places them): what a
+task costs the API server by delivery path (:mod:`bench.writes`), an unrelated client's latency
+during a pingback storm with and without the chart's APF objects (:mod:`bench.fairness`), and the
+startup times at scale (:mod:`bench.startup`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+KIB: Final = 1024
+#: Target: etcd bytes per finished task after compaction.
+BYTES_PER_TASK_TARGET: Final = 2.5 * KIB
+#: Target: the unrelated client's latency during the storm, as a multiple of its idle value.
+FAIRNESS_FACTOR_TARGET: Final = 2.0
+#: Target: seconds to the operator's first poll / the receiver's replay.
+STARTUP_TARGET_SECONDS: Final = 30.0
+WRITE_COLUMNS: Final = (
+    ("create", "POST captchatasks"),
+    ("drop managedFields", "PATCH captchatasks"),
+    ("status", "PATCH captchatasks/status"),
+    ("Events", "POST events"),
+)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _n(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int | float) and abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if not isinstance(value, float):
+        return str(value)
+    text = f"{value:.{digits}f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def writes_table(results: dict[str, Any]) -> str:
+    """Writes and bytes per finished task, by delivery path, now and as before."""
+    rows = []
+    labels = {
+        "pingback": "by pingback",
+        "poll": "by fallback poll",
+        "pingback_before": "by pingback, as before (`--routine-events --no-strip-managed-fields`)",
+        "poll_before": "by fallback poll, as before",
+    }
+    for key, label in labels.items():
+        run = results["writes"].get(key)
+        if not run:
+            continue
+        per_task = run["per_task"]
+        rows.append(
+            [
+                label,
+                *(_n(per_task.get(request)) for _, request in WRITE_COLUMNS),
+                f"**{_n(run['writes_per_task'])}**",
+                _n(per_task.get("GET captchatasks")),
+                f"{run['task_json_bytes']:,} B",
+                f"**{run['bytes_per_task_compacted']:,} B**",
+                f"{run['bytes_per_task_as_written']:,} B",
+            ]
+        )
+    tasks = next(iter(results["writes"].values()))["tasks"]
+    header = [
+        f"{tasks:,} tasks delivered",
+        *(f"{name} /task" for name, _ in WRITE_COLUMNS),
+        "writes /task",
+        "GET /task",
+        "task JSON",
+        "etcd /task compacted",
+        "as written",
+    ]
+    notes = (
+        "\n\nWhat each remaining write buys: the **create** is the application's; the **drop "
+        "managedFields** PATCH replaces the GET the operator does anyway before the intent (a "
+        "request for a request) and keeps ~1 KiB of field-ownership bookkeeping out of the task "
+        "for its whole life; the three **status** writes are the submission intent (no double "
+        "submission across crashes and replicas), `Submitted` with the provider id (what a "
+        "pingback or a poll is matched against) and the result (the ledger's one compare-and-set); "
+        "**Events** are posted only for warnings and unusual transitions (`--routine-events` "
+        "posts the two every task would get)."
+    )
+    return _table(header, rows) + notes
+
+
+def fairness_table(results: dict[str, Any]) -> str:
+    """An unrelated client's ``list pods`` latency: idle, storm without and with the APF objects."""
+    fair = results["fairness"]
+    idle = fair["idle"]
+    rows = [["idle", "-", _n(idle["p50_ms"]), _n(idle["p99_ms"]), "-", "-", "-"]]
+    labels = {
+        "kubernetes_defaults": "storm, Kubernetes' default FlowSchemas",
+        "chart_apf": "storm, with the chart's `apiPriority` objects",
+    }
+    for key, label in labels.items():
+        run = fair.get(key)
+        if not run:
+            continue
+        waits = "; ".join(
+            f"{level} {_n(item['mean_wait_ms'])} ms ({_n(item['nominal_seats'], 0)} seats)"
+            for level, item in sorted(run["priority_levels"].items())
+        )
+        rows.append(
+            [
+                label,
+                f"{run['pingbacks']['rate_achieved']:,.0f}/s",
+                _n(run["list_pods"]["p50_ms"]),
+                _n(run["list_pods"]["p99_ms"]),
+                f"{run['list_pods']['p99_ms'] / idle['p99_ms']:.1f}x",
+                f"{_n(run['pingbacks']['p99_ms'], 1)} ms, {run['pingbacks']['errors']} errors",
+                waits,
+            ]
+        )
+    header = [
+        "unrelated client (`list pods`, 20 pods)",
+        "pingbacks",
+        "p50 ms",
+        "p99 ms",
+        "p99 / idle",
+        "pingback p99",
+        "mean APF queue wait per level",
+    ]
+    note = (
+        f"\n\nStorm: {fair['storm_factor']:g}x the ledger capacity probed in the same run "
+        f"({fair['capacity_records_per_second']:,.0f} records/s) for {fair['storm_seconds']:g} s, "
+        "the receiver authenticated as its ServiceAccount. Everything (API server, etcd, receiver, "
+        "load generator, client) shares the 2 cores here."
+    )
+    return _table(header, rows) + note
+
+
+def startup_table(results: dict[str, Any]) -> str:
+    """Startup at scale."""
+    up = results["startup"]
+    op, rx = up.get("operator", {}), up.get("receiver", {})
+    rows = [
+        [
+            f"operator start → first fallback poll, {op.get('tasks', 0):,} tasks due",
+            f"{_n(op.get('first_poll_s'))} s",
+            f"healthy after {_n(op.get('healthy_s'))} s; all polled after "
+            f"{_n(op.get('all_polled_s'))} s",
+        ],
+        [
+            f"receiver replay of a {rx.get('records', 0):,}-record spool "
+            f"({rx.get('spool_bytes', 0) / 2**20:.0f} MiB)",
+            f"{_n(rx.get('process_serving_backlog_s'))} s",
+            f"`Spool.open()` alone {_n(rx.get('open_s'))} s; process healthy after "
+            f"{_n(rx.get('process_healthy_s'))} s",
+        ],
+    ]
+    return _table(["measure", "time", ""], rows)
+
+
+Verdict = tuple[str, str, bool | None]
+
+
+def verdicts(measured: dict[str, Any]) -> list[Verdict]:
+    """(target, figure, met) of the footprint phases present in ``measured``."""
+    out: list[Verdict] = []
+    writes = measured.get("writes")
+    if writes:
+        for path in ("pingback", "poll"):
+            run = writes.get(path)
+            if run:
+                figure = run["bytes_per_task_compacted"]
+                out.append(
+                    (
+                        f"≤ 2.5 KiB of etcd per finished task (by {path})",
+                        f"{figure:,} B compacted, {run['writes_per_task']} writes per task",
+                        figure <= BYTES_PER_TASK_TARGET,
+                    )
+                )
+    fair = measured.get("fairness")
+    if fair and "chart_apf" in fair:
+        idle = fair["idle"]["p99_ms"]
+        for key, label in (("kubernetes_defaults", "defaults"), ("chart_apf", "chart APF")):
+            p99 = fair[key]["list_pods"]["p99_ms"]
+            out.append(
+                (
+                    f"unrelated `list pods` p99 ≤ 2x idle during a 2x storm ({label})",
+                    f"{p99:,.0f} ms vs idle {idle:.1f} ms ({p99 / idle:.0f}x)",
+                    p99 <= FAIRNESS_FACTOR_TARGET * idle,
+                )
+            )
+    up = measured.get("startup")
+    if up:
+        checks: Sequence[tuple[str, Callable[[dict[str, Any]], Any], str]] = (
+            ("operator", lambda run: run.get("first_poll_s"), "operator's first poll"),
+            ("receiver", lambda run: run.get("process_serving_backlog_s"), "receiver's replay"),
+        )
+        for key, read, label in checks:
+            run = up.get(key) or {}
+            seconds = read(run)
+            size = run.get("tasks") or run.get("records") or 0
+            out.append(
+                (
+                    f"{label} ≤ 30 s at scale ({size:,})",
+                    f"{_n(seconds)} s",
+                    None if seconds is None else seconds <= STARTUP_TARGET_SECONDS,
+                )
+            )
+    return out
+
+
+SECTIONS: Final = (
+    ("writes", "API-server writes and etcd bytes per task", writes_table),
+    ("fairness", "API Priority and Fairness", fairness_table),
+    ("startup", "Startup at scale", startup_table),
+)
+"""(results key, title, table) for :func:`bench.report.render`."""
