@@ -388,6 +388,15 @@ def evaluate(snap: Snapshot) -> Verdict:
     sc_recorded = metric_sum(sc, "captchatask_pingbacks_total", outcome="recorded") + metric_sum(
         sc, "captchatask_spool_replays_total", outcome="recorded"
     )
+    # Ledger writes whose fate the receiver could not know: the request timed out or the
+    # connection broke, so it spooled the result, yet the API server may have applied it. The
+    # replay then finds it recorded and counts a duplicate, not a recording: each such write can
+    # lower the "recorded" count by one (and never raise it).
+    in_doubt = (
+        metric_sum(sc, "captchatask_ledger_write_errors_total", reason="timeout")
+        + metric_sum(sc, "captchatask_ledger_write_errors_total", reason="unavailable")
+        + metric_sum(sc, "captchatask_spool_replays_total", outcome="retry")
+    )
     by_pingback = delivered[str(model.DeliveredBy.PINGBACK)]
     pingback_in_gaps = sum(1 for at in pingback_times if _in_windows(at, snap.sidecar_kills))
     spool_depth_final = metric_sum(sc[-1:], "captchatask_pingback_spool_depth")
@@ -473,6 +482,7 @@ def evaluate(snap: Snapshot) -> Verdict:
             "sidecar_recorded_metric": int(sc_recorded),
             "ledger_by_pingback": by_pingback,
             "ledger_by_pingback_in_kill_gaps": pingback_in_gaps,
+            "sidecar_writes_in_doubt": int(in_doubt),
         },
         "solve_seconds": _quantiles(solve_seconds),
         "event_reasons": dict(sorted(Counter(str(e.get("reason")) for e in snap.events).items())),
@@ -516,10 +526,11 @@ def evaluate(snap: Snapshot) -> Verdict:
             f"operator permanent-failure metric {unsolvable_metric:.0f} disagrees with the "
             f"ledger: {len(poll_failed)} failed by poll ({poll_failed_in_gaps} inside kill gaps)"
         )
-    if not by_pingback - pingback_in_gaps <= sc_recorded <= by_pingback:
+    if not by_pingback - pingback_in_gaps - in_doubt <= sc_recorded <= by_pingback:
         verdict.violations.append(
             f"sidecar recorded metric {sc_recorded:.0f} disagrees with the ledger: "
-            f"{by_pingback} delivered by pingback ({pingback_in_gaps} inside kill gaps)"
+            f"{by_pingback} delivered by pingback ({pingback_in_gaps} inside kill gaps, "
+            f"{in_doubt:.0f} writes in doubt)"
         )
     return verdict
 
