@@ -3,8 +3,10 @@
 Its own application and runner, so a scrape never competes with pingbacks for a route and
 pingback traffic never reaches the metrics. Readiness means "a pingback sent here now will be
 acknowledged honestly": it turns false when the spool cannot be written (a full or read-only
-volume; checked by a periodic probe and by every failed append) and while shutting down, so
-the Service stops routing pingbacks to a receiver that could only answer ``503``.
+volume; checked by a periodic probe and by every failed append), when the spool holds
+``ready_fraction`` of its bound (before the bound, so the Service stops routing pingbacks here
+while the requests already on their way still find room), and while shutting down, so the
+Service stops routing pingbacks to a receiver that could only answer ``503``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class Health:
 
     spool: Spool
     metrics: Metrics
+    #: Unready once the spool's :meth:`~.spool.Spool.fill` reaches this (1.0: only when full).
+    ready_fraction: float = 1.0
     shutting_down: bool = False
     reasons: list[str] = field(default_factory=list)
 
@@ -44,6 +48,9 @@ class Health:
             reasons.append("shutting down")
         if not self.spool.writable:
             reasons.append("the spool cannot be written")
+        fill = self.spool.fill()
+        if fill >= self.ready_fraction:
+            reasons.append(f"the spool is {fill:.0%} full (unready from {self.ready_fraction:.0%})")
         self.metrics.spool_writable.set(1 if self.spool.writable else 0)
         return not reasons, reasons
 

@@ -68,9 +68,18 @@ async def assemble(
     settings = settings.with_namespace(config.namespace)
     signer = signing.PingbackSigner(signing.load_keys(settings.pingback_key_file))
     metrics = Metrics(registry)
-    spool = Spool(settings.spool_dir)
+    spool = Spool(
+        settings.spool_dir,
+        max_bytes=settings.spool_max_bytes,
+        max_records=settings.spool_max_records,
+    )
     await asyncio.to_thread(spool.open)
     metrics.track_spool(depth=lambda: float(spool.depth), oldest_age=spool.oldest_age)
+    metrics.track_spool_bound(
+        held_bytes=lambda: float(spool.held_bytes),
+        max_bytes=spool.max_bytes,
+        max_records=spool.max_records,
+    )
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(spool.close)
         session = await stack.enter_async_context(
@@ -134,7 +143,7 @@ async def assemble(
                 ),
                 max_body_bytes=settings.local_max_body_bytes,
             )
-        health = Health(spool=spool, metrics=metrics)
+        health = Health(spool=spool, metrics=metrics, ready_fraction=settings.spool_ready_fraction)
         yield Sidecar(
             settings=settings,
             metrics=metrics,

@@ -14,13 +14,26 @@ ordered, and the event loop never blocks on the disk). Each request waits for th
 its record: at high load a batch holds hundreds of records and costs one thread hop and one
 fsync, which is what makes the spool path nearly as fast as an empty handler.
 
-Memory. Everything acknowledged stays in memory until it reaches the ledger, which can be hundreds
-of thousands of results while the API server is away. Each is kept as one tuple of its payload
-bytes, receive time and segment number: the garbage collector stops tracking such a tuple, so a
+Memory. A pending result is kept in memory only as where it is: one tuple of its payload's
+offset and length in its segment, its receive time and its segment number. The payload (up to a
+64 KiB token) stays on disk and is read back, checksum checked, when the drainer takes the result
+(:meth:`Spool.due`); a replay at startup walks each segment through an ``mmap`` instead of
+reading it whole. So a backlog of hundreds of thousands of results costs a few dozen MiB, not
+its size on disk. Only atomic values in the tuple: the garbage collector stops tracking it, so a
 full collection does not walk the backlog (with a handful of objects per pending result, full
 collections grew to a quarter of a second at 85,000 results and stalled every request).
 :class:`Entry` objects, with the drainer's bookkeeping, exist only for the few results being
 replayed or backing off.
+
+Bound. A spool on an ``emptyDir`` with a ``sizeLimit`` must never reach it: past it the kubelet
+evicts the pod and deletes the volume with every acknowledged result in it. So the spool takes at
+most ``max_bytes`` (its segments on disk plus what is admitted and not yet written) and
+``max_records`` (pending plus admitted); an append that would cross either is refused with
+:class:`SpoolFullError` before anything is written, and the pingback is answered ``503``. A result
+refused is one the provider may retry and the operator's fallback poll recovers; a result
+acknowledged and then evicted is lost. :meth:`Spool.fill` lets readiness turn false before the
+bound. The current segment is rotated once it holds ``segment_bytes``, so one result the API
+server keeps refusing cannot pin the bytes of every result resolved after it.
 
 Compaction. Records are not rewritten or tombstoned: a replayed record that comes back after a
 crash is a duplicate the ledger recognises. A segment is deleted once every record in it is
@@ -31,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -39,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from captchatask_sidecar.spoolformat import SpoolRecord, frame, scan
+from captchatask_sidecar.spoolformat import HEADER, SpoolRecord, frame, read_payload, walk
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +63,20 @@ PROBE_NAME: Final = ".probe"
 #: The readiness probe writes this much (more than a typical record) and fsyncs it, so a full
 #: or read-only volume shows as unready before a pingback finds out.
 PROBE_BYTES: Final = 8192
+#: Largest segment before rotation: small enough that resolved records free their bytes soon.
+MAX_SEGMENT_BYTES: Final = 16 * 1024 * 1024
 
 
 class SpoolWriteError(Exception):
     """The record could not be made durable; the caller must not acknowledge it."""
+
+
+class SpoolFullError(SpoolWriteError):
+    """The record would cross the spool's bound; it was not written (refuse, don't evict)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the spool is full ({reason})")
+        self.reason = reason
 
 
 @dataclass(slots=True, eq=False)
@@ -77,9 +101,10 @@ class Entry:
     in_flight: bool = False
 
 
-#: What the spool keeps per pending result: payload, receive time, segment number. Only atomic
-#: values, so the garbage collector untracks the tuple (see the module docstring).
-_Pending = tuple[bytes, float, int]
+#: What the spool keeps per pending result: its payload's offset and length in the segment file,
+#: receive time, segment number. Only atomic values, so the garbage collector untracks the tuple
+#: (see the module docstring).
+_Pending = tuple[int, int, float, int]
 
 
 class Spool:
@@ -93,6 +118,11 @@ class Spool:
         Called (on the loop) after records became durable, e.g. to wake the drainer.
     clock
         Wall clock in seconds (tests inject one).
+    max_bytes, max_records
+        The bound (see the module docstring); ``None``: unbounded.
+    segment_bytes
+        Rotate the current segment once it is this large (default: an eighth of ``max_bytes``,
+        at most :data:`MAX_SEGMENT_BYTES`).
     """
 
     def __init__(
@@ -101,10 +131,24 @@ class Spool:
         *,
         on_append: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
+        max_bytes: int | None = None,
+        max_records: int | None = None,
+        segment_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.on_append = on_append
         self._clock = clock
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        if segment_bytes is None:
+            segment_bytes = MAX_SEGMENT_BYTES
+            if max_bytes is not None:
+                segment_bytes = max(1, min(MAX_SEGMENT_BYTES, max_bytes // 8))
+        self.segment_bytes = segment_bytes
+        #: Bytes of the segments on disk plus bytes admitted and not yet written.
+        self._bytes = 0
+        #: Records admitted by :meth:`append` and not yet pending (buffered or being written).
+        self._admitted = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
         self._segments: dict[int, Segment] = {}
         self._current: Segment | None = None
@@ -135,26 +179,44 @@ class Spool:
                 continue
             seq = int(seq_text)
             highest = max(highest, seq)
-            report = scan(path.read_bytes())
-            if report.skipped_bytes:
-                logger.warning(
-                    "spool segment %s: skipped %d bytes of torn or corrupt records at offsets %s",
-                    path.name,
-                    report.skipped_bytes,
-                    report.skipped_at[:10],
-                )
-            if not report.records:
+            segment = Segment(seq=seq, path=path, size=path.stat().st_size)
+            found = self._replay_segment(segment)
+            if not found:
                 path.unlink()
                 continue
-            segment = Segment(seq=seq, path=path, size=path.stat().st_size)
             self._segments[seq] = segment
-            for record, payload in zip(report.records, report.payloads, strict=True):
-                self._add_pending(payload, record.received_at, segment)
-            replayed += len(report.records)
+            self._bytes += segment.size
+            replayed += found
         if replayed:
             logger.warning("spool: %d acknowledged results replayed from disk", replayed)
         self._start_segment(highest + 1)
         return replayed
+
+    def _replay_segment(self, segment: Segment) -> int:
+        """Register a segment's valid records as pending (by location); return how many."""
+        if not segment.size:
+            return 0
+        found = skipped = 0
+        skipped_at: list[int] = []
+        with (
+            segment.path.open("rb") as file,
+            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
+            for offset, length, record in walk(data):
+                if record is None:
+                    skipped += length
+                    skipped_at.append(offset)
+                    continue
+                self._add_pending(offset, length, record.received_at, segment)
+                found += 1
+        if skipped:
+            logger.warning(
+                "spool segment %s: skipped %d bytes of torn or corrupt records at offsets %s",
+                segment.path.name,
+                skipped,
+                skipped_at[:10],
+            )
+        return found
 
     def _start_segment(self, seq: int) -> None:
         path = self.directory / f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
@@ -174,9 +236,9 @@ class Spool:
         finally:
             os.close(dir_fd)
 
-    def _add_pending(self, payload: bytes, received_at: float, segment: Segment) -> int:
+    def _add_pending(self, offset: int, length: int, received_at: float, segment: Segment) -> int:
         self._next_id += 1
-        self._pending[self._next_id] = (payload, received_at, segment.seq)
+        self._pending[self._next_id] = (offset, length, received_at, segment.seq)
         segment.unresolved += 1
         return self._next_id
 
@@ -187,6 +249,8 @@ class Spool:
 
         Raises
         ------
+        SpoolFullError
+            The record would cross the bound; nothing was written.
         SpoolWriteError
             The write or the fsync failed; the record is not durable.
         """
@@ -195,13 +259,24 @@ class Spool:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Entry] = loop.create_future()
         payload = record.encode()
-        self._buffer.append(frame(payload))
+        framed = frame(payload)
+        self._admit(len(framed))
+        self._buffer.append(framed)
         self._batch.append((record, payload, future))
         if self._flusher is None:
             self._flusher = loop.create_task(self._flush_loop())
         # Each request has its own future: a cancelled request cancels only that future, and
         # its record is still written and registered with the batch.
         return await future
+
+    def _admit(self, size: int) -> None:
+        """Reserve room for a record of ``size`` bytes, or refuse it (see the module docstring)."""
+        if self.max_records is not None and self.held_records + 1 > self.max_records:
+            raise SpoolFullError("records")
+        if self.max_bytes is not None and self._bytes + size > self.max_bytes:
+            raise SpoolFullError("bytes")
+        self._bytes += size
+        self._admitted += 1
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -212,9 +287,12 @@ class Spool:
                 self._buffer, self._batch = [], []
                 segment = self._current
                 assert segment is not None
+                offset = segment.size  # where this batch starts: one writer at a time
+                self._admitted -= len(batch)
                 try:
                     await loop.run_in_executor(self._executor, self._write, data, segment)
                 except OSError as exc:
+                    self._bytes -= len(data)  # cut off again by _write
                     self.writable = False
                     error = SpoolWriteError(f"spool write failed: {exc.strerror or exc}")
                     logger.error("spool: %d results could not be written: %s", len(batch), exc)  # noqa: TRY400 - errno is enough
@@ -224,7 +302,9 @@ class Spool:
                     continue
                 self.writable = True
                 for record, payload, future in batch:
-                    entry_id = self._add_pending(payload, record.received_at, segment)
+                    offset += HEADER.size
+                    entry_id = self._add_pending(offset, len(payload), record.received_at, segment)
+                    offset += len(payload)
                     if not future.done():
                         future.set_result(Entry(id=entry_id, record=record, segment=segment))
                 if self.on_append is not None:
@@ -254,12 +334,15 @@ class Spool:
 
     def resolve(self, entry: Entry) -> None:
         """The entry's result is in the ledger or a dead letter: forget it (idempotent)."""
-        self._entries.pop(entry.id, None)
-        if self._pending.pop(entry.id, None) is None:
+        self._forget(entry.id, entry.segment)
+
+    def _forget(self, entry_id: int, segment: Segment) -> None:
+        self._entries.pop(entry_id, None)
+        if self._pending.pop(entry_id, None) is None:
             return
-        entry.segment.unresolved -= 1
-        if entry.segment is not self._current and entry.segment.unresolved == 0:
-            self._delete(entry.segment)
+        segment.unresolved -= 1
+        if segment is not self._current and segment.unresolved == 0:
+            self._delete(segment)
         self._maybe_rotate()
 
     # -- the drainer's view -------------------------------------------------------------------
@@ -273,18 +356,32 @@ class Spool:
         found: list[Entry] = []
         if limit <= 0:
             return found
-        for entry_id, (payload, _received_at, seq) in self._pending.items():
-            entry = self._entries.get(entry_id)
-            if entry is None:
-                entry = Entry(
-                    id=entry_id, record=SpoolRecord.decode(payload), segment=self._segments[seq]
-                )
-                self._entries[entry_id] = entry
-            elif entry.in_flight or entry.next_attempt > now:
-                continue
-            found.append(entry)
-            if len(found) >= limit:
-                break
+        unreadable: list[int] = []
+        with _Reader(self._segments) as reader:
+            for entry_id, (offset, length, _received_at, seq) in self._pending.items():
+                entry = self._entries.get(entry_id)
+                if entry is None:
+                    try:
+                        loaded = SpoolRecord.decode(reader.payload(seq, offset, length))
+                    except (OSError, ValueError, KeyError) as exc:
+                        logger.error(  # noqa: TRY400 - the reason is enough
+                            "spool: a record in segment %d at %d cannot be read back: %s",
+                            seq,
+                            offset,
+                            exc,
+                        )
+                        unreadable.append(entry_id)
+                        continue
+                    entry = Entry(id=entry_id, record=loaded, segment=self._segments[seq])
+                    self._entries[entry_id] = entry
+                elif entry.in_flight or entry.next_attempt > now:
+                    continue
+                found.append(entry)
+                if len(found) >= limit:
+                    break
+        for entry_id in unreadable:
+            # The disk no longer holds what was written; keeping it would retry it forever.
+            self._forget(entry_id, self._segments[self._pending[entry_id][3]])
         return found
 
     def next_due(self, now: float) -> float | None:
@@ -299,11 +396,16 @@ class Spool:
         )
 
     def records(self) -> list[SpoolRecord]:
-        """Every pending record, oldest first (decodes each: for tests and diagnostics)."""
-        return [SpoolRecord.decode(payload) for payload, _at, _seq in self._pending.values()]
+        """Every pending record, oldest first (reads each back: for tests and diagnostics)."""
+        with _Reader(self._segments) as reader:
+            return [
+                SpoolRecord.decode(reader.payload(seq, offset, length))
+                for offset, length, _at, seq in self._pending.values()
+            ]
 
     def _delete(self, segment: Segment) -> None:
-        self._segments.pop(segment.seq, None)
+        if self._segments.pop(segment.seq, None) is not None:
+            self._bytes -= segment.size
         try:
             segment.path.unlink()
         except FileNotFoundError:
@@ -312,14 +414,17 @@ class Spool:
             logger.warning("spool: could not delete drained segment %s: %s", segment.path.name, exc)
 
     def _maybe_rotate(self) -> None:
-        """Start a new segment when the current one is fully drained (and nothing is in flight)."""
+        """Start a new segment when the current one is drained or large (nothing in flight).
+
+        A large segment with results still pending stays on disk until they are resolved.
+        """
         current = self._current
         if (
             current is None
             or self.closed
             or self._flusher is not None
-            or current.unresolved
             or not current.size
+            or (current.unresolved and current.size < self.segment_bytes)
         ):
             return
         try:
@@ -327,7 +432,8 @@ class Spool:
         except OSError as exc:
             logger.warning("spool: could not rotate segment: %s", exc)
             return
-        self._delete(current)
+        if not current.unresolved:
+            self._delete(current)
 
     # -- observation --------------------------------------------------------------------------
 
@@ -336,9 +442,28 @@ class Spool:
         """Results acknowledged but not yet in the ledger."""
         return len(self._pending)
 
+    @property
+    def held_records(self) -> int:
+        """Results pending plus those admitted and not yet written (what the bound counts)."""
+        return len(self._pending) + self._admitted
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the segments on disk plus those admitted and not yet written."""
+        return self._bytes
+
+    def fill(self) -> float:
+        """How full the spool is against its bound: the larger of the two ratios (0 unbounded)."""
+        ratios = [0.0]
+        if self.max_bytes:
+            ratios.append(self._bytes / self.max_bytes)
+        if self.max_records:
+            ratios.append(self.held_records / self.max_records)
+        return min(1.0, max(ratios))
+
     def oldest_age(self) -> float:
         """Seconds since the oldest pending result was received (0 when empty)."""
-        for _payload, received_at, _seq in self._pending.values():
+        for _offset, _length, received_at, _seq in self._pending.values():
             return max(0.0, self._clock() - received_at)
         return 0.0
 
@@ -384,3 +509,26 @@ class Spool:
         if self._current is not None and not self._current.size:
             self._delete(self._current)
         self._executor.shutdown(wait=True)
+
+
+class _Reader:
+    """Reads payloads back from segment files, opening each segment at most once per use."""
+
+    def __init__(self, segments: dict[int, Segment]) -> None:
+        self._segments = segments
+        self._fds: dict[int, int] = {}
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def payload(self, seq: int, offset: int, length: int) -> bytes:
+        fd = self._fds.get(seq)
+        if fd is None:
+            path = self._segments[seq].path
+            fd = self._fds[seq] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        return read_payload(fd, offset, length)

@@ -1,7 +1,8 @@
 """The spool's bytes: how one result is framed on disk, and how a segment is read back.
 
-Pure (bytes in, records out): :mod:`.spool` owns the files, the group commit and the memory;
-this module owns the layout, so it can be read, and tested, apart from them.
+Pure (bytes in, records out; :func:`read_payload` reads back one record the spool located):
+:mod:`.spool` owns the files, the group commit and the memory; this module owns the layout, so
+it can be read, and tested, apart from them.
 
 Format. Segment files ``spool-<seq>.log``; each record is a 10-byte header (magic ``CT``,
 little-endian payload length and CRC-32) followed by the payload. A crash can leave a torn
@@ -22,8 +23,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import mmap
+import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
@@ -201,31 +205,60 @@ class ScanReport:
 def scan(data: bytes) -> ScanReport:
     """Read every valid record of a segment; skip (and report) torn or corrupt ones."""
     report = ScanReport()
+    for offset, length, record in walk(data):
+        if record is None:
+            report.skipped_at.append(offset)
+            report.skipped_bytes += length
+            continue
+        report.records.append(record)
+        report.payloads.append(data[offset : offset + length])
+    return report
+
+
+def walk(data: bytes | mmap.mmap) -> Iterator[tuple[int, int, SpoolRecord | None]]:
+    """Yield ``(payload offset, payload length, record)`` for each record of a segment.
+
+    Torn or corrupt ranges are yielded as ``(offset, skipped length, None)``. ``data`` may be
+    an ``mmap`` of the segment file: the spool replays a large segment without reading it into
+    memory, and keeps only where each payload is.
+    """
     offset = 0
     end = len(data)
     while offset < end:
         if end - offset >= HEADER.size:
             magic, length, crc = HEADER.unpack_from(data, offset)
             start = offset + HEADER.size
-            if (
-                magic == MAGIC
-                and length <= MAX_RECORD_BYTES
-                and start + length <= end
-                and zlib.crc32(data[start : start + length]) == crc
-            ):
+            if magic == MAGIC and length <= MAX_RECORD_BYTES and start + length <= end:
                 payload = data[start : start + length]
-                try:
-                    report.records.append(SpoolRecord.decode(payload))
-                    report.payloads.append(payload)
-                except (ValueError, KeyError, TypeError):
-                    report.skipped_at.append(offset)
-                    report.skipped_bytes += HEADER.size + length
-                offset = start + length
-                continue
+                if zlib.crc32(payload) == crc:
+                    try:
+                        record = SpoolRecord.decode(payload)
+                    except (ValueError, KeyError, TypeError):
+                        yield offset, HEADER.size + length, None
+                    else:
+                        yield start, length, record
+                    offset = start + length
+                    continue
         # Not a valid record here: resynchronise on the next magic that starts a valid one.
-        report.skipped_at.append(offset)
         following = data.find(MAGIC, offset + 1)
         next_offset = end if following < 0 else following
-        report.skipped_bytes += next_offset - offset
+        yield offset, next_offset - offset, None
         offset = next_offset
-    return report
+
+
+def read_payload(fd: int, offset: int, length: int) -> bytes:
+    """Read back one framed payload at ``offset`` of an open segment, checking its frame.
+
+    Raises
+    ------
+    ValueError
+        The bytes there are not the record written (a damaged disk, a foreign writer).
+    """
+    data = os.pread(fd, HEADER.size + length, offset - HEADER.size)
+    if len(data) != HEADER.size + length:
+        raise ValueError("spool record cut short")
+    magic, stored_length, crc = HEADER.unpack_from(data)
+    payload = data[HEADER.size :]
+    if magic != MAGIC or stored_length != length or zlib.crc32(payload) != crc:
+        raise ValueError("spool record damaged on disk")
+    return payload

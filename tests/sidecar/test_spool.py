@@ -248,6 +248,6 @@ def test_pending_results_are_kept_out_of_the_garbage_collector(tmp_path: Path) -
     segment = spool._current
     assert segment is not None
     for index in range(100):
-        spool._add_pending(record(index).encode(), 1.0, segment)
+        spool._add_pending(index * 100, 90, 1.0, segment)
     gc.collect()
     assert not any(gc.is_tracked(value) for value in spool._pending.values())
