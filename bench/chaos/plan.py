@@ -53,6 +53,9 @@ class FaultKind(StrEnum):
     OPERATOR_KILL = "operator-kill"
     RES_502_BURST = "res-502-burst"
     PLANT_DEAD_LETTER = "plant-dead-letter"
+    #: The receiver runs with a spool bound of ``amount`` records, below what the outage spools:
+    #: from this point (inside the outage) the run expects it to answer 503 and turn unready.
+    SPOOL_FULL = "spool-full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +72,7 @@ class FaultEvent:
         extra = {
             FaultKind.RES_502_BURST: f" x{self.amount}",
             FaultKind.APISERVER_OUTAGE: f" for {self.amount}s",
+            FaultKind.SPOOL_FULL: f" (bound {self.amount} records)",
         }.get(self.kind, f" #{self.amount}")
         return f"t+{self.at:7.2f}s  {self.kind}{extra}"
 
@@ -168,6 +172,8 @@ def make_plan(profile: Profile, seed: int) -> Plan:
         FaultEvent(rng.uniform(low, high), FaultKind.RES_502_BURST, profile.res_502_burst_size)
         for _ in range(profile.res_502_bursts)
     )
+    if profile.spool_max_records:
+        faults.append(FaultEvent(outage[0] + 0.5, FaultKind.SPOOL_FULL, profile.spool_max_records))
     for number in range(profile.planted_dead_letters):
         # One planted letter arrives during the outage, so it travels through the spool.
         at = rng.uniform(*outage) if number == 0 else rng.uniform(low, high)

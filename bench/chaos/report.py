@@ -32,6 +32,7 @@ def table(figures: dict[str, Any]) -> str:
         ("faults: sidecar SIGKILL + restart", faults["sidecar_sigkills"]),
         ("faults: operator SIGKILL + restart", faults["operator_sigkills"]),
         ("faults: planted dead letters", faults["planted_dead_letters"]),
+        ("faults: spool bound reached (503s answered)", _spool_full(f)),
         (
             "solved / failed",
             f"{f['solved']} / {sum(f['failed_by_code'].values())} {f['failed_by_code']}",
@@ -64,6 +65,17 @@ def table(figures: dict[str, Any]) -> str:
     ]
     width = max(len(str(label)) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _spool_full(figures: dict[str, Any]) -> str:
+    """The ``spool-full`` row (n/a for a run without a bound, or recorded before it existed)."""
+    faults = figures["faults"]
+    bound = faults.get("spool_bound_records")
+    if not bound:
+        return "n/a"
+    unready = figures["timings"].get("spool_full_unready")
+    state = {True: ", unready", False: ", still ready"}.get(unready, "")
+    return f"{faults['spool_full_503s']} (bound {bound} records{state})"
 
 
 def _seconds(value: float | None) -> str:

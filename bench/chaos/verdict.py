@@ -57,6 +57,8 @@ class Snapshot:
     sidecar_kills: list[KillWindow]
     spool_bytes: int
     planted: list[str]
+    #: The receiver's spool bound in records (fault ``spool-full``; 0: none).
+    spool_max_records: int = 0
 
 
 @dataclass
@@ -260,6 +262,10 @@ def evaluate(snap: Snapshot) -> Verdict:
             "sidecar_sigkills": len(snap.sidecar_kills),
             "operator_sigkills": len(snap.operator_kills),
             "planted_dead_letters": len(snap.planted),
+            "spool_bound_records": snap.spool_max_records,
+            "spool_full_503s": int(
+                metric_sum(sc, "captchatask_pingback_unavailable_total", reason="spool_full")
+            ),
         },
         "delivered_by": {
             "pingback": by_pingback,
