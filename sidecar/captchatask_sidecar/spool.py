@@ -288,10 +288,11 @@ class Spool:
                 segment = self._current
                 assert segment is not None
                 offset = segment.size  # where this batch starts: one writer at a time
-                self._admitted -= len(batch)
                 try:
                     await loop.run_in_executor(self._executor, self._write, data, segment)
                 except OSError as exc:
+                    # Counted against the bound until here: the batch was on its way to disk.
+                    self._admitted -= len(batch)
                     self._bytes -= len(data)  # cut off again by _write
                     self.writable = False
                     error = SpoolWriteError(f"spool write failed: {exc.strerror or exc}")
@@ -301,6 +302,7 @@ class Spool:
                             future.set_exception(error)
                     continue
                 self.writable = True
+                self._admitted -= len(batch)
                 for record, payload, future in batch:
                     offset += HEADER.size
                     entry_id = self._add_pending(offset, len(payload), record.received_at, segment)
@@ -350,8 +352,11 @@ class Spool:
     def due(self, now: float, limit: int) -> list[Entry]:
         """Up to ``limit`` pending entries, oldest first, not in flight and not backing off.
 
-        ``now`` is monotonic. Entries are materialised (their payload decoded) here, for the
-        drainer only, and kept with their bookkeeping until resolved.
+        ``now`` is monotonic. Entries are materialised here (their payload read back from its
+        segment and decoded), for the drainer only, and kept with their bookkeeping until
+        resolved: at most ``limit`` small reads per call, usually from the page cache. A record
+        that no longer reads back as written (a damaged disk) is logged and dropped, since
+        retrying it could never succeed.
         """
         found: list[Entry] = []
         if limit <= 0:

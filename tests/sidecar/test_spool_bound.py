@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import threading
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -23,6 +24,9 @@ from captchatask.model import DeliveredBy, TaskRef
 from captchatask_sidecar import settings as sidecar_settings
 from captchatask_sidecar.spool import Spool, SpoolFullError
 from captchatask_sidecar.spoolformat import SpoolRecord, frame
+
+#: Hang guard for a blocked writer thread (never an assertion about speed).
+PATIENCE_SECONDS = 60.0
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -94,6 +98,33 @@ async def test_concurrent_appends_cannot_overshoot_the_bound(tmp_path: Path) -> 
     refused = [o for o in outcomes if isinstance(o, SpoolFullError)]
     assert len(refused) == 15
     assert spool.depth == 10
+    await spool.close()
+
+
+async def test_a_batch_being_written_still_counts_against_the_bound(tmp_path: Path) -> None:
+    # A slow disk: the first record's write blocks in the writer thread. While it is on its way
+    # (neither buffered nor pending yet) it must still hold its place under the bound.
+    spool = Spool(tmp_path, max_records=1)
+    spool.open()
+    release = threading.Event()
+    entered = threading.Event()
+    original = spool._write
+
+    def slow_write(data: bytes, segment: object) -> None:
+        entered.set()
+        release.wait(PATIENCE_SECONDS)
+        original(data, segment)  # type: ignore[arg-type]
+
+    spool._write = slow_write  # type: ignore[method-assign]
+    first = asyncio.ensure_future(spool.append(record(0)))
+    await asyncio.to_thread(entered.wait, PATIENCE_SECONDS)
+    second = asyncio.ensure_future(spool.append(record(1)))
+    await asyncio.sleep(0)  # the second append runs up to its admission (or its refusal)
+    release.set()
+    with pytest.raises(SpoolFullError):
+        await second
+    await first
+    assert spool.depth == 1
     await spool.close()
 
 
