@@ -24,7 +24,7 @@ from captchatask.model import DeliveredBy, TaskRef
 from captchatask_sidecar import settings as sidecar_settings
 from captchatask_sidecar import spool as spool_module
 from captchatask_sidecar.spool import Spool, SpoolFullError
-from captchatask_sidecar.spoolformat import SpoolRecord, frame
+from captchatask_sidecar.spoolformat import SpoolRecord, frame, read_payload
 
 #: Hang guard for a blocked writer thread (never an assertion about speed).
 PATIENCE_SECONDS = 60.0
@@ -290,11 +290,10 @@ async def test_the_drainer_reads_payloads_back_off_the_event_loop(
     for index in range(3):
         await spool.append(record(index))
     readers: list[str] = []
-    original = spool_module.read_payload
 
     def recording(fd: int, offset: int, length: int) -> bytes:
         readers.append(threading.current_thread().name)
-        return original(fd, offset, length)
+        return read_payload(fd, offset, length)
 
     monkeypatch.setattr(spool_module, "read_payload", recording)
     entries = await spool.due(0.0, limit=10)
