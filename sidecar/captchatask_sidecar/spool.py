@@ -599,6 +599,12 @@ class Spool:
         segment on the reader thread, checksum checked, and decoded), for the drainer only, and
         kept with their bookkeeping until resolved. A record that no longer reads back as
         written (a damaged disk) is logged and dropped, since retrying it could never succeed.
+
+        Raises
+        ------
+        OSError
+            A segment could not be read (``EIO``, too many open files): nothing is dropped, the
+            records stay pending for a later pass (the supervised drainer restarts).
         """
         if limit <= 0:
             return []
@@ -620,7 +626,7 @@ class Spool:
                 self._materialise(entry_id, payload)
         return [self._entries[i] for i in chosen if i in self._entries and i in self._pending]
 
-    def _materialise(self, entry_id: int, payload: bytes | Exception) -> None:
+    def _materialise(self, entry_id: int, payload: bytes | ValueError) -> None:
         """Make the :class:`Entry` of a pending result from its payload (or drop it, unreadable)."""
         pending = self._pending.get(entry_id)
         if pending is None or entry_id in self._entries:
@@ -628,10 +634,10 @@ class Spool:
         _length, _received_at, seq, offset = pending
         segment = self._segments[seq]
         try:
-            if isinstance(payload, Exception):
+            if isinstance(payload, ValueError):
                 raise payload
             record = SpoolRecord.decode(payload)
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             logger.error(  # noqa: TRY400 - the reason is enough
                 "spool: the record in segment %d at %d cannot be read back, dropped: %s",
                 seq,
@@ -654,7 +660,7 @@ class Spool:
             length, _received_at, seq, offset = self._pending[entry_id]
             segment = self._segments[seq]
             (payload,) = _read_back([(entry_id, segment.path, offset, length)])
-            if isinstance(payload, Exception):
+            if isinstance(payload, ValueError):
                 raise payload
             entry = Entry(
                 id=entry_id, record=SpoolRecord.decode(payload), segment=segment, offset=offset
@@ -684,7 +690,7 @@ class Spool:
         ]
         found = []
         for payload in _read_back(wanted):
-            if isinstance(payload, Exception):
+            if isinstance(payload, ValueError):
                 raise payload
             found.append(SpoolRecord.decode(payload))
         return found
@@ -811,22 +817,22 @@ def _write_all(fd: int, data: bytes) -> None:
         written += os.write(fd, view[written:])
 
 
-def _read_back(wanted: list[tuple[int, Path, int, int]]) -> list[bytes | Exception]:
-    """Reader thread: each ``(id, segment file, frame offset, length)``'s payload, or the error.
+def _read_back(wanted: list[tuple[int, Path, int, int]]) -> list[bytes | ValueError]:
+    """Reader thread: each ``(id, segment file, frame offset, length)``'s payload, or its damage.
 
-    Each segment is opened once per call. An error is returned, not raised, so one damaged
-    record does not hide the others.
+    Each segment is opened once per call. A damaged record is returned as its ``ValueError``, so
+    it does not hide the others; an ``OSError`` is raised (it says nothing about the record).
     """
     fds: dict[Path, int] = {}
-    found: list[bytes | Exception] = []
+    found: list[bytes | ValueError] = []
     try:
         for _entry_id, path, offset, length in wanted:
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                fd = fds.get(path)
-                if fd is None:
-                    fd = fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 found.append(read_payload(fd, offset, length))
-            except (OSError, ValueError) as exc:
+            except ValueError as exc:
                 found.append(exc)
     finally:
         for fd in fds.values():

@@ -9,6 +9,7 @@ bound, and a pingback that would cross it is answered ``503`` with ``Retry-After
 from __future__ import annotations
 
 import asyncio
+import errno
 import secrets
 import threading
 import tracemalloc
@@ -323,3 +324,24 @@ async def test_a_record_damaged_on_disk_is_dropped_not_retried_forever(tmp_path:
     reopened = Spool(tmp_path)
     assert reopened.open() == 2  # neither replayed nor lost track of the others
     await reopened.close()
+
+
+async def test_a_read_error_keeps_the_record_for_a_later_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An I/O error (EIO, too many open files) says nothing about the record: dropping it would
+    # lose an acknowledged result. The pass fails (the supervised drainer retries it later).
+    spool = Spool(tmp_path)
+    spool.open()
+    await spool.append(record(0))
+
+    def failing(fd: int, offset: int, length: int) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(spool_module, "read_payload", failing)
+    with pytest.raises(OSError, match="Input/output"):
+        await spool.due(0.0, limit=10)
+    assert spool.depth == 1
+    monkeypatch.undo()
+    assert [entry.record for entry in await spool.due(0.0, limit=10)] == [record(0)]
+    await spool.close()
