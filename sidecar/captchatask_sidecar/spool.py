@@ -14,12 +14,14 @@ ordered). Each request waits for the batch holding its record: at high load a ba
 hundreds of records and costs one thread hop and one fsync.
 
 No disk work on the event loop. Every call that can block on the volume (:class:`Disk`: segment
-creation and its directory sync, ``fdatasync``, ``unlink``, the journal) runs on one of two
-threads: the writer (appends) and the cleaner (tombstones, rotation, deletion, compaction), so a
-slow disk delays the pingbacks that wait for it, never the loop and every other request on it,
-and a hanging deletion never holds up an append. When the current segment is drained the cleaner
-creates the next one; appends go on to the current segment until the switch, so none waits for
-a directory sync.
+creation and its directory sync, ``fdatasync``, ``unlink``, the journal, reading a payload
+back) runs on one of three threads: the writer (appends), the cleaner (tombstones, rotation,
+deletion, compaction) and the reader (payloads for the drainer), so a slow disk delays the
+pingbacks or replays that wait for it, never the loop and every other request on it, and a
+hanging deletion never holds up an append. When the current segment is drained (or large) the
+cleaner creates the next one; appends go on to the current segment until the switch, so none
+waits for a directory sync. Only :meth:`Spool.open` (startup) and the diagnostics
+:meth:`Spool.entry` and :meth:`Spool.records` read on the calling thread.
 
 Memory. Everything acknowledged stays pending until it reaches the ledger, which can be hundreds
 of thousands of results while the API server is away. A pending result is kept in memory only as
