@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.time() - started,
         "task_create_retries": tl.create_retries,
         "spool_depth_changes": tl.spool_depths,
+        "spool_full_unready": tl.spool_full_unready if tl.spool_full_at else None,
     }
     verdict.figures["secret_leaks"] = len(run.leaks)
     verdict.violations.extend(f"fault not injected: {error}" for error in run.errors)

@@ -57,6 +57,9 @@ class FaultKind(StrEnum):
     #: ordinals, a dropped connection on even ones): the task exists, the operator never
     #: learns its id, and its pingback (or, failing that, one resubmission) must settle it.
     IN_REPLY_LOST = "in-reply-lost"
+    #: The receiver runs with a spool bound of ``amount`` records, below what the outage spools:
+    #: from this point (inside the outage) the run expects it to answer 503 and turn unready.
+    SPOOL_FULL = "spool-full"
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class FaultEvent:
             FaultKind.RES_502_BURST: f" x{self.amount}",
             FaultKind.IN_REPLY_LOST: f" x{self.amount}",
             FaultKind.APISERVER_OUTAGE: f" for {self.amount}s",
+            FaultKind.SPOOL_FULL: f" (bound {self.amount} records)",
         }.get(self.kind, f" #{self.amount}")
         return f"t+{self.at:7.2f}s  {self.kind}{extra}"
 
@@ -179,6 +183,8 @@ def make_plan(profile: Profile, seed: int) -> Plan:
         )
         for _ in range(profile.in_reply_lost_bursts)
     )
+    if profile.spool_max_records:
+        faults.append(FaultEvent(outage[0] + 0.5, FaultKind.SPOOL_FULL, profile.spool_max_records))
     for number in range(profile.planted_dead_letters):
         # One planted letter arrives during the outage, so it travels through the spool.
         at = rng.uniform(*outage) if number == 0 else rng.uniform(low, high)

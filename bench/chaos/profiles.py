@@ -37,6 +37,9 @@ class Profile:
     settle_seconds
         Upper bound for the system to settle after the last task is created (a failure bound,
         not a measurement).
+    spool_max_records
+        The receiver's spool bound (``--spool-max-records``), below what the outage spools, so
+        the receiver answers ``503`` and turns unready (fault ``spool-full``; 0: no bound set).
     """
 
     name: str
@@ -65,6 +68,7 @@ class Profile:
     #: fallback poll gets there first and the pingback is recorded as late.
     late_delay_seconds: float = 9.0
     deadline_seconds: int = 600
+    spool_max_records: int = 0
 
 
 PROFILES: Final[dict[str, Profile]] = {
@@ -77,6 +81,7 @@ PROFILES: Final[dict[str, Profile]] = {
         res_502_burst_size=5,
         planted_dead_letters=2,
         settle_seconds=150.0,
+        spool_max_records=1,  # a short outage: the second spooled pingback meets the bound
     ),
     "ci": Profile(
         name="ci",
@@ -87,6 +92,7 @@ PROFILES: Final[dict[str, Profile]] = {
         res_502_burst_size=10,
         planted_dead_letters=3,
         settle_seconds=180.0,
+        spool_max_records=8,  # the outage spools about 20 without a bound
     ),
     "full": Profile(
         name="full",
@@ -97,5 +103,6 @@ PROFILES: Final[dict[str, Profile]] = {
         res_502_burst_size=20,
         planted_dead_letters=5,
         settle_seconds=300.0,
+        spool_max_records=12,  # the outage spools about 35 without a bound
     ),
 }

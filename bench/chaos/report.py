@@ -34,6 +34,7 @@ def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
         ("faults: sidecar SIGKILL + restart", faults["sidecar_sigkills"]),
         ("faults: operator SIGKILL + restart", faults["operator_sigkills"]),
         ("faults: planted dead letters", faults["planted_dead_letters"]),
+        ("faults: spool bound reached (503s answered)", _spool_full(f)),
         (
             "solved / failed",
             f"{f['solved']} / {sum(f['failed_by_code'].values())} {f['failed_by_code']}",
@@ -106,6 +107,17 @@ def _recovery(delays: dict[str, Any] | None) -> str:
     if slow:
         text += f"; the others fell due t+{slow[0]:.0f}..{slow[1]:.0f} s"
     return text + ")"
+
+
+def _spool_full(figures: dict[str, Any]) -> str:
+    """The ``spool-full`` row (n/a for a run without a bound, or recorded before it existed)."""
+    faults = figures["faults"]
+    bound = faults.get("spool_bound_records")
+    if not bound:
+        return "n/a"
+    unready = figures["timings"].get("spool_full_unready")
+    state = {True: ", unready", False: ", still ready"}.get(unready, "")
+    return f"{faults['spool_full_503s']} (bound {bound} records{state})"
 
 
 def _seconds(value: float | None) -> str:

@@ -52,6 +52,8 @@ SCRAPE_SLACK_SECONDS: Final = 1.0
 #: Added to the run's hang guard for start-up waits, restarts and the final collection.
 RUN_SLACK_SECONDS: Final = 240.0
 HTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
+#: How often the ``spool-full`` fault looks for the receiver's 503s during the outage.
+SPOOL_FULL_POLL_SECONDS: Final = 0.2
 #: Provider task ids of planted pingbacks: ten digits, outside the emulator's id range.
 PLANTED_ID_BASE: Final = 10_000_000_000
 
@@ -98,6 +100,9 @@ class Timeline:
     spool_depths: list[tuple[float, float]] = field(default_factory=list)
     operator_kills: list[KillWindow] = field(default_factory=list)
     sidecar_kills: list[KillWindow] = field(default_factory=list)
+    #: When the receiver first answered 503 "spool full", and whether it was unready then.
+    spool_full_at: float | None = None
+    spool_full_unready: bool = False
     executed: list[str] = field(default_factory=list)
     create_retries: int = 0
 
@@ -135,11 +140,15 @@ def stack_config(
         "--pingback-late-rate", f"{profile.late_fraction / sent:.6f}",
         "--pingback-late-delay", str(profile.late_delay_seconds),
     ]  # fmt: skip
+    sidecar_args = []
+    if profile.spool_max_records:
+        sidecar_args = ["--spool-max-records", str(profile.spool_max_records)]
     return StackConfig(
         workdir=workdir,
         namespace=NAMESPACE,
         seed=seed,
         emulator_args=emulator_args,
+        sidecar_args=sidecar_args,
         provider_spec={
             "dialect": dialect,
             "polling": {
@@ -312,6 +321,8 @@ class ChaosRun:
             await asyncio.to_thread(
                 self.stack.emulator, "faults/in-reply-lost", {"count": event.amount, "mode": mode}
             )
+        elif event.kind is FaultKind.SPOOL_FULL:
+            await self._expect_spool_full(http)
 
     async def _kill_restart(
         self, name: str, scrapes: Scrapes, kills: list[KillWindow], http: aiohttp.ClientSession
@@ -346,6 +357,25 @@ class ChaosRun:
                     if reply.status < 500:
                         raise RuntimeError(f"planted pingback refused: HTTP {reply.status}")
             await asyncio.sleep(RETRY_SECONDS)
+
+    async def _expect_spool_full(self, http: aiohttp.ClientSession) -> None:
+        """Wait, inside the outage, for the bounded spool to refuse a pingback (503)."""
+        readyz = self.stack.sidecar_metrics_url.removesuffix("/metrics") + "/readyz"
+        key = ("captchatask_pingback_unavailable_total", (("reason", "spool_full"),))
+        while self.timeline.apiserver_restarting is None:
+            samples = await self._scrape(http, self.sidecar.url)
+            if samples is not None and samples.get(key, 0.0) > 0:
+                self.timeline.spool_full_at = time.time()
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with http.get(readyz) as reply:
+                        self.timeline.spool_full_unready = reply.status == 503
+                self.say(
+                    "spool bound reached: the receiver answers 503"
+                    + (" and is unready" if self.timeline.spool_full_unready else "")
+                )
+                return
+            await asyncio.sleep(SPOOL_FULL_POLL_SECONDS)
+        raise RuntimeError("the spool bound was not reached during the outage")
 
     # -- metrics -------------------------------------------------------------------------------
     async def _scrape(self, http: aiohttp.ClientSession, url: str) -> Samples | None:
@@ -447,6 +477,7 @@ class ChaosRun:
             spool_bytes=self.spool_bytes(),
             planted=list(self.planted),
             callback_timeout_seconds=float(self.profile.callback_timeout_seconds),
+            spool_max_records=self.profile.spool_max_records,
         )
 
     # -- secrets -------------------------------------------------------------------------------

@@ -72,6 +72,8 @@ class Snapshot:
     planted: list[str]
     #: The provider's ``callbackTimeoutSeconds`` (recovery delay is measured from it).
     callback_timeout_seconds: float = 0.0
+    #: The receiver's spool bound in records (fault ``spool-full``; 0: none).
+    spool_max_records: int = 0
 
 
 @dataclass
@@ -424,6 +426,10 @@ def evaluate(snap: Snapshot) -> Verdict:
             "operator_sigkills": len(snap.operator_kills),
             "planted_dead_letters": len(snap.planted),
             "in_php_replies_lost": int(totals.get("in_replies_lost", 0)),
+            "spool_bound_records": snap.spool_max_records,
+            "spool_full_503s": int(
+                metric_sum(sc, "captchatask_pingback_unavailable_total", reason="spool_full")
+            ),
         },
         "delivered_by": {
             "pingback": by_pingback,

@@ -3,8 +3,10 @@
 Its own application and runner, so a scrape never competes with pingbacks for a route and
 pingback traffic never reaches the metrics. Readiness means "a pingback sent here now will be
 acknowledged honestly": it turns false when the spool cannot be written (a full or read-only
-volume; checked by a periodic probe and by every failed append), while shutting down, and while
-a supervised background loop keeps crashing (the drainer: acknowledged results would pile up
+volume; checked by a periodic probe and by every failed append), when the spool holds
+``ready_fraction`` of its bound (before the bound, so the Service stops routing pingbacks here
+while the requests already on their way still find room), while shutting down, and while a
+supervised background loop keeps crashing (the drainer: acknowledged results would pile up
 unreplayed), so the Service stops routing pingbacks to a receiver that could only answer ``503``
 or could not deliver what it acknowledged.
 
@@ -40,6 +42,8 @@ class Health:
 
     spool: Spool
     metrics: Metrics
+    #: Unready once the spool's :meth:`~.spool.Spool.fill` reaches this (1.0: only when full).
+    ready_fraction: float = 1.0
     shutting_down: bool = False
     reasons: list[str] = field(default_factory=list)
     #: Further named conditions: reason -> "unready now?" (see :meth:`unready_when`).
@@ -56,6 +60,9 @@ class Health:
             reasons.append("shutting down")
         if not self.spool.writable:
             reasons.append("the spool cannot be written")
+        fill = self.spool.fill()
+        if fill >= self.ready_fraction:
+            reasons.append(f"the spool is {fill:.0%} full (unready from {self.ready_fraction:.0%})")
         self.metrics.spool_writable.set(1 if self.spool.writable else 0)
         reasons.extend(reason for reason, check in self.checks.items() if check())
         return not reasons, reasons

@@ -113,7 +113,7 @@ class Drainer:
                 if available
                 else (0 if running else 1)
             )
-            due = self.spool.due(now, room)
+            due = await self.spool.due(now, room)
             for entry in due:
                 entry.in_flight = True  # before the task runs: the next due() must skip it
                 running.add(asyncio.create_task(self._replay(entry)))

@@ -38,6 +38,10 @@ PINGBACK_OUTCOMES: Final = (
     "spooled",
     "dead_lettered",
 )
+#: Why a pingback was answered ``503`` (nothing written; the provider may retry, the operator's
+#: fallback poll recovers it): the spool reached its bound, the spool volume cannot be written,
+#: or verify-by-poll could not reach the provider.
+UNAVAILABLE_REASONS: Final = ("spool_full", "spool_unwritable", "verify_unavailable")
 #: Outcomes of a spool replay by the drainer.
 REPLAY_OUTCOMES: Final = ("recorded", "duplicate", "late", "dead_lettered", "retry")
 #: Why a ledger (or dead-letter) write did not happen on the first try.
@@ -123,6 +127,29 @@ class Metrics:
         self.spool_writable = Gauge(
             "captchatask_spool_writable",
             "1 when the spool can be written (readiness follows it).",
+            registry=registry,
+        )
+        self.pingbacks_unavailable = Counter(
+            "captchatask_pingback_unavailable",
+            "Pingbacks answered 503, by reason (nothing was written; see UNAVAILABLE_REASONS).",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in UNAVAILABLE_REASONS:
+            self.pingbacks_unavailable.labels(reason)
+        self.spool_bytes = Gauge(
+            "captchatask_spool_bytes",
+            "Bytes the spool takes on its volume (segments and journal, plus admitted writes).",
+            registry=registry,
+        )
+        self.spool_max_bytes = Gauge(
+            "captchatask_spool_max_bytes",
+            "The spool's byte bound: past it pingbacks are answered 503 (0: unbounded).",
+            registry=registry,
+        )
+        self.spool_max_records = Gauge(
+            "captchatask_spool_max_records",
+            "The spool's record bound: past it pingbacks are answered 503 (0: unbounded).",
             registry=registry,
         )
         self.local_requests = Counter(
@@ -232,6 +259,18 @@ class Metrics:
         self.ledger_limit.set_function(limit)
         self.ledger_in_flight.labels("pingback").set_function(pingback_in_flight)
         self.ledger_in_flight.labels("replay").set_function(replay_in_flight)
+
+    def unavailable(self, reason: str) -> Counter:
+        """``captchatask_pingback_unavailable_total`` of one reason."""
+        return self.pingbacks_unavailable.labels(reason)
+
+    def track_spool_bound(
+        self, *, held_bytes: Callable[[], float], max_bytes: int | None, max_records: int | None
+    ) -> None:
+        """Expose the spool's size on disk (computed at scrape time) and its bound."""
+        self.spool_bytes.set_function(held_bytes)
+        self.spool_max_bytes.set(max_bytes or 0)
+        self.spool_max_records.set(max_records or 0)
 
     def track_spool(self, *, depth: Callable[[], float], oldest_age: Callable[[], float]) -> None:
         """Compute the spool gauges at scrape time from the spool itself (always exact)."""

@@ -37,13 +37,16 @@ from captchatask_sidecar.errors import problem, problem_middleware
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
 from captchatask_sidecar.payload import PingbackError, from_query, read_pingback
 from captchatask_sidecar.recorder import Recorder
-from captchatask_sidecar.spool import SpoolWriteError
+from captchatask_sidecar.spool import SpoolFullError, SpoolWriteError
 from captchatask_sidecar.verify import NotConfirmedError, Verifier, VerifyUnavailableError
 
 logger = logging.getLogger(__name__)
 
 ROUTE: Final = signing.PINGBACK_PREFIX + "/{namespace}/{name}/{uid}/{token}"
 OUTCOME_HEADER: Final = "X-Captchatask-Outcome"
+#: ``Retry-After`` of a ``503``: a hint only (no provider documents pingback retries); the
+#: operator's fallback poll recovers a refused result either way, at its polling interval.
+RETRY_AFTER_SECONDS: Final = 10
 #: The answer body: providers only look at the status; "OK" is what the seed's handler sent.
 OK_BODY: Final = b"OK"
 #: The ``200`` headers per outcome, built once (the response copies them).
@@ -151,17 +154,30 @@ async def receive_pingback(request: web.Request) -> web.Response:
     try:
         outcome = await receiver.handle(request)
     except RejectedError as exc:
-        if exc.status != 503:
-            metrics.pingback(UNATTRIBUTED, "rejected").inc()
+        if exc.status == 503:
+            metrics.unavailable("verify_unavailable").inc()
+            return _unavailable(exc.detail)
+        metrics.pingback(UNATTRIBUTED, "rejected").inc()
         return problem(exc.status, exc.detail)
+    except SpoolFullError:
+        # Refused before anything was written: a result we cannot hold must not be claimed.
+        metrics.unavailable("spool_full").inc()
+        return _unavailable("spool full, retry later")
     except SpoolWriteError:
         metrics.spool_write_errors.inc()
-        return problem(503, "not stored, retry later")
+        metrics.unavailable("spool_unwritable").inc()
+        return _unavailable("not stored, retry later")
     finally:
         metrics.handle_duration.observe(time.perf_counter() - started)
     # Counted only once authenticated, so the path's namespace is one this process serves.
     metrics.pingback(request.match_info["namespace"], outcome).inc()
     return web.Response(body=OK_BODY, headers=_OK_HEADERS[outcome])
+
+
+def _unavailable(detail: str) -> web.Response:
+    response = problem(503, detail)
+    response.headers[hdrs.RETRY_AFTER] = str(RETRY_AFTER_SECONDS)
+    return response
 
 
 def create_pingback_app(

@@ -93,9 +93,18 @@ async def assemble(
     settings = settings.with_namespace(config.namespace)
     signer = signing.PingbackSigner(signing.load_keys(settings.pingback_key_file))
     metrics = Metrics(registry)
-    spool = Spool(settings.spool_dir)
+    spool = Spool(
+        settings.spool_dir,
+        max_bytes=settings.spool_max_bytes,
+        max_records=settings.spool_max_records,
+    )
     await asyncio.to_thread(spool.open)
     metrics.track_spool(depth=lambda: float(spool.depth), oldest_age=spool.oldest_age)
+    metrics.track_spool_bound(
+        held_bytes=lambda: float(spool.held_bytes),
+        max_bytes=spool.max_bytes,
+        max_records=spool.max_records,
+    )
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(spool.close)
         session = await stack.enter_async_context(
@@ -167,6 +176,11 @@ async def assemble(
                 max_body_bytes=settings.local_max_body_bytes,
             )
         health = Health(spool=spool, metrics=metrics)
+        ready_fraction = settings.spool_ready_fraction
+        health.unready_when(
+            f"the spool holds {ready_fraction:.0%} of its bound or more",
+            lambda: spool.fill() >= ready_fraction,
+        )
         drain_loop = health.supervise("drainer", drainer.run)
         yield Sidecar(
             settings=settings,

@@ -23,6 +23,29 @@ DEFAULT_PINGBACK_ADDR: Final = "0.0.0.0:8080"
 DEFAULT_LOCAL_ADDR: Final = "127.0.0.1:8081"  # the pod's own containers only
 DEFAULT_ADMIN_ADDR: Final = "0.0.0.0:9090"
 DEFAULT_SPOOL_DIR: Final = "/var/lib/captchatask/spool"
+#: The spool's byte bound: three quarters of the chart's default 256 MiB ``emptyDir`` limit, so the
+#: receiver refuses (503) long before the kubelet would evict the pod and delete the volume.
+DEFAULT_SPOOL_MAX_BYTES: Final = 192 * 1024 * 1024
+#: The spool's record bound: each pending result costs ~270 bytes of memory (its location; the
+#: payload stays on disk; measured), so this caps the backlog's memory near 27 MiB, within a
+#: small container's limit.
+DEFAULT_SPOOL_MAX_RECORDS: Final = 100_000
+#: Readiness turns false at this fraction of either bound: the Service stops routing pingbacks
+#: here while requests already on their way still find room.
+DEFAULT_SPOOL_READY_FRACTION: Final = 0.8
+#: A smaller byte bound could not hold one large pingback.
+MIN_SPOOL_MAX_BYTES: Final = 1024 * 1024
+#: Binary and decimal suffixes accepted in byte settings (Kubernetes quantity spelling).
+_BYTE_SUFFIXES: Final = {
+    "Ki": 1024,
+    "Mi": 1024**2,
+    "Gi": 1024**3,
+    "Ti": 1024**4,
+    "k": 1000,
+    "M": 1000**2,
+    "G": 1000**3,
+    "T": 1000**4,
+}
 #: How long a pingback waits for the API server before it is spooled instead: short, because
 #: some providers close the connection after about 2 s (CapMonster clones document it).
 DEFAULT_LEDGER_BUDGET_SECONDS: Final = 0.5
@@ -73,6 +96,19 @@ ENV: Final[dict[str, tuple[str, str]]] = {
         "file with the pingback HMAC key(s), one per line; the first signs",
     ),
     "spool_dir": ("CAPTCHATASK_SPOOL_DIR", "directory (a volume) of the durable spool"),
+    "spool_max_bytes": (
+        "CAPTCHATASK_SPOOL_MAX_BYTES",
+        "bytes the spool may take (e.g. 192Mi; keep it below the volume's size): past it "
+        "pingbacks are answered 503",
+    ),
+    "spool_max_records": (
+        "CAPTCHATASK_SPOOL_MAX_RECORDS",
+        "results the spool may hold: past it pingbacks are answered 503",
+    ),
+    "spool_ready_fraction": (
+        "CAPTCHATASK_SPOOL_READY_FRACTION",
+        "readiness turns false once the spool holds this fraction of either bound (0-1]",
+    ),
     "ledger_budget_seconds": (
         "CAPTCHATASK_LEDGER_BUDGET_SECONDS",
         "how long a pingback waits for the API server before it is spooled",
@@ -173,6 +209,9 @@ class Settings:
     pingback_namespaces: tuple[str, ...]
     pingback_key_file: Path
     spool_dir: Path
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    spool_max_records: int = DEFAULT_SPOOL_MAX_RECORDS
+    spool_ready_fraction: float = DEFAULT_SPOOL_READY_FRACTION
     ledger_budget_seconds: float = DEFAULT_LEDGER_BUDGET_SECONDS
     ledger_min_in_flight: int = DEFAULT_LEDGER_MIN_IN_FLIGHT
     ledger_max_in_flight: int = DEFAULT_LEDGER_MAX_IN_FLIGHT
@@ -258,6 +297,31 @@ def _number(raw: str | None, *, name: str, default: float, minimum: float) -> fl
     return value
 
 
+def _bytes(raw: str | None, *, name: str, default: int, minimum: int) -> int:
+    """A byte count, plain or with a Kubernetes quantity suffix (``192Mi``, ``1G``)."""
+    if raw is None or raw.strip() == "":
+        return default
+    text = raw.strip()
+    factor = 1
+    for suffix, multiplier in _BYTE_SUFFIXES.items():
+        if text.endswith(suffix):
+            text, factor = text[: -len(suffix)], multiplier
+            break
+    if not text.isdigit():
+        raise SettingsError(f"{ENV[name][0]}: expected bytes such as 192Mi, got {raw!r}")
+    value = int(text) * factor
+    if value < minimum:
+        raise SettingsError(f"{ENV[name][0]}: must be at least {minimum} bytes, got {raw!r}")
+    return value
+
+
+def _fraction(raw: str | None, *, name: str, default: float) -> float:
+    value = _number(raw, name=name, default=default, minimum=0.0)
+    if not 0.0 < value <= 1.0:
+        raise SettingsError(f"{ENV[name][0]}: must be above 0 and at most 1, got {raw!r}")
+    return value
+
+
 def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Build :class:`Settings` from ``CAPTCHATASK_*`` env vars overridden by flags.
 
@@ -318,6 +382,25 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         pingback_namespaces=served,
         pingback_key_file=Path(key_file),
         spool_dir=Path(ns["spool_dir"] or DEFAULT_SPOOL_DIR),
+        spool_max_bytes=_bytes(
+            ns["spool_max_bytes"],
+            name="spool_max_bytes",
+            default=DEFAULT_SPOOL_MAX_BYTES,
+            minimum=MIN_SPOOL_MAX_BYTES,
+        ),
+        spool_max_records=int(
+            _number(
+                ns["spool_max_records"],
+                name="spool_max_records",
+                default=DEFAULT_SPOOL_MAX_RECORDS,
+                minimum=1,
+            )
+        ),
+        spool_ready_fraction=_fraction(
+            ns["spool_ready_fraction"],
+            name="spool_ready_fraction",
+            default=DEFAULT_SPOOL_READY_FRACTION,
+        ),
         ledger_budget_seconds=_number(
             ns["ledger_budget_seconds"],
             name="ledger_budget_seconds",

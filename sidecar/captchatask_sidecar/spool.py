@@ -14,20 +14,37 @@ ordered). Each request waits for the batch holding its record: at high load a ba
 hundreds of records and costs one thread hop and one fsync.
 
 No disk work on the event loop. Every call that can block on the volume (:class:`Disk`: segment
-creation and its directory sync, ``fdatasync``, ``unlink``, the journal) runs on one of two
-threads: the writer (appends) and the cleaner (tombstones, rotation, deletion, compaction), so a
-slow disk delays the pingbacks that wait for it, never the loop and every other request on it,
-and a hanging deletion never holds up an append. When the current segment is drained the cleaner
-creates the next one; appends go on to the current segment until the switch, so none waits for
-a directory sync.
+creation and its directory sync, ``fdatasync``, ``unlink``, the journal, reading a payload
+back) runs on one of three threads: the writer (appends), the cleaner (tombstones, rotation,
+deletion, compaction) and the reader (payloads for the drainer), so a slow disk delays the
+pingbacks or replays that wait for it, never the loop and every other request on it, and a
+hanging deletion never holds up an append. When the current segment is drained (or large) the
+cleaner creates the next one; appends go on to the current segment until the switch, so none
+waits for a directory sync. Only :meth:`Spool.open` (startup) and the diagnostics
+:meth:`Spool.entry` and :meth:`Spool.records` read on the calling thread.
 
-Memory. Everything acknowledged stays in memory until it reaches the ledger, which can be hundreds
-of thousands of results while the API server is away. Each is kept as one tuple of its payload
-bytes, receive time and segment number: the garbage collector stops tracking such a tuple, so a
-full collection does not walk the backlog (with a handful of objects per pending result, full
-collections grew to a quarter of a second at 85,000 results and stalled every request).
+Memory. Everything acknowledged stays pending until it reaches the ledger, which can be hundreds
+of thousands of results while the API server is away. A pending result is kept in memory only as
+where it is: one tuple of its payload's length, its receive time, its segment number and its
+frame's offset. The payload (up to a 64 KiB token) stays on disk and is read back, checksum
+checked, on the reader thread when the drainer takes the result (:meth:`Spool.due`); a replay at
+startup walks each segment through an ``mmap`` instead of reading it whole. So a pending result
+costs a few hundred bytes of memory, whatever its size on disk. Only atomic values in the tuple:
+the garbage collector stops tracking it, so a full collection does not walk the backlog (with a
+handful of objects per pending result, full collections grew to a quarter of a second at 85,000
+results and stalled every request).
 :class:`Entry` objects, with the drainer's bookkeeping, exist only for the few results being
 replayed or backing off.
+
+Bound. A spool on an ``emptyDir`` with a ``sizeLimit`` must never reach it: past it the kubelet
+evicts the pod and deletes the volume with every acknowledged result in it. So the spool holds at
+most ``max_bytes`` (its segments and journal on disk plus what is admitted and not yet written)
+and ``max_records`` (pending plus admitted); an append that would cross either is refused with
+:class:`SpoolFullError` before anything is written, and the pingback is answered ``503``. A result
+refused is one the provider may retry and the operator's fallback poll recovers; a result
+acknowledged and then evicted is lost. :meth:`Spool.fill` lets readiness turn false before the
+bound. The current segment is also rotated once it holds ``segment_bytes``, so one result the API
+server keeps refusing cannot pin the bytes of every result resolved after it.
 
 Resolution is durable. A record in the ledger (or a dead letter) gets a tombstone in the
 resolution journal (:mod:`.spoolformat`), written in batches by the cleaner and ``fdatasync``'d;
@@ -44,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import os
 import time
 from collections.abc import Callable
@@ -61,7 +79,8 @@ from captchatask_sidecar.spoolformat import (
     frame_header,
     journal_entry,
     read_journal,
-    scan,
+    read_payload,
+    walk,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,11 +90,14 @@ SEGMENT_SUFFIX: Final = ".log"
 PROBE_NAME: Final = ".probe"
 #: The resolution journal (tombstones; see the module docstring).
 JOURNAL_NAME: Final = "spool.resolved"
-#: Compact the journal once it is this big and twice its size after the last compaction.
+#: Compact the journal once it is this big (or a segment's rotation size, if smaller: it counts
+#: against the bound) and twice its size after the last compaction.
 JOURNAL_COMPACT_BYTES: Final = 1 << 20
 #: The readiness probe writes this much (more than a typical record) and fsyncs it, so a full
 #: or read-only volume shows as unready before a pingback finds out.
 PROBE_BYTES: Final = 8192
+#: Largest segment before rotation: small enough that resolved records free their bytes soon.
+MAX_SEGMENT_BYTES: Final = 16 * 1024 * 1024
 
 
 class Disk:
@@ -111,6 +133,14 @@ class SpoolWriteError(Exception):
     """The record could not be made durable; the caller must not acknowledge it."""
 
 
+class SpoolFullError(SpoolWriteError):
+    """The record would cross the spool's bound; it was not written (refuse, don't evict)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"the spool is full ({reason})")
+        self.reason = reason
+
+
 @dataclass(slots=True, eq=False)
 class Segment:
     """One segment file: how many of its records are unresolved, and which are resolved."""
@@ -138,9 +168,10 @@ class Entry:
     in_flight: bool = False
 
 
-#: What the spool keeps per pending result: payload, receive time, segment number, offset. Only
-#: atomic values, so the garbage collector untracks the tuple (see the module docstring).
-_Pending = tuple[bytes, float, int, int]
+#: What the spool keeps per pending result: payload length, receive time, segment number, frame
+#: offset (the payload stays on disk). Only atomic values, so the garbage collector untracks the
+#: tuple (see the module docstring).
+_Pending = tuple[int, float, int, int]
 
 
 class Spool:
@@ -156,6 +187,11 @@ class Spool:
         Wall clock in seconds (tests inject one).
     disk
         The blocking file-system calls (tests inject one that blocks or records).
+    max_bytes, max_records
+        The bound (see the module docstring); ``None``: unbounded.
+    segment_bytes
+        Rotate the current segment once it is this large (default: an eighth of ``max_bytes``,
+        at most :data:`MAX_SEGMENT_BYTES`).
     """
 
     def __init__(
@@ -165,15 +201,32 @@ class Spool:
         on_append: Callable[[], None] | None = None,
         clock: Callable[[], float] = time.time,
         disk: Disk | None = None,
+        max_bytes: int | None = None,
+        max_records: int | None = None,
+        segment_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.on_append = on_append
         self._clock = clock
         self._disk = disk or Disk()
+        self.max_bytes = max_bytes
+        self.max_records = max_records
+        if segment_bytes is None:
+            segment_bytes = MAX_SEGMENT_BYTES
+            if max_bytes is not None:
+                segment_bytes = max(1, min(MAX_SEGMENT_BYTES, max_bytes // 8))
+        self.segment_bytes = segment_bytes
+        #: Bytes of the segments on disk plus bytes admitted and not yet written.
+        self._bytes = 0
+        #: Records admitted by :meth:`append_payload` and not yet pending (buffered or on their
+        #: way to disk).
+        self._admitted = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-writer")
         self._cleaner_executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="spool-cleaner"
         )
+        #: Reads payloads back for the drainer: neither behind an fsync nor behind a deletion.
+        self._reader_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
         self._segments: dict[int, Segment] = {}
         self._current: Segment | None = None
         #: The next segment, created (and its directory entry synced) ahead by the cleaner.
@@ -224,28 +277,15 @@ class Spool:
                 self._disk.unlink(path)  # a deletion that a crash undid
                 removed = True
                 continue
-            report = scan(path.read_bytes())
-            if report.skipped_bytes:
-                logger.warning(
-                    "spool segment %s: skipped %d bytes of torn or corrupt records at offsets %s",
-                    path.name,
-                    report.skipped_bytes,
-                    report.skipped_at[:10],
-                )
             segment = Segment(seq=seq, path=path, size=path.stat().st_size)
-            for record, payload, offset in zip(
-                report.records, report.payloads, report.offsets, strict=True
-            ):
-                if (seq, offset) in journal.resolved:
-                    segment.resolved.append(offset)
-                    continue
-                self._add_pending(payload, record.received_at, segment, offset)
+            self._replay_segment(segment, journal)
             already_resolved += len(segment.resolved)
             if not segment.unresolved:
                 self._disk.unlink(path)
                 removed = True
                 continue
             self._segments[seq] = segment
+            self._bytes += segment.size
             replayed += segment.unresolved
         if removed:
             self._disk.sync_directory(self.directory)
@@ -258,6 +298,40 @@ class Spool:
         self._compact(self._live_tombstones())
         return replayed
 
+    def _replay_segment(self, segment: Segment, journal: Journal) -> None:
+        """Register a segment's valid, unresolved records as pending, by location only."""
+        if not segment.size:
+            return
+        skipped = 0
+        skipped_at: list[int] = []
+        with (
+            segment.path.open("rb") as file,
+            mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+        ):
+            for offset, length, valid in walk(data):
+                skip = length
+                if valid:
+                    start = offset + HEADER.size
+                    try:
+                        record = SpoolRecord.decode(data[start : start + length])
+                    except (ValueError, KeyError, TypeError):
+                        skip = HEADER.size + length  # the whole frame
+                    else:
+                        if (segment.seq, offset) in journal.resolved:
+                            segment.resolved.append(offset)
+                        else:
+                            self._add_pending(length, record.received_at, segment, offset)
+                        continue
+                skipped += skip
+                skipped_at.append(offset)
+        if skipped:
+            logger.warning(
+                "spool segment %s: skipped %d bytes of torn or corrupt records at offsets %s",
+                segment.path.name,
+                skipped,
+                skipped_at[:10],
+            )
+
     def _create_segment(self, seq: int) -> Segment:
         """Create a segment file and make its directory entry durable (writer or cleaner)."""
         path = self.directory / f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
@@ -269,11 +343,9 @@ class Spool:
             raise
         return Segment(seq=seq, path=path, fd=fd)
 
-    def _add_pending(
-        self, payload: bytes, received_at: float, segment: Segment, offset: int
-    ) -> int:
+    def _add_pending(self, length: int, received_at: float, segment: Segment, offset: int) -> int:
         self._next_id += 1
-        self._pending[self._next_id] = (payload, received_at, segment.seq, offset)
+        self._pending[self._next_id] = (length, received_at, segment.seq, offset)
         segment.unresolved += 1
         return self._next_id
 
@@ -284,6 +356,8 @@ class Spool:
 
         Raises
         ------
+        SpoolFullError
+            The record would cross the bound (at once, not from the future); nothing was written.
         SpoolWriteError
             The write or the fsync failed (from the future); the record is not durable.
         """
@@ -299,6 +373,7 @@ class Spool:
         """
         if self.closed or self._current is None:
             raise SpoolWriteError("the spool is closed")
+        self._admit(HEADER.size + len(payload))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[int] = loop.create_future()
         self._buffer.append(frame_header(payload))
@@ -309,6 +384,15 @@ class Spool:
         # Each request has its own future: a cancelled request cancels only that future, and
         # its record is still written and registered with the batch.
         return future
+
+    def _admit(self, size: int) -> None:
+        """Reserve room for a record of ``size`` bytes, or refuse it (see the module docstring)."""
+        if self.max_records is not None and self.held_records + 1 > self.max_records:
+            raise SpoolFullError("records")
+        if self.max_bytes is not None and self.held_bytes + size > self.max_bytes:
+            raise SpoolFullError("bytes")
+        self._bytes += size
+        self._admitted += 1
 
     async def _flush_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -323,6 +407,9 @@ class Spool:
                 try:
                     await loop.run_in_executor(self._executor, self._write, data, segment)
                 except OSError as exc:
+                    # Counted against the bound until here: the batch was on its way to disk.
+                    self._admitted -= len(batch)
+                    self._bytes -= len(data)  # cut off again by _write
                     self.writable = False
                     error = SpoolWriteError(f"spool write failed: {exc.strerror or exc}")
                     logger.error("spool: %d results could not be written: %s", len(batch), exc)  # noqa: TRY400 - errno is enough
@@ -331,13 +418,14 @@ class Spool:
                             future.set_exception(error)
                     continue
                 self.writable = True
+                self._admitted -= len(batch)  # now pending, and their bytes the segment's
                 # Inlined _add_pending: this loop runs once per acknowledged pingback.
                 pending = self._pending
                 seq = segment.seq
                 entry_id = self._next_id
                 for payload, received_at, future in batch:
                     entry_id += 1
-                    pending[entry_id] = (payload, received_at, seq, offset)
+                    pending[entry_id] = (len(payload), received_at, seq, offset)
                     if not future.done():
                         future.set_result(entry_id)
                     offset += HEADER.size + len(payload)
@@ -371,13 +459,15 @@ class Spool:
         Never touches the disk: the tombstone, and the deletion of a drained segment, are the
         cleaner's (see the module docstring).
         """
-        self._entries.pop(entry.id, None)
-        if self._pending.pop(entry.id, None) is None:
+        self._forget(entry.id, entry.segment, entry.offset)
+
+    def _forget(self, entry_id: int, segment: Segment, offset: int) -> None:
+        self._entries.pop(entry_id, None)
+        if self._pending.pop(entry_id, None) is None:
             return
-        segment = entry.segment
         segment.unresolved -= 1
-        segment.resolved.append(entry.offset)
-        self._tombstones.append((segment.seq, entry.offset))
+        segment.resolved.append(offset)
+        self._tombstones.append((segment.seq, offset))
         self._kick_cleaner()
 
     def _maybe_rotate(self) -> None:
@@ -385,14 +475,17 @@ class Spool:
             self._kick_cleaner()
 
     def _rotation_due(self) -> bool:
-        """The current segment is drained (and nothing is being written to it)."""
+        """The current segment is drained or large (and nothing is being written to it).
+
+        A large segment with results still pending stays on disk until they are resolved.
+        """
         current = self._current
         return (
             current is not None
             and not self.closed
             and self._flusher is None
-            and not current.unresolved
             and current.size > 0
+            and (not current.unresolved or current.size >= self.segment_bytes)
         )
 
     def _kick_cleaner(self) -> None:
@@ -435,10 +528,13 @@ class Spool:
             for segment in doomed:
                 del self._segments[segment.seq]
             await loop.run_in_executor(run, self._delete_segments, doomed)
+            # Only now: a deletion that failed leaves its bytes on the volume, and counted.
+            self._bytes -= sum(segment.size for segment in doomed)
             return True
         if self._journal_size > self._journal_compacted_size and (
             not self._pending
-            or self._journal_size > max(JOURNAL_COMPACT_BYTES, 2 * self._journal_compacted_size)
+            or self._journal_size
+            > max(min(JOURNAL_COMPACT_BYTES, self.segment_bytes), 2 * self._journal_compacted_size)
         ):
             await loop.run_in_executor(run, self._compact, self._live_tombstones())
             return True
@@ -498,42 +594,78 @@ class Spool:
 
     # -- the drainer's view -------------------------------------------------------------------
 
-    def due(self, now: float, limit: int) -> list[Entry]:
+    async def due(self, now: float, limit: int) -> list[Entry]:
         """Up to ``limit`` pending entries, oldest first, not in flight and not backing off.
 
-        ``now`` is monotonic. Entries are materialised (their payload decoded) here, for the
-        drainer only, and kept with their bookkeeping until resolved.
+        ``now`` is monotonic. Entries are materialised here (their payload read back from its
+        segment on the reader thread, checksum checked, and decoded), for the drainer only, and
+        kept with their bookkeeping until resolved. A record that no longer reads back as
+        written (a damaged disk) is logged and dropped, since retrying it could never succeed.
+
+        Raises
+        ------
+        OSError
+            A segment could not be read (``EIO``, too many open files): nothing is dropped, the
+            records stay pending for a later pass (the supervised drainer restarts).
         """
-        found: list[Entry] = []
         if limit <= 0:
-            return found
-        for entry_id, (payload, _received_at, seq, offset) in self._pending.items():
+            return []
+        chosen: list[int] = []
+        unread: list[tuple[int, Path, int, int]] = []  # id, segment file, frame offset, length
+        for entry_id, (length, _received_at, seq, offset) in self._pending.items():
             entry = self._entries.get(entry_id)
             if entry is None:
-                entry = Entry(
-                    id=entry_id,
-                    record=SpoolRecord.decode(payload),
-                    segment=self._segments[seq],
-                    offset=offset,
-                )
-                self._entries[entry_id] = entry
+                unread.append((entry_id, self._segments[seq].path, offset, length))
             elif entry.in_flight or entry.next_attempt > now:
                 continue
-            found.append(entry)
-            if len(found) >= limit:
+            chosen.append(entry_id)
+            if len(chosen) >= limit:
                 break
-        return found
+        if unread:
+            loop = asyncio.get_running_loop()
+            payloads = await loop.run_in_executor(self._reader_executor, _read_back, unread)
+            for (entry_id, *_where), payload in zip(unread, payloads, strict=True):
+                self._materialise(entry_id, payload)
+        return [self._entries[i] for i in chosen if i in self._entries and i in self._pending]
+
+    def _materialise(self, entry_id: int, payload: bytes | ValueError) -> None:
+        """Make the :class:`Entry` of a pending result from its payload (or drop it, unreadable)."""
+        pending = self._pending.get(entry_id)
+        if pending is None or entry_id in self._entries:
+            return  # resolved, or materialised meanwhile
+        _length, _received_at, seq, offset = pending
+        segment = self._segments[seq]
+        try:
+            if isinstance(payload, ValueError):
+                raise payload
+            record = SpoolRecord.decode(payload)
+        except (ValueError, KeyError, TypeError) as exc:
+            logger.error(  # noqa: TRY400 - the reason is enough
+                "spool: the record in segment %d at %d cannot be read back, dropped: %s",
+                seq,
+                offset,
+                exc,
+            )
+            # The disk no longer holds what was written; keeping it would retry it forever.
+            self._forget(entry_id, segment, offset)
+            return
+        self._entries[entry_id] = Entry(id=entry_id, record=record, segment=segment, offset=offset)
 
     def entry(self, entry_id: int) -> Entry:
-        """The pending entry ``entry_id`` (what :meth:`append` resolved to), materialised."""
+        """The pending entry ``entry_id`` (what :meth:`append` resolved to), materialised.
+
+        Reads its payload on the calling thread: for tests and diagnostics, not the event loop's
+        hot path (the drainer uses :meth:`due`).
+        """
         entry = self._entries.get(entry_id)
         if entry is None:
-            payload, _received_at, seq, offset = self._pending[entry_id]
+            length, _received_at, seq, offset = self._pending[entry_id]
+            segment = self._segments[seq]
+            (payload,) = _read_back([(entry_id, segment.path, offset, length)])
+            if isinstance(payload, ValueError):
+                raise payload
             entry = Entry(
-                id=entry_id,
-                record=SpoolRecord.decode(payload),
-                segment=self._segments[seq],
-                offset=offset,
+                id=entry_id, record=SpoolRecord.decode(payload), segment=segment, offset=offset
             )
             self._entries[entry_id] = entry
         return entry
@@ -550,8 +682,20 @@ class Spool:
         )
 
     def records(self) -> list[SpoolRecord]:
-        """Every pending record, oldest first (decodes each: for tests and diagnostics)."""
-        return [SpoolRecord.decode(pending[0]) for pending in self._pending.values()]
+        """Every pending record, oldest first.
+
+        Reads each back on the calling thread: for tests and diagnostics.
+        """
+        wanted = [
+            (entry_id, self._segments[seq].path, offset, length)
+            for entry_id, (length, _at, seq, offset) in self._pending.items()
+        ]
+        found = []
+        for payload in _read_back(wanted):
+            if isinstance(payload, ValueError):
+                raise payload
+            found.append(SpoolRecord.decode(payload))
+        return found
 
     # -- observation --------------------------------------------------------------------------
 
@@ -564,6 +708,25 @@ class Spool:
     def disk_bytes(self) -> int:
         """Bytes of the segment files on disk (resolved records included until compaction)."""
         return sum(segment.size for segment in self._segments.values())
+
+    @property
+    def held_records(self) -> int:
+        """Results pending plus those admitted and not yet written (what the bound counts)."""
+        return len(self._pending) + self._admitted
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes the spool holds on its volume: segments, journal, and admitted, not yet written."""
+        return self._bytes + self._journal_size
+
+    def fill(self) -> float:
+        """How full the spool is against its bound: the larger of the two ratios (0 unbounded)."""
+        ratios = [0.0]
+        if self.max_bytes:
+            ratios.append(self.held_bytes / self.max_bytes)
+        if self.max_records:
+            ratios.append(self.held_records / self.max_records)
+        return min(1.0, max(ratios))
 
     def oldest_age(self) -> float:
         """Seconds since the oldest pending result was received (0 when empty)."""
@@ -621,7 +784,7 @@ class Spool:
         self.closed = True
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._cleaner_executor, self._close_files)
-        for executor in (self._executor, self._cleaner_executor):
+        for executor in (self._executor, self._cleaner_executor, self._reader_executor):
             await loop.run_in_executor(None, executor.shutdown)
 
     def _close_files(self) -> None:
@@ -654,3 +817,26 @@ def _write_all(fd: int, data: bytes) -> None:
     written = 0
     while written < len(view):
         written += os.write(fd, view[written:])
+
+
+def _read_back(wanted: list[tuple[int, Path, int, int]]) -> list[bytes | ValueError]:
+    """Reader thread: each ``(id, segment file, frame offset, length)``'s payload, or its damage.
+
+    Each segment is opened once per call. A damaged record is returned as its ``ValueError``, so
+    it does not hide the others; an ``OSError`` is raised (it says nothing about the record).
+    """
+    fds: dict[Path, int] = {}
+    found: list[bytes | ValueError] = []
+    try:
+        for _entry_id, path, offset, length in wanted:
+            fd = fds.get(path)
+            if fd is None:
+                fd = fds[path] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                found.append(read_payload(fd, offset, length))
+            except ValueError as exc:
+                found.append(exc)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    return found

@@ -1,7 +1,8 @@
 """The spool's bytes: how one result is framed on disk, and how a segment is read back.
 
-Pure (bytes in, records out): :mod:`.spool` owns the files, the group commit and the memory;
-this module owns the layout, so it can be read, and tested, apart from them.
+Pure (bytes in, records out; :func:`read_payload` reads back one record the spool located):
+:mod:`.spool` owns the files, the group commit and the memory; this module owns the layout, so
+it can be read, and tested, apart from them.
 
 Format. Segment files ``spool-<seq>.log``; each record is a 10-byte header (magic ``CT``,
 little-endian payload length and CRC-32) followed by the payload. A crash can leave a torn
@@ -27,8 +28,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import mmap
+import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Final
@@ -249,15 +253,14 @@ class ScanReport:
     skipped_at: list[int] = field(default_factory=list)
 
 
-def frames(data: bytes) -> tuple[list[tuple[int, bytes]], list[int], int]:
-    """Every valid frame of a file as ``(offset, payload)``, plus where and how much was skipped.
+def walk(data: bytes | mmap.mmap) -> Iterator[tuple[int, int, bool]]:
+    """Yield ``(frame offset, length, valid)`` for each frame of a file, in order.
 
-    A frame is valid when its magic, length and checksum hold; anything else is skipped and the
-    reader resynchronises on the next magic that starts a valid frame.
+    For a valid frame (magic, length and checksum hold) ``length`` is its payload's; for a
+    torn or corrupt range it is how many bytes are skipped, the reader resynchronising on the
+    next magic that starts a valid frame. ``data`` may be an ``mmap`` of a segment: the spool
+    replays a large segment without reading it into memory, keeping only where each payload is.
     """
-    found: list[tuple[int, bytes]] = []
-    skipped_at: list[int] = []
-    skipped_bytes = 0
     offset = 0
     end = len(data)
     while offset < end:
@@ -270,15 +273,49 @@ def frames(data: bytes) -> tuple[list[tuple[int, bytes]], list[int], int]:
                 and start + length <= end
                 and zlib.crc32(data[start : start + length]) == crc
             ):
-                found.append((offset, data[start : start + length]))
+                yield offset, length, True
                 offset = start + length
                 continue
-        skipped_at.append(offset)
         following = data.find(MAGIC, offset + 1)
         next_offset = end if following < 0 else following
-        skipped_bytes += next_offset - offset
+        yield offset, next_offset - offset, False
         offset = next_offset
+
+
+def frames(data: bytes) -> tuple[list[tuple[int, bytes]], list[int], int]:
+    """Every valid frame of a file as ``(offset, payload)``, plus where and how much was skipped.
+
+    See :func:`walk`.
+    """
+    found: list[tuple[int, bytes]] = []
+    skipped_at: list[int] = []
+    skipped_bytes = 0
+    for offset, length, valid in walk(data):
+        if valid:
+            start = offset + HEADER.size
+            found.append((offset, data[start : start + length]))
+        else:
+            skipped_at.append(offset)
+            skipped_bytes += length
     return found, skipped_at, skipped_bytes
+
+
+def read_payload(fd: int, offset: int, length: int) -> bytes:
+    """Read back the payload of the frame at ``offset`` of an open segment, checking the frame.
+
+    Raises
+    ------
+    ValueError
+        The bytes there are not the record written (a damaged disk, a foreign writer).
+    """
+    data = os.pread(fd, HEADER.size + length, offset)
+    if len(data) != HEADER.size + length:
+        raise ValueError("spool record cut short")
+    magic, stored_length, crc = HEADER.unpack_from(data)
+    payload = data[HEADER.size :]
+    if magic != MAGIC or stored_length != length or zlib.crc32(payload) != crc:
+        raise ValueError("spool record damaged on disk")
+    return payload
 
 
 def scan(data: bytes) -> ScanReport:

@@ -66,5 +66,9 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     assert faults["operator_sigkills"] == 1
     assert figures["timings"]["apiserver_outage_seconds"] > 0
     assert figures["timings"]["max_spool_depth"] > 0, "the outage spooled nothing"
+    # The receiver's spool bound was reached in the outage: it refused (503) what it could not
+    # hold, and the fallback poll recovered those results (lost is 0 above).
+    assert faults["spool_full_503s"] > 0
+    assert figures["timings"]["max_spool_depth"] <= faults["spool_bound_records"]
     assert figures["delivered_by"]["poll"] > 0
     assert figures["delivered_by"]["pingback"] > 0

@@ -88,6 +88,15 @@ def test_the_schema_rejects_typos_and_bad_values(
     [
         (["receiver.spool.persistence.enabled=true"], "needs receiver.replicas: 1"),
         (["pingbackKey.create=false"], "name your own Secret in existingSecret"),
+        (
+            [
+                "receiver.spool.persistence.enabled=true",
+                "receiver.spool.persistence.perReplica=true",
+                "receiver.spool.persistence.existingClaim=mine",
+            ],
+            "cannot use existingClaim",
+        ),
+        (["receiver.spool.sizeLimit=lots"], "sizeLimit"),
     ],
 )
 def test_inconsistent_values_fail_with_an_explanation(
@@ -328,6 +337,68 @@ def test_a_persistent_spool_uses_a_kept_claim_and_recreate(render: Render, chart
     (ingress,) = _by_kind(objects, "Ingress")
     (rule,) = ingress["spec"]["rules"]
     assert [path["path"] for path in rule["http"]["paths"]] == ["/v1/pingback"]
+
+
+def _receiver_env(objects: list[dict[str, Any]], kind: str = "Deployment") -> dict[str, Any]:
+    (receiver,) = [
+        obj
+        for obj in _by_kind(objects, kind)
+        if obj["metadata"]["labels"]["app.kubernetes.io/component"] == "receiver"
+    ]
+    (container,) = receiver["spec"]["template"]["spec"]["containers"]
+    return _env(container)
+
+
+def test_the_spool_bound_stays_below_the_volume_the_kubelet_would_evict_at(
+    render: Render, chart_dir: Path
+) -> None:
+    env = _receiver_env(render())
+    assert env["CAPTCHATASK_SPOOL_MAX_BYTES"] == str(192 * 1024**2)  # 75 % of the 256Mi emptyDir
+    assert env["CAPTCHATASK_SPOOL_MAX_RECORDS"] == "100000"
+    assert env["CAPTCHATASK_SPOOL_READY_FRACTION"] == "0.8"
+    bigger = _receiver_env(render(sets=["receiver.spool.sizeLimit=1.5Gi"]))
+    assert bigger["CAPTCHATASK_SPOOL_MAX_BYTES"] == str(int(1.5 * 1024**3 * 3 // 4))
+    claim = _receiver_env(render(chart_dir / "ci" / "04-receiver-persistent-values.yaml"))
+    assert claim["CAPTCHATASK_SPOOL_MAX_BYTES"] == str(2 * 1024**3 * 3 // 4)  # of the 2Gi claim
+    explicit = _receiver_env(render(sets=["receiver.spool.maxBytes=100Mi"]))
+    assert explicit["CAPTCHATASK_SPOOL_MAX_BYTES"] == str(100 * 1024**2)
+
+
+def test_per_replica_spools_run_a_statefulset_with_one_kept_claim_per_replica(
+    render: Render, chart_dir: Path
+) -> None:
+    objects = render(chart_dir / "ci" / "08-receiver-per-replica-values.yaml")
+    assert not [
+        obj
+        for obj in _by_kind(objects, "Deployment")
+        if obj["metadata"]["labels"]["app.kubernetes.io/component"] == "receiver"
+    ]
+    assert not _by_kind(objects, "PersistentVolumeClaim")  # the StatefulSet makes them
+    (receiver,) = _by_kind(objects, "StatefulSet")
+    spec = receiver["spec"]
+    assert spec["replicas"] == 3
+    assert spec["serviceName"] == "ct-captchatask-receiver"
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    (template,) = spec["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "spool"
+    assert template["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    # A claim template is immutable: nothing in it may change with the chart's version.
+    assert "helm.sh/chart" not in template["metadata"]["labels"]
+    assert "app.kubernetes.io/version" not in template["metadata"]["labels"]
+    pod = spec["template"]["spec"]
+    assert "spool" not in {volume["name"] for volume in pod["volumes"]}
+    (container,) = pod["containers"]
+    mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+    assert mounts["spool"] == "/var/spool/captchatask"
+    env = _env(container)
+    assert env["CAPTCHATASK_SPOOL_MAX_BYTES"] == str(1536 * 1024**2)
+    assert env["CAPTCHATASK_SPOOL_MAX_RECORDS"] == "200000"
+    assert env["CAPTCHATASK_SPOOL_READY_FRACTION"] == "0.7"
+    selector = spec["selector"]["matchLabels"].items()
+    assert selector <= spec["template"]["metadata"]["labels"].items()
 
 
 def test_monitoring_objects_are_off_by_default(render: Render) -> None:

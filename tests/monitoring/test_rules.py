@@ -63,6 +63,7 @@ def test_the_required_alerts_exist(alerts: list[dict[str, Any]]) -> None:
     assert {
         "CaptchataskDeadLettersGrowing",
         "CaptchataskSpoolNotDraining",
+        "CaptchataskSpoolNearlyFull",
         "CaptchataskFallbackRecoveryRatioHigh",
         "CaptchataskProviderNotReady",
         "CaptchataskTasksPastDeadline",

@@ -349,7 +349,7 @@ async def test_escaped_utf8_in_a_query_is_kept_exactly(
     response = await receiver.client.get(URL(receiver.path() + "?id=1&code=" + raw, encoded=True))
     assert response.status == 200
     assert response.headers[OUTCOME_HEADER] == "spooled"
-    (entry,) = receiver.spool.due(float("inf"), 10)
+    (entry,) = await receiver.spool.due(float("inf"), 10)
     assert entry.record.result.token == token
 
 

@@ -210,7 +210,7 @@ async def test_a_pingback_is_answered_while_segment_maintenance_hangs_on_the_dis
     pingbacks = await receiver(disk)
     assert await pingbacks.send(1) == "spooled"
     disk.armed = True
-    (entry,) = pingbacks.spool.due(time.monotonic(), limit=10)
+    (entry,) = await pingbacks.spool.due(time.monotonic(), limit=10)
     pingbacks.spool.resolve(entry)  # as the drainer does once the result is in the ledger
     assert await asyncio.to_thread(disk.entered.wait, HANG_GUARD_SECONDS)
 
@@ -237,7 +237,7 @@ async def test_a_spooled_pingback_is_answered_only_after_its_data_and_directory_
     await asyncio.gather(*(send(i) for i in range(1, 41)))
     # Resolve everything: the segment rotates (the next acknowledgements go to a new file) and
     # the drained one is deleted once the test allows it.
-    for entry in pingbacks.spool.due(time.monotonic(), limit=100):
+    for entry in await pingbacks.spool.due(time.monotonic(), limit=100):
         pingbacks.spool.resolve(entry)
     assert await asyncio.to_thread(disk.unlink_waiting.wait, HANG_GUARD_SECONDS)
     await asyncio.gather(*(send(i) for i in range(41, 61)))
@@ -289,7 +289,7 @@ async def test_a_record_resolved_before_a_restart_is_not_replayed(tmp_path: Path
     spool.open()
     for index in (1, 2, 3):
         await spool.append(record(index))
-    first, _second, third = spool.due(time.monotonic(), limit=10)
+    first, _second, third = await spool.due(time.monotonic(), limit=10)
     spool.resolve(first)
     spool.resolve(third)  # the segment keeps one unresolved record: it stays on disk
     await spool.close()
@@ -338,7 +338,7 @@ async def test_a_segment_whose_deletion_a_power_cut_undid_is_not_replayed(
     disk = UnlinkUndoingDisk(directory, tmp_path / "power-cut")
     reopened = Spool(directory, disk=disk)
     assert reopened.open() == 2
-    for entry in reopened.due(time.monotonic(), limit=10):
+    for entry in await reopened.due(time.monotonic(), limit=10):
         reopened.resolve(entry)
     await reopened.close()
     assert disk.snapshot.exists(), "no directory sync followed the deletion of a segment"
@@ -378,7 +378,7 @@ async def test_a_crash_between_resolution_and_segment_removal_replays_nothing(
     reopened = Spool(directory, disk=disk)
     assert reopened.open() == 2
     disk.armed = True
-    for entry in reopened.due(time.monotonic(), limit=10):
+    for entry in await reopened.due(time.monotonic(), limit=10):
         reopened.resolve(entry)  # both results are in the ledger; the segment goes next
     await reopened.close()
     assert disk.snapshot.exists()

@@ -41,14 +41,14 @@ class Fault:
         self.calls_after = 0
         self._due = sidecar.spool.due
 
-    def due(self, now: float, limit: int) -> Any:
+    async def due(self, now: float, limit: int) -> Any:
         if self.remaining is None or self.remaining > 0:
             if self.remaining is not None:
                 self.remaining -= 1
             self.raised += 1
             raise RuntimeError("a bug in the replay path")
         self.calls_after += 1
-        return self._due(now, limit)
+        return await self._due(now, limit)
 
     def arm(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(self.spool, "due", self.due)

@@ -27,6 +27,10 @@ When a component renames a flag or variable, change this file (and the table in 
               env CAPTCHATASK_LOCAL_ADDR=""                    no local task API (no app here)
               env CAPTCHATASK_PINGBACK_NAMESPACES=a,b          <- receiver.namespaces
               env CAPTCHATASK_SPOOL_DIR                        <- receiver.spool.path (a volume)
+              env CAPTCHATASK_SPOOL_MAX_BYTES                  <- receiver.spool.maxBytes (default:
+                                                                  maxBytesPercent of the volume)
+                  CAPTCHATASK_SPOOL_MAX_RECORDS                <- receiver.spool.maxRecords
+                  CAPTCHATASK_SPOOL_READY_FRACTION             <- receiver.spool.readyFraction
               env CAPTCHATASK_PINGBACK_KEY_FILE, CAPTCHATASK_NAMESPACE, CAPTCHATASK_POD_NAME
   sidecar   the same, inside an app pod (files/sidecar-pod.yaml): local task API on
               127.0.0.1:8081, CAPTCHATASK_PUBLIC_URL and CAPTCHATASK_PROVIDER for adopted tasks
@@ -131,6 +135,12 @@ When a component renames a flag or variable, change this file (and the table in 
   value: {{ include "captchatask.receiver.namespaces" . | fromJsonArray | join "," | quote }}
 - name: CAPTCHATASK_SPOOL_DIR
   value: {{ .Values.receiver.spool.path | quote }}
+- name: CAPTCHATASK_SPOOL_MAX_BYTES
+  value: {{ include "captchatask.receiver.spoolMaxBytes" . | quote }}
+- name: CAPTCHATASK_SPOOL_MAX_RECORDS
+  value: {{ .Values.receiver.spool.maxRecords | int64 | quote }}
+- name: CAPTCHATASK_SPOOL_READY_FRACTION
+  value: {{ .Values.receiver.spool.readyFraction | quote }}
 {{- with .Values.receiver.extraEnv }}
 {{ toYaml . }}
 {{- end }}

@@ -156,3 +156,33 @@ topologySpreadConstraints:
   {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/*
+Bytes of a Kubernetes quantity ("256Mi", "1.5Gi", "500M", "1048576"); fails on anything else.
+*/}}
+{{- define "captchatask.quantityBytes" -}}
+{{- $q := toString . -}}
+{{- $units := dict "" 1 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $number := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $suffix := trimPrefix $number $q -}}
+{{- if or (not $number) (not (hasKey $units $suffix)) -}}
+{{- fail (printf "cannot read %q as a quantity of bytes" $q) -}}
+{{- end -}}
+{{- mulf (float64 $number) (float64 (get $units $suffix)) | floor | int64 -}}
+{{- end }}
+
+{{/*
+The receiver's spool bound in bytes: receiver.spool.maxBytes, else maxBytesPercent of the volume
+(the emptyDir's sizeLimit, or the claim's size): the receiver refuses with 503 before the kubelet
+would evict the pod and delete the volume with the results in it.
+*/}}
+{{- define "captchatask.receiver.spoolMaxBytes" -}}
+{{- $spool := .Values.receiver.spool -}}
+{{- if $spool.maxBytes -}}
+{{- include "captchatask.quantityBytes" $spool.maxBytes -}}
+{{- else -}}
+{{- $volume := ternary $spool.persistence.size $spool.sizeLimit $spool.persistence.enabled -}}
+{{- $bytes := include "captchatask.quantityBytes" $volume | int64 -}}
+{{- div (mul $bytes (int64 $spool.maxBytesPercent)) 100 -}}
+{{- end -}}
+{{- end }}
