@@ -75,6 +75,8 @@ class DeadLetterReason(StrEnum):
     PROVIDER_TASK_MISMATCH = "ProviderTaskMismatch"
     LEDGER_REJECTED = "LedgerRejected"
     REDRIVEN = "Redriven"
+    #: A solution received after the operator had failed its task (deadline, polls, expiry).
+    TASK_FAILED = "TaskFailed"
 
 
 class DeadLetterPhase(StrEnum):
