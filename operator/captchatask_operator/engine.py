@@ -344,6 +344,15 @@ class Engine:
         if queue is not None and (key in queue.in_flight or key in queue):
             queue.discard(key)
             self.pump(task.provider_key)
+        if old is not None and old.phase is Phase.FAILED and task.phase is Phase.SOLVED:
+            # The one change of a finished task: a solution a receiver had acknowledged before
+            # the failure replaced it (captchatask.decision.decide). Say so where users look.
+            self.event(
+                task.ref,
+                EventType.WARNING,
+                "FailureReplaced",
+                "a solution received before the failure replaced it; the task is now Solved",
+            )
         if old is not None and not old.terminal and task.phase is Phase.SOLVED:
             delivered = task.delivered_by or DeliveredBy.PINGBACK
             finished = task.finished_at or self.clock()

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from captchatask import kube, model, testbed
+from captchatask.deadletters import LetterView, RequeueOutcome, requeue
 from captchatask.decision import Outcome, Result, set_condition
 from captchatask.ledger import Ledger, utcnow
 from captchatask.model import DeadLetterReason, DeliveredBy, Phase, TaskRef, TaskView
@@ -225,3 +226,57 @@ async def test_a_result_received_after_the_operator_failed_the_task_is_a_dead_le
     after = await ledger.get_task(namespace, "t6")
     assert after is not None
     assert after.phase is Phase.FAILED
+
+
+class _ByName:
+    """The operator's task index reduced to what requeue asks: candidates by name."""
+
+    def candidates(
+        self, namespace: str, *, name: str | None, provider_task_id: str | None
+    ) -> list[str]:
+        return [name] if name else []
+
+
+def _letter_for(task: TaskView, *, received: dt.datetime, token: str) -> LetterView:
+    return LetterView.from_body(
+        {
+            "metadata": {
+                "namespace": task.ref.namespace,
+                "name": "l",
+                "uid": "u",
+                "resourceVersion": "1",
+            },
+            "spec": {
+                "reason": "TaskNotFound",
+                "payload": {"code": token, "source": "get"},
+                "receivedAt": model.format_time(received),
+                "taskRef": {"name": task.ref.name, "uid": task.ref.uid},
+                "providerTaskId": task.provider_task_id,
+            },
+        }
+    )
+
+
+async def test_a_letter_received_before_the_operator_failed_its_task_is_applied_by_requeue(
+    ledger: Ledger, namespace: str
+) -> None:
+    failed = await operator_failed(ledger, namespace, "t7", "8000000003")
+    assert failed.finished_at is not None
+    letter = _letter_for(failed, received=failed.finished_at - dt.timedelta(seconds=1), token="in")
+    attempt = await requeue(ledger, letter, lookup=_ByName())
+    assert attempt.outcome is RequeueOutcome.APPLIED
+    after = await ledger.get_task(namespace, "t7")
+    assert after is not None
+    assert (after.phase, after.solution_token) == (Phase.SOLVED, "in")
+
+
+async def test_a_letter_received_after_the_operator_failed_its_task_expires_at_once(
+    ledger: Ledger, namespace: str
+) -> None:
+    failed = await operator_failed(ledger, namespace, "t8", "8000000004")
+    assert failed.finished_at is not None
+    letter = _letter_for(failed, received=failed.finished_at + dt.timedelta(seconds=1), token="x")
+    attempt = await requeue(ledger, letter, lookup=_ByName())
+    assert attempt.outcome is RequeueOutcome.EXPIRED
+    assert attempt.status["phase"] == "Expired"
+    assert "already failed (DeadlineExceeded)" in attempt.status["message"]
