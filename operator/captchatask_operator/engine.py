@@ -181,6 +181,7 @@ class Engine:
             for task in self.tasks.values():
                 self.reconcile(task, None)
             self.requeuer.resume()
+            self.poller.resume_unwritten()
 
     async def deactivate(self) -> None:
         """Become a standby (or stop): cancel everything and forget the in-memory state."""

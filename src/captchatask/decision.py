@@ -5,10 +5,10 @@ read, and unit-tested, without a cluster or an event loop: :func:`decide` says w
 does to one task as last read (the first result wins, a later identical one is a *duplicate*, a
 pingback for a task that already ended is *late*, a result for no task instance is a dead
 letter, and a solution for a task the operator failed on its own is the one exception to "the
-first outcome wins", see :func:`decide`); :func:`result_status` and :func:`set_condition` build the status fields; and
-:func:`cas_patch` turns them into a JSON patch whose ``test`` operations are the
-compare-and-set. Nothing here may import an I/O module (the import-linter contract in
-``pyproject.toml`` checks it).
+first outcome wins", see :func:`decide`); :func:`result_status` and :func:`set_condition`
+build the status fields; and :func:`cas_patch` turns them into a JSON patch whose ``test``
+operations are the compare-and-set. Nothing here may import an I/O module (the import-linter
+contract in ``pyproject.toml`` checks it).
 """
 
 from __future__ import annotations
@@ -148,14 +148,19 @@ def decide(
             "the result names another provider task than the one on record",
         )
     if task.phase is not None and task.phase.terminal:
-        if failed_by_operator(task) and result.kind is ResultKind.SOLVED:
-            return _after_operator_failure(task, received_at)
-        came_by_pingback = result.delivered_by is DeliveredBy.PINGBACK
-        ended_by_pingback = task.delivered_by is DeliveredBy.PINGBACK
-        if came_by_pingback and not ended_by_pingback:
-            return Decision(Outcome.LATE, message=f"task already {task.phase}")
-        return Decision(Outcome.DUPLICATE, message=f"task already {task.phase}")
+        return _after_outcome(task, result, received_at)
     return Decision(Outcome.RECORDED)
+
+
+def _after_outcome(task: TaskView, result: Result, received_at: dt.datetime | None) -> Decision:
+    """A result for a task that already has an outcome (see :func:`decide`)."""
+    if failed_by_operator(task) and result.kind is ResultKind.SOLVED:
+        return _after_operator_failure(task, received_at)
+    came_by_pingback = result.delivered_by is DeliveredBy.PINGBACK
+    ended_by_pingback = task.delivered_by is DeliveredBy.PINGBACK
+    if came_by_pingback and not ended_by_pingback:
+        return Decision(Outcome.LATE, message=f"task already {task.phase}")
+    return Decision(Outcome.DUPLICATE, message=f"task already {task.phase}")
 
 
 def failed_by_operator(task: TaskView) -> bool:

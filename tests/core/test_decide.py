@@ -111,9 +111,7 @@ def test_a_solution_received_after_the_failure_is_a_task_failed_dead_letter(
 
 
 def test_a_pingback_for_a_task_the_provider_failed_is_late() -> None:
-    failed = task(
-        "Failed", providerTaskId="111", deliveredBy="poll", failure={"code": "ERROR_X"}
-    )
+    failed = task("Failed", providerTaskId="111", deliveredBy="poll", failure={"code": "ERROR_X"})
     assert decide(failed, REF, pingback(), received_at=NOW).outcome is Outcome.LATE
 
 

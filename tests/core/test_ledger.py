@@ -212,7 +212,9 @@ async def test_a_result_received_before_the_operator_failed_the_task_becomes_its
     )
     assert "failure" not in after.status
     # A second copy of the same pingback is an ordinary duplicate now.
-    again = await ledger.record(failed.ref, solved("8000000001", token="kept"), received_at=received)
+    again = await ledger.record(
+        failed.ref, solved("8000000001", token="kept"), received_at=received
+    )
     assert again.outcome is Outcome.DUPLICATE
 
 

@@ -260,7 +260,9 @@ class Cluster:
         assert updated is not None
         return updated
 
-    async def failed_by_operator(self, namespace: str, name: str, provider_task_id: str) -> TaskView:
+    async def failed_by_operator(
+        self, namespace: str, name: str, provider_task_id: str
+    ) -> TaskView:
         """A submitted task the operator then failed itself (``DeadlineExceeded``), now."""
         task = await self.submitted(namespace, name, provider_task_id)
         now = utcnow()
