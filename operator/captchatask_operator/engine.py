@@ -345,14 +345,19 @@ class Engine:
         if queue is not None and (key in queue.in_flight or key in queue):
             queue.discard(key)
             self.pump(task.provider_key)
-        if old is not None and old.phase is Phase.FAILED and task.phase is Phase.SOLVED:
-            # The one change of a finished task: a solution a receiver had acknowledged before
-            # the failure replaced it (captchatask.decision.decide). Say so where users look.
+        if (
+            old is not None
+            and old.phase is Phase.FAILED
+            and old.delivered_by is None
+            and task.delivered_by is not None
+        ):
+            # The one change of a finished task: a result a receiver had acknowledged before
+            # our own failure replaced it (captchatask.decision.decide). Say so where users look.
             self.event(
                 task.ref,
                 EventType.WARNING,
                 "FailureReplaced",
-                "a solution received before the failure replaced it; the task is now Solved",
+                f"a result received before the failure replaced it; the task is now {task.phase}",
             )
         if old is not None and not old.terminal and task.phase is Phase.SOLVED:
             delivered = task.delivered_by or DeliveredBy.PINGBACK

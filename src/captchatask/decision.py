@@ -114,10 +114,10 @@ def decide(
 
     The first outcome wins, with one exception. A task the operator failed *on its own*
     (``DeadlineExceeded``, ``PollsExhausted``, ``ResultExpired``: ``Failed`` without
-    ``deliveredBy``) may have failed only because a solution we had already acknowledged was
-    still in a receiver's spool while the API server was away. So a solution received before
+    ``deliveredBy``) may have failed only because a result we had already acknowledged was
+    still in a receiver's spool while the API server was away. So a result received before
     the task's deadline *and* before the failure was written replaces the failure (outcome
-    ``recorded``); any other solution for such a task is kept as a ``TaskFailed`` dead letter,
+    ``recorded``); any later solution for such a task is kept as a ``TaskFailed`` dead letter,
     never dropped as late.
 
     Parameters
@@ -154,8 +154,10 @@ def decide(
 
 def _after_outcome(task: TaskView, result: Result, received_at: dt.datetime | None) -> Decision:
     """A result for a task that already has an outcome (see :func:`decide`)."""
-    if failed_by_operator(task) and result.kind is ResultKind.SOLVED:
-        return _after_operator_failure(task, received_at)
+    if failed_by_operator(task):
+        replaced = _after_operator_failure(task, result, received_at)
+        if replaced is not None:
+            return replaced
     came_by_pingback = result.delivered_by is DeliveredBy.PINGBACK
     ended_by_pingback = task.delivered_by is DeliveredBy.PINGBACK
     if came_by_pingback and not ended_by_pingback:
@@ -174,8 +176,14 @@ def failure_code(task: TaskView) -> str:
     return str(failure.get("code") or "Failed")
 
 
-def _after_operator_failure(task: TaskView, received_at: dt.datetime | None) -> Decision:
-    """A solution for a task the operator failed: replace the failure, or keep it as a letter."""
+def _after_operator_failure(
+    task: TaskView, result: Result, received_at: dt.datetime | None
+) -> Decision | None:
+    """A result for a task the operator failed: it replaces the failure if it came in time.
+
+    Otherwise a solution is kept as a ``TaskFailed`` letter; a failure the provider reported
+    too late has nothing worth keeping and is left to the ordinary rules (``None``).
+    """
     code = failure_code(task)
     deadline, failed_at = task.deadline, task.finished_at
     in_time = (
@@ -188,6 +196,8 @@ def _after_operator_failure(task: TaskView, received_at: dt.datetime | None) -> 
             Outcome.RECORDED,
             message=f"replaces {code}: the result was received before the deadline and the failure",
         )
+    if result.kind is not ResultKind.SOLVED:
+        return None
     return Decision(
         Outcome.DEAD_LETTER,
         DeadLetterReason.TASK_FAILED,
@@ -248,13 +258,13 @@ def result_status(task: TaskView, result: Result, now: dt.datetime) -> dict[str,
             solution["userAgent"] = result.user_agent
         fields["solution"] = solution
         reason, message, status = "Solved", f"solved, delivered by {result.delivered_by}", "True"
-        if failed_by_operator(task):
-            message += f"; replaces {failure_code(task)} (received before it)"
     else:
         fields["phase"] = str(Phase.FAILED)
         fields["failure"] = {"code": result.code or "Unknown", "message": result.message or ""}
         reason = condition_reason(result.code or "Failed")
         message, status = f"failed: {result.code}", "True"
+    if failed_by_operator(task):
+        message += f"; replaces {failure_code(task)} (received before it)"
     fields["conditions"] = set_condition(
         task.status.get("conditions") or [],
         type_=CONDITION_COMPLETE,

@@ -189,7 +189,7 @@ class Ledger:
                 resource_version=task.resource_version,
                 had_status=bool(task.status),
                 # A solution replacing the operator's failure takes the failure away with it.
-                remove=("failure",) if "failure" in task.status else (),
+                remove=("failure",) if "failure" in task.status and "failure" not in fields else (),
             )
             try:
                 updated = await self.patch_status(task, ops)

@@ -115,6 +115,21 @@ def test_a_pingback_for_a_task_the_provider_failed_is_late() -> None:
     assert decide(failed, REF, pingback(), received_at=NOW).outcome is Outcome.LATE
 
 
+def test_a_failure_reported_before_the_operator_failed_the_task_replaces_its_code() -> None:
+    unsolvable = Result.failed(
+        code="ERROR_CAPTCHA_UNSOLVABLE",
+        message="m",
+        delivered_by=DeliveredBy.PINGBACK,
+        provider_task_id="111",
+    )
+    received = NOW - dt.timedelta(seconds=1)
+    decision = decide(operator_failed(), REF, unsolvable, received_at=received)
+    assert decision.outcome is Outcome.RECORDED
+    fields = result_status(operator_failed(), unsolvable, NOW)
+    assert fields["failure"]["code"] == "ERROR_CAPTCHA_UNSOLVABLE"
+    assert "replaces DeadlineExceeded" in fields["conditions"][0]["message"]
+
+
 def test_a_failure_reported_after_the_operator_failed_the_task_is_late() -> None:
     late_error = Result.failed(
         code="ERROR_CAPTCHA_UNSOLVABLE",
