@@ -34,6 +34,10 @@ class Profile:
     settle_seconds
         Upper bound for the system to settle after the last task is created (a failure bound,
         not a measurement).
+    late_tasks, late_deadline_seconds, late_outage_seconds
+        The "API server away for longer than task deadlines" fault: this many tasks with this
+        short a deadline are submitted, then kube-apiserver is stopped for this long, and their
+        pingbacks are acknowledged (spooled) before their deadlines while it is away.
     """
 
     name: str
@@ -60,6 +64,9 @@ class Profile:
     #: fallback poll gets there first and the pingback is recorded as late.
     late_delay_seconds: float = 9.0
     deadline_seconds: int = 600
+    late_tasks: int = 3
+    late_deadline_seconds: int = 20
+    late_outage_seconds: int = 30
 
 
 PROFILES: Final[dict[str, Profile]] = {

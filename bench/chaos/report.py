@@ -32,6 +32,7 @@ def table(figures: dict[str, Any]) -> str:
         ("faults: sidecar SIGKILL + restart", faults["sidecar_sigkills"]),
         ("faults: operator SIGKILL + restart", faults["operator_sigkills"]),
         ("faults: planted dead letters", faults["planted_dead_letters"]),
+        ("faults: kube-apiserver away past task deadlines", _late(f, drain)),
         (
             "solved / failed",
             f"{f['solved']} / {sum(f['failed_by_code'].values())} {f['failed_by_code']}",
@@ -64,6 +65,18 @@ def table(figures: dict[str, Any]) -> str:
     ]
     width = max(len(str(label)) for label, _ in rows)
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def _late(figures: dict[str, Any], timings: dict[str, Any]) -> str:
+    late = figures.get("late_outage") or {}
+    if not late.get("tasks"):
+        return "not in this profile"
+    return (
+        f"{timings.get('late_outage_seconds', 0.0):.1f} s; {late['tasks']} tasks, "
+        f"{late['acknowledged_before_deadline']} acknowledged in time -> {late['solved']} solved "
+        f"({late['failures_replaced']} replacing DeadlineExceeded), {late['failed']} failed, "
+        f"{late['task_failed_letters']} TaskFailed letters"
+    )
 
 
 def _seconds(value: float | None) -> str:

@@ -67,3 +67,8 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     assert figures["timings"]["max_spool_depth"] > 0, "the outage spooled nothing"
     assert figures["delivered_by"]["poll"] > 0
     assert figures["delivered_by"]["pingback"] > 0
+    # Results acknowledged while the API server was away past their tasks' deadlines.
+    late = figures["late_outage"]
+    assert late["tasks"] == 3
+    assert late["acknowledged_before_deadline"] > 0
+    assert late["solved"] + late["failed"] == late["tasks"]
