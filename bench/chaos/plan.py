@@ -55,8 +55,9 @@ class FaultKind(StrEnum):
     PLANT_DEAD_LETTER = "plant-dead-letter"
     #: Submit the plan's ``late_tasks`` (short deadlines), stop kube-apiserver for ``amount``
     #: seconds, longer than their deadlines, and deliver their pingbacks while it is away: the
-    #: receiver acknowledges (spools) them in time, the operator fails the tasks when it
-    #: returns, and the spooled results must still become the tasks' outcomes.
+    #: receiver acknowledges (spools) them in time. The sidecar is down (SIGKILL) when the API
+    #: server returns, so the operator fails the tasks first; the spooled results must still
+    #: become the tasks' outcomes once the sidecar is back.
     APISERVER_AWAY_PAST_DEADLINES = "apiserver-away-past-deadlines"
 
 

@@ -299,10 +299,13 @@ class ChaosRun:
     ) -> None:
         """Submit the late tasks, stop kube-apiserver past their deadlines, pingback meanwhile.
 
-        The run delivers each late task's pingback itself (the emulator's answer, signed URL),
+        The run delivers each late task's pingback itself (the emulator's answer, signed URL)
         once kube-apiserver is gone and the emulator has solved the task: whatever fate the
         emulator drew for its own copy (dropped, say), every late task then has a result the
-        receiver acknowledged, into its spool, before the task's deadline.
+        receiver acknowledged, into its spool, before the task's deadline. The sidecar is
+        SIGKILLed just before kube-apiserver returns and restarted once the operator has failed
+        the late tasks, so the spooled results replay onto ``Failed`` tasks (had the drainer
+        won the race, the tasks would simply have been Solved, proving nothing).
         """
         client = self._client
         assert client is not None
@@ -323,9 +326,33 @@ class ChaosRun:
             deadline = created.timestamp() + int(body["spec"]["deadlineSeconds"])
             self.late.append(LateTask(name, provider_id, time.time(), deadline))
         await asyncio.sleep(max(0.0, stopped + seconds - time.time()))
-        await asyncio.to_thread(self.stack.plane.start_apiserver)
-        self.timeline.late_outage_seconds = time.time() - stopped
-        self.say(f"kube-apiserver is back after {self.timeline.late_outage_seconds:.1f}s")
+        # The receiver is down when the API server returns (its pod rescheduled, say): the
+        # operator fails the late tasks first, and only then do their spooled results replay.
+        self._killing.add("sidecar")
+        try:
+            await self._kill("sidecar", self.sidecar, self.timeline.sidecar_kills, http)
+            await asyncio.to_thread(self.stack.plane.start_apiserver)
+            self.timeline.late_outage_seconds = time.time() - stopped
+            self.say(f"kube-apiserver is back after {self.timeline.late_outage_seconds:.1f}s")
+            await self._failed(client, [task.name for task in self.late if task.in_time])
+            await asyncio.to_thread(self.stack.start_component, "sidecar")
+            self.say("sidecar restarted after the operator failed the late tasks")
+        finally:
+            self._killing.discard("sidecar")
+
+    async def _failed(self, client: kube.KubeClient, names: list[str]) -> None:
+        """Wait until the operator has failed each task (its deadline passed in the outage)."""
+        give_up = time.monotonic() + LATE_WAIT_SECONDS
+        pending = set(names)
+        while pending:
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"late tasks not failed by the operator: {sorted(pending)}")
+            for name in sorted(pending):
+                with contextlib.suppress(kube.KubeError):
+                    body = await client.get(kube.TASKS, NAMESPACE, name, timeout=5.0)
+                    if (body.get("status") or {}).get("phase") == str(model.Phase.FAILED):
+                        pending.discard(name)
+            await asyncio.sleep(RETRY_SECONDS)
 
     async def _submitted(
         self, client: kube.KubeClient, names: list[str]
@@ -366,16 +393,23 @@ class ChaosRun:
     ) -> None:
         self._killing.add(name)
         try:
-            last = await self._scrape(http, scrapes.url)
-            scraped_at = time.time()
-            await asyncio.to_thread(self.stack.kill, name)
-            killed_at = time.time()
-            scrapes.close_incarnation(last)
-            kills.append(KillWindow(scraped_at - SCRAPE_SLACK_SECONDS, killed_at))
+            killed_at = await self._kill(name, scrapes, kills, http)
             await asyncio.to_thread(self.stack.start_component, name)
             self.say(f"{name} restarted ({time.time() - killed_at:.1f}s down)")
         finally:
             self._killing.discard(name)
+
+    async def _kill(
+        self, name: str, scrapes: Scrapes, kills: list[KillWindow], http: aiohttp.ClientSession
+    ) -> float:
+        """SIGKILL a component after a last scrape; return when it was killed (caller restarts)."""
+        last = await self._scrape(http, scrapes.url)
+        scraped_at = time.time()
+        await asyncio.to_thread(self.stack.kill, name)
+        killed_at = time.time()
+        scrapes.close_incarnation(last)
+        kills.append(KillWindow(scraped_at - SCRAPE_SLACK_SECONDS, killed_at))
+        return killed_at
 
     async def _plant(
         self, number: int, http: aiohttp.ClientSession, signer: PingbackSigner

@@ -61,7 +61,7 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     assert faults["pingbacks_delayed_past_threshold"] > 0
     assert faults["unsolvable"] > 0
     assert faults["res_php_html_502"] > 0
-    assert faults["sidecar_sigkills"] == 2
+    assert faults["sidecar_sigkills"] == 2 + 1  # the profile's, and the late-outage fault's
     assert faults["operator_sigkills"] == 1
     assert figures["timings"]["apiserver_outage_seconds"] > 0
     assert figures["timings"]["max_spool_depth"] > 0, "the outage spooled nothing"
