@@ -75,7 +75,7 @@ class DeadLetterReason(StrEnum):
     PROVIDER_TASK_MISMATCH = "ProviderTaskMismatch"
     LEDGER_REJECTED = "LedgerRejected"
     REDRIVEN = "Redriven"
-    #: A solution received after the operator had failed its task (deadline, polls, expiry).
+    #: A solution for a task the operator failed on its own, received too late to replace it.
     TASK_FAILED = "TaskFailed"
 
 
