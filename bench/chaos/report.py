@@ -73,7 +73,8 @@ def _late(figures: dict[str, Any], timings: dict[str, Any]) -> str:
         return "not in this profile"
     return (
         f"{timings.get('late_outage_seconds', 0.0):.1f} s; {late['tasks']} tasks, "
-        f"{late['acknowledged_before_deadline']} acknowledged in time -> {late['solved']} solved "
+        f"{late['acknowledged_before_deadline']} acknowledged in time "
+        f"(within {late['seconds_to_acknowledge_max']} s) -> {late['solved']} solved "
         f"({late['failures_replaced']} replacing DeadlineExceeded), {late['failed']} failed, "
         f"{late['task_failed_letters']} TaskFailed letters"
     )

@@ -297,7 +297,7 @@ class ChaosRun:
     async def _away_past_deadlines(
         self, seconds: int, http: aiohttp.ClientSession, signer: PingbackSigner
     ) -> None:
-        """Submit the late tasks, stop kube-apiserver past their deadlines, pingback meanwhile.
+        """Submit the late tasks, freeze kube-apiserver past their deadlines, pingback meanwhile.
 
         The run delivers each late task's pingback itself (the emulator's answer, signed URL)
         once kube-apiserver is gone and the emulator has solved the task: whatever fate the
@@ -313,7 +313,9 @@ class ChaosRun:
             await self._create(client, task)
         submitted = await self._submitted(client, [task.name for task in self.plan.late_tasks])
         stopped = time.time()
-        await asyncio.to_thread(self.stack.plane.stop_apiserver)
+        # A freeze (SIGSTOP) takes effect at once, unlike a graceful stop: the emulator's own
+        # copies of these pingbacks (2-6 s after submission) find the API server away too.
+        await asyncio.to_thread(self.stack.plane.pause)
         for name, body in submitted.items():
             meta, status = body["metadata"], body["status"]
             provider_id = str(status["providerTaskId"])
@@ -324,14 +326,16 @@ class ChaosRun:
             created = model.parse_time(meta.get("creationTimestamp"))
             assert created is not None
             deadline = created.timestamp() + int(body["spec"]["deadlineSeconds"])
-            self.late.append(LateTask(name, provider_id, time.time(), deadline))
+            self.late.append(
+                LateTask(name, provider_id, time.time(), deadline, created.timestamp())
+            )
         await asyncio.sleep(max(0.0, stopped + seconds - time.time()))
         # The receiver is down when the API server returns (its pod rescheduled, say): the
         # operator fails the late tasks first, and only then do their spooled results replay.
         self._killing.add("sidecar")
         try:
             await self._kill("sidecar", self.sidecar, self.timeline.sidecar_kills, http)
-            await asyncio.to_thread(self.stack.plane.start_apiserver)
+            await asyncio.to_thread(self.stack.plane.resume)
             self.timeline.late_outage_seconds = time.time() - stopped
             self.say(f"kube-apiserver is back after {self.timeline.late_outage_seconds:.1f}s")
             await self._failed(client, [task.name for task in self.late if task.in_time])

@@ -51,6 +51,8 @@ class LateTask:
     acknowledged_at: float
     #: The task's deadline (creation + ``spec.deadlineSeconds``, epoch seconds).
     deadline: float
+    #: When the task was created (epoch seconds).
+    created: float
 
     @property
     def in_time(self) -> bool:
@@ -402,7 +404,7 @@ def _late_figures(
     snap: Snapshot,
     tasks: Mapping[str, Mapping[str, Any]],
     letters_by_task: Mapping[str, list[dict[str, Any]]],
-) -> dict[str, int]:
+) -> dict[str, float]:
     """What became of the tasks whose deadlines passed while the API server was away."""
     replaced = {
         str(event.get("involvedObject", {}).get("name"))
@@ -414,6 +416,9 @@ def _late_figures(
     )
     return {
         "tasks": len(snap.late),
+        "seconds_to_acknowledge_max": round(
+            max((task.acknowledged_at - task.created for task in snap.late), default=0.0), 1
+        ),
         "acknowledged_before_deadline": sum(1 for task in snap.late if task.in_time),
         "solved": phases[SOLVED],
         "failed": phases[FAILED],
