@@ -53,7 +53,7 @@ class FaultKind(StrEnum):
     OPERATOR_KILL = "operator-kill"
     RES_502_BURST = "res-502-burst"
     PLANT_DEAD_LETTER = "plant-dead-letter"
-    #: Submit the plan's ``late_tasks`` (short deadlines), freeze kube-apiserver for ``amount``
+    #: Submit the plan's ``late_tasks`` (short deadlines), stop kube-apiserver for ``amount``
     #: seconds, longer than their deadlines, and deliver their pingbacks while it is away: the
     #: receiver acknowledges (spools) them in time. The sidecar is down (SIGKILL) when the API
     #: server returns, so the operator fails the tasks first; the spooled results must still

@@ -36,7 +36,7 @@ class Profile:
         not a measurement).
     late_tasks, late_deadline_seconds, late_outage_seconds
         The "API server away for longer than task deadlines" fault: this many tasks with this
-        short a deadline are submitted, then kube-apiserver is frozen for this long, and their
+        short a deadline are submitted, then kube-apiserver is stopped for this long, and their
         pingbacks are acknowledged (spooled) before their deadlines while it is away. The
         deadline leaves room for a busy machine: submission, solve and acknowledgement took
         over 20 s on 2 cores in a CI-profile run while other work loaded them.

@@ -297,7 +297,7 @@ class ChaosRun:
     async def _away_past_deadlines(
         self, seconds: int, http: aiohttp.ClientSession, signer: PingbackSigner
     ) -> None:
-        """Submit the late tasks, freeze kube-apiserver past their deadlines, pingback meanwhile.
+        """Submit the late tasks, stop kube-apiserver past their deadlines, pingback meanwhile.
 
         The run delivers each late task's pingback itself (the emulator's answer, signed URL)
         once kube-apiserver is gone and the emulator has solved the task: whatever fate the
@@ -313,9 +313,10 @@ class ChaosRun:
             await self._create(client, task)
         submitted = await self._submitted(client, [task.name for task in self.plan.late_tasks])
         stopped = time.time()
-        # A freeze (SIGSTOP) takes effect at once, unlike a graceful stop: the emulator's own
-        # copies of these pingbacks (2-6 s after submission) find the API server away too.
-        await asyncio.to_thread(self.stack.plane.pause)
+        # A stop, not a freeze (SIGSTOP): a frozen API server applies the writes it accepted
+        # after their writers gave up, so results land in the ledger and in no counter, and
+        # the verdict's metrics-vs-ledger check could not hold.
+        await asyncio.to_thread(self.stack.plane.stop_apiserver)
         for name, body in submitted.items():
             meta, status = body["metadata"], body["status"]
             provider_id = str(status["providerTaskId"])
@@ -335,7 +336,7 @@ class ChaosRun:
         self._killing.add("sidecar")
         try:
             await self._kill("sidecar", self.sidecar, self.timeline.sidecar_kills, http)
-            await asyncio.to_thread(self.stack.plane.resume)
+            await asyncio.to_thread(self.stack.plane.start_apiserver)
             self.timeline.late_outage_seconds = time.time() - stopped
             self.say(f"kube-apiserver is back after {self.timeline.late_outage_seconds:.1f}s")
             await self._failed(client, [task.name for task in self.late if task.in_time])
