@@ -406,10 +406,14 @@ def _late_figures(
     letters_by_task: Mapping[str, list[dict[str, Any]]],
 ) -> dict[str, float]:
     """What became of the tasks whose deadlines passed while the API server was away."""
+    # From the ledger, not from Events: Events are posted best effort (a bounded queue).
     replaced = {
-        str(event.get("involvedObject", {}).get("name"))
-        for event in snap.events
-        if event.get("reason") == "FailureReplaced"
+        name
+        for name, body in tasks.items()
+        if any(
+            condition.get("type") == "Complete" and "; replaces " in str(condition.get("message"))
+            for condition in body.get("status", {}).get("conditions") or []
+        )
     }
     phases = Counter(
         str(tasks.get(task.name, {}).get("status", {}).get("phase")) for task in snap.late
