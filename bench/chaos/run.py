@@ -55,6 +55,9 @@ HTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 PLANTED_ID_BASE: Final = 10_000_000_000
 #: Hang guard for the late tasks' submission and solve (a failure bound, not a measurement).
 LATE_WAIT_SECONDS: Final = 30.0
+#: The provider of the late tasks, and its first fallback poll: after their deadlines.
+LATE_PROVIDER: Final = "late"
+LATE_FIRST_POLL_SECONDS: Final = 600
 
 Say = Callable[[str], None]
 
@@ -228,7 +231,9 @@ class ChaosRun:
         self.say(f"created {len(self.plan.tasks)} tasks")
 
     async def _create(self, client: kube.KubeClient, task: TaskPlan) -> None:
-        body = task_body(task)
+        await self._create_body(client, task_body(task))
+
+    async def _create_body(self, client: kube.KubeClient, body: dict[str, Any]) -> None:
         while True:
             try:
                 await client.create(kube.TASKS, NAMESPACE, body, timeout=5.0)
@@ -309,8 +314,11 @@ class ChaosRun:
         """
         client = self._client
         assert client is not None
+        await self._late_provider(client)
         for task in self.plan.late_tasks:
-            await self._create(client, task)
+            body = task_body(task)
+            body["spec"]["providerRef"] = {"name": LATE_PROVIDER}
+            await self._create_body(client, body)
         submitted = await self._submitted(client, [task.name for task in self.plan.late_tasks])
         stopped = time.time()
         # A stop, not a freeze (SIGSTOP): a frozen API server applies the writes it accepted
@@ -360,6 +368,27 @@ class ChaosRun:
                     if phase in (str(model.Phase.FAILED), str(model.Phase.SOLVED)):
                         pending.discard(name)
             await asyncio.sleep(RETRY_SECONDS)
+
+    async def _late_provider(self, client: kube.KubeClient) -> None:
+        """A copy of the default provider whose first fallback poll comes after the deadlines.
+
+        Otherwise a poll made during the outage could record the answer first when the API
+        server returns, and the fault would test nothing the ordinary outage does not.
+        """
+        default = await client.get(kube.PROVIDERS, NAMESPACE, "default", timeout=5.0)
+        spec = dict(default["spec"])
+        spec["polling"] = {
+            **(spec.get("polling") or {}),
+            "callbackTimeoutSeconds": LATE_FIRST_POLL_SECONDS,
+        }
+        body = {
+            "apiVersion": model.API_VERSION,
+            "kind": model.PROVIDER_KIND,
+            "metadata": {"name": LATE_PROVIDER, "namespace": NAMESPACE},
+            "spec": spec,
+        }
+        with contextlib.suppress(kube.ApiError):
+            await client.create(kube.PROVIDERS, NAMESPACE, body, timeout=5.0)
 
     async def _submitted(
         self, client: kube.KubeClient, names: list[str]
