@@ -74,4 +74,5 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     # Results acknowledged while the API server was away past their tasks' deadlines.
     assert late["tasks"] == 3
     assert late["acknowledged_before_deadline"] > 0
+    assert late["failures_replaced"] > 0, "no spooled result met a DeadlineExceeded failure"
     assert late["solved"] + late["failed"] == late["tasks"]
