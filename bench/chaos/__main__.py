@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     back = tl.apiserver_restarting
     verdict.figures["timings"] = {
         "apiserver_outage_seconds": round(tl.outage_seconds, 1),
+        "late_outage_seconds": round(tl.late_outage_seconds, 1),
         "max_spool_depth": tl.max_spool_depth,
         "spool_drain_seconds": (tl.spool_drained - back) if back and tl.spool_drained else None,
         "settle_seconds": tl.settled - tl.last_create,

@@ -60,6 +60,12 @@ class FaultKind(StrEnum):
     #: The receiver runs with a spool bound of ``amount`` records, below what the outage spools:
     #: from this point (inside the outage) the run expects it to answer 503 and turn unready.
     SPOOL_FULL = "spool-full"
+    #: Submit the plan's ``late_tasks`` (short deadlines), stop kube-apiserver for ``amount``
+    #: seconds, longer than their deadlines, and deliver their pingbacks while it is away: the
+    #: receiver acknowledges (spools) them in time. The sidecar is down (SIGKILL) when the API
+    #: server returns, so the operator fails the tasks first; the spooled results must still
+    #: become the tasks' outcomes once the sidecar is back.
+    APISERVER_AWAY_PAST_DEADLINES = "apiserver-away-past-deadlines"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +84,7 @@ class FaultEvent:
             FaultKind.IN_REPLY_LOST: f" x{self.amount}",
             FaultKind.APISERVER_OUTAGE: f" for {self.amount}s",
             FaultKind.SPOOL_FULL: f" (bound {self.amount} records)",
+            FaultKind.APISERVER_AWAY_PAST_DEADLINES: f" for {self.amount}s",
         }.get(self.kind, f" #{self.amount}")
         return f"t+{self.at:7.2f}s  {self.kind}{extra}"
 
@@ -99,6 +106,8 @@ class Plan:
     seed: int
     tasks: tuple[TaskPlan, ...]
     faults: tuple[FaultEvent, ...]
+    #: Tasks the ``apiserver-away-past-deadlines`` fault creates itself, just before it.
+    late_tasks: tuple[TaskPlan, ...] = ()
 
     def timeline(self) -> list[str]:
         """The fault timeline, one line per fault, in time order."""
@@ -189,5 +198,24 @@ def make_plan(profile: Profile, seed: int) -> Plan:
         # One planted letter arrives during the outage, so it travels through the spool.
         at = rng.uniform(*outage) if number == 0 else rng.uniform(low, high)
         faults.append(FaultEvent(at, FaultKind.PLANT_DEAD_LETTER, number + 1))
+    late_tasks: tuple[TaskPlan, ...] = ()
+    if profile.late_tasks:
+        # After every kill and the first outage: its tasks need an operator to submit them.
+        at = high + 2 * OUTAGE_MARGIN
+        late_rng = random.Random(f"{seed}:chaos-late")  # the draws above stay as they were
+        late_tasks = tuple(
+            TaskPlan(
+                name=f"chaos-late-{index:02d}",
+                type="RecaptchaV2",
+                at=at,
+                spec=task_spec(
+                    "RecaptchaV2", late_rng, deadline_seconds=profile.late_deadline_seconds
+                ),
+            )
+            for index in range(profile.late_tasks)
+        )
+        faults.append(
+            FaultEvent(at, FaultKind.APISERVER_AWAY_PAST_DEADLINES, profile.late_outage_seconds)
+        )
     faults.sort(key=lambda event: event.at)
-    return Plan(seed=seed, tasks=tasks, faults=tuple(faults))
+    return Plan(seed=seed, tasks=tasks, faults=tuple(faults), late_tasks=late_tasks)

@@ -40,6 +40,12 @@ class Profile:
     spool_max_records
         The receiver's spool bound (``--spool-max-records``), below what the outage spools, so
         the receiver answers ``503`` and turns unready (fault ``spool-full``; 0: no bound set).
+    late_tasks, late_deadline_seconds, late_outage_seconds
+        The "API server away for longer than task deadlines" fault: this many tasks with this
+        short a deadline are submitted, then kube-apiserver is stopped for this long, and their
+        pingbacks are acknowledged (spooled) before their deadlines while it is away. The
+        deadline leaves room for a busy machine: submission, solve and acknowledgement took
+        over 20 s on 2 cores in a CI-profile run while other work loaded them.
     """
 
     name: str
@@ -69,6 +75,9 @@ class Profile:
     late_delay_seconds: float = 9.0
     deadline_seconds: int = 600
     spool_max_records: int = 0
+    late_tasks: int = 3
+    late_deadline_seconds: int = 30
+    late_outage_seconds: int = 40
 
 
 PROFILES: Final[dict[str, Profile]] = {

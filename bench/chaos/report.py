@@ -35,6 +35,7 @@ def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
         ("faults: operator SIGKILL + restart", faults["operator_sigkills"]),
         ("faults: planted dead letters", faults["planted_dead_letters"]),
         ("faults: spool bound reached (503s answered)", _spool_full(f)),
+        ("faults: kube-apiserver away past task deadlines", _late(f, drain)),
         (
             "solved / failed",
             f"{f['solved']} / {sum(f['failed_by_code'].values())} {f['failed_by_code']}",
@@ -118,6 +119,19 @@ def _spool_full(figures: dict[str, Any]) -> str:
     unready = figures["timings"].get("spool_full_unready")
     state = {True: ", unready", False: ", still ready"}.get(unready, "")
     return f"{faults['spool_full_503s']} (bound {bound} records{state})"
+
+
+def _late(figures: dict[str, Any], timings: dict[str, Any]) -> str:
+    late = figures.get("late_outage") or {}
+    if not late.get("tasks"):
+        return "not in this profile"
+    return (
+        f"{timings.get('late_outage_seconds', 0.0):.1f} s; {late['tasks']} tasks, "
+        f"{late['acknowledged_before_deadline']} acknowledged in time "
+        f"(within {late['seconds_to_acknowledge_max']} s) -> {late['solved']} solved "
+        f"({late['failures_replaced']} replacing DeadlineExceeded), {late['failed']} failed, "
+        f"{late['task_failed_letters']} TaskFailed letters"
+    )
 
 
 def _seconds(value: float | None) -> str:

@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.chaos.plan import FaultEvent, FaultKind, Plan, TaskPlan
 from bench.chaos.profiles import Profile
 from bench.chaos.scan import Leak, find_leaks, find_token_leaks
-from bench.chaos.verdict import KillWindow, Samples, Snapshot
+from bench.chaos.verdict import UNSOLVABLE_CODE, KillWindow, LateTask, Samples, Snapshot
 from captchatask import kube, model
 from captchatask.provider import codes
 from captchatask.signing import PingbackSigner, load_keys
@@ -56,6 +56,11 @@ HTTP_TIMEOUT: Final = aiohttp.ClientTimeout(total=10)
 SPOOL_FULL_POLL_SECONDS: Final = 0.2
 #: Provider task ids of planted pingbacks: ten digits, outside the emulator's id range.
 PLANTED_ID_BASE: Final = 10_000_000_000
+#: Hang guard for the late tasks' submission and solve (a failure bound, not a measurement).
+LATE_WAIT_SECONDS: Final = 30.0
+#: The provider of the late tasks, and its first fallback poll: after their deadlines.
+LATE_PROVIDER: Final = "late"
+LATE_FIRST_POLL_SECONDS: Final = 600
 
 Say = Callable[[str], None]
 
@@ -94,6 +99,8 @@ class Timeline:
     #: When kube-apiserver was started again (it answers a moment later).
     apiserver_restarting: float | None = None
     outage_seconds: float = 0.0
+    #: How long kube-apiserver was away in the ``apiserver-away-past-deadlines`` fault.
+    late_outage_seconds: float = 0.0
     spool_drained: float | None = None
     max_spool_depth: float = 0.0
     #: (seconds after the first task, spool depth) at every change of the sampled depth.
@@ -192,6 +199,8 @@ class ChaosRun:
         self.sidecar = Scrapes(self.stack.sidecar_metrics_url)
         self.operator = Scrapes(self.stack.operator_metrics_url)
         self.planted: list[str] = []
+        self.late: list[LateTask] = []
+        self._client: kube.KubeClient | None = None
         self._t0 = 0.0
         self._stop_sampling = asyncio.Event()
         self._killing: set[str] = set()
@@ -223,6 +232,7 @@ class ChaosRun:
             aiohttp.ClientSession(timeout=HTTP_TIMEOUT) as http,
         ):
             client = kube.KubeClient(config, kube_session)
+            self._client = client
             signer = PingbackSigner(load_keys(self.stack.key_file))
             sampler = asyncio.create_task(self._sample(http))
             self._t0 = time.monotonic()
@@ -252,7 +262,9 @@ class ChaosRun:
         self.say(f"created {len(self.plan.tasks)} tasks")
 
     async def _create(self, client: kube.KubeClient, task: TaskPlan) -> None:
-        body = task_body(task)
+        await self._create_body(client, task_body(task))
+
+    async def _create_body(self, client: kube.KubeClient, body: dict[str, Any]) -> None:
         while True:
             try:
                 await client.create(kube.TASKS, NAMESPACE, body, timeout=5.0)
@@ -323,22 +335,156 @@ class ChaosRun:
             )
         elif event.kind is FaultKind.SPOOL_FULL:
             await self._expect_spool_full(http)
+        elif event.kind is FaultKind.APISERVER_AWAY_PAST_DEADLINES:
+            await self._away_past_deadlines(event.amount, http, signer)
+
+    async def _away_past_deadlines(
+        self, seconds: int, http: aiohttp.ClientSession, signer: PingbackSigner
+    ) -> None:
+        """Submit the late tasks, stop kube-apiserver past their deadlines, pingback meanwhile.
+
+        The run delivers each late task's pingback itself (the emulator's answer, signed URL)
+        once kube-apiserver is gone and the emulator has solved the task: whatever fate the
+        emulator drew for its own copy (dropped, say), every late task then has a result the
+        receiver acknowledged, into its spool, before the task's deadline. The sidecar is
+        SIGKILLed just before kube-apiserver returns and restarted once the operator has failed
+        the late tasks, so the spooled results replay onto ``Failed`` tasks (had the drainer
+        won the race, the tasks would simply have been Solved, proving nothing).
+        """
+        client = self._client
+        assert client is not None
+        await self._late_provider(client)
+        for task in self.plan.late_tasks:
+            body = task_body(task)
+            body["spec"]["providerRef"] = {"name": LATE_PROVIDER}
+            await self._create_body(client, body)
+        submitted = await self._submitted(client, [task.name for task in self.plan.late_tasks])
+        stopped = time.time()
+        # A stop, not a freeze (SIGSTOP): a frozen API server applies the writes it accepted
+        # after their writers gave up, so results land in the ledger and in no counter, and
+        # the verdict's metrics-vs-ledger check could not hold.
+        await asyncio.to_thread(self.stack.plane.stop_apiserver)
+        for name, body in submitted.items():
+            meta, status = body["metadata"], body["status"]
+            provider_id = str(status["providerTaskId"])
+            code = await self._answer(provider_id)
+            ref = model.TaskRef(namespace=NAMESPACE, name=name, uid=meta["uid"])
+            url = signer.url(self.stack.pingback_url, ref)
+            await self._deliver(http, url, {"id": provider_id, "code": code})
+            created = model.parse_time(meta.get("creationTimestamp"))
+            assert created is not None
+            deadline = created.timestamp() + int(body["spec"]["deadlineSeconds"])
+            self.late.append(
+                LateTask(name, provider_id, time.time(), deadline, created.timestamp())
+            )
+        await asyncio.sleep(max(0.0, stopped + seconds - time.time()))
+        # The receiver is down when the API server returns (its pod rescheduled, say): the
+        # operator fails the late tasks first, and only then do their spooled results replay.
+        self._killing.add("sidecar")
+        try:
+            await self._kill("sidecar", self.sidecar, self.timeline.sidecar_kills, http)
+            await asyncio.to_thread(self.stack.plane.start_apiserver)
+            self.timeline.late_outage_seconds = time.time() - stopped
+            self.say(f"kube-apiserver is back after {self.timeline.late_outage_seconds:.1f}s")
+            await self._failed(client, [task.name for task in self.late if task.in_time])
+            await asyncio.to_thread(self.stack.start_component, "sidecar")
+            self.say("sidecar restarted after the operator ended the late tasks")
+        finally:
+            self._killing.discard("sidecar")
+
+    async def _failed(self, client: kube.KubeClient, names: list[str]) -> None:
+        """Wait until the operator has ended each task: failed it (its deadline passed in the
+        outage), or, if a fallback poll made before the outage got there first, solved it."""
+        give_up = time.monotonic() + LATE_WAIT_SECONDS
+        pending = set(names)
+        while pending:
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"late tasks not failed by the operator: {sorted(pending)}")
+            for name in sorted(pending):
+                with contextlib.suppress(kube.KubeError):
+                    body = await client.get(kube.TASKS, NAMESPACE, name, timeout=5.0)
+                    phase = (body.get("status") or {}).get("phase")
+                    if phase in (str(model.Phase.FAILED), str(model.Phase.SOLVED)):
+                        pending.discard(name)
+            await asyncio.sleep(RETRY_SECONDS)
+
+    async def _late_provider(self, client: kube.KubeClient) -> None:
+        """A copy of the default provider whose first fallback poll comes after the deadlines.
+
+        Otherwise a poll made during the outage could record the answer first when the API
+        server returns, and the fault would test nothing the ordinary outage does not.
+        """
+        default = await client.get(kube.PROVIDERS, NAMESPACE, "default", timeout=5.0)
+        spec = dict(default["spec"])
+        spec["polling"] = {
+            **(spec.get("polling") or {}),
+            "callbackTimeoutSeconds": LATE_FIRST_POLL_SECONDS,
+        }
+        body = {
+            "apiVersion": model.API_VERSION,
+            "kind": model.PROVIDER_KIND,
+            "metadata": {"name": LATE_PROVIDER, "namespace": NAMESPACE},
+            "spec": spec,
+        }
+        with contextlib.suppress(kube.ApiError):
+            await client.create(kube.PROVIDERS, NAMESPACE, body, timeout=5.0)
+
+    async def _submitted(
+        self, client: kube.KubeClient, names: list[str]
+    ) -> dict[str, dict[str, Any]]:
+        """Wait until the operator has submitted each task (its provider id is on record)."""
+        give_up = time.monotonic() + LATE_WAIT_SECONDS
+        found: dict[str, dict[str, Any]] = {}
+        while len(found) < len(names):
+            if time.monotonic() > give_up:
+                raise RuntimeError(f"late tasks not submitted: {sorted(set(names) - set(found))}")
+            for name in names:
+                if name in found:
+                    continue
+                with contextlib.suppress(kube.KubeError):
+                    body = await client.get(kube.TASKS, NAMESPACE, name, timeout=5.0)
+                    if (body.get("status") or {}).get("providerTaskId"):
+                        found[name] = body
+            await asyncio.sleep(RETRY_SECONDS)
+        return found
+
+    async def _answer(self, provider_id: str) -> str:
+        """The emulator's answer for one provider task, once it has one (a pingback's code)."""
+        give_up = time.monotonic() + LATE_WAIT_SECONDS
+        while time.monotonic() < give_up:
+            listing = await asyncio.to_thread(self.stack.emulator, "tasks")
+            for record in listing["tasks"]:
+                if str(record["id"]) != provider_id:
+                    continue
+                if record.get("state") == "solved" and record.get("token"):
+                    return str(record["token"])
+                if record.get("state") == "unsolvable":
+                    return UNSOLVABLE_CODE
+            await asyncio.sleep(RETRY_SECONDS)
+        raise RuntimeError(f"the emulator never finished provider task {provider_id}")
 
     async def _kill_restart(
         self, name: str, scrapes: Scrapes, kills: list[KillWindow], http: aiohttp.ClientSession
     ) -> None:
         self._killing.add(name)
         try:
-            last = await self._scrape(http, scrapes.url)
-            scraped_at = time.time()
-            await asyncio.to_thread(self.stack.kill, name)
-            killed_at = time.time()
-            scrapes.close_incarnation(last)
-            kills.append(KillWindow(scraped_at - SCRAPE_SLACK_SECONDS, killed_at))
+            killed_at = await self._kill(name, scrapes, kills, http)
             await asyncio.to_thread(self.stack.start_component, name)
             self.say(f"{name} restarted ({time.time() - killed_at:.1f}s down)")
         finally:
             self._killing.discard(name)
+
+    async def _kill(
+        self, name: str, scrapes: Scrapes, kills: list[KillWindow], http: aiohttp.ClientSession
+    ) -> float:
+        """SIGKILL a component after a last scrape; return when it was killed (caller restarts)."""
+        last = await self._scrape(http, scrapes.url)
+        scraped_at = time.time()
+        await asyncio.to_thread(self.stack.kill, name)
+        killed_at = time.time()
+        scrapes.close_incarnation(last)
+        kills.append(KillWindow(scraped_at - SCRAPE_SLACK_SECONDS, killed_at))
+        return killed_at
 
     async def _plant(
         self, number: int, http: aiohttp.ClientSession, signer: PingbackSigner
@@ -349,13 +495,17 @@ class ChaosRun:
         ref = model.TaskRef(namespace=NAMESPACE, name=name, uid=str(uuid.uuid4()))
         url = signer.url(self.stack.pingback_url, ref)
         params = {"id": str(PLANTED_ID_BASE + number), "code": f"planted-token-{number}"}
+        await self._deliver(http, url, params)
+
+    async def _deliver(self, http: aiohttp.ClientSession, url: str, params: dict[str, str]) -> None:
+        """Send one pingback until the receiver acknowledges it (HTTP 200)."""
         while True:  # the sidecar may be restarting: the test (unlike a provider) retries
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with http.get(url, params=params) as reply:
                     if reply.status == 200:
                         return
                     if reply.status < 500:
-                        raise RuntimeError(f"planted pingback refused: HTTP {reply.status}")
+                        raise RuntimeError(f"pingback refused: HTTP {reply.status}")
             await asyncio.sleep(RETRY_SECONDS)
 
     async def _expect_spool_full(self, http: aiohttp.ClientSession) -> None:
@@ -440,7 +590,7 @@ class ChaosRun:
             depth = samples.get(("captchatask_pingback_spool_depth", ()), -1.0)
             spool = self.spool_bytes()
             settled = (
-                len(tasks) == len(self.plan.tasks)
+                len(tasks) == len(self.plan.tasks) + len(self.plan.late_tasks)
                 and done == len(tasks)
                 and depth == 0
                 and spool == 0
@@ -464,7 +614,7 @@ class ChaosRun:
         emulator_tasks = await asyncio.to_thread(self.stack.emulator, "tasks")
         summary = await asyncio.to_thread(self.stack.emulator, "summary")
         return Snapshot(
-            planned={task.name: task.type for task in self.plan.tasks},
+            planned={task.name: task.type for task in (*self.plan.tasks, *self.plan.late_tasks)},
             tasks=await self._list(client, kube.TASKS),
             dead_letters=await self._list(client, kube.DEAD_LETTERS),
             events=await self._list(client, kube.EVENTS),
@@ -478,6 +628,7 @@ class ChaosRun:
             planted=list(self.planted),
             callback_timeout_seconds=float(self.profile.callback_timeout_seconds),
             spool_max_records=self.profile.spool_max_records,
+            late=list(self.late),
         )
 
     # -- secrets -------------------------------------------------------------------------------

@@ -54,6 +54,25 @@ class KillWindow:
         return self.start <= at <= self.end
 
 
+@dataclass(frozen=True, slots=True)
+class LateTask:
+    """A task of the ``apiserver-away-past-deadlines`` fault and its acknowledged pingback."""
+
+    name: str
+    provider_task_id: str
+    #: When the receiver acknowledged the pingback (epoch seconds; it was spooled).
+    acknowledged_at: float
+    #: The task's deadline (creation + ``spec.deadlineSeconds``, epoch seconds).
+    deadline: float
+    #: When the task was created (epoch seconds).
+    created: float
+
+    @property
+    def in_time(self) -> bool:
+        """Whether the result was acknowledged before the deadline (so it must be the outcome)."""
+        return self.acknowledged_at <= self.deadline
+
+
 @dataclass
 class Snapshot:
     """Everything the verdict looks at, collected once the run settled."""
@@ -74,6 +93,7 @@ class Snapshot:
     callback_timeout_seconds: float = 0.0
     #: The receiver's spool bound in records (fault ``spool-full``; 0: none).
     spool_max_records: int = 0
+    late: list[LateTask] = field(default_factory=list)
 
 
 @dataclass
@@ -258,6 +278,11 @@ def evaluate(snap: Snapshot) -> Verdict:
     verdict = Verdict()
     emulator = {str(record["id"]): record for record in snap.emulator_tasks}
     tasks = {str(body["metadata"]["name"]): body for body in snap.tasks}
+    late = {task.name: task for task in snap.late}
+    letters_by_task: dict[str, list[dict[str, Any]]] = {}
+    for letter in snap.dead_letters:
+        meant_for = str(letter.get("spec", {}).get("taskRef", {}).get("name"))
+        letters_by_task.setdefault(meant_for, []).append(letter)
 
     unfinished: list[str] = []
     missing: list[str] = []
@@ -291,7 +316,9 @@ def evaluate(snap: Snapshot) -> Verdict:
         created = _time(body["metadata"].get("creationTimestamp"))
         finished = _time(status.get("finishedAt"))
         deadline = int(body["spec"].get("deadlineSeconds", model.DEFAULT_DEADLINE_SECONDS))
-        if created is None or finished is None or finished > created + deadline + 1.0:
+        if name in late:
+            pass  # its deadline passed while the API server was away: nobody could write then
+        elif created is None or finished is None or finished > created + deadline + 1.0:
             past_deadline.append(name)
         elif phase == SOLVED:
             solve_seconds.append(finished - created)
@@ -308,6 +335,12 @@ def evaluate(snap: Snapshot) -> Verdict:
             continue
         code = str(status.get("failure", {}).get("code", ""))
         failures[code] += 1
+        if (
+            name in late
+            and not late[name].in_time
+            and _kept_as_letter(letters_by_task.get(name, []), record)
+        ):
+            continue  # acknowledged after its deadline: a TaskFailed letter keeps the answer
         if record is None or record.get("state") != "unsolvable" or code != UNSOLVABLE_CODE:
             wrong_failures.append(f"{name}({code})")
 
@@ -355,7 +388,11 @@ def evaluate(snap: Snapshot) -> Verdict:
     unexpected_letters = [
         f"{name}({letter['spec'].get('reason')})"
         for name, letter in letters.items()
-        if name not in snap.planted and name not in abandoned_letters
+        if name not in snap.planted
+        and name not in abandoned_letters
+        and not (
+            name in late and _kept_as_letter([letter], emulator.get(late[name].provider_task_id))
+        )
     ]
     missing_letters = [name for name in snap.planted if name not in letters]
 
@@ -455,6 +492,7 @@ def evaluate(snap: Snapshot) -> Verdict:
         "past_deadline": len(past_deadline),
         "dead_letters": len(letters) - len(abandoned_letters),
         "dead_letters_from_abandoned_submissions": len(abandoned_letters),
+        "late_outage": _late_figures(snap, tasks, letters_by_task),
         "spool_bytes_left": snap.spool_bytes,
         "spool_depth_left": spool_depth_final,
         "provider_calls": {
@@ -539,6 +577,54 @@ def evaluate(snap: Snapshot) -> Verdict:
             f"{in_doubt:.0f} writes in doubt)"
         )
     return verdict
+
+
+def _kept_as_letter(letters: Iterable[Mapping[str, Any]], record: Mapping[str, Any] | None) -> bool:
+    """Whether a ``TaskFailed`` letter holds exactly the emulator's answer for the task."""
+    if record is None:
+        return False
+    answer = record.get("token") if record.get("state") == "solved" else UNSOLVABLE_CODE
+    return any(
+        letter.get("spec", {}).get("reason") == str(model.DeadLetterReason.TASK_FAILED)
+        and letter.get("spec", {}).get("payload", {}).get("code") == answer
+        for letter in letters
+    )
+
+
+def _late_figures(
+    snap: Snapshot,
+    tasks: Mapping[str, Mapping[str, Any]],
+    letters_by_task: Mapping[str, list[dict[str, Any]]],
+) -> dict[str, float]:
+    """What became of the tasks whose deadlines passed while the API server was away."""
+    # From the ledger, not from Events: Events are posted best effort (a bounded queue).
+    replaced = {
+        name
+        for name, body in tasks.items()
+        if any(
+            condition.get("type") == "Complete" and "; replaces " in str(condition.get("message"))
+            for condition in body.get("status", {}).get("conditions") or []
+        )
+    }
+    phases = Counter(
+        str(tasks.get(task.name, {}).get("status", {}).get("phase")) for task in snap.late
+    )
+    return {
+        "tasks": len(snap.late),
+        "seconds_to_acknowledge_max": round(
+            max((task.acknowledged_at - task.created for task in snap.late), default=0.0), 1
+        ),
+        "acknowledged_before_deadline": sum(1 for task in snap.late if task.in_time),
+        "solved": phases[SOLVED],
+        "failed": phases[FAILED],
+        "failures_replaced": sum(1 for task in snap.late if task.name in replaced),
+        "task_failed_letters": sum(
+            1
+            for task in snap.late
+            for letter in letters_by_task.get(task.name, [])
+            if letter.get("spec", {}).get("reason") == str(model.DeadLetterReason.TASK_FAILED)
+        ),
+    }
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

@@ -5,7 +5,9 @@ operator ends the others: a task past its deadline, one whose spec the provider 
 one the provider reported as failed at submission. :meth:`Endings.fail` writes that failure like
 every other outcome, as a compare-and-set that re-reads on a lost race and never overwrites an
 outcome that got there first. :meth:`Endings.delete` removes a finished task once its
-``ttlSecondsAfterFinished`` is up, and only the same instance (uid precondition).
+``ttlSecondsAfterFinished`` is up, and only the same instance (uid precondition). Both are
+bounded to :data:`ENDINGS_CONCURRENCY` requests at once, because they come in floods: every
+deadline that passed during an API-server outage falls due in the same tick when it returns.
 
 Like the engine's other parts, it sees the engine only through
 :class:`~captchatask_operator.actions.EngineActions`.
@@ -13,7 +15,9 @@ Like the engine's other parts, it sees the engine only through
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Final
 
 from captchatask import kube
 from captchatask.decision import CONDITION_COMPLETE, Result, result_status
@@ -26,6 +30,12 @@ from captchatask_operator.records import TaskRecord
 from captchatask_operator.schedule import Kind
 
 logger = logging.getLogger(__name__)
+
+#: Failures and TTL deletions in flight at once. After an outage longer than many deadlines,
+#: all of them come due in one timer tick; unbounded, they would queue in the operator's one
+#: connection pool (100), whose per-request timeout counts the queueing, and time out there as
+#: ``KubeUnavailable`` without the API server being at fault, starving polls and watches too.
+ENDINGS_CONCURRENCY: Final = 16
 
 
 def camel(code: str) -> str:
@@ -42,6 +52,7 @@ class Endings:
     def __init__(self, engine: EngineActions, deps: Deps) -> None:
         self.engine = engine
         self.deps = deps
+        self._sem = asyncio.Semaphore(ENDINGS_CONCURRENCY)
 
     async def fail(
         self,
@@ -52,7 +63,23 @@ class Endings:
         reason: str | None = None,
         view: TaskView | None = None,
     ) -> None:
-        """Fail a task with ``code`` unless it already has an outcome (CAS, re-read on loss)."""
+        """Fail a task with ``code`` unless it already has an outcome (CAS, re-read on loss).
+
+        At most :data:`ENDINGS_CONCURRENCY` failures and deletions talk to the API server at
+        once; the others wait here (holding their task's action lock, as they would anyway).
+        """
+        async with self._sem:
+            await self._fail(ref, code, message, reason=reason, view=view)
+
+    async def _fail(
+        self,
+        ref: TaskRef,
+        code: str,
+        message: str,
+        *,
+        reason: str | None,
+        view: TaskView | None,
+    ) -> None:
         current = view
         for _ in range(policy.MAX_CAS_RETRIES):
             if current is None:
@@ -88,11 +115,12 @@ class Endings:
         raise kube.KubeUnavailable(f"{ref.namespace}/{ref.name}: write contention")
 
     async def delete(self, task: TaskRecord) -> None:
-        """TTL: delete a finished task, only if it is still the same instance."""
+        """TTL: delete a finished task, only if it is still the same instance (bounded too)."""
         try:
-            await self.deps.client.delete(
-                kube.TASKS, task.ref.namespace, task.ref.name, uid=task.ref.uid
-            )
+            async with self._sem:
+                await self.deps.client.delete(
+                    kube.TASKS, task.ref.namespace, task.ref.name, uid=task.ref.uid
+                )
         except kube.ApiError as exc:
             if not (exc.not_found or exc.conflict):
                 logger.warning("TTL delete of %s/%s failed: %s", *task.key, exc)

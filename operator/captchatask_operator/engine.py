@@ -187,6 +187,7 @@ class Engine:
             for task in self.tasks.values():
                 self.reconcile(task, None)
             self.requeuer.resume()
+            self.poller.resume_unwritten()
 
     async def deactivate(self) -> None:
         """Become a standby (or stop): cancel everything and forget the in-memory state."""
@@ -350,6 +351,20 @@ class Engine:
         if queue is not None and (key in queue.in_flight or key in queue):
             queue.discard(key)
             self.pump(task.provider_key)
+        if (
+            old is not None
+            and old.phase is Phase.FAILED
+            and old.delivered_by is None
+            and task.delivered_by is not None
+        ):
+            # The one change of a finished task: a result a receiver had acknowledged before
+            # our own failure replaced it (captchatask.decision.decide). Say so where users look.
+            self.event(
+                task.ref,
+                EventType.WARNING,
+                "FailureReplaced",
+                f"a result received before the failure replaced it; the task is now {task.phase}",
+            )
         if old is not None and not old.terminal and task.phase is Phase.SOLVED:
             delivered = task.delivered_by or DeliveredBy.PINGBACK
             finished = task.finished_at or self.clock()

@@ -202,6 +202,13 @@ class Metrics:
         )
         for reason in sorted(ROUTINE_REASONS):
             self.events_skipped.labels(reason)
+        self.dead_letters_unwritten = Gauge(
+            "captchatask_dead_letters_unwritten",
+            "Poll results for vanished tasks held in memory until their dead letter can be "
+            "written (retried with back-off; an operator restart loses them).",
+            [NS],
+            registry=registry,
+        )
         self.active.set(0)
         self._known: set[tuple[str, str]] = set()
         self._namespaces: set[str] = set()
@@ -225,6 +232,7 @@ class Metrics:
                 self.dead_letters.labels(namespace, str(reason), str(phase))
         for outcome in RequeueOutcome:
             self.dead_letter_requeues.labels(namespace, str(outcome))
+        self.dead_letters_unwritten.labels(namespace).set(0)
 
     def ensure_provider(self, namespace: str, provider: str) -> None:
         """Pre-create every series of a provider at 0 (idempotent)."""

@@ -21,7 +21,10 @@ plans the next poll (:func:`policy.after_poll`, never beyond ``maxPolls``).
 An answer whose task vanished (or was recreated) while the request was in flight is authentic
 and paid for: it becomes a dead letter through :meth:`Ledger.dead_letter`, exactly as a
 pingback would, so the requeue loop can still deliver it (e.g. to an adopted task that owns the
-same provider task id), never a silent drop.
+same provider task id), never a silent drop. No later poll would fetch that answer again (its
+task is gone), so while the letter cannot be written the poller holds it in memory
+(:attr:`Poller.unwritten`, counted in ``captchatask_dead_letters_unwritten``) and retries with
+back-off until the API server takes it, for as long as it takes.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from captchatask import kube, model
 from captchatask.decision import Outcome, Result
 from captchatask.events import EventType
 from captchatask.ledger import Recorded
-from captchatask.model import DeliveredBy, Phase
+from captchatask.model import DeadLetterReason, DeliveredBy, Phase
 from captchatask.provider.client import PollResult
 from captchatask.provider.codes import Verdict
 from captchatask.provider.errors import ProviderError
@@ -58,6 +61,23 @@ ProviderKey = tuple[str, str]
 RECORD_CONCURRENCY: Final = 16
 #: ``spec.payload.source`` of a dead letter written for a poll result (a CRD enum value).
 POLL_SOURCE: Final = "poll"
+#: Back-off of an unwritten dead letter: first step and cap (seconds). The cap keeps a letter
+#: held through a long outage within a minute of the API server's return.
+LETTER_RETRY_FIRST_SECONDS: Final = 1.0
+LETTER_RETRY_MAX_SECONDS: Final = 60.0
+
+LetterKey = tuple[str, str, str, str]
+
+
+@dataclass(slots=True)
+class UnwrittenLetter:
+    """A poll result whose task is gone, held until its dead letter is written."""
+
+    task: TaskRecord
+    result: Result
+    reason: DeadLetterReason
+    message: str
+    received_at: dt.datetime
 
 
 def request_sizes(ids: int, *, bulk: bool, max_ids: int) -> list[int]:
@@ -108,6 +128,11 @@ class Poller:
         self.batches: dict[ProviderKey, PollBatch] = {}
         #: Polls sent per submitted task since its last status checkpoint (see policy.after_poll).
         self.polls: dict[TaskKey, int] = {}
+        #: Poll results whose dead letter could not be written yet (kept across a standby spell;
+        #: :meth:`resume_unwritten` restarts their retries when the engine is active again).
+        self.unwritten: dict[LetterKey, UnwrittenLetter] = {}
+        #: First step and cap of their back-off (seconds).
+        self.letter_retry = (LETTER_RETRY_FIRST_SECONDS, LETTER_RETRY_MAX_SECONDS)
 
     def collect(self, provider_key: ProviderKey, key: TaskKey, *, due: float) -> None:
         """Add a poll that came due (at ``due``, epoch seconds) to its provider's batch."""
@@ -350,34 +375,84 @@ class Poller:
     async def _dead_letter_if_orphaned(
         self, task: TaskRecord, result: Result, recorded: Recorded
     ) -> None:
-        """A result the ledger could not apply (task gone, recreated...) becomes a letter."""
+        """A result the ledger could not apply (task gone, recreated...) becomes a letter.
+
+        If the letter cannot be written now, the result is held in :attr:`unwritten` and
+        retried in the background until it is: never only logged.
+        """
         if recorded.outcome is not Outcome.DEAD_LETTER or recorded.reason is None:
             return
-        received_at = self.deps.clock()
-        for attempt in range(1, policy.MAX_CAS_RETRIES + 1):
-            try:
-                name = await self.deps.ledger.dead_letter(
-                    namespace=task.ref.namespace,
-                    reason=recorded.reason,
-                    message=f"fallback poll: {recorded.message}",
-                    ref=task.ref,
-                    result=result,
-                    received_at=received_at,
-                    received_by=self.deps.identity,
-                    source=POLL_SOURCE,
-                )
-                break
-            except kube.KubeUnavailable:
-                # The task is gone, so no later poll would fetch this answer again: keep trying
-                # (creating the letter is idempotent) instead of handing it back to the timer.
-                if attempt == policy.MAX_CAS_RETRIES:
-                    raise
-                await asyncio.sleep(policy.API_RETRY.total_seconds())
+        letter = UnwrittenLetter(
+            task=task,
+            result=result,
+            reason=recorded.reason,
+            message=f"fallback poll: {recorded.message}",
+            received_at=self.deps.clock(),
+        )
+        error = await self._write(letter)
+        if error is None:
+            return
+        key = (
+            task.ref.namespace,
+            task.ref.name,
+            task.ref.uid,
+            result.provider_task_id or "",
+        )
+        if key in self.unwritten:
+            return  # the same answer twice: one retry loop holds it already
+        self.unwritten[key] = letter
+        self._count_unwritten(task.ref.namespace)
+        logger.warning(
+            "poll result of %s/%s held until its dead letter can be written: %s",
+            task.ref.namespace,
+            task.ref.name,
+            error,
+        )
+        self.engine.spawn(self._keep_writing(key))
+
+    def resume_unwritten(self) -> None:
+        """Restart the retries of every held result (the engine became active again)."""
+        for key in list(self.unwritten):
+            self.engine.spawn(self._keep_writing(key))
+
+    async def _keep_writing(self, key: LetterKey) -> None:
+        """Retry one held letter with capped exponential back-off until it is written."""
+        delay, cap = self.letter_retry
+        while (letter := self.unwritten.get(key)) is not None:
+            await asyncio.sleep(delay)
+            if await self._write(letter) is None:
+                self.unwritten.pop(key, None)
+                self._count_unwritten(key[0])
+                return
+            delay = min(cap, delay * 2)
+
+    async def _write(self, letter: UnwrittenLetter) -> kube.KubeError | None:
+        """Create the letter (idempotent); the error if the API server failed or refused."""
+        task = letter.task
+        try:
+            name = await self.deps.ledger.dead_letter(
+                namespace=task.ref.namespace,
+                reason=letter.reason,
+                message=letter.message,
+                ref=task.ref,
+                result=letter.result,
+                received_at=letter.received_at,
+                received_by=self.deps.identity,
+                source=POLL_SOURCE,
+            )
+        except kube.KubeError as exc:
+            return exc
         self.dead_letters += 1
         logger.info(
             "poll result of %s/%s dead-lettered as %s (%s)",
             task.ref.namespace,
             task.ref.name,
             name,
-            recorded.reason,
+            letter.reason,
         )
+        return None
+
+    def _count_unwritten(self, namespace: str) -> None:
+        held = sum(1 for key in self.unwritten if key[0] == namespace)
+        self.deps.metrics.ensure_namespace(namespace)
+        self.deps.metrics.dead_letters_unwritten.labels(namespace).set(held)

@@ -5,7 +5,8 @@ handler answers ``200``) only once the result is
 
 * applied to its task through :meth:`captchatask.ledger.Ledger.record` (outcomes ``recorded``,
   ``duplicate``, ``late``), or
-* written as a ``CaptchaDeadLetter`` when it belongs to no task instance (``dead_lettered``), or
+* written as a ``CaptchaDeadLetter`` when it belongs to no task instance, or is a solution for
+  a task the operator had already failed when it was received (``dead_lettered``), or
 * appended to the local spool and fsync'd (``spooled``) when the API server did not answer
   within the ledger budget, refused the write for a reason worth retrying, or the dead letter
   could not be written, or **without trying the ledger** when :class:`~.limiter.LedgerGate`
@@ -185,7 +186,9 @@ class Recorder:
             Nothing durable was written (or the dead letter failed); the caller keeps the
             result (spools it, or leaves it spooled).
         """
-        recorded = await ledger.record(ref, result)
+        # The receipt time (not the replay time) decides whether a spooled solution still
+        # replaces a failure the operator wrote while the API server was away from us.
+        recorded = await ledger.record(ref, result, received_at=_as_datetime(received_at))
         if recorded.outcome is Outcome.DEAD_LETTER:
             try:
                 await ledger.dead_letter(
@@ -207,8 +210,11 @@ class Recorder:
                 ref.name,
                 recorded.reason,
             )
-        elif recorded.task is not None and self.publish is not None:
-            self.publish(recorded.task)
+        else:
+            if recorded.outcome is Outcome.RECORDED and recorded.message:
+                logger.warning("result for %s/%s %s", ref.namespace, ref.name, recorded.message)
+            if recorded.task is not None and self.publish is not None:
+                self.publish(recorded.task)
         return recorded.outcome.value
 
 

@@ -29,7 +29,7 @@ from typing import Any, Final, Protocol
 from captchatask import kube, model
 from captchatask.decision import Outcome, Result
 from captchatask.ledger import Ledger
-from captchatask.model import DeadLetterPhase, DeliveredBy, TaskRef, TaskView
+from captchatask.model import DeadLetterPhase, DeadLetterReason, DeliveredBy, TaskRef, TaskView
 
 #: First retry delay; doubles per attempt up to the cap. A task created "soon" after its
 #: pingback (the app registered late) is found on an early attempt.
@@ -276,7 +276,20 @@ async def requeue(
     base: dict[str, Any] = {"attempts": attempts, "lastAttemptAt": model.format_time(now)}
     task = await find_task(ledger.client, letter, lookup=lookup)
     if task is not None:
-        recorded = await ledger.record(task.ref, letter.result(), hint=task)
+        recorded = await ledger.record(
+            task.ref, letter.result(), hint=task, received_at=letter.received_at
+        )
+        if recorded.reason is DeadLetterReason.TASK_FAILED:
+            # Its task failed before this answer came: no retry will change that, so the
+            # letter goes straight to a human, with the answer kept in it.
+            return Attempt(
+                RequeueOutcome.EXPIRED,
+                {
+                    **base,
+                    "phase": str(DeadLetterPhase.EXPIRED),
+                    "message": f"task {task.ref.name}: {recorded.message}"[:1024],
+                },
+            )
         if recorded.outcome in (Outcome.RECORDED, Outcome.DUPLICATE, Outcome.LATE):
             applied = recorded.outcome is Outcome.RECORDED
             return Attempt(

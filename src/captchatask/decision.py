@@ -4,10 +4,11 @@ Split from :mod:`captchatask.ledger` (the writer, which does the I/O) so the rac
 read, and unit-tested, without a cluster or an event loop: :func:`decide` says what one result
 does to one task as last read (the first result wins, a later identical one is a *duplicate*, a
 pingback for a task that already ended is *late*, a result for no task instance is a dead
-letter); :func:`result_status` and :func:`set_condition` build the status fields; and
-:func:`cas_patch` turns them into a JSON patch whose ``test`` operations are the
-compare-and-set. Nothing here may import an I/O module (the import-linter contract in
-``pyproject.toml`` checks it).
+letter, and a solution for a task the operator failed on its own is the one exception to "the
+first outcome wins", see :func:`decide`); :func:`result_status` and :func:`set_condition`
+build the status fields; and :func:`cas_patch` turns them into a JSON patch whose ``test``
+operations are the compare-and-set. Nothing here may import an I/O module (the import-linter
+contract in ``pyproject.toml`` checks it).
 """
 
 from __future__ import annotations
@@ -102,8 +103,22 @@ class Decision:
     message: str = ""
 
 
-def decide(task: TaskView | None, ref: TaskRef, result: Result) -> Decision:
+def decide(
+    task: TaskView | None,
+    ref: TaskRef,
+    result: Result,
+    *,
+    received_at: dt.datetime | None = None,
+) -> Decision:
     """Decide what a result means for the task as observed (pure; the race rules live here).
+
+    The first outcome wins, with one exception. A task the operator failed *on its own*
+    (``DeadlineExceeded``, ``PollsExhausted``, ``ResultExpired``: ``Failed`` without
+    ``deliveredBy``) may have failed only because a result we had already acknowledged was
+    still in a receiver's spool while the API server was away. So a result received before
+    the task's deadline *and* before the failure was written replaces the failure (outcome
+    ``recorded``); any later solution for such a task is kept as a ``TaskFailed`` dead letter,
+    never dropped as late.
 
     Parameters
     ----------
@@ -113,6 +128,9 @@ def decide(task: TaskView | None, ref: TaskRef, result: Result) -> Decision:
         The task instance the result was addressed to (from the signed URL or the poller).
     result
         The result.
+    received_at
+        When a component first held the result (the spool record's receipt time); ``None``
+        means "just now", i.e. after anything already written.
     """
     if task is None or task.deleting:
         return Decision(Outcome.DEAD_LETTER, DeadLetterReason.TASK_NOT_FOUND, "task not found")
@@ -130,12 +148,61 @@ def decide(task: TaskView | None, ref: TaskRef, result: Result) -> Decision:
             "the result names another provider task than the one on record",
         )
     if task.phase is not None and task.phase.terminal:
-        came_by_pingback = result.delivered_by is DeliveredBy.PINGBACK
-        ended_by_pingback = task.delivered_by is DeliveredBy.PINGBACK
-        if came_by_pingback and not ended_by_pingback:
-            return Decision(Outcome.LATE, message=f"task already {task.phase}")
-        return Decision(Outcome.DUPLICATE, message=f"task already {task.phase}")
+        return _after_outcome(task, result, received_at)
     return Decision(Outcome.RECORDED)
+
+
+def _after_outcome(task: TaskView, result: Result, received_at: dt.datetime | None) -> Decision:
+    """A result for a task that already has an outcome (see :func:`decide`)."""
+    if failed_by_operator(task):
+        replaced = _after_operator_failure(task, result, received_at)
+        if replaced is not None:
+            return replaced
+    came_by_pingback = result.delivered_by is DeliveredBy.PINGBACK
+    ended_by_pingback = task.delivered_by is DeliveredBy.PINGBACK
+    if came_by_pingback and not ended_by_pingback:
+        return Decision(Outcome.LATE, message=f"task already {task.phase}")
+    return Decision(Outcome.DUPLICATE, message=f"task already {task.phase}")
+
+
+def failed_by_operator(task: TaskView) -> bool:
+    """Whether the operator failed the task itself, rather than a provider's result."""
+    return task.phase is Phase.FAILED and task.delivered_by is None
+
+
+def failure_code(task: TaskView) -> str:
+    """The failure code on a failed task's status (``Failed`` when absent)."""
+    failure: Mapping[str, Any] = task.status.get("failure") or {}
+    return str(failure.get("code") or "Failed")
+
+
+def _after_operator_failure(
+    task: TaskView, result: Result, received_at: dt.datetime | None
+) -> Decision | None:
+    """A result for a task the operator failed: it replaces the failure if it came in time.
+
+    Otherwise a solution is kept as a ``TaskFailed`` letter; a failure the provider reported
+    too late has nothing worth keeping and is left to the ordinary rules (``None``).
+    """
+    code = failure_code(task)
+    deadline, failed_at = task.deadline, task.finished_at
+    in_time = (
+        received_at is not None
+        and (deadline is None or received_at <= deadline)
+        and (failed_at is None or received_at < failed_at)
+    )
+    if in_time:
+        return Decision(
+            Outcome.RECORDED,
+            message=f"replaces {code}: the result was received before the deadline and the failure",
+        )
+    if result.kind is not ResultKind.SOLVED:
+        return None
+    return Decision(
+        Outcome.DEAD_LETTER,
+        DeadLetterReason.TASK_FAILED,
+        f"the task had already failed ({code}) when this result was received",
+    )
 
 
 def set_condition(
@@ -196,6 +263,8 @@ def result_status(task: TaskView, result: Result, now: dt.datetime) -> dict[str,
         fields["failure"] = {"code": result.code or "Unknown", "message": result.message or ""}
         reason = condition_reason(result.code or "Failed")
         message, status = f"failed: {result.code}", "True"
+    if failed_by_operator(task):
+        message += f"; replaces {failure_code(task)} (received before it)"
     fields["conditions"] = set_condition(
         task.status.get("conditions") or [],
         type_=CONDITION_COMPLETE,
@@ -223,11 +292,13 @@ def cas_patch(
     phase: Phase | None = None,
     provider_task_id: str | None = None,
     had_status: bool = True,
+    remove: Sequence[str] = (),
 ) -> JsonPatch:
     """Build a JSON patch that sets status ``fields`` only if the pinned observations still hold.
 
     Each ``test`` op makes the API server refuse the whole patch when another writer changed
-    what we based our decision on; that refusal is our compare-and-set failure.
+    what we based our decision on; that refusal is our compare-and-set failure. ``remove``
+    names status fields to drop (present ones only: removing an absent field fails the patch).
     """
     ops: JsonPatch = [{"op": "test", "path": "/metadata/uid", "value": uid}]
     if resource_version is not None:
@@ -242,6 +313,7 @@ def cas_patch(
     ops.extend(
         {"op": "add", "path": f"/status/{key}", "value": value} for key, value in fields.items()
     )
+    ops.extend({"op": "remove", "path": f"/status/{key}"} for key in remove)
     return ops
 
 

@@ -9,8 +9,10 @@ which guarantees *exactly one outcome per task*:
   writer got there first, the API server refuses the patch and we re-read and re-decide;
 * the decision itself is the pure function :func:`captchatask.decision.decide`, so the race
   rules are unit-tested without a cluster: the first result wins, a later identical one is a
-  *duplicate*, a pingback for a task that already ended by poll (or failed) is *late*, and a
-  result that belongs to no task instance becomes a dead letter, never a drop.
+  *duplicate*, a pingback for a task that already ended by poll is *late*, and a result that
+  belongs to no task instance becomes a dead letter, never a drop. The one exception: a
+  solution received before the deadline and before the operator failed the task on its own
+  replaces that failure, and one received after it becomes a ``TaskFailed`` dead letter.
 
 The hot path for a pingback is a single PATCH (uid, phase ``Submitted`` and provider id are
 tested server-side); only a refused patch costs a GET.
@@ -154,7 +156,12 @@ class Ledger:
         return await self.patch_status(task, ops)
 
     async def record(
-        self, ref: TaskRef, result: Result, *, hint: TaskView | None = None
+        self,
+        ref: TaskRef,
+        result: Result,
+        *,
+        hint: TaskView | None = None,
+        received_at: dt.datetime | None = None,
     ) -> Recorded:
         """Record one result for one task instance, exactly once, whoever else is racing.
 
@@ -167,6 +174,10 @@ class Ledger:
         hint
             The task as the caller last saw it (the poller has it); without one the first
             attempt optimistically assumes a ``Submitted`` task with this provider id.
+        received_at
+            When the result was first held (a spool record's receipt time, a letter's
+            ``receivedAt``); ``None`` means now. Decides whether a solution replaces a failure
+            the operator wrote in the meantime (see :func:`captchatask.decision.decide`).
 
         Returns
         -------
@@ -187,7 +198,7 @@ class Ledger:
         for _attempt in range(MAX_CAS_ATTEMPTS):
             if task is None:
                 task = await self.get_task(ref.namespace, ref.name)
-            decision = decide(task, ref, result)
+            decision = decide(task, ref, result, received_at=received_at)
             if decision.outcome is Outcome.DEAD_LETTER or task is None:
                 return Recorded(decision.outcome, task, decision.reason, decision.message)
             if decision.outcome is not Outcome.RECORDED:
@@ -200,6 +211,8 @@ class Ledger:
                 fields=fields,
                 resource_version=task.resource_version,
                 had_status=bool(task.status),
+                # A solution replacing the operator's failure takes the failure away with it.
+                remove=("failure",) if "failure" in task.status and "failure" not in fields else (),
             )
             try:
                 updated = await self.patch_status(task, ops)
@@ -213,7 +226,7 @@ class Ledger:
                     )
                 raise
             if updated is not None:
-                return Recorded(Outcome.RECORDED, updated)
+                return Recorded(Outcome.RECORDED, updated, message=decision.message)
             task = None  # lost the race: re-read and decide again
         raise kube.KubeUnavailable(f"{ref.namespace}/{ref.name}: too much write contention")
 

@@ -75,6 +75,8 @@ class DeadLetterReason(StrEnum):
     PROVIDER_TASK_MISMATCH = "ProviderTaskMismatch"
     LEDGER_REJECTED = "LedgerRejected"
     REDRIVEN = "Redriven"
+    #: A solution for a task the operator failed on its own, received too late to replace it.
+    TASK_FAILED = "TaskFailed"
 
 
 class DeadLetterPhase(StrEnum):

@@ -53,7 +53,11 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     assert figures["past_deadline"] == 0
     assert figures["secret_leaks"] == 0
     assert figures["spool_bytes_left"] == 0
-    assert figures["dead_letters"] == figures["faults"]["planted_dead_letters"]
+    late = figures["late_outage"]
+    # The planted letters, and the answers of late tasks acknowledged only after their deadline.
+    assert figures["dead_letters"] == (
+        figures["faults"]["planted_dead_letters"] + late["task_failed_letters"]
+    )
     # The faults really happened (a run that injected nothing would prove nothing).
     faults = figures["faults"]
     assert faults["pingbacks_dropped"] > 0
@@ -62,7 +66,7 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     assert faults["unsolvable"] > 0
     assert faults["res_php_html_502"] > 0
     assert faults["in_php_replies_lost"] > 0  # tasks created whose in.php reply was lost
-    assert faults["sidecar_sigkills"] == 2
+    assert faults["sidecar_sigkills"] == 2 + 1  # the profile's, and the late-outage fault's
     assert faults["operator_sigkills"] == 1
     assert figures["timings"]["apiserver_outage_seconds"] > 0
     assert figures["timings"]["max_spool_depth"] > 0, "the outage spooled nothing"
@@ -72,3 +76,8 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     assert figures["timings"]["max_spool_depth"] <= faults["spool_bound_records"]
     assert figures["delivered_by"]["poll"] > 0
     assert figures["delivered_by"]["pingback"] > 0
+    # Results acknowledged while the API server was away past their tasks' deadlines.
+    assert late["tasks"] == 3
+    assert late["acknowledged_before_deadline"] > 0
+    assert late["failures_replaced"] > 0, "no spooled result met a DeadlineExceeded failure"
+    assert late["solved"] + late["failed"] == late["tasks"]

@@ -58,9 +58,97 @@ def test_a_pingback_after_the_poll_recovered_the_task_is_late() -> None:
     assert decide(done, REF, pingback()).outcome is Outcome.LATE
 
 
-def test_a_pingback_for_a_failed_task_is_late() -> None:
-    failed = task("Failed", providerTaskId="111", failure={"code": "DeadlineExceeded"})
-    assert decide(failed, REF, pingback()).outcome is Outcome.LATE
+def operator_failed(
+    code: str = "DeadlineExceeded", finished_at: str = "2026-11-28T12:00:00Z"
+) -> TaskView:
+    """A task the operator failed itself (no deliveredBy); its deadline is NOW."""
+    body: dict[str, Any] = {
+        "metadata": {
+            "namespace": "shop",
+            "name": "login-1",
+            "uid": UID,
+            "generation": 2,
+            "creationTimestamp": "2026-11-28T11:59:00Z",
+        },
+        "spec": {"type": "RecaptchaV2", "deadlineSeconds": 60},
+        "status": {
+            "phase": "Failed",
+            "providerTaskId": "111",
+            "finishedAt": finished_at,
+            "failure": {"code": code, "message": "the operator decided"},
+        },
+    }
+    return TaskView.from_body(body)
+
+
+@pytest.mark.parametrize("code", ["DeadlineExceeded", "PollsExhausted", "ResultExpired"])
+def test_a_solution_received_before_the_operator_failed_the_task_replaces_the_failure(
+    code: str,
+) -> None:
+    received = NOW - dt.timedelta(seconds=5)  # before the deadline and before the failure
+    decision = decide(operator_failed(code), REF, pingback(), received_at=received)
+    assert decision.outcome is Outcome.RECORDED
+    assert code in decision.message
+
+
+def test_a_solution_received_after_the_deadline_is_a_task_failed_dead_letter() -> None:
+    # Received after the deadline (NOW) but before the failure was written (NOW + 10 s).
+    failed = operator_failed(finished_at="2026-11-28T12:00:10Z")
+    received = NOW + dt.timedelta(seconds=2)
+    decision = decide(failed, REF, pingback(), received_at=received)
+    assert decision.outcome is Outcome.DEAD_LETTER
+    assert decision.reason is DeadLetterReason.TASK_FAILED
+
+
+@pytest.mark.parametrize("received_at", [NOW + dt.timedelta(seconds=1), None])
+def test_a_solution_received_after_the_failure_is_a_task_failed_dead_letter(
+    received_at: dt.datetime | None,
+) -> None:
+    decision = decide(operator_failed(), REF, pingback(), received_at=received_at)
+    assert decision.outcome is Outcome.DEAD_LETTER
+    assert decision.reason is DeadLetterReason.TASK_FAILED
+    assert "DeadlineExceeded" in decision.message
+
+
+def test_a_pingback_for_a_task_the_provider_failed_is_late() -> None:
+    failed = task("Failed", providerTaskId="111", deliveredBy="poll", failure={"code": "ERROR_X"})
+    assert decide(failed, REF, pingback(), received_at=NOW).outcome is Outcome.LATE
+
+
+def test_a_failure_reported_before_the_operator_failed_the_task_replaces_its_code() -> None:
+    unsolvable = Result.failed(
+        code="ERROR_CAPTCHA_UNSOLVABLE",
+        message="m",
+        delivered_by=DeliveredBy.PINGBACK,
+        provider_task_id="111",
+    )
+    received = NOW - dt.timedelta(seconds=1)
+    decision = decide(operator_failed(), REF, unsolvable, received_at=received)
+    assert decision.outcome is Outcome.RECORDED
+    fields = result_status(operator_failed(), unsolvable, NOW)
+    assert fields["failure"]["code"] == "ERROR_CAPTCHA_UNSOLVABLE"
+    assert "replaces DeadlineExceeded" in fields["conditions"][0]["message"]
+
+
+def test_a_failure_reported_after_the_operator_failed_the_task_is_late() -> None:
+    late_error = Result.failed(
+        code="ERROR_CAPTCHA_UNSOLVABLE",
+        message="m",
+        delivered_by=DeliveredBy.PINGBACK,
+        provider_task_id="111",
+    )
+    assert decide(operator_failed(), REF, late_error).outcome is Outcome.LATE
+
+
+def test_a_correction_replaces_the_failure_and_says_what_it_replaced() -> None:
+    fields = result_status(operator_failed(), pingback(), NOW)
+    assert fields["phase"] == "Solved"
+    assert fields["solution"] == {"token": "TOK"}
+    (complete,) = fields["conditions"]
+    assert complete["reason"] == "Solved"
+    assert "DeadlineExceeded" in complete["message"]
+    ops = cas_patch(uid=UID, fields=fields, resource_version="9", remove=("failure",))
+    assert {"op": "remove", "path": "/status/failure"} in ops
 
 
 def test_a_missing_task_dead_letters() -> None:

@@ -1,6 +1,7 @@
 """The ledger against the real API server: compare-and-set, exactly one outcome, dead letters."""
 
 import asyncio
+import datetime as dt
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
@@ -9,6 +10,7 @@ import aiohttp
 import pytest
 
 from captchatask import kube, model, testbed
+from captchatask.deadletters import LetterView, RequeueOutcome, requeue
 from captchatask.decision import Outcome, Result, set_condition
 from captchatask.ledger import Ledger, utcnow
 from captchatask.model import DeadLetterReason, DeliveredBy, Phase, TaskRef, TaskView
@@ -164,3 +166,119 @@ async def test_update_status_loses_cleanly_to_a_concurrent_terminal_write(
     assert after is not None
     assert after.phase is Phase.SOLVED
     assert after.polls == 0
+
+
+async def operator_failed(ledger: Ledger, namespace: str, name: str, pid: str) -> TaskView:
+    """A submitted task the operator then failed itself (DeadlineExceeded, no deliveredBy)."""
+    task = await submitted(ledger, namespace, name, pid)
+    now = utcnow()
+    failed = await ledger.update_status(
+        task,
+        {
+            "phase": "Failed",
+            "finishedAt": model.format_time(now),
+            "failure": {"code": "DeadlineExceeded", "message": "no result before the deadline"},
+            "conditions": set_condition(
+                task.status.get("conditions") or [],
+                type_="Complete",
+                status="True",
+                reason="DeadlineExceeded",
+                message="failed: DeadlineExceeded",
+                generation=task.generation,
+                now=now,
+            ),
+        },
+    )
+    assert failed is not None
+    return failed
+
+
+async def test_a_result_received_before_the_operator_failed_the_task_becomes_its_outcome(
+    ledger: Ledger, namespace: str
+) -> None:
+    failed = await operator_failed(ledger, namespace, "t5", "8000000001")
+    assert failed.finished_at is not None
+    received = failed.finished_at - dt.timedelta(seconds=1)  # acknowledged, then spooled
+    recorded = await ledger.record(
+        failed.ref, solved("8000000001", token="kept"), received_at=received
+    )
+    assert recorded.outcome is Outcome.RECORDED
+    after = await ledger.get_task(namespace, "t5")
+    assert after is not None
+    assert (after.phase, after.solution_token, after.delivered_by) == (
+        Phase.SOLVED,
+        "kept",
+        DeliveredBy.PINGBACK,
+    )
+    assert "failure" not in after.status
+    # A second copy of the same pingback is an ordinary duplicate now.
+    again = await ledger.record(
+        failed.ref, solved("8000000001", token="kept"), received_at=received
+    )
+    assert again.outcome is Outcome.DUPLICATE
+
+
+async def test_a_result_received_after_the_operator_failed_the_task_is_a_dead_letter(
+    ledger: Ledger, namespace: str
+) -> None:
+    failed = await operator_failed(ledger, namespace, "t6", "8000000002")
+    recorded = await ledger.record(failed.ref, solved("8000000002", token="too-late"))
+    assert recorded.outcome is Outcome.DEAD_LETTER
+    assert recorded.reason is DeadLetterReason.TASK_FAILED
+    after = await ledger.get_task(namespace, "t6")
+    assert after is not None
+    assert after.phase is Phase.FAILED
+
+
+class _ByName:
+    """The operator's task index reduced to what requeue asks: candidates by name."""
+
+    def candidates(
+        self, namespace: str, *, name: str | None, provider_task_id: str | None
+    ) -> list[str]:
+        return [name] if name else []
+
+
+def _letter_for(task: TaskView, *, received: dt.datetime, token: str) -> LetterView:
+    return LetterView.from_body(
+        {
+            "metadata": {
+                "namespace": task.ref.namespace,
+                "name": "l",
+                "uid": "u",
+                "resourceVersion": "1",
+            },
+            "spec": {
+                "reason": "TaskNotFound",
+                "payload": {"code": token, "source": "get"},
+                "receivedAt": model.format_time(received),
+                "taskRef": {"name": task.ref.name, "uid": task.ref.uid},
+                "providerTaskId": task.provider_task_id,
+            },
+        }
+    )
+
+
+async def test_a_letter_received_before_the_operator_failed_its_task_is_applied_by_requeue(
+    ledger: Ledger, namespace: str
+) -> None:
+    failed = await operator_failed(ledger, namespace, "t7", "8000000003")
+    assert failed.finished_at is not None
+    letter = _letter_for(failed, received=failed.finished_at - dt.timedelta(seconds=1), token="in")
+    attempt = await requeue(ledger, letter, lookup=_ByName())
+    assert attempt.outcome is RequeueOutcome.APPLIED
+    after = await ledger.get_task(namespace, "t7")
+    assert after is not None
+    assert (after.phase, after.solution_token) == (Phase.SOLVED, "in")
+
+
+async def test_a_letter_received_after_the_operator_failed_its_task_expires_at_once(
+    ledger: Ledger, namespace: str
+) -> None:
+    failed = await operator_failed(ledger, namespace, "t8", "8000000004")
+    assert failed.finished_at is not None
+    letter = _letter_for(failed, received=failed.finished_at + dt.timedelta(seconds=1), token="x")
+    attempt = await requeue(ledger, letter, lookup=_ByName())
+    assert attempt.outcome is RequeueOutcome.EXPIRED
+    assert attempt.status["phase"] == "Expired"
+    assert "already failed (DeadlineExceeded)" in attempt.status["message"]

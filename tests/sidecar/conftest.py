@@ -260,6 +260,23 @@ class Cluster:
         assert updated is not None
         return updated
 
+    async def failed_by_operator(
+        self, namespace: str, name: str, provider_task_id: str
+    ) -> TaskView:
+        """A submitted task the operator then failed itself (``DeadlineExceeded``), now."""
+        task = await self.submitted(namespace, name, provider_task_id)
+        now = utcnow()
+        failed = await self.ledger.update_status(
+            task,
+            {
+                "phase": "Failed",
+                "finishedAt": model.format_time(now),
+                "failure": {"code": "DeadlineExceeded", "message": "no result before the deadline"},
+            },
+        )
+        assert failed is not None
+        return failed
+
     async def many_submitted(
         self, namespace: str, count: int, *, prefix: str = "m", concurrency: int = 32
     ) -> list[TaskView]:

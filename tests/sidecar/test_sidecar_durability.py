@@ -177,6 +177,39 @@ async def test_a_torn_spool_tail_is_skipped_and_the_rest_is_replayed(
     assert "skipped 17 bytes of torn or corrupt records" in process.log_text()
 
 
+async def test_a_spooled_result_received_before_the_operator_failed_its_task_becomes_its_outcome(
+    sidecar: SidecarFactory, cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    # The API server was away: the receiver acknowledged the pingback into its spool, and the
+    # operator failed the task (deadline) before the drainer could replay it.
+    failed = await cluster.failed_by_operator(namespace, "spooled-in-time", "778")
+    assert failed.finished_at is not None
+    spool_dir = tmp_path / "late-spool"
+    spool_dir.mkdir()
+    record = SpoolRecord(
+        ref=failed.ref,
+        result=Result.solved(
+            token="tok-in-time", delivered_by=DeliveredBy.PINGBACK, provider_task_id="778"
+        ),
+        received_at=failed.finished_at.timestamp() - 1.0,
+        received_by="previous-pod",
+        source="get",
+    )
+    (spool_dir / "spool-000000000001.log").write_bytes(frame(record.encode()))
+    sidecar(kubeconfig=cluster.kubeconfig, namespace=namespace, spool_dir=spool_dir)
+
+    async def solved() -> bool:
+        view = await cluster.task(namespace, "spooled-in-time")
+        return view is not None and view.phase is Phase.SOLVED
+
+    await cluster.wait_for(solved, what="the spooled result to replace the failure")
+    view = await cluster.task(namespace, "spooled-in-time")
+    assert view is not None
+    assert (view.solution_token, view.delivered_by) == ("tok-in-time", DeliveredBy.PINGBACK)
+    assert "failure" not in view.status
+    assert await cluster.dead_letters(namespace) == []
+
+
 async def test_refused_requests_make_no_api_call_and_write_nothing(
     sidecar: SidecarFactory,
     unreachable: Path,

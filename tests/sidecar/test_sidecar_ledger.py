@@ -153,6 +153,28 @@ async def test_a_pingback_for_a_task_solved_by_polling_is_late(
     assert "pingbackAt" in view.status
 
 
+async def test_a_pingback_after_the_operator_failed_its_task_is_kept_as_a_dead_letter(
+    running: SidecarProcess,
+    cluster: Cluster,
+    namespace: str,
+    http: aiohttp.ClientSession,
+    url_for: UrlFor,
+) -> None:
+    failed = await cluster.failed_by_operator(namespace, "failed-first", "810")
+    async with http.get(
+        url_for(running.pingback_url, failed.ref), params={"id": "810", "code": "tok-after"}
+    ) as response:
+        assert response.status == 200
+        assert response.headers[OUTCOME_HEADER] == "dead_lettered"
+    (letter,) = await cluster.dead_letters(namespace)
+    assert letter["spec"]["reason"] == "TaskFailed"
+    assert letter["spec"]["payload"]["code"] == "tok-after"
+    assert letter["spec"]["taskRef"] == {"name": "failed-first", "uid": failed.ref.uid}
+    view = await cluster.task(namespace, "failed-first")
+    assert view is not None
+    assert view.phase is Phase.FAILED
+
+
 async def test_unapplicable_pingbacks_become_dead_letters_with_their_reason(
     running: SidecarProcess,
     cluster: Cluster,
