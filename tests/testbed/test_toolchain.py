@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from captchatask import testbed
-from captchatask.testbed.node import locate_node_toolchain
+from captchatask.testbed.node import MAX_SOCKET_PATH, SHORT_SOCKET_ROOT, Node, locate_node_toolchain
 from captchatask.testbed.oci import ImageFile, write_oci_archive
 
 
@@ -102,3 +102,17 @@ def _member(tar: tarfile.TarFile, name: str) -> bytes:
     extracted = tar.extractfile(name)
     assert extracted is not None
     return extracted.read()
+
+
+def test_containerd_sockets_fit_its_limit_whatever_the_state_directory(tmp_path: Path) -> None:
+    # A pytest temporary directory is deep enough to pass containerd's 104-byte socket limit
+    # ("unix socket path too long"): the node then keeps its sockets in a short directory.
+    shallow = Node(testbed.ControlPlane(tmp_path / "s"))
+    deep = Node(testbed.ControlPlane(tmp_path / ("d" * 80)))
+    other = Node(testbed.ControlPlane(tmp_path / ("e" * 80)))
+
+    assert shallow.containerd_socket == shallow.root / "containerd" / "containerd.sock"
+    for node in (deep, other):
+        assert len(f"{node.containerd_socket}.ttrpc".encode()) <= MAX_SOCKET_PATH
+        assert node.containerd_socket.parent.parent == SHORT_SOCKET_ROOT
+    assert deep.containerd_socket != other.containerd_socket

@@ -25,6 +25,7 @@ iptables rule the node made; :func:`leftovers` lists any that remain, for tests 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -125,8 +126,12 @@ CGROUP_ROOT: Final = "/sys/fs/cgroup"
 #: Debian's CNI plugin directory (package containernetworking-plugins).
 CNI_BIN_DIR: Final = Path("/usr/lib/cni")
 
-#: The longest path a Unix socket may have (``sun_path`` is 108 bytes with the final NUL).
-MAX_SOCKET_PATH: Final = 107
+#: The longest socket path containerd accepts: its ttrpc listener refuses more than 104 bytes
+#: (the portable ``sun_path`` size), below Linux's own 107.
+MAX_SOCKET_PATH: Final = 104
+#: Where containerd's sockets go when the state directory is too deep for them (a pytest
+#: temporary directory easily is): one short directory per state directory, removed by ``down``.
+SHORT_SOCKET_ROOT: Final = Path("/run/captchatask")
 #: Seconds the node may take to register and become Ready (kubelet's first sync is slow).
 NODE_READY_TIMEOUT: Final = 180.0
 #: Seconds ``stop`` waits for the kubelet to tear pods down before stopping it anyway.
@@ -372,8 +377,16 @@ class Node:
 
     @property
     def containerd_socket(self) -> Path:
-        """The socket of our own containerd (never the system one)."""
-        return self.root / "containerd" / "containerd.sock"
+        """The socket of our own containerd (never the system one).
+
+        Under the state directory when the path fits containerd's limit (with ``.ttrpc``),
+        otherwise in a short directory named after the state directory, so any --state-dir works.
+        """
+        socket = self.root / "containerd" / "containerd.sock"
+        if len(f"{socket}.ttrpc".encode()) <= MAX_SOCKET_PATH:
+            return socket
+        digest = hashlib.sha256(str(self.root).encode()).hexdigest()[:16]
+        return SHORT_SOCKET_ROOT / digest / "containerd.sock"
 
     @property
     def state_file(self) -> Path:
@@ -405,13 +418,8 @@ class Node:
             If a component fails; the message quotes its log.
         """
         toolchain = self.toolchain
-        socket = f"{self.containerd_socket}.ttrpc"
-        if len(socket.encode()) > MAX_SOCKET_PATH:
-            raise ControlPlaneError(
-                f"the state directory {self.plane.state_dir} is too deep for containerd's socket "
-                f"({socket} is longer than {MAX_SOCKET_PATH} bytes); use a shorter --state-dir"
-            )
         self.root.mkdir(parents=True, exist_ok=True)
+        self.containerd_socket.parent.mkdir(parents=True, exist_ok=True)
         ports = free_ports(7)
         self._ports = _NodePorts(*ports)
         self._write_state()
@@ -445,6 +453,10 @@ class Node:
         _remove_cgroups()
         self._unmount_all()
         self._clean_iptables()
+        if self.containerd_socket.parent.parent == SHORT_SOCKET_ROOT:
+            shutil.rmtree(self.containerd_socket.parent, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                SHORT_SOCKET_ROOT.rmdir()  # only if no other state directory uses it
         if self.state_file.exists():
             self._write_state()
 
