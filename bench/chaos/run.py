@@ -353,6 +353,7 @@ class ChaosRun:
         """
         client = self._client
         assert client is not None
+        await self._quiet_before_late_tasks()
         await self._late_provider(client)
         for task in self.plan.late_tasks:
             body = task_body(task)
@@ -391,6 +392,26 @@ class ChaosRun:
             self.say("sidecar restarted after the operator ended the late tasks")
         finally:
             self._killing.discard("sidecar")
+
+    async def _quiet_before_late_tasks(self) -> None:
+        """Let the earlier faults end before the late tasks are submitted.
+
+        The first outage may run long on a busy machine (kube-apiserver takes seconds to stop),
+        and a lost ``in.php`` reply still pending would hit a late task, which then never learns
+        its provider id: both would break this fault, not the system under test.
+        """
+        give_up = time.monotonic() + LATE_WAIT_SECONDS
+        while self.timeline.apiserver_back is None and any(
+            event.kind is FaultKind.APISERVER_OUTAGE for event in self.plan.faults
+        ):
+            if time.monotonic() > give_up:
+                raise RuntimeError("the first API-server outage has not ended")
+            await asyncio.sleep(RETRY_SECONDS)
+        cleared = await asyncio.to_thread(
+            self.stack.emulator, "faults/in-reply-lost", {"clear": True}
+        )
+        if cleared.get("in_reply_lost_cleared"):
+            self.say(f"{cleared['in_reply_lost_cleared']} lost in.php replies cleared first")
 
     async def _failed(self, client: kube.KubeClient, names: list[str]) -> None:
         """Wait until the operator has ended each task: failed it (its deadline passed in the

@@ -17,7 +17,8 @@ so a test needs one URL. It serves JSON accounting and lets faults be changed at
 ``POST /_emulator/faults``                  JSON object of knobs to change (400 if invalid)
 ``POST /_emulator/faults/res-502-burst``    ``{"count": N}``: the next N ``res.php`` get 502
 ``POST /_emulator/faults/in-reply-lost``    ``{"count": N, "mode": "502"|"drop"}``: the next N
-                                            ``in.php`` that create a task lose their reply
+                                            ``in.php`` that create a task lose their reply;
+                                            ``{"clear": true}`` drops the ones still pending
 ``POST /_emulator/reset``                   forget tasks, counters and bans
 =========================================  ==================================================
 """
@@ -452,9 +453,15 @@ async def admin_in_reply_lost(request: web.Request) -> web.Response:
     state = request.app[runtime_key].state
     try:
         body = await request.json()
+        if body.get("clear") is True:
+            cleared = len(state.in_reply_lost)
+            state.in_reply_lost.clear()
+            return web.json_response({"in_reply_lost_cleared": cleared})
         state.lose_in_replies(int(body["count"]), mode=str(body.get("mode", "502")))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise web.HTTPBadRequest(text='expected {"count": N, "mode": "502"|"drop"}') from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise web.HTTPBadRequest(
+            text='expected {"count": N, "mode": "502"|"drop"} or {"clear": true}'
+        ) from exc
     return web.json_response({"in_reply_lost_remaining": len(state.in_reply_lost)})
 
 
