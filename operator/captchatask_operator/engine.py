@@ -137,6 +137,8 @@ class Engine:
         self.busy: set[TaskKey] = set()
         #: The last time the API server did not answer (see policy.submission_step).
         self.ledger_unavailable_at: dt.datetime | None = None
+        #: The first failure of that outage (see policy.OUTAGE_GAP).
+        self.ledger_unavailable_since: dt.datetime | None = None
         self.submitting = 0
         self._ops: set[asyncio.Task[None]] = set()
         self._timer: asyncio.Task[None] | None = None
@@ -393,6 +395,7 @@ class Engine:
             max_attempts=self.settings.max_submit_attempts,
             poll_only_grace=self.settings.intent_grace_seconds,
             ledger_unavailable_at=self.ledger_unavailable_at,
+            ledger_unavailable_since=self.ledger_unavailable_since,
         )
         key = task.key
         queue = self.queues.setdefault(task.provider_key, ProviderQueue())
@@ -457,6 +460,14 @@ class Engine:
             self.run(key, self.submitter.submit(task), submitting=True)
 
     # == scheduling ===============================================================================
+
+    def note_ledger_unavailable(self) -> None:
+        """Record a call the API server did not answer: the outage's start and last failure."""
+        now = self.clock()
+        last = self.ledger_unavailable_at
+        if last is None or self.ledger_unavailable_since is None or now - last > policy.OUTAGE_GAP:
+            self.ledger_unavailable_since = now
+        self.ledger_unavailable_at = now
 
     def schedule_at(self, kind: Kind, key: tuple[str, str], due: dt.datetime) -> None:
         """Put (or move) one timed action on the schedule; wake the timer if it is earliest."""
@@ -568,7 +579,7 @@ class Engine:
                 postponed = False
             except kube.KubeError as exc:
                 if isinstance(exc, kube.KubeUnavailable):
-                    self.ledger_unavailable_at = self.clock()
+                    self.note_ledger_unavailable()
                 logger.warning("action on %s/%s postponed: %s", *key, exc)
                 self.schedule_at(retry_kind or Kind.SUBMIT, key, self.clock() + policy.API_RETRY)
             except Exception:

@@ -57,6 +57,7 @@ class FakeEngine:
         self.busy: set[tuple[str, str]] = set()
         self.counters = Counters()
         self.ledger_unavailable_at: dt.datetime | None = None
+        self.ledger_unavailable_since: dt.datetime | None = None
         self.views: dict[TaskRef, TaskView] = {}
         self.scheduled: dict[tuple[Kind, str, str], dt.datetime] = {}
         self.spawned: list[Coroutine[Any, Any, None]] = []

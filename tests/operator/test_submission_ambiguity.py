@@ -36,11 +36,13 @@ from captchatask.model import DeliveredBy, TaskRef
 from captchatask.provider import codes
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
+from captchatask_operator.actions import ProviderState
 from captchatask_operator.engine import Engine
 from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import StepKind
 from captchatask_operator.queueing import ProviderQueue
 from captchatask_operator.records import ProviderSpec, TaskRecord
+from captchatask_operator.schedule import Kind
 
 #: A solve slower than the 5 s an old-style "retry later" would wait, so that a premature
 #: resubmission shows up as a second provider task before the pingback of the first arrives.
@@ -345,4 +347,65 @@ async def test_a_submission_postponed_by_an_unreachable_api_server_gives_its_slo
         assert record.key not in queue.in_flight
         queue.wait(record.key, record.created_at)
         assert record.key in queue
+        engine.timer.schedule.clear()
+
+
+async def test_after_an_outage_an_unresolved_intent_waits_for_the_receivers_to_catch_up() -> None:
+    """The chaos run's sequence: an outage, then an in.php whose reply was lost.
+
+    The operator's last failed call was 15 s into a kube-apiserver outage; the task's intent
+    and its ambiguous in.php came 2 s later. Its pingback reached a receiver that had not yet
+    noticed the API server's return (spooled behind the outage's backlog, or refused while
+    the spool was at its bound): it is recorded only once the receivers have caught up, which
+    takes about as long as the outage built its backlog. The intent must wait that long, not
+    just the callback timeout from the ambiguous failure, or the task is paid for twice.
+    """
+    settings = settings_module.parse(["--namespace", "ns"], {})
+    now = [T0]
+
+    def clock() -> dt.datetime:
+        return now[0]
+
+    async with aiohttp.ClientSession() as session:
+        # A closed port: every API call is refused, exactly as while kube-apiserver is stopped.
+        client = kube.KubeClient(kube.KubeConfig(server="https://127.0.0.1:9"), session)
+        engine = Engine(
+            client=client,
+            http=session,
+            signer=None,
+            settings=settings,
+            metrics=Metrics(CollectorRegistry()),
+            events=EventRecorder(
+                client, component="test", instance="test", clock=clock, enabled=False
+            ),
+            clock=clock,
+        )
+        waiting = _record({})
+        for seconds in (0.0, 15.0):  # the first and the last failed call of the outage
+            now[0] = T0 + dt.timedelta(seconds=seconds)
+            assert engine.run(waiting.key, engine.submitter.submit(waiting))
+            while waiting.key in engine.busy:  # noqa: ASYNC110 - the engine exposes no "done" event
+                await asyncio.sleep(0.01)
+        engine.timer.schedule.clear()
+
+        provider = ProviderSpec.from_body(
+            {
+                "metadata": {"namespace": "ns", "name": "default"},
+                "spec": {
+                    "apiKeySecretRef": {"name": "s"},
+                    "pingback": {"publicURL": "https://hooks.example"},
+                    "polling": {"callbackTimeoutSeconds": 4},
+                },
+            }
+        )
+        engine.providers[provider.key] = ProviderState(provider, ready=True, checked=True)
+        after = model.format_time(T0 + dt.timedelta(seconds=17))
+        lost = _record({"intentAt": after, "ambiguousAt": after, "attempts": 1})
+        assert lost.provider_key == provider.key
+        now[0] = T0 + dt.timedelta(seconds=22)  # past ambiguousAt + callbackTimeoutSeconds
+        engine._consider_submission(lost)
+
+        due = engine.schedule.due_of((Kind.SUBMIT, *lost.key))
+        # The grace runs from the last failure and is stretched by the outage's length.
+        assert due == (T0 + dt.timedelta(seconds=15 + 4 + 15)).timestamp()
         engine.timer.schedule.clear()
