@@ -260,6 +260,7 @@ class Submitter:
                     message=message,
                 )
             except kube.KubeUnavailable as exc:
+                engine.note_ledger_unavailable()
                 failures += 1
                 delay = policy.id_write_retry_delay(failures)
                 logger.warning(

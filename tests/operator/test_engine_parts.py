@@ -69,6 +69,10 @@ class FakeEngine:
     def watched(self, namespace: str) -> bool:
         return namespace == NS
 
+    def note_ledger_unavailable(self) -> None:
+        self.ledger_unavailable_since = self.ledger_unavailable_since or self.now
+        self.ledger_unavailable_at = self.now
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.spawned.append(coro)
 
