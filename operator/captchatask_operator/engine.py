@@ -178,6 +178,7 @@ class Engine:
             await self._rebuild()
             self.active = True
             self._timer = asyncio.create_task(self.timer_loop.run(), name="captchatask timer")
+            self.spawn(self._probe_ledger())
             logger.info(
                 "engine active: %d tasks, %d providers, %d dead letters",
                 len(self.tasks),
@@ -460,6 +461,24 @@ class Engine:
             self.run(key, self.submitter.submit(task), submitting=True)
 
     # == scheduling ===============================================================================
+
+    async def _probe_ledger(self) -> None:
+        """Notice every API server outage, not only those an action of ours runs into.
+
+        The unresolved-intent rule (:func:`policy.submission_step`) stretches the pingback
+        grace by the last outage: pingbacks the receivers spooled meanwhile are recorded only
+        once they have caught up. An outage during which the operator had nothing to write
+        would go unseen, and an ``in.php`` whose reply was lost right after it be repeated
+        while its pingback still waits in a spool. Runs while active; cancelled on deactivate.
+        """
+        while True:
+            try:
+                await self.client.request("GET", "/version", timeout=5.0)
+            except kube.KubeUnavailable:
+                self.note_ledger_unavailable()
+            except Exception as exc:  # noqa: BLE001 - a probe must never end the loop
+                logger.debug("API server probe failed: %r", exc)
+            await asyncio.sleep(policy.LEDGER_PROBE_SECONDS)
 
     def note_ledger_unavailable(self) -> None:
         """Record a call the API server did not answer: the outage's start and last failure."""

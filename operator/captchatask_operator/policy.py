@@ -76,6 +76,9 @@ ID_WRITE_RETRY_CAP: Final = 10.0
 #: A failed API call more than this long after the previous one starts a new outage (during an
 #: outage postponed actions retry every few seconds, see ``API_RETRY``).
 OUTAGE_GAP: Final = dt.timedelta(seconds=30)
+#: How often the active operator asks the API server whether it answers (``GET /version``, served
+#: without etcd), so that an outage is noticed even when no action of ours happens to fail.
+LEDGER_PROBE_SECONDS: Final = 1.0
 
 
 class FailureCode(StrEnum):

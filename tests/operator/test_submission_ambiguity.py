@@ -37,7 +37,7 @@ from captchatask.provider import codes
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import ProviderState
-from captchatask_operator.engine import Engine
+from captchatask_operator.engine import Engine, utcnow
 from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import StepKind
 from captchatask_operator.queueing import ProviderQueue
@@ -409,3 +409,50 @@ async def test_after_an_outage_an_unresolved_intent_waits_for_the_receivers_to_c
         # The grace runs from the last failure and is stretched by the outage's length.
         assert due == (T0 + dt.timedelta(seconds=15 + 4 + 15)).timestamp()
         engine.timer.schedule.clear()
+
+
+async def test_an_outage_the_operator_had_nothing_to_write_in_is_still_noticed(
+    control_plane: testbed.ControlPlane, namespace: str
+) -> None:
+    """An idle operator must know the API server was away, or the grace above is not stretched.
+
+    In the chaos run no action of the operator's failed during the outage (nothing was due),
+    and the ``in.php`` replies lost right after it were repeated while their pingbacks still
+    waited in a receiver's spool.
+    """
+    config = kube.load_config(str(control_plane.kubeconfig))
+    settings = settings_module.parse(["--namespace", namespace], {})
+    async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
+        client = kube.KubeClient(config, session)
+        engine = Engine(
+            client=client,
+            http=session,
+            signer=None,
+            settings=settings,
+            metrics=Metrics(CollectorRegistry()),
+            events=EventRecorder(
+                client, component="test", instance="t", clock=utcnow, enabled=False
+            ),
+        )
+        await engine.activate()
+        try:
+
+            def last_failure() -> dt.datetime | None:
+                return engine.ledger_unavailable_at
+
+            assert last_failure() is None
+            await asyncio.to_thread(control_plane.stop_apiserver)
+            try:
+                for _ in range(600):  # a bound on failure (60 s), not a timing assertion
+                    if last_failure() is not None:
+                        break
+                    await asyncio.sleep(0.1)
+                assert last_failure() is not None, "the outage went unnoticed"
+            finally:
+                await asyncio.to_thread(control_plane.start_apiserver)
+            last = last_failure()
+            assert last is not None
+            assert engine.ledger_unavailable_since is not None
+            assert engine.ledger_unavailable_since <= last
+        finally:
+            await engine.deactivate()
