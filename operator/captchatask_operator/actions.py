@@ -128,6 +128,13 @@ class EngineActions(Protocol):
     def ledger_unavailable_at(self) -> dt.datetime | None:
         """The last time the API server did not answer (see ``policy.submission_step``)."""
 
+    @property
+    def ledger_unavailable_since(self) -> dt.datetime | None:
+        """The first failure of the latest API server outage (see ``policy.submission_step``)."""
+
+    def note_ledger_unavailable(self) -> None:
+        """Record a call the API server did not answer (the outage the submission rule uses)."""
+
     def watched(self, namespace: str) -> bool:
         """Whether this operator serves ``namespace``."""
 

@@ -137,6 +137,8 @@ class Engine:
         self.busy: set[TaskKey] = set()
         #: The last time the API server did not answer (see policy.submission_step).
         self.ledger_unavailable_at: dt.datetime | None = None
+        #: The first failure of that outage (see policy.OUTAGE_GAP).
+        self.ledger_unavailable_since: dt.datetime | None = None
         self.submitting = 0
         self._ops: set[asyncio.Task[None]] = set()
         self._timer: asyncio.Task[None] | None = None
@@ -176,6 +178,7 @@ class Engine:
             await self._rebuild()
             self.active = True
             self._timer = asyncio.create_task(self.timer_loop.run(), name="captchatask timer")
+            self.spawn(self._probe_ledger())
             logger.info(
                 "engine active: %d tasks, %d providers, %d dead letters",
                 len(self.tasks),
@@ -408,6 +411,7 @@ class Engine:
             max_attempts=self.settings.max_submit_attempts,
             poll_only_grace=self.settings.intent_grace_seconds,
             ledger_unavailable_at=self.ledger_unavailable_at,
+            ledger_unavailable_since=self.ledger_unavailable_since,
         )
         key = task.key
         queue = self.queues.setdefault(task.provider_key, ProviderQueue())
@@ -472,6 +476,32 @@ class Engine:
             self.run(key, self.submitter.submit(task), submitting=True)
 
     # == scheduling ===============================================================================
+
+    async def _probe_ledger(self) -> None:
+        """Notice every API server outage, not only those an action of ours runs into.
+
+        The unresolved-intent rule (:func:`policy.submission_step`) stretches the pingback
+        grace by the last outage: pingbacks the receivers spooled meanwhile are recorded only
+        once they have caught up. An outage during which the operator had nothing to write
+        would go unseen, and an ``in.php`` whose reply was lost right after it be repeated
+        while its pingback still waits in a spool. Runs while active; cancelled on deactivate.
+        """
+        while True:
+            try:
+                await self.client.request("GET", "/version", timeout=5.0)
+            except kube.KubeUnavailable:
+                self.note_ledger_unavailable()
+            except Exception as exc:  # noqa: BLE001 - a probe must never end the loop
+                logger.debug("API server probe failed: %r", exc)
+            await asyncio.sleep(policy.LEDGER_PROBE_SECONDS)
+
+    def note_ledger_unavailable(self) -> None:
+        """Record a call the API server did not answer: the outage's start and last failure."""
+        now = self.clock()
+        last = self.ledger_unavailable_at
+        if last is None or self.ledger_unavailable_since is None or now - last > policy.OUTAGE_GAP:
+            self.ledger_unavailable_since = now
+        self.ledger_unavailable_at = now
 
     def schedule_at(self, kind: Kind, key: tuple[str, str], due: dt.datetime) -> None:
         """Put (or move) one timed action on the schedule; wake the timer if it is earliest."""
@@ -583,7 +613,7 @@ class Engine:
                 postponed = False
             except kube.KubeError as exc:
                 if isinstance(exc, kube.KubeUnavailable):
-                    self.ledger_unavailable_at = self.clock()
+                    self.note_ledger_unavailable()
                 logger.warning("action on %s/%s postponed: %s", *key, exc)
                 self.schedule_at(retry_kind or Kind.SUBMIT, key, self.clock() + policy.API_RETRY)
             except Exception:

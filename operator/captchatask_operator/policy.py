@@ -73,6 +73,12 @@ AMBIGUOUS_SUBMIT_CODES: Final = frozenset(
 #: is durable, since forgetting it would pay for a second task.
 ID_WRITE_RETRY_BASE: Final = 0.5
 ID_WRITE_RETRY_CAP: Final = 10.0
+#: A failed API call more than this long after the previous one starts a new outage (during an
+#: outage postponed actions retry every few seconds, see ``API_RETRY``).
+OUTAGE_GAP: Final = dt.timedelta(seconds=30)
+#: How often the active operator asks the API server whether it answers (``GET /version``, served
+#: without etcd), so that an outage is noticed even when no action of ours happens to fail.
+LEDGER_PROBE_SECONDS: Final = 1.0
 
 
 class FailureCode(StrEnum):
@@ -157,12 +163,18 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
     max_attempts: int,
     poll_only_grace: float,
     ledger_unavailable_at: dt.datetime | None = None,
+    ledger_unavailable_since: dt.datetime | None = None,
 ) -> Step:
     """Decide the next submission step of a task (see the module docstring).
 
-    ``ledger_unavailable_at`` is the last time the API server failed us: while it is away, the
-    sidecars spool pingbacks instead of recording them, so a missing pingback proves nothing
-    until the grace has run again from the moment the ledger came back.
+    ``ledger_unavailable_at`` is the last time the API server failed us, and
+    ``ledger_unavailable_since`` the first failure of that outage. While the API server is away
+    the receivers spool pingbacks instead of recording them, and after it is back they are
+    still catching up: each notices the return on its own (later than we do), replays the
+    spool behind which new pingbacks queue, and pingbacks refused while a spool was at its bound
+    come again only when the provider retries. That backlog grows with the outage, so a missing
+    pingback proves nothing until the grace *plus the outage's length* has run from the last
+    failure (:func:`receivers_caught_up_at`), whenever the intent was written.
     """
     if task.deleting or task.terminal or task.phase is Phase.SUBMITTED:
         return Step(StepKind.NONE)
@@ -191,14 +203,14 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
         # The grace runs from the latest of: the intent, an ambiguous failure (the provider may
         # have created the task as late as that), the API server's return (pingbacks spooled
         # meanwhile are still being replayed).
-        since = max(
-            moment
-            for moment in (task.intent_at, task.ambiguous_at, ledger_unavailable_at)
-            if moment is not None
-        )
-        resolve_at = since + dt.timedelta(
-            seconds=intent_grace(provider, poll_only_grace=poll_only_grace)
-        )
+        grace = dt.timedelta(seconds=intent_grace(provider, poll_only_grace=poll_only_grace))
+        since = max(moment for moment in (task.intent_at, task.ambiguous_at) if moment is not None)
+        resolve_at = since + grace
+        if ledger_unavailable_at is not None:
+            caught_up = receivers_caught_up_at(
+                ledger_unavailable_at, since=ledger_unavailable_since, grace=grace
+            )
+            resolve_at = max(resolve_at, caught_up)
         if now < resolve_at:
             return Step(StepKind.WAIT, at=resolve_at, reason="UnresolvedIntent")
         if task.attempts >= max_attempts:
@@ -209,6 +221,21 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
     if task.attempts >= max_attempts:
         return _exhausted(task)
     return Step(StepKind.SUBMIT)
+
+
+def receivers_caught_up_at(
+    last_failure: dt.datetime, *, since: dt.datetime | None, grace: dt.timedelta
+) -> dt.datetime:
+    """When a pingback delayed by an API server outage has had its chance to be recorded.
+
+    The grace runs from the outage's last failed call (``last_failure``) and is stretched by the
+    outage's length (``since`` to ``last_failure``): the receivers' backlog, and the time they
+    need to replay it, grow with the outage. Only for pingback providers does this matter in
+    practice, but a poll-only provider's short grace is stretched the same way (a restarted
+    poll of a known id costs nothing; a second in.php costs a task).
+    """
+    outage = last_failure - since if since is not None and since < last_failure else dt.timedelta()
+    return last_failure + grace + outage
 
 
 def _exhausted(task: TaskRecord) -> Step:

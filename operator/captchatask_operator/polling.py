@@ -262,6 +262,8 @@ class Poller:
         try:
             await self.apply(state, task, result, was_due=was_due)
         except Exception as exc:  # noqa: BLE001 - one task's failure must not stop its batch
+            if isinstance(exc, kube.KubeUnavailable):
+                self.engine.note_ledger_unavailable()
             logger.warning("poll result of %s/%s not applied: %r", *task.key, exc)
             self.engine.schedule_at(Kind.POLL, task.key, self.deps.clock() + policy.API_RETRY)
 

@@ -71,6 +71,7 @@ class Submitter:
             max_attempts=self.deps.settings.max_submit_attempts,
             poll_only_grace=self.deps.settings.intent_grace_seconds,
             ledger_unavailable_at=engine.ledger_unavailable_at,
+            ledger_unavailable_since=engine.ledger_unavailable_since,
         )
         if step.kind is not StepKind.SUBMIT or state is None or state.client is None:
             return  # the engine re-decides from the fresh record
@@ -259,6 +260,7 @@ class Submitter:
                     message=message,
                 )
             except kube.KubeUnavailable as exc:
+                engine.note_ledger_unavailable()
                 failures += 1
                 delay = policy.id_write_retry_delay(failures)
                 logger.warning(

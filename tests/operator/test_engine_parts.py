@@ -57,6 +57,7 @@ class FakeEngine:
         self.busy: set[tuple[str, str]] = set()
         self.counters = Counters()
         self.ledger_unavailable_at: dt.datetime | None = None
+        self.ledger_unavailable_since: dt.datetime | None = None
         self.views: dict[TaskRef, TaskView] = {}
         self.scheduled: dict[tuple[Kind, str, str], dt.datetime] = {}
         self.spawned: list[Coroutine[Any, Any, None]] = []
@@ -67,6 +68,10 @@ class FakeEngine:
 
     def watched(self, namespace: str) -> bool:
         return namespace == NS
+
+    def note_ledger_unavailable(self) -> None:
+        self.ledger_unavailable_since = self.ledger_unavailable_since or self.now
+        self.ledger_unavailable_at = self.now
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.spawned.append(coro)

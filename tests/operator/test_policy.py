@@ -62,6 +62,7 @@ def step(record: TaskRecord, *, now: float = 0.0, ready: bool = True, **kw: Any)
         max_attempts=kw.get("max_attempts", 3),
         poll_only_grace=kw.get("grace", 30.0),
         ledger_unavailable_at=kw.get("ledger_unavailable_at"),
+        ledger_unavailable_since=kw.get("ledger_unavailable_since"),
     )
 
 
@@ -122,6 +123,29 @@ def test_an_api_server_outage_restarts_the_wait_for_the_pingback() -> None:
     assert step(record, now=220.0, ledger_unavailable_at=at(100)).resubmit
     # An outage before the intent changes nothing.
     assert step(record, now=120.0, ledger_unavailable_at=at(-50)).resubmit
+
+
+def test_an_intent_written_just_after_an_outage_waits_for_the_receivers_to_catch_up() -> None:
+    # A 60 s outage (first failure at -80, last at -20); the intent came after the API server
+    # was back, but its pingback may sit behind the receivers' backlog: the wait is stretched
+    # by the outage's length, whenever the intent was written.
+    record = task(
+        status={
+            "phase": "Pending",
+            "submission": {"intentAt": model.format_time(at(0)), "attempts": 1},
+        }
+    )
+    waiting = step(
+        record, now=130.0, ledger_unavailable_at=at(-20), ledger_unavailable_since=at(-80)
+    )
+    assert (waiting.kind, waiting.at) == (StepKind.WAIT, at(160))
+    assert step(
+        record, now=160.0, ledger_unavailable_at=at(-20), ledger_unavailable_since=at(-80)
+    ).resubmit
+    # Long ago and short, an outage changes nothing.
+    assert step(
+        record, now=120.0, ledger_unavailable_at=at(-500), ledger_unavailable_since=at(-510)
+    ).resubmit
 
 
 def test_a_poll_only_provider_resubmits_after_the_short_grace() -> None:

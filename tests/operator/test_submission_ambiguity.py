@@ -36,11 +36,13 @@ from captchatask.model import DeliveredBy, TaskRef
 from captchatask.provider import codes
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
-from captchatask_operator.engine import Engine
+from captchatask_operator.actions import ProviderState
+from captchatask_operator.engine import Engine, utcnow
 from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import StepKind
 from captchatask_operator.queueing import ProviderQueue
 from captchatask_operator.records import ProviderSpec, TaskRecord
+from captchatask_operator.schedule import Kind
 
 #: A solve slower than the 5 s an old-style "retry later" would wait, so that a premature
 #: resubmission shows up as a second provider task before the pingback of the first arrives.
@@ -346,3 +348,111 @@ async def test_a_submission_postponed_by_an_unreachable_api_server_gives_its_slo
         queue.wait(record.key, record.created_at)
         assert record.key in queue
         engine.timer.schedule.clear()
+
+
+async def test_after_an_outage_an_unresolved_intent_waits_for_the_receivers_to_catch_up() -> None:
+    """The chaos run's sequence: an outage, then an in.php whose reply was lost.
+
+    The operator's last failed call was 15 s into a kube-apiserver outage; the task's intent
+    and its ambiguous in.php came 2 s later. Its pingback reached a receiver that had not yet
+    noticed the API server's return (spooled behind the outage's backlog, or refused while
+    the spool was at its bound): it is recorded only once the receivers have caught up, which
+    takes about as long as the outage built its backlog. The intent must wait that long, not
+    just the callback timeout from the ambiguous failure, or the task is paid for twice.
+    """
+    settings = settings_module.parse(["--namespace", "ns"], {})
+    now = [T0]
+
+    def clock() -> dt.datetime:
+        return now[0]
+
+    async with aiohttp.ClientSession() as session:
+        # A closed port: every API call is refused, exactly as while kube-apiserver is stopped.
+        client = kube.KubeClient(kube.KubeConfig(server="https://127.0.0.1:9"), session)
+        engine = Engine(
+            client=client,
+            http=session,
+            signer=None,
+            settings=settings,
+            metrics=Metrics(CollectorRegistry()),
+            events=EventRecorder(
+                client, component="test", instance="test", clock=clock, enabled=False
+            ),
+            clock=clock,
+        )
+        waiting = _record({})
+        for seconds in (0.0, 15.0):  # the first and the last failed call of the outage
+            now[0] = T0 + dt.timedelta(seconds=seconds)
+            assert engine.run(waiting.key, engine.submitter.submit(waiting))
+            while waiting.key in engine.busy:  # noqa: ASYNC110 - the engine exposes no "done" event
+                await asyncio.sleep(0.01)
+        engine.timer.schedule.clear()
+
+        provider = ProviderSpec.from_body(
+            {
+                "metadata": {"namespace": "ns", "name": "default"},
+                "spec": {
+                    "apiKeySecretRef": {"name": "s"},
+                    "pingback": {"publicURL": "https://hooks.example"},
+                    "polling": {"callbackTimeoutSeconds": 4},
+                },
+            }
+        )
+        engine.providers[provider.key] = ProviderState(provider, ready=True, checked=True)
+        after = model.format_time(T0 + dt.timedelta(seconds=17))
+        lost = _record({"intentAt": after, "ambiguousAt": after, "attempts": 1})
+        assert lost.provider_key == provider.key
+        now[0] = T0 + dt.timedelta(seconds=22)  # past ambiguousAt + callbackTimeoutSeconds
+        engine._consider_submission(lost)
+
+        due = engine.schedule.due_of((Kind.SUBMIT, *lost.key))
+        # The grace runs from the last failure and is stretched by the outage's length.
+        assert due == (T0 + dt.timedelta(seconds=15 + 4 + 15)).timestamp()
+        engine.timer.schedule.clear()
+
+
+async def test_an_outage_the_operator_had_nothing_to_write_in_is_still_noticed(
+    control_plane: testbed.ControlPlane, namespace: str
+) -> None:
+    """An idle operator must know the API server was away, or the grace above is not stretched.
+
+    In the chaos run no action of the operator's failed during the outage (nothing was due),
+    and the ``in.php`` replies lost right after it were repeated while their pingbacks still
+    waited in a receiver's spool.
+    """
+    config = kube.load_config(str(control_plane.kubeconfig))
+    settings = settings_module.parse(["--namespace", namespace], {})
+    async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
+        client = kube.KubeClient(config, session)
+        engine = Engine(
+            client=client,
+            http=session,
+            signer=None,
+            settings=settings,
+            metrics=Metrics(CollectorRegistry()),
+            events=EventRecorder(
+                client, component="test", instance="t", clock=utcnow, enabled=False
+            ),
+        )
+        await engine.activate()
+        try:
+
+            def last_failure() -> dt.datetime | None:
+                return engine.ledger_unavailable_at
+
+            assert last_failure() is None
+            await asyncio.to_thread(control_plane.stop_apiserver)
+            try:
+                for _ in range(600):  # a bound on failure (60 s), not a timing assertion
+                    if last_failure() is not None:
+                        break
+                    await asyncio.sleep(0.1)
+                assert last_failure() is not None, "the outage went unnoticed"
+            finally:
+                await asyncio.to_thread(control_plane.start_apiserver)
+            last = last_failure()
+            assert last is not None
+            assert engine.ledger_unavailable_since is not None
+            assert engine.ledger_unavailable_since <= last
+        finally:
+            await engine.deactivate()
