@@ -33,6 +33,8 @@ from captchatask.signing import PINGBACK_PREFIX
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 UNSOLVABLE_CODE: Final = "ERROR_CAPTCHA_UNSOLVABLE"
+#: The operator's own failure code when a task's deadline passes without an outcome.
+DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
 SOLVED: Final = str(model.Phase.SOLVED)
 FAILED: Final = str(model.Phase.FAILED)
 TERMINAL: Final = frozenset({SOLVED, FAILED})
@@ -60,8 +62,9 @@ class LateTask:
 
     name: str
     provider_task_id: str
-    #: When the receiver acknowledged the pingback (epoch seconds; it was spooled).
-    acknowledged_at: float
+    #: When the receiver acknowledged the pingback (epoch seconds; it was spooled), or ``None``
+    #: if it refused it (503, its spool at its bound) until the outage ended.
+    acknowledged_at: float | None
     #: The task's deadline (creation + ``spec.deadlineSeconds``, epoch seconds).
     deadline: float
     #: When the task was created (epoch seconds).
@@ -70,7 +73,7 @@ class LateTask:
     @property
     def in_time(self) -> bool:
         """Whether the result was acknowledged before the deadline (so it must be the outcome)."""
-        return self.acknowledged_at <= self.deadline
+        return self.acknowledged_at is not None and self.acknowledged_at <= self.deadline
 
 
 @dataclass
@@ -341,6 +344,8 @@ def evaluate(snap: Snapshot) -> Verdict:
             and _kept_as_letter(letters_by_task.get(name, []), record)
         ):
             continue  # acknowledged after its deadline: a TaskFailed letter keeps the answer
+        if name in late and late[name].acknowledged_at is None and code == DEADLINE_EXCEEDED:
+            continue  # refused while the spool was full: never acknowledged, the deadline ends it
         if record is None or record.get("state") != "unsolvable" or code != UNSOLVABLE_CODE:
             wrong_failures.append(f"{name}({code})")
 
@@ -612,8 +617,17 @@ def _late_figures(
     return {
         "tasks": len(snap.late),
         "seconds_to_acknowledge_max": round(
-            max((task.acknowledged_at - task.created for task in snap.late), default=0.0), 1
+            max(
+                (
+                    task.acknowledged_at - task.created
+                    for task in snap.late
+                    if task.acknowledged_at is not None
+                ),
+                default=0.0,
+            ),
+            1,
         ),
+        "refused_while_spool_full": sum(1 for task in snap.late if task.acknowledged_at is None),
         "acknowledged_before_deadline": sum(1 for task in snap.late if task.in_time),
         "solved": phases[SOLVED],
         "failed": phases[FAILED],
