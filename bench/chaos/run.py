@@ -58,6 +58,8 @@ SPOOL_FULL_POLL_SECONDS: Final = 0.2
 PLANTED_ID_BASE: Final = 10_000_000_000
 #: Hang guard for the late tasks' submission and solve (a failure bound, not a measurement).
 LATE_WAIT_SECONDS: Final = 30.0
+#: How long the late-outage fault waits for its provider's first successful check.
+LATE_PROVIDER_READY_SECONDS: Final = 120.0
 #: The provider of the late tasks, and its first fallback poll: after their deadlines.
 LATE_PROVIDER: Final = "late"
 LATE_FIRST_POLL_SECONDS: Final = 600
@@ -355,6 +357,7 @@ class ChaosRun:
         assert client is not None
         await self._quiet_before_late_tasks()
         await self._late_provider(client)
+        await self._provider_ready(client, LATE_PROVIDER)
         for task in self.plan.late_tasks:
             body = task_body(task)
             body["spec"]["providerRef"] = {"name": LATE_PROVIDER}
@@ -426,6 +429,22 @@ class ChaosRun:
             self.stack.emulator, "faults/in-reply-lost", {"clear": True}
         )
         self.say(f"{cleared['in_reply_lost_cleared']} lost in.php replies cleared first")
+
+    async def _provider_ready(self, client: kube.KubeClient, name: str) -> None:
+        """Wait until the operator has checked a provider and found it Ready.
+
+        The late tasks have short deadlines: time spent waiting for a new provider's first
+        check (which may meet a 502 burst) would be taken from them.
+        """
+        give_up = time.monotonic() + LATE_PROVIDER_READY_SECONDS
+        while time.monotonic() < give_up:
+            with contextlib.suppress(kube.KubeError):
+                body = await client.get(kube.PROVIDERS, NAMESPACE, name, timeout=5.0)
+                conditions = (body.get("status") or {}).get("conditions") or []
+                if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+                    return
+            await asyncio.sleep(RETRY_SECONDS)
+        raise RuntimeError(f"provider {name} never became Ready")
 
     async def _failed(self, client: kube.KubeClient, names: list[str]) -> None:
         """Wait until the operator has ended each task: failed it (its deadline passed in the
@@ -559,7 +578,9 @@ class ChaosRun:
         key = ("captchatask_pingback_unavailable_total", (("reason", "spool_full"),))
         while self.timeline.apiserver_restarting is None:
             samples = await self._scrape(http, self.sidecar.url)
-            if samples is not None and samples.get(key, 0.0) > 0:
+            # A sidecar killed inside the outage took its own count with it: count them all.
+            earlier = sum(final.get(key, 0.0) for final in self.sidecar.finals)
+            if earlier > 0 or (samples is not None and samples.get(key, 0.0) > 0):
                 self.timeline.spool_full_at = time.time()
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     async with http.get(readyz) as reply:
