@@ -29,6 +29,8 @@ IMAGE_BYTES: Final = 400
 WINDOW: Final = (0.15, 0.85)
 #: A kill outside the outage keeps this far from its edges (seconds).
 OUTAGE_MARGIN: Final = 3.0
+#: The late-outage fault starts this long after the creation window (seconds).
+LATE_FAULT_AFTER_CREATION: Final = 20.0
 
 #: (type, weight): a mix close to real traffic, every type the CRD knows.
 TASK_MIX: Final = (
@@ -200,8 +202,9 @@ def make_plan(profile: Profile, seed: int) -> Plan:
         faults.append(FaultEvent(at, FaultKind.PLANT_DEAD_LETTER, number + 1))
     late_tasks: tuple[TaskPlan, ...] = ()
     if profile.late_tasks:
-        # After every kill and the first outage: its tasks need an operator to submit them.
-        at = high + 2 * OUTAGE_MARGIN
+        # After every kill, the first outage and the creation window, when few pingbacks are
+        # still on their way: its own must find room in a bounded spool (fault spool-full).
+        at = profile.create_seconds + LATE_FAULT_AFTER_CREATION
         late_rng = random.Random(f"{seed}:chaos-late")  # the draws above stay as they were
         late_tasks = tuple(
             TaskPlan(
