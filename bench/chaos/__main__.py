@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         "apiserver_outage_seconds": round(tl.outage_seconds, 1),
         "late_outage_seconds": round(tl.late_outage_seconds, 1),
         "max_spool_depth": tl.max_spool_depth,
+        "max_spool_depth_bounded": (
+            tl.max_spool_depth if tl.max_spool_depth_bounded is None else tl.max_spool_depth_bounded
+        ),
         "spool_drain_seconds": (tl.spool_drained - back) if back and tl.spool_drained else None,
         "settle_seconds": tl.settled - tl.last_create,
         "create_seconds": tl.last_create - tl.first_create,

@@ -22,7 +22,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -105,6 +105,9 @@ class Timeline:
     late_outage_seconds: float = 0.0
     spool_drained: float | None = None
     max_spool_depth: float = 0.0
+    #: The deepest the spool got while the receiver ran with the profile's bound (``None``:
+    #: the bound was never lifted, so ``max_spool_depth`` is that figure).
+    max_spool_depth_bounded: float | None = None
     #: (seconds after the first task, spool depth) at every change of the sampled depth.
     spool_depths: list[tuple[float, float]] = field(default_factory=list)
     operator_kills: list[KillWindow] = field(default_factory=list)
@@ -358,6 +361,13 @@ class ChaosRun:
         await self._quiet_before_late_tasks()
         await self._late_provider(client)
         await self._provider_ready(client, LATE_PROVIDER)
+        if self.profile.spool_max_records:
+            # The spool-full fault is over: a receiver still at a bound of a few records would
+            # refuse these pingbacks (503) behind the others the outage spools, and this fault
+            # would test nothing. Restart it (a SIGKILL, counted) with the chart's default bound.
+            self.timeline.max_spool_depth_bounded = self.timeline.max_spool_depth
+            self.stack.config = replace(self.stack.config, sidecar_args=())
+            await self._kill_restart("sidecar", self.sidecar, self.timeline.sidecar_kills, http)
         for task in self.plan.late_tasks:
             body = task_body(task)
             body["spec"]["providerRef"] = {"name": LATE_PROVIDER}
