@@ -677,8 +677,9 @@ def recorded_twice(
     """Results announced more than once per task, against the emulator's pingback accounting.
 
     A task's result is announced by a receiver (a pingback it recorded) or by the operator (a
-    fallback poll that recorded it: a ``Solved`` Event "recovered by fallback poll"). Each
-    recording appends a ``Complete`` condition. A task counts as recorded twice when it has more
+    fallback poll that recorded it: ``deliveredBy: poll`` in the ledger, and a ``Solved`` Event
+    "recovered by fallback poll" when the operator posts routine Events). Each recording
+    appends a ``Complete`` condition. A task counts as recorded twice when it has more
     than one ``Complete`` condition, more than one recovery, or a recovery although its result
     was delivered by a pingback; and in total the announcements may not exceed the tasks solved
     (the larger of the two counts is reported).
@@ -707,6 +708,8 @@ def recorded_twice(
             twice.append(name)
     solved = sum(1 for t in tasks if t.get("status", {}).get("phase") == "Solved")
     by_pingback = sum(1 for t in tasks if t.get("status", {}).get("deliveredBy") == "pingback")
+    # From the ledger: the operator posts the routine Solved Event only with --routine-events.
+    by_poll = sum(1 for t in tasks if t.get("status", {}).get("deliveredBy") == "poll")
     recorded = int(sum(c.get("recorded", 0.0) for c in receivers.values()))
     duplicates = int(sum(c.get("duplicate", 0.0) for c in receivers.values()))
     announced = recorded + sum(recoveries.values())
@@ -720,7 +723,7 @@ def recorded_twice(
         "recorded_twice": max(len(twice), announced - solved),
         "recorded_twice_examples": sorted(twice)[:10],
         "delivered_by_pingback": by_pingback,
-        "recovered_by_poll": sum(recoveries.values()),
+        "recovered_by_poll": by_poll,
         "receivers_recorded": recorded,
         "receivers_duplicate": duplicates,
         "emulator_pingbacks_delivered": delivered,
