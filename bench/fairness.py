@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import json
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -36,7 +35,7 @@ from typing import Any, Final
 import aiohttp
 import yaml
 
-from bench import cluster, cores, wrk
+from bench import cluster, ingest, wrk
 from bench.loadgen import percentile
 from bench.profiles import Profile
 from captchatask import kube, testbed
@@ -207,30 +206,6 @@ async def _capacity(stack: Stack, tasks: Sequence[cluster.SubmittedTask]) -> flo
         return len(tasks) / (time.perf_counter() - started)
 
 
-def _storm(stack: Stack, paths_file: Path, *, rate: float, seconds: float) -> dict[str, Any]:
-    argv = [
-        sys.executable, "-m", "bench.loadgen", "--base", stack.pingback_url,
-        "--paths", str(paths_file), "--rate", f"{rate:.0f}", "--seconds", str(seconds),
-    ]  # fmt: skip
-    done = subprocess.run(
-        cores.pinned(cores.LOAD_CORE, argv),
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=seconds + 300,
-    )
-    result: dict[str, Any] = json.loads(done.stdout)
-    return result
-
-
-def _outcomes(stack: Stack) -> dict[str, float]:
-    samples = cluster.scrape(stack.sidecar_metrics_url)
-    return {
-        outcome: cluster.metric_sum(samples, "captchatask_pingbacks_total", outcome=outcome)
-        for outcome in ("recorded", "spooled", "rejected")
-    }
-
-
 def _wait_drained(stack: Stack) -> float:
     """Wait until the receiver's spool is empty; seconds waited."""
     started = time.monotonic()
@@ -283,14 +258,16 @@ def _flow_delta(
 def _storm_with_reader(
     stack: Stack, reader: _Reader, paths_file: Path, *, rate: float, seconds: float
 ) -> dict[str, Any]:
-    before = _outcomes(stack)
+    before = ingest.pingback_outcomes(stack)
     flow_before = _flowcontrol(stack)
     reader.start()
     try:
-        storm = _storm(stack, paths_file, rate=rate, seconds=seconds)
+        storm = ingest.paced(
+            stack.pingback_url, paths_file, rate=round(rate), seconds=seconds, timeout_margin=300
+        )
     finally:
         listing = reader.stop()
-    after = _outcomes(stack)
+    after = ingest.pingback_outcomes(stack)
     return {
         "priority_levels": _flow_delta(flow_before, _flowcontrol(stack)),
         "list_pods": listing,

@@ -161,7 +161,10 @@ def baselines(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     return out
 
 
-def _paced(base: str, paths_file: Path, *, rate: float, seconds: float) -> dict[str, Any]:
+def paced(
+    base: str, paths_file: Path, *, rate: float, seconds: float, timeout_margin: float = 120.0
+) -> dict[str, Any]:
+    """Offer ``rate`` pingbacks/s for ``seconds`` (open loop, load-generator core); its result."""
     argv = [
         sys.executable, "-m", "bench.loadgen", "--base", base, "--paths", str(paths_file),
         "--rate", str(rate), "--seconds", str(seconds),
@@ -171,13 +174,14 @@ def _paced(base: str, paths_file: Path, *, rate: float, seconds: float) -> dict[
         capture_output=True,
         text=True,
         check=True,
-        timeout=seconds + 120,
+        timeout=seconds + timeout_margin,
     )
     result: dict[str, Any] = json.loads(done.stdout)
     return result
 
 
-def _outcomes(stack: Stack) -> dict[str, float]:
+def pingback_outcomes(stack: Stack) -> dict[str, float]:
+    """The sidecar's pingback counters by outcome, scraped now."""
     samples = cluster.scrape(stack.sidecar_metrics_url)
     return {
         outcome: cluster.metric_sum(samples, "captchatask_pingbacks_total", outcome=outcome)
@@ -255,9 +259,9 @@ def _overload(
     _wait_drained(stack)
     before_samples = cluster.scrape(stack.sidecar_metrics_url)
     before = _applied(before_samples)
-    outcomes_before = _outcomes(stack)
+    outcomes_before = pingback_outcomes(stack)
     api_before = cluster.apiserver_metrics(stack)
-    run = _paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
+    run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
     in_flight: list[float] = []
     done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
@@ -266,7 +270,7 @@ def _overload(
     diverted = _diverted(after_samples)
     diverted_before = _diverted(before_samples)
     return run | {
-        "outcomes": _delta(_outcomes(stack), outcomes_before),
+        "outcomes": _delta(pingback_outcomes(stack), outcomes_before),
         "diverted": {key: diverted[key] - diverted_before[key] for key in diverted},
         "results": len(tasks),
         "applied": applied,
@@ -471,16 +475,16 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
 
         say(f"ledger path: paced {profile.ledger_rate:g} req/s for {profile.paced_seconds:g}s")
         paced_file = wrk.write_paths(workdir / "ledger-paced.paths", paced_paths)
-        before = _outcomes(stack)
-        out["ledger_paced"] = _paced(
+        before = pingback_outcomes(stack)
+        out["ledger_paced"] = paced(
             stack.pingback_url, paced_file, rate=profile.ledger_rate, seconds=profile.paced_seconds
         )
-        out["ledger_paced"]["outcomes"] = _delta(_outcomes(stack), before)
+        out["ledger_paced"]["outcomes"] = _delta(pingback_outcomes(stack), before)
 
         _wait_drained(stack)  # the paced run's spooled results: applied before wrk starts
         say(f"ledger path: wrk {profile.ledger_wrk_seconds:g}s over {len(wrk_paths)} tasks")
         wrk_file = wrk.write_paths(workdir / "ledger-wrk.paths", wrk_paths)
-        before = _outcomes(stack)
+        before = pingback_outcomes(stack)
         api_before = cluster.apiserver_metrics(stack)
         spy = profiler.Profiler(
             sidecar_pid, workdir / "sidecar-ledger.pyspy", seconds=profile.ledger_wrk_seconds
@@ -492,7 +496,7 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
                 seconds=profile.ledger_wrk_seconds,
                 workdir=workdir,
             )
-        outcomes = _delta(_outcomes(stack), before)
+        outcomes = _delta(pingback_outcomes(stack), before)
         out["ledger_wrk"] = result.as_json() | {
             "outcomes": outcomes,
             "recorded_per_second": round(outcomes["recorded"] / result.seconds, 1),
@@ -519,7 +523,7 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         opened = time.perf_counter()
         cluster.fetch_text(stack.pingback_url + paths[0])
         out["spool_circuit_open_ms"] = round((time.perf_counter() - opened) * 1e3, 1)
-        before = _outcomes(stack)
+        before = pingback_outcomes(stack)
         spy = profiler.Profiler(
             sidecar_pid, workdir / "sidecar-spool.pyspy", seconds=profile.wrk_seconds
         )
@@ -527,15 +531,15 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
             result = wrk.run(
                 stack.pingback_url, all_file, seconds=profile.wrk_seconds, workdir=workdir
             )
-        outcomes = _delta(_outcomes(stack), before)
+        outcomes = _delta(pingback_outcomes(stack), before)
         out["spool_wrk"] = result.as_json() | {"outcomes": outcomes, "profile": spy.summary()}
         say(f"  {result.requests_per_second:,.0f} req/s, p99 {result.p99_ms:.2f} ms")
         say(f"spool path: paced {profile.spool_rate:g} req/s for {profile.paced_seconds:g}s")
-        before = _outcomes(stack)
-        out["spool_paced"] = _paced(
+        before = pingback_outcomes(stack)
+        out["spool_paced"] = paced(
             stack.pingback_url, all_file, rate=profile.spool_rate, seconds=profile.paced_seconds
         )
-        out["spool_paced"]["outcomes"] = _delta(_outcomes(stack), before)
+        out["spool_paced"]["outcomes"] = _delta(pingback_outcomes(stack), before)
         # The spool now holds results for tasks that already have theirs: replaying them
         # would only measure duplicates. Stop the sidecar before the API server wakes up.
         stack.kill("sidecar")
