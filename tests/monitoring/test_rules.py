@@ -64,6 +64,8 @@ def test_the_required_alerts_exist(alerts: list[dict[str, Any]]) -> None:
         "CaptchataskDeadLettersGrowing",
         "CaptchataskSpoolNotDraining",
         "CaptchataskSpoolNearlyFull",
+        "CaptchataskBackgroundLoopCrashing",
+        "CaptchataskDeadLettersUnwritten",
         "CaptchataskFallbackRecoveryRatioHigh",
         "CaptchataskProviderNotReady",
         "CaptchataskTasksPastDeadline",
