@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tests.chaos.conftest import TEARDOWN_GRACE_SECONDS, run_bounded
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 
@@ -25,7 +25,7 @@ DEFAULT_SEED = "20261128"
 RUN_TIMEOUT_SECONDS = 480
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_SECONDS + 60)
+@pytest.mark.timeout(RUN_TIMEOUT_SECONDS + TEARDOWN_GRACE_SECONDS + 60)
 def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     repo_root: Path, tmp_path: Path
 ) -> None:
@@ -33,15 +33,8 @@ def test_ci_profile_loses_nothing_duplicates_nothing_and_leaks_no_secret(
     figures_file = tmp_path / "chaos-ci.json"
     argv = [sys.executable, "-m", "bench.chaos", "--profile", "ci", "--seed", seed]
     argv += ["--workdir", str(tmp_path / "stack"), "--json", str(figures_file)]
-    run = subprocess.run(
-        argv,
-        cwd=repo_root,
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT_SECONDS,
-        check=False,
-    )
-    output = run.stdout + run.stderr
+    run = run_bounded(argv, cwd=repo_root, timeout=RUN_TIMEOUT_SECONDS)
+    output = run.stdout
     assert run.returncode == 0, output[-6000:]
     document = json.loads(figures_file.read_text())
     figures = document["figures"]
