@@ -29,6 +29,7 @@ import argparse
 import datetime as dt
 import json
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -234,8 +235,13 @@ def _record_bugs(path: Path, results: dict[str, Any]) -> None:
         sink.write("\n".join(lines) + "\n")
 
 
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds through each phase's finally: its stack is stopped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``make bench``."""
+    signal.signal(signal.SIGTERM, _terminate)
     run(argv)
     return 0
 

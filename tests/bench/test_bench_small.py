@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.bounded import run_bounded
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = (
@@ -43,21 +43,14 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
         sys.executable, "-m", "bench.run", "--profile", "small",
         "--results-dir", str(out), "--workdir", str(out / "work"),
     ]  # fmt: skip
-    done = subprocess.run(
-        argv,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=1020,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    done = run_bounded(argv, cwd=REPO, timeout=1020)
+    assert done.returncode == 0, done.stdout[-8000:]
     results = json.loads((out / "small.json").read_text(encoding="utf-8"))
     return results, (out / "small.md").read_text(encoding="utf-8"), done.stdout
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_every_phase_ran_without_error(small_run: tuple[dict[str, Any], str, str]) -> None:
     results, _markdown, _stdout = small_run
     for phase in ("ingestion", "calls", "scale", "writes", "fairness", "startup"):
@@ -66,7 +59,7 @@ def test_every_phase_ran_without_error(small_run: tuple[dict[str, Any], str, str
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_the_results_name_the_machine_and_the_versions(
     small_run: tuple[dict[str, Any], str, str],
 ) -> None:
@@ -82,7 +75,7 @@ def test_the_results_name_the_machine_and_the_versions(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_ingestion_figures_are_finite_for_every_server(
     small_run: tuple[dict[str, Any], str, str],
 ) -> None:
@@ -99,7 +92,7 @@ def test_ingestion_figures_are_finite_for_every_server(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_the_api_ceiling_and_the_overload_run_are_whole(
     small_run: tuple[dict[str, Any], str, str],
 ) -> None:
@@ -115,7 +108,7 @@ def test_the_api_ceiling_and_the_overload_run_are_whole(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_calls_and_recovery_cover_every_loss_level(
     small_run: tuple[dict[str, Any], str, str],
 ) -> None:
@@ -131,7 +124,7 @@ def test_calls_and_recovery_cover_every_loss_level(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_scale_accounts_for_every_task(small_run: tuple[dict[str, Any], str, str]) -> None:
     results = small_run[0]
     scale = results["scale"]
@@ -142,7 +135,7 @@ def test_scale_accounts_for_every_task(small_run: tuple[dict[str, Any], str, str
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_all_five_tables_are_printed_and_written(
     small_run: tuple[dict[str, Any], str, str],
 ) -> None:
@@ -153,7 +146,7 @@ def test_all_five_tables_are_printed_and_written(
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1080)
+@pytest.mark.timeout(1140)
 def test_the_api_server_footprint_phases_account_for_every_task(
     small_run: tuple[dict[str, Any], str, str],
 ) -> None:

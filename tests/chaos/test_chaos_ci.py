@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.chaos.conftest import TEARDOWN_GRACE_SECONDS, run_bounded
+from tests.bounded import TEARDOWN_GRACE_SECONDS, run_bounded
 
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 

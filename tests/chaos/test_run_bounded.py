@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.chaos.conftest import run_bounded
+from tests.bounded import run_bounded
 
 #: A child that, like ``python -m bench.chaos``, tears down on SIGTERM (here: writes a file).
 _TEARS_DOWN = """

@@ -1,10 +1,10 @@
-"""Running ``python -m bench.chaos`` from a test without leaking its stack on a hang.
+"""Running ``python -m bench.chaos`` / ``bench.run`` from a test without leaking a stack on a hang.
 
-``subprocess.run(timeout=...)`` ends an overdue child with SIGKILL, which gives the chaos run no
-chance to stop what it started: its emulator, operator, sidecar, etcd and kube-apiserver kept
-running after the test failed, loading the machine for every later test. The run stops its stack
-on SIGTERM (``bench/chaos/__main__.py`` turns it into ``SystemExit``), so an overdue run is sent
-SIGTERM first and killed only if it has not finished tearing down after a grace period.
+``subprocess.run(timeout=...)`` ends an overdue child with SIGKILL, which gives the run no chance
+to stop what it started: its emulator, operator, sidecar, etcd and kube-apiserver kept running
+after the test failed, loading the machine for every later test. Both entry points stop their
+stacks on SIGTERM (they turn it into ``SystemExit``), so an overdue run is sent SIGTERM first and
+killed only if it has not finished tearing down after a grace period.
 """
 
 from __future__ import annotations
