@@ -213,6 +213,7 @@ class Engine:
             self.schedule.clear()
             self.poller.batches.clear()
             self.poller.polls.clear()
+            self.poller.held.clear()  # their writers were cancelled above; the next active polls
             self.busy.clear()
             self.checks.clear()
             self.requeuer.clear()

@@ -18,6 +18,15 @@ Each answer is applied through the ledger like any other result: a found answer 
 a result the provider no longer holds fails it with ``ResultExpired``, and ``CAPCHA_NOT_READY``
 plans the next poll (:func:`policy.after_poll`, never beyond ``maxPolls``).
 
+A final answer (a solution or a permanent code) that the API server does not take is *held*
+(:attr:`Poller.held`) and written again with back-off until the ledger takes it, instead of
+being dropped and fetched again: during an outage the solver would otherwise be asked once per
+due task every retry, for an answer the operator already had. A held answer carries the time it
+arrived, so one that came before the task's deadline still replaces the ``DeadlineExceeded``
+the operator may write meanwhile (:func:`captchatask.decision.decide`), and its task is not
+polled again while it is held. An operator restart forgets held answers; the task's next
+fallback poll fetches the answer again.
+
 An answer whose task vanished (or was recreated) while the request was in flight is authentic
 and paid for: it becomes a dead letter through :meth:`Ledger.dead_letter`, exactly as a
 pingback would, so the requeue loop can still deliver it (e.g. to an adopted task that owns the
@@ -65,6 +74,12 @@ POLL_SOURCE: Final = "poll"
 #: held through a long outage within a minute of the API server's return.
 LETTER_RETRY_FIRST_SECONDS: Final = 1.0
 LETTER_RETRY_MAX_SECONDS: Final = 60.0
+#: Back-off of a held poll answer: first step and cap (seconds). A small cap: the answer should
+#: reach the ledger within seconds of the API server's return.
+HELD_RETRY_FIRST_SECONDS: Final = 1.0
+HELD_RETRY_MAX_SECONDS: Final = 4.0
+#: Poll outcomes that are the task's answer (held when the ledger cannot take them).
+FINAL_OUTCOMES: Final = frozenset({PollOutcome.SOLVED, PollOutcome.FAILED})
 
 LetterKey = tuple[str, str, str, str]
 
@@ -77,6 +92,14 @@ class UnwrittenLetter:
     result: Result
     reason: DeadLetterReason
     message: str
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class HeldAnswer:
+    """A final poll answer the ledger did not take yet, and when the solver gave it."""
+
+    result: PollResult
     received_at: dt.datetime
 
 
@@ -133,6 +156,11 @@ class Poller:
         self.unwritten: dict[LetterKey, UnwrittenLetter] = {}
         #: First step and cap of their back-off (seconds).
         self.letter_retry = (LETTER_RETRY_FIRST_SECONDS, LETTER_RETRY_MAX_SECONDS)
+        #: Final answers the ledger did not take yet, by task: written again with back-off
+        #: (:meth:`_keep_applying`), and their tasks are not polled meanwhile.
+        self.held: dict[TaskKey, HeldAnswer] = {}
+        #: First step and cap of that back-off (seconds).
+        self.held_retry = (HELD_RETRY_FIRST_SECONDS, HELD_RETRY_MAX_SECONDS)
 
     def collect(self, provider_key: ProviderKey, key: TaskKey, *, due: float) -> None:
         """Add a poll that came due (at ``due``, epoch seconds) to its provider's batch."""
@@ -210,6 +238,8 @@ class Poller:
                 if key in engine.busy:
                     engine.schedule_at(Kind.POLL, key, now + policy.BUSY_RETRY)
                     continue
+                if key in self.held:
+                    continue  # its answer is here already, on its way to the ledger
                 provider_task_id = task.known_provider_task_id
                 if provider_task_id is None:
                     continue
@@ -258,14 +288,41 @@ class Poller:
     async def _after_poll(
         self, state: ProviderState, task: TaskRecord, result: PollResult, *, was_due: float | None
     ) -> None:
-        """Apply one task's poll result; on an API failure, poll again soon (nothing lost)."""
+        """Apply one task's poll result; on an API failure hold a final answer, else poll again."""
+        received_at = self.deps.clock()
         try:
             await self.apply(state, task, result, was_due=was_due)
         except Exception as exc:  # noqa: BLE001 - one task's failure must not stop its batch
             if isinstance(exc, kube.KubeUnavailable):
                 self.engine.note_ledger_unavailable()
-            logger.warning("poll result of %s/%s not applied: %r", *task.key, exc)
-            self.engine.schedule_at(Kind.POLL, task.key, self.deps.clock() + policy.API_RETRY)
+            if policy.classify_poll(result) not in FINAL_OUTCOMES:
+                logger.warning("poll result of %s/%s not applied: %r", *task.key, exc)
+                self.engine.schedule_at(Kind.POLL, task.key, received_at + policy.API_RETRY)
+                return
+            logger.warning(
+                "poll answer of %s/%s held until the ledger takes it: %r", *task.key, exc
+            )
+            self.held[task.key] = HeldAnswer(result=result, received_at=received_at)
+            self.engine.spawn(self._keep_applying(state, task))
+
+    async def _keep_applying(self, state: ProviderState, task: TaskRecord) -> None:
+        """Write one held answer with capped exponential back-off until the ledger takes it.
+
+        The ledger decides what it becomes by then (the task may have been solved by a pingback,
+        failed by its deadline, or deleted: a dead letter); the solver is not asked again.
+        """
+        delay, cap = self.held_retry
+        while (held := self.held.get(task.key)) is not None:
+            await asyncio.sleep(delay)
+            try:
+                await self.apply(state, task, held.result, held=held)
+            except Exception as exc:  # noqa: BLE001 - retried until the API server takes it
+                if isinstance(exc, kube.KubeUnavailable):
+                    self.engine.note_ledger_unavailable()
+                logger.debug("held poll answer of %s/%s not applied yet: %r", *task.key, exc)
+                delay = min(cap, delay * 2)
+                continue
+            self.held.pop(task.key, None)
 
     async def apply(
         self,
@@ -274,17 +331,22 @@ class Poller:
         result: PollResult,
         *,
         was_due: float | None = None,
+        held: HeldAnswer | None = None,
     ) -> None:
         """Apply one poll result to one task as it was when the poll went out.
 
-        ``was_due``: when the poll was due, if a bulk request carried it early.
+        ``was_due``: when the poll was due, if a bulk request carried it early. ``held``: the
+        answer is a held one, written again (counted as a poll when it arrived, not now; its
+        receipt time decides whether it replaces a failure written since).
         """
         engine = self.engine
+        received_at = held.received_at if held is not None else None
         async with self._record_sem:
             outcome = policy.classify_poll(result)
             label = state.spec.key
-            engine.counters.polls += 1
-            self.deps.metrics.fallback_polls.labels(*label, str(outcome)).inc()
+            if held is None:
+                engine.counters.polls += 1
+                self.deps.metrics.fallback_polls.labels(*label, str(outcome)).inc()
             provider_task_id = task.known_provider_task_id
             if isinstance(result, Solution):
                 found = Result.solved(
@@ -293,7 +355,7 @@ class Poller:
                     provider_task_id=provider_task_id,
                     user_agent=result.user_agent,
                 )
-                recorded = await self.deps.ledger.record(task.ref, found)
+                recorded = await self.deps.ledger.record(task.ref, found, received_at=received_at)
                 if recorded.outcome is Outcome.RECORDED:
                     self.deps.metrics.fallback_recoveries.labels(*label).inc()
                     engine.event(
@@ -302,7 +364,7 @@ class Poller:
                         "Solved",
                         "solved; recovered by fallback poll (no pingback arrived in time)",
                     )
-                await self._dead_letter_if_orphaned(task, found, recorded)
+                await self._dead_letter_if_orphaned(task, found, recorded, received_at=received_at)
                 engine.remember(recorded.task)
                 return
             if outcome is PollOutcome.FAILED:
@@ -312,7 +374,7 @@ class Poller:
                     delivered_by=DeliveredBy.POLL,
                     provider_task_id=provider_task_id,
                 )
-                recorded = await self.deps.ledger.record(task.ref, failed)
+                recorded = await self.deps.ledger.record(task.ref, failed, received_at=received_at)
                 if recorded.outcome is Outcome.RECORDED:
                     self.deps.metrics.permanent_failures.labels(
                         *label, failure_label(result.code)
@@ -320,7 +382,7 @@ class Poller:
                     engine.event(
                         task.ref, EventType.WARNING, "Failed", f"{result.code}: {result.reason}"
                     )
-                await self._dead_letter_if_orphaned(task, failed, recorded)
+                await self._dead_letter_if_orphaned(task, failed, recorded, received_at=received_at)
                 engine.remember(recorded.task)
                 return
             if outcome is PollOutcome.EXPIRED:
@@ -375,7 +437,12 @@ class Poller:
                 engine.store(written)
 
     async def _dead_letter_if_orphaned(
-        self, task: TaskRecord, result: Result, recorded: Recorded
+        self,
+        task: TaskRecord,
+        result: Result,
+        recorded: Recorded,
+        *,
+        received_at: dt.datetime | None = None,
     ) -> None:
         """A result the ledger could not apply (task gone, recreated...) becomes a letter.
 
@@ -389,7 +456,7 @@ class Poller:
             result=result,
             reason=recorded.reason,
             message=f"fallback poll: {recorded.message}",
-            received_at=self.deps.clock(),
+            received_at=received_at or self.deps.clock(),
         )
         error = await self._write(letter)
         if error is None:
