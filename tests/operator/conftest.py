@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 import os
 import secrets
@@ -28,14 +29,19 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from captchatask import kube, model, testbed
 from captchatask.decision import Result
 from captchatask.emulator.config import DEFAULT_API_KEY, EmulatorConfig
 from captchatask.emulator.server import RunningEmulator, run_emulator
+from captchatask.events import EventRecorder
 from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask.signing import PingbackSigner, parse_path_parts
+from captchatask_operator.engine import Engine, utcnow
+from captchatask_operator.metrics import Metrics
+from captchatask_operator.settings import Settings
 
 PEERING_CRD = Path(__file__).parents[2] / "operator" / "captchatask_operator" / "peering-crd.yaml"
 #: Generous upper bound for any wait in these tests (a bound on failure, not a timing assertion).
@@ -401,6 +407,33 @@ def emulator_config() -> EmulatorConfig:
 async def emulator(emulator_config: EmulatorConfig) -> AsyncIterator[RunningEmulator]:
     async with run_emulator(emulator_config) as running:
         yield running
+
+
+def operator_engine(
+    client: kube.KubeClient,
+    session: aiohttp.ClientSession,
+    settings: Settings,
+    *,
+    clock: Callable[[], dt.datetime] | None = None,
+    registry: CollectorRegistry | None = None,
+) -> Engine:
+    """An engine wired as the operator wires it, in-process, with Events not posted.
+
+    The tests read the ledger and the metrics, not Events; ``clock`` drives both the engine and
+    its ledger (a fake one for schedules), ``registry`` lets a test read the metrics.
+    """
+    events_clock = clock or utcnow
+    return Engine(
+        client=client,
+        http=session,
+        signer=None,
+        settings=settings,
+        metrics=Metrics(registry or CollectorRegistry()),
+        events=EventRecorder(
+            client, component="test", instance="test", clock=events_clock, enabled=False
+        ),
+        clock=events_clock,
+    )
 
 
 def ref_of(body: dict[str, Any]) -> TaskRef:

@@ -21,13 +21,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from tests.operator.conftest import operator_engine
 
 from captchatask import kube, model, testbed
 from captchatask.decision import CONDITION_SUBMITTED, set_condition
 from captchatask.emulator.config import DEFAULT_API_KEY
 from captchatask.emulator.server import RunningEmulator
-from captchatask.events import EventRecorder
 from captchatask.ledger import Ledger
 from captchatask.model import Phase, TaskView
 from captchatask.provider.client import ProviderClient
@@ -35,7 +34,6 @@ from captchatask.provider.codes import Dialect
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import ProviderState
 from captchatask_operator.engine import Engine
-from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import FailureCode
 from captchatask_operator.records import ProviderSpec, TaskRecord
 
@@ -79,20 +77,7 @@ async def setup(
     settings = settings_module.parse(["--namespace", namespace], {})
     async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
         client = RefusingStatusClient(config, session)
-        eng = Engine(
-            client=client,
-            http=session,
-            signer=None,
-            settings=settings,
-            metrics=Metrics(CollectorRegistry()),
-            events=EventRecorder(
-                client,
-                component="test",
-                instance="test",
-                clock=lambda: dt.datetime.now(dt.UTC),
-                enabled=False,
-            ),
-        )
+        eng = operator_engine(client, session, settings)
         spec = ProviderSpec.from_body(
             {
                 "metadata": {"namespace": namespace, "name": "default", "uid": "uid-p"},

@@ -17,14 +17,12 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from tests.operator.conftest import operator_engine
 
 from captchatask import kube, model, testbed
-from captchatask.events import EventRecorder
 from captchatask_operator import settings as settings_module
 from captchatask_operator.endings import ENDINGS_CONCURRENCY
 from captchatask_operator.engine import Engine
-from captchatask_operator.metrics import Metrics
 from captchatask_operator.records import TaskRecord
 from captchatask_operator.schedule import Kind
 
@@ -67,20 +65,7 @@ async def engine(
     async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
         client = CountingClient(config, session)
         yield (
-            Engine(
-                client=client,
-                http=session,
-                signer=None,
-                settings=settings,
-                metrics=Metrics(CollectorRegistry()),
-                events=EventRecorder(
-                    client,
-                    component="test",
-                    instance="test",
-                    clock=lambda: dt.datetime.now(dt.UTC),
-                    enabled=False,
-                ),
-            ),
+            operator_engine(client, session, settings),
             kube.KubeClient(config, session),
         )
 

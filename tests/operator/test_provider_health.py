@@ -14,10 +14,9 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from tests.operator.conftest import operator_engine
 
 from captchatask import kube, model
-from captchatask.events import EventRecorder
 from captchatask.provider import codes
 from captchatask.provider.client import ProviderClient
 from captchatask.provider.codes import Classification, Dialect
@@ -25,7 +24,6 @@ from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import ProviderState
 from captchatask_operator.engine import Engine
-from captchatask_operator.metrics import Metrics
 from captchatask_operator.records import ProviderSpec, TaskRecord
 from captchatask_operator.schedule import Kind
 
@@ -58,17 +56,7 @@ async def engine() -> AsyncIterator[tuple[Engine, FakeClock]]:
     async with aiohttp.ClientSession() as session:
         client = kube.KubeClient(kube.KubeConfig(server="https://127.0.0.1:9"), session)
         yield (
-            Engine(
-                client=client,
-                http=session,
-                signer=None,
-                settings=settings,
-                metrics=Metrics(CollectorRegistry()),
-                events=EventRecorder(
-                    client, component="test", instance="test", clock=clock, enabled=False
-                ),
-                clock=clock,
-            ),
+            operator_engine(client, session, settings, clock=clock),
             clock,
         )
 

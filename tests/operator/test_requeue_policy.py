@@ -16,10 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from tests.operator.conftest import operator_engine
 
 from captchatask import deadletters, kube, model
 from captchatask.deadletters import Action, Backoff, LetterView
-from captchatask.events import EventRecorder
 from captchatask.model import DeadLetterPhase
 from captchatask_operator import settings as settings_module
 from captchatask_operator.engine import Engine
@@ -208,17 +208,7 @@ async def engine() -> AsyncIterator[tuple[Engine, FakeClock]]:
     async with aiohttp.ClientSession() as session:
         client = kube.KubeClient(kube.KubeConfig(server="https://127.0.0.1:9"), session)
         yield (
-            Engine(
-                client=client,
-                http=session,
-                signer=None,
-                settings=settings,
-                metrics=Metrics(CollectorRegistry()),
-                events=EventRecorder(
-                    client, component="test", instance="test", clock=clock, enabled=False
-                ),
-                clock=clock,
-            ),
+            operator_engine(client, session, settings, clock=clock),
             clock,
         )
 

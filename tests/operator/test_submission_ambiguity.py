@@ -25,20 +25,17 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from tests.operator.conftest import operator_engine
 
 from captchatask import kube, model, testbed
 from captchatask.decision import Outcome, Result
 from captchatask.emulator.config import EmulatorConfig
 from captchatask.emulator.server import RunningEmulator, run_emulator
-from captchatask.events import EventRecorder
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask.provider import codes
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import ProviderState
-from captchatask_operator.engine import Engine, utcnow
-from captchatask_operator.metrics import Metrics
 from captchatask_operator.policy import StepKind
 from captchatask_operator.queueing import ProviderQueue
 from captchatask_operator.records import ProviderSpec, TaskRecord
@@ -323,17 +320,7 @@ async def test_a_submission_postponed_by_an_unreachable_api_server_gives_its_slo
     async with aiohttp.ClientSession() as session:
         # A closed port: every API call is refused, exactly as while kube-apiserver is stopped.
         client = kube.KubeClient(kube.KubeConfig(server="https://127.0.0.1:9"), session)
-        engine = Engine(
-            client=client,
-            http=session,
-            signer=None,
-            settings=settings,
-            metrics=Metrics(CollectorRegistry()),
-            events=EventRecorder(
-                client, component="test", instance="test", clock=engine_clock, enabled=False
-            ),
-            clock=engine_clock,
-        )
+        engine = operator_engine(client, session, settings, clock=engine_clock)
         record = _record({})
         engine.tasks.put(record)
         queue = engine.queues.setdefault(record.provider_key, ProviderQueue())
@@ -369,17 +356,7 @@ async def test_after_an_outage_an_unresolved_intent_waits_for_the_receivers_to_c
     async with aiohttp.ClientSession() as session:
         # A closed port: every API call is refused, exactly as while kube-apiserver is stopped.
         client = kube.KubeClient(kube.KubeConfig(server="https://127.0.0.1:9"), session)
-        engine = Engine(
-            client=client,
-            http=session,
-            signer=None,
-            settings=settings,
-            metrics=Metrics(CollectorRegistry()),
-            events=EventRecorder(
-                client, component="test", instance="test", clock=clock, enabled=False
-            ),
-            clock=clock,
-        )
+        engine = operator_engine(client, session, settings, clock=clock)
         waiting = _record({})
         for seconds in (0.0, 15.0):  # the first and the last failed call of the outage
             now[0] = T0 + dt.timedelta(seconds=seconds)
@@ -424,16 +401,7 @@ async def test_an_outage_the_operator_had_nothing_to_write_in_is_still_noticed(
     settings = settings_module.parse(["--namespace", namespace], {})
     async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
         client = kube.KubeClient(config, session)
-        engine = Engine(
-            client=client,
-            http=session,
-            signer=None,
-            settings=settings,
-            metrics=Metrics(CollectorRegistry()),
-            events=EventRecorder(
-                client, component="test", instance="t", clock=utcnow, enabled=False
-            ),
-        )
+        engine = operator_engine(client, session, settings)
         await engine.activate()
         try:
 

@@ -18,13 +18,12 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
+from tests.operator.conftest import operator_engine
 
 from captchatask import kube, testbed
-from captchatask.events import EventRecorder
 from captchatask_operator import settings as settings_module
 from captchatask_operator.admin import Health, create_app
-from captchatask_operator.engine import Engine, utcnow
-from captchatask_operator.metrics import Metrics
+from captchatask_operator.engine import Engine
 
 AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, web.Application]]]
 #: A hang guard, never an assertion about speed.
@@ -81,16 +80,7 @@ async def running(
     registry = CollectorRegistry()
     async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
         client = kube.KubeClient(config, session)
-        engine = Engine(
-            client=client,
-            http=session,
-            signer=None,
-            settings=settings,
-            metrics=Metrics(registry),
-            events=EventRecorder(
-                client, component="test", instance="t", clock=utcnow, enabled=False
-            ),
-        )
+        engine = operator_engine(client, session, settings, registry=registry)
         admin = await aiohttp_client(
             create_app(
                 registry,

@@ -18,15 +18,13 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
+from tests.operator.conftest import operator_engine
 
 from captchatask import kube, model, testbed
-from captchatask.events import EventRecorder
 from captchatask.provider.replies import Solution
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import ProviderState
 from captchatask_operator.engine import Engine
-from captchatask_operator.metrics import Metrics
 from captchatask_operator.records import ProviderSpec, TaskRecord
 
 #: Refused creations before the API server "answers" again: more than the old 5 attempts.
@@ -60,20 +58,7 @@ async def engine(
     settings = settings_module.parse(["--namespace", namespace], {})
     async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
         client = RefusingClient(config, session)
-        eng = Engine(
-            client=client,
-            http=session,
-            signer=None,
-            settings=settings,
-            metrics=Metrics(CollectorRegistry()),
-            events=EventRecorder(
-                client,
-                component="test",
-                instance="test",
-                clock=lambda: dt.datetime.now(dt.UTC),
-                enabled=False,
-            ),
-        )
+        eng = operator_engine(client, session, settings)
         try:
             yield eng, kube.KubeClient(config, session)
         finally:
