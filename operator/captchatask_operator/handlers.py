@@ -43,8 +43,6 @@ DAEMON_CANCELLATION_TIMEOUT: Final = 10.0
 WORKER_LIMIT: Final = 256
 #: Seconds a kopf per-object worker waits for more events before freeing its slot (kopf: 5 s).
 WORKER_IDLE_TIMEOUT: Final = 0.25
-#: Seconds kopf coalesces one object's events before handling the latest (kopf: 0.1 s).
-WORKER_BATCH_WINDOW: Final = 0.02
 
 
 class Runtime:
@@ -165,9 +163,6 @@ def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> 
     # submitted busy: 256 slots / >= 5 s capped intake at ~50 new objects/s (BENCH-3). A worker
     # that is idle for a fraction of a second costs nothing to restart, so release it quickly.
     kopf_settings.queueing.idle_timeout = WORKER_IDLE_TIMEOUT
-    # Coalescing an object's events for kopf's default 0.1 s buys nothing for a dict update
-    # (the latest body wins anyway) and delays every ADDED event by that much.
-    kopf_settings.queueing.batch_window = WORKER_BATCH_WINDOW
     # Errors in our handlers are bugs; retry them quickly rather than after kopf's minute.
     kopf_settings.execution.default_backoff = 5
     # Peering (only used with --peering): takeover happens within one lifetime of silence.

@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import kopf
 import pytest
 from prometheus_client import CollectorRegistry
 
@@ -15,7 +16,13 @@ from captchatask.events import EventType, ObjectRef, build_event
 from captchatask.model import TaskRef
 from captchatask_operator import cli
 from captchatask_operator import settings as settings_module
-from captchatask_operator.handlers import Runtime, build_registry
+from captchatask_operator.handlers import (
+    WORKER_IDLE_TIMEOUT,
+    WORKER_LIMIT,
+    Runtime,
+    build_registry,
+    configure_kopf,
+)
 from captchatask_operator.metrics import Metrics
 
 
@@ -181,3 +188,15 @@ def test_the_leader_daemon_puts_no_finalizer_on_the_peering_object() -> None:
 
     daemons = {str(h.id): h for h in registry._spawning.get_all_handlers()}
     assert daemons["leader"].requires_finalizer is False
+
+
+def test_kopf_is_configured_without_deprecated_settings() -> None:
+    """kopf warns about settings it ignores (time-based event batching was removed in 1.4x).
+
+    A deprecated setting does nothing but pretend to tune the operator; the suite turns warnings
+    into errors, so configuring kopf here fails on any setting kopf has deprecated.
+    """
+    kopf_settings = kopf.OperatorSettings()
+    configure_kopf(kopf_settings, settings_module.parse(["--namespace", "ns"], {}))
+    assert kopf_settings.queueing.worker_limit == WORKER_LIMIT
+    assert kopf_settings.queueing.idle_timeout == WORKER_IDLE_TIMEOUT
