@@ -139,6 +139,8 @@ class Engine:
         self.ledger_unavailable_at: dt.datetime | None = None
         #: The first failure of that outage (see policy.OUTAGE_GAP).
         self.ledger_unavailable_since: dt.datetime | None = None
+        #: When this engine last became active (an outage before it is unknown to it).
+        self.active_since: dt.datetime | None = None
         self.submitting = 0
         self._ops: set[asyncio.Task[None]] = set()
         self._timer: asyncio.Task[None] | None = None
@@ -177,6 +179,7 @@ class Engine:
                 return
             await self._rebuild()
             self.active = True
+            self.active_since = self.clock()
             self._timer = asyncio.create_task(self.timer_loop.run(), name="captchatask timer")
             self.spawn(self._probe_ledger())
             logger.info(
@@ -413,6 +416,7 @@ class Engine:
             poll_only_grace=self.settings.intent_grace_seconds,
             ledger_unavailable_at=self.ledger_unavailable_at,
             ledger_unavailable_since=self.ledger_unavailable_since,
+            active_since=self.active_since,
         )
         key = task.key
         queue = self.queues.setdefault(task.provider_key, ProviderQueue())

@@ -164,6 +164,7 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
     poll_only_grace: float,
     ledger_unavailable_at: dt.datetime | None = None,
     ledger_unavailable_since: dt.datetime | None = None,
+    active_since: dt.datetime | None = None,
 ) -> Step:
     """Decide the next submission step of a task (see the module docstring).
 
@@ -175,6 +176,12 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
     come again only when the provider retries. That backlog grows with the outage, so a missing
     pingback proves nothing until the grace *plus the outage's length* has run from the last
     failure (:func:`receivers_caught_up_at`), whenever the intent was written.
+
+    ``active_since`` is when this operator became the active one. An outage the previous
+    operator saw (or that ended just before this one started) is unknown to it, and the
+    receivers may still be replaying what they spooled: no intent is resolved before one grace
+    has run since the takeover. That delays a resubmission after a restart by at most one grace,
+    in exchange for never resubmitting a task whose pingback is still in a spool.
     """
     if task.deleting or task.terminal or task.phase is Phase.SUBMITTED:
         return Step(StepKind.NONE)
@@ -211,6 +218,8 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
                 ledger_unavailable_at, since=ledger_unavailable_since, grace=grace
             )
             resolve_at = max(resolve_at, caught_up)
+        if active_since is not None:
+            resolve_at = max(resolve_at, active_since + grace)
         if now < resolve_at:
             return Step(StepKind.WAIT, at=resolve_at, reason="UnresolvedIntent")
         if task.attempts >= max_attempts:

@@ -63,6 +63,7 @@ def step(record: TaskRecord, *, now: float = 0.0, ready: bool = True, **kw: Any)
         poll_only_grace=kw.get("grace", 30.0),
         ledger_unavailable_at=kw.get("ledger_unavailable_at"),
         ledger_unavailable_since=kw.get("ledger_unavailable_since"),
+        active_since=kw.get("active_since"),
     )
 
 
@@ -107,6 +108,30 @@ def test_an_unresolved_intent_waits_one_callback_timeout_for_a_pingback() -> Non
     resubmit = step(record, now=120.0)
     assert resubmit.kind is StepKind.SUBMIT
     assert resubmit.resubmit
+
+
+def test_an_operator_that_just_took_over_waits_one_grace_before_resubmitting() -> None:
+    # The intent is 500 s old, far past its 120 s grace, but this operator became active at
+    # 400 s: it cannot know whether the API server was away just before (an outage the previous
+    # operator saw is forgotten with it), while the receivers may still be replaying pingbacks
+    # they spooled. A missing pingback proves nothing until one grace after it took over.
+    record = task(
+        status={
+            "phase": "Pending",
+            "submission": {"intentAt": model.format_time(at(0)), "attempts": 1},
+        }
+    )
+    waiting = step(record, now=500.0, active_since=at(400))
+    assert (waiting.kind, waiting.at) == (StepKind.WAIT, at(520))
+    assert step(record, now=520.0, active_since=at(400)).resubmit
+    # An intent written after the takeover waits its own grace only.
+    later = task(
+        status={
+            "phase": "Pending",
+            "submission": {"intentAt": model.format_time(at(450)), "attempts": 1},
+        }
+    )
+    assert step(later, now=560.0, active_since=at(400)).at == at(570)
 
 
 def test_an_api_server_outage_restarts_the_wait_for_the_pingback() -> None:
