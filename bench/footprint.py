@@ -148,6 +148,21 @@ def startup_table(results: dict[str, Any]) -> str:
             f"healthy after {_n(op.get('healthy_s'))} s; all polled after "
             f"{_n(op.get('all_polled_s'))} s",
         ],
+    ]
+    takeover = up.get("takeover")
+    if takeover:
+        rows.append(
+            [
+                f"standby takeover → first fallback poll, {takeover.get('tasks', 0):,} tasks due",
+                f"{_n(takeover.get('takeover_to_first_poll_s'))} s",
+                "from the dead replica's peering record expiring; the active replica was "
+                f"SIGKILLed {_n(takeover.get('kill_to_record_expiry_s'))} s before that "
+                f"(`--peering-lifetime` {takeover.get('peering_lifetime_s')} s, set to outlast "
+                "preparing the tasks), first poll "
+                f"{_n(takeover.get('kill_to_first_poll_s'))} s after the kill",
+            ]
+        )
+    rows += [
         [
             f"receiver replay of a {rx.get('records', 0):,}-record spool "
             f"({rx.get('spool_bytes', 0) / 2**20:.0f} MiB)",
@@ -194,6 +209,11 @@ def verdicts(measured: dict[str, Any]) -> list[Verdict]:
     if up:
         checks: Sequence[tuple[str, Callable[[dict[str, Any]], Any], str]] = (
             ("operator", lambda run: run.get("first_poll_s"), "operator's first poll"),
+            (
+                "takeover",
+                lambda run: run.get("takeover_to_first_poll_s"),
+                "standby's first poll after its takeover",
+            ),
             ("receiver", lambda run: run.get("process_serving_backlog_s"), "receiver's replay"),
         )
         for key, read, label in checks:

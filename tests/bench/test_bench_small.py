@@ -165,3 +165,7 @@ def test_the_api_server_footprint_phases_account_for_every_task(
     assert _finite(startup["operator"]["first_poll_s"])
     assert startup["receiver"]["open_replayed"] == startup["receiver"]["records"]
     assert _finite(startup["receiver"]["process_serving_backlog_s"])
+    takeover = startup["takeover"]
+    assert _finite(takeover["takeover_to_first_poll_s"])
+    assert takeover["kill_to_takeover_s"] >= takeover["prepare_s"], "nobody active while preparing"
+    assert takeover["kill_to_first_poll_s"] >= takeover["kill_to_record_expiry_s"]
