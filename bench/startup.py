@@ -221,8 +221,8 @@ def standby_takeover(
         replicas.append(standby)
         _wait_role(standby, standby_port, active=False)
         active.signal(signal.SIGKILL)
-        killed = time.monotonic()
-        expires = killed + _record_expiry(stack, priority=200) - time.time()
+        killed, killed_at = time.monotonic(), time.time()
+        expires = killed + _record_expiry(stack, priority=200) - killed_at
         say(
             f"startup: active replica killed; preparing {tasks} Submitted tasks while the "
             f"standby waits out the {lifetime} s peering lifetime"
