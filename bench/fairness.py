@@ -76,7 +76,7 @@ SIZES: Final = {"full": (1000, 6.0, 200), "small": (100, 1.0, 20)}
 """Per profile: capacity-probe records, storm seconds, idle ``list pods`` samples."""
 #: ``apiPriority.nominalConcurrencyShares`` swept besides the chart's default (full profile), with
 #: lending and borrowing off so that each point's seats are all the level ever gets.
-SWEEP_SHARES: Final = {"full": (1, 2, 4, 10), "small": ()}
+SWEEP_SHARES: Final = {"full": (0, 1, 2, 4), "small": ()}
 #: The core of the receiver, the load generator and the unrelated client: not the plane's.
 WORKER_CORE: Final = cores.LOAD_CORE
 
@@ -298,6 +298,56 @@ def _flowcontrol(stack: Stack) -> dict[str, dict[str, float]]:
     return out
 
 
+def _list_pods_buckets(stack: Stack) -> dict[float, float]:
+    """The API server's own ``LIST pods`` duration histogram (only the unrelated client lists pods).
+
+    Its latency as the API server saw it, without the client's side: if the client's core is
+    busy, the two differ.
+    """
+    out: dict[float, float] = {}
+    for (name, labels), value in cluster.apiserver_metrics(stack).items():
+        label = dict(labels)
+        if (
+            name == "apiserver_request_duration_seconds_bucket"
+            and label.get("verb") == "LIST"
+            and label.get("resource") == "pods"
+        ):
+            bound = float(label["le"])
+            out[bound] = out.get(bound, 0.0) + value
+    return out
+
+
+def _bucket_p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """Upper bound (a bucket edge, in ms) of the p99 of the requests between two scrapes."""
+    delta = sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
+    total = delta[-1][1] if delta else 0.0
+    for bound, count in delta:
+        if total and count >= 0.99 * total:
+            return None if bound == float("inf") else round(bound * 1e3, 1)
+    return None
+
+
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """(busy, total) jiffies per core, from ``/proc/stat``."""
+    out = {}
+    for line in Path("/proc/stat").read_text(encoding="ascii").splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(field) for field in fields[:8]]
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+def _cpu_busy(before: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """Share of each core busy since ``before`` (either core saturated makes latency its own)."""
+    after = _cpu_times()
+    return {
+        f"core_{core}": round((busy - before[core][0]) / max(1, total - before[core][1]), 3)
+        for core, (busy, total) in after.items()
+        if core in before
+    }
+
+
 def _flow_delta(
     before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
 ) -> dict[str, dict[str, float]]:
@@ -323,6 +373,8 @@ def _storm_with_reader(
     before = ingest.pingback_outcomes(stack)
     flow_before = _flowcontrol(stack)
     applied_before = _applied(stack)
+    buckets_before = _list_pods_buckets(stack)
+    cpu_before = _cpu_times()
     reader.start()
     started = time.monotonic()
     try:
@@ -332,6 +384,8 @@ def _storm_with_reader(
     finally:
         listing = reader.stop()
     storm_wall = time.monotonic() - started
+    cpu = _cpu_busy(cpu_before)
+    listing["server_p99_ms_at_most"] = _bucket_p99_ms(buckets_before, _list_pods_buckets(stack))
     after = ingest.pingback_outcomes(stack)
     applied_storm = _applied(stack) - applied_before
     flows = _flow_delta(flow_before, _flowcontrol(stack))
@@ -345,6 +399,7 @@ def _storm_with_reader(
             for key in ("rate_target", "rate_achieved", "ok", "errors", "p50_ms", "p99_ms")
         },
         "outcomes": {key: after[key] - before[key] for key in after},
+        "cpu_busy": cpu,
         "ledger": {
             "applied_during_storm": applied_storm,
             "applied": applied,
@@ -397,7 +452,9 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         storm_tasks = round(rate * storm_seconds) + 16
         variants = _variants(profile.name)
         say(f"  {capacity:.0f} records/s; {len(variants)} storms of {storm_tasks} at {rate:.0f}/s")
+        buckets = _list_pods_buckets(stack)
         out["idle"] = reader.measure(idle_samples)
+        out["idle"]["server_p99_ms_at_most"] = _bucket_p99_ms(buckets, _list_pods_buckets(stack))
         say(f"  idle list pods p50 {out['idle']['p50_ms']} ms, p99 {out['idle']['p99_ms']} ms")
         for index, (label, sets) in enumerate(variants):
             tasks = asyncio.run(prepare(storm_tasks, f"s{index}"))
