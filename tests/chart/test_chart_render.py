@@ -645,3 +645,15 @@ def test_api_priority_puts_both_service_accounts_in_their_own_priority_level(
         for group in resource_rule["apiGroups"]
     }
     assert groups == {"captchatask.dev", ""}
+
+
+def test_api_priority_level_never_borrows_seats_beyond_its_own(render: Render) -> None:
+    # APF shares out seats, not CPU: seats borrowed from idle levels during a storm would let
+    # the components' writes keep the API server busy, which the level exists to prevent.
+    (level,) = _by_kind(render(sets=["apiPriority.enabled=true"]), "PriorityLevelConfiguration")
+    assert level["spec"]["limited"]["borrowingLimitPercent"] == 0
+    (unbounded,) = _by_kind(
+        render(sets=["apiPriority.enabled=true", "apiPriority.borrowingLimitPercent=null"]),
+        "PriorityLevelConfiguration",
+    )
+    assert "borrowingLimitPercent" not in unbounded["spec"]["limited"]
