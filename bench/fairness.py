@@ -75,8 +75,9 @@ DRAIN_TIMEOUT_SECONDS: Final = 300.0
 SIZES: Final = {"full": (1000, 6.0, 200), "small": (100, 1.0, 20)}
 """Per profile: capacity-probe records, storm seconds, idle ``list pods`` samples."""
 #: ``apiPriority.nominalConcurrencyShares`` swept besides the chart's default (full profile), with
-#: lending and borrowing off so that each point's seats are all the level ever gets.
-SWEEP_SHARES: Final = {"full": (0, 1, 2, 4), "small": ()}
+#: lending and borrowing off so that each point's seats are all the level ever gets. Not 0: a
+#: queueing level with no seats never dispatches (a "jail"), so the spool would never drain.
+SWEEP_SHARES: Final = {"full": (2, 4, 10), "small": ()}
 #: The core of the receiver, the load generator and the unrelated client: not the plane's.
 WORKER_CORE: Final = cores.LOAD_CORE
 
@@ -404,6 +405,7 @@ def _storm_with_reader(
             "applied_during_storm": applied_storm,
             "applied": applied,
             "drain_seconds": drain,
+            "drained": drain < DRAIN_TIMEOUT_SECONDS,
             # Results reach the ledger from the storm's start until the spool is empty again.
             "per_second": round(applied / (storm_wall + drain), 1),
         },
