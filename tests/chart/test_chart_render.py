@@ -620,7 +620,7 @@ def test_api_priority_puts_both_service_accounts_in_their_own_priority_level(
     (level,) = _by_kind(objects, "PriorityLevelConfiguration")
     (schema,) = _by_kind(objects, "FlowSchema")
     assert level["spec"]["type"] == "Limited"
-    assert level["spec"]["limited"]["nominalConcurrencyShares"] == 10
+    assert level["spec"]["limited"]["nominalConcurrencyShares"] == 1
     assert level["spec"]["limited"]["limitResponse"]["type"] == "Queue"
     assert schema["spec"]["priorityLevelConfiguration"]["name"] == level["metadata"]["name"]
     # Below kube's own service-accounts schema (9000), above the kube-system ones (900).
