@@ -24,11 +24,12 @@ server's ``X-Kubernetes-PF-FlowSchema-UID`` / ``-PriorityLevel-UID`` response he
 
 Layout, as in a cluster where the control plane has machines of its own: etcd and kube-apiserver
 are pinned to :data:`bench.cores.PLANE_CORE`, the receiver, the load generator and the unrelated
-client to the other core. The client stands for a workload on a worker node: on the plane's
-core its own scheduling would be charged to the API server (and its CPU to the API server's),
-and on no core at all it cannot run. APF shares out seats, not CPU: a level whose seats keep the
-API server's core busy protects nobody, which is what the sweep shows. Nothing here asserts a
-speed.
+client to the other core. The client stands for a workload on a worker node, so it runs with
+the workers: on the plane's core its own CPU and scheduling would be charged to the API server.
+Each storm records both cores' busy share (the workers' core must not be the one saturated) and
+the API server's own ``LIST pods`` histogram next to the client's figure. APF shares out seats,
+not CPU: a level whose seats keep the API server's core busy protects nobody, which is what the
+sweep shows. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
