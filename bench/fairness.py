@@ -433,6 +433,7 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         _pods(stack)
         stack.restart("sidecar")
         out["pinned"] = _pin(stack)
+        out["plane_core"] = cores.PLANE_CORE
         out["layout"] = (
             f"etcd and kube-apiserver on core {cores.PLANE_CORE}; receiver, load generator and "
             f"the unrelated client on core {WORKER_CORE}"

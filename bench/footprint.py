@@ -106,7 +106,10 @@ def fairness_table(results: dict[str, Any]) -> str:
     """
     fair = results["fairness"]
     idle = fair["idle"]
-    rows = [["idle", "-", "-", _n(idle["p50_ms"]), _n(idle["p99_ms"]), "-", "-", "-", "-"]]
+    rows = [
+        ["idle", "-", "-", _n(idle["p50_ms"]), _n(idle["p99_ms"]), "-", "-", "-", "-", "-", "-"]
+    ]
+    plane = f"core_{fair.get('plane_core', 0)}"
     labels = {
         "kubernetes_defaults": "storm, Kubernetes' default FlowSchemas",
         "chart_apf": "storm, with the chart's `apiPriority` objects",
@@ -122,6 +125,8 @@ def fairness_table(results: dict[str, Any]) -> str:
             for level, item in sorted(run["priority_levels"].items())
         )
         ledger = run.get("ledger", {}).get("per_second")
+        server = run["list_pods"].get("server_p99_ms_at_most")
+        busy = run.get("cpu_busy", {}).get(plane)
         rows.append(
             [
                 label,
@@ -130,6 +135,8 @@ def fairness_table(results: dict[str, Any]) -> str:
                 _n(run["list_pods"]["p50_ms"]),
                 _n(run["list_pods"]["p99_ms"]),
                 f"{run['list_pods']['p99_ms'] / idle['p99_ms']:.1f}x",
+                "-" if server is None else f"≤ {_n(server, 0)} ms",
+                "-" if busy is None else f"{busy:.0%}",
                 f"{_n(run['pingbacks']['p99_ms'], 1)} ms, {run['pingbacks']['errors']} errors",
                 "-" if ledger is None else f"{ledger:,.0f}/s",
                 waits,
@@ -142,6 +149,8 @@ def fairness_table(results: dict[str, Any]) -> str:
         "p50 ms",
         "p99 ms",
         "p99 / idle",
+        "API server's own p99",
+        "plane core busy",
         "pingback p99",
         "ledger rate",
         "mean APF queue wait per level",
@@ -154,8 +163,9 @@ def fairness_table(results: dict[str, Any]) -> str:
         f"({fair['capacity_records_per_second']:,.0f} records/s) for {fair['storm_seconds']:g} s, "
         "the receiver authenticated as its ServiceAccount. Ledger rate: results applied from the "
         "storm's start until the receiver's spool was empty again, per second (every pingback was "
-        f"acknowledged; the spool held the rest). Layout: {layout}. Sweep rows: lending and "
-        "borrowing off."
+        f"acknowledged; the spool held the rest). Layout: {layout}. The API server's own p99 is "
+        "the upper edge of its `LIST pods` histogram bucket (the client's side excluded). Sweep "
+        "rows: lending and borrowing off."
     )
     return _table(header, rows) + note
 
