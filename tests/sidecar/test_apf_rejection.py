@@ -3,10 +3,13 @@
 The chart's ``apiPriority`` objects put the receiver in a priority level of a few seats, so under
 a storm the API server queues its writes there and, once that level's queues are full, answers
 ``429 Too Many Requests`` at once. That answer comes from the real kube-apiserver's APF filter,
-not from storage, so it is produced here the way a cluster would: a FlowSchema sends the
-receiver's ServiceAccount to a level with no seats at all that rejects instead of queueing (a
-"jail"). A pingback arriving then must be acknowledged from the fsync'd spool and reach the
-ledger once the level admits the receiver again — nothing lost, nothing dead-lettered.
+so it is produced here the way a cluster would produce it: a FlowSchema sends the receiver's
+ServiceAccount to a level without seats that rejects instead of queueing. Such a level still runs
+one request while it runs none, so one write of the same account is made to hold it (etcd is
+stopped, so the write waits) — every other request of the account is then refused. A pingback
+arriving then must be acknowledged from the fsync'd spool as "unavailable, come back later" (not
+a timeout, not an API error) and reach the ledger once the level admits the drainer's replay:
+nothing lost, nothing dead-lettered.
 """
 
 from __future__ import annotations
