@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Sequence
-from typing import Final
+from typing import Final, Protocol
 
 SERVER_CORE: Final = 0
 LOAD_CORE: Final = 1
@@ -42,6 +42,27 @@ def pin_process(pid: int, core: int) -> bool:
         check=False,
     )
     return done.returncode == 0
+
+
+#: The control plane's core (etcd and kube-apiserver): in a cluster they run on machines of their
+#: own, so phases that measure the API server's side keep them off the core of the components.
+PLANE_CORE: Final = 0
+
+
+class _Plane(Protocol):
+    """What :func:`pin_plane` needs of a :class:`captchatask.testbed.ControlPlane`."""
+
+    @property
+    def pids(self) -> dict[str, int]: ...
+
+
+def pin_plane(plane: _Plane) -> bool:
+    """Move etcd and kube-apiserver (every thread) to :data:`PLANE_CORE`; ``False`` if not done.
+
+    Pin again after the API server restarts: a new process starts on every core.
+    """
+    done = [pin_process(pid, PLANE_CORE) for pid in plane.pids.values()]  # each, no short cut
+    return bool(done) and all(done)
 
 
 def describe() -> str:

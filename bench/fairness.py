@@ -13,11 +13,23 @@ what that buys on the real kube-apiserver of the test bed, where APF is on by de
    Kubernetes' default FlowSchemas only, then with the chart's two objects applied — rendered
    from the chart itself (``helm template --show-only``), so what is measured is what ships.
 
-Between the two storms the receiver drains its spool (the results it acknowledged but could not
-write in time) and the API server goes quiet again. Each request's classification is read from
-the API server's ``X-Kubernetes-PF-FlowSchema-UID`` / ``-PriorityLevel-UID`` response headers.
-Both components share two cores with the API server here: the figures say how the API server
-shares what it has, not what a real control plane would do. Nothing here asserts a speed.
+4. in the full profile, the same storm again for a few other seat counts of the components'
+   level (the chart rendered with other ``apiPriority`` values, borrowing off): what the chart's
+   defaults were chosen from — the client's latency against the ledger rate our components keep.
+
+Between two storms the receiver drains its spool (the results it acknowledged but could not
+write in time) and the API server goes quiet again; the ledger rate of a storm counts the results
+applied during it and during that drain. Each request's classification is read from the API
+server's ``X-Kubernetes-PF-FlowSchema-UID`` / ``-PriorityLevel-UID`` response headers.
+
+Layout, as in a cluster where the control plane has machines of its own: etcd and kube-apiserver
+are pinned to :data:`bench.cores.PLANE_CORE`, the receiver, the load generator and the unrelated
+client to the other core. The client stands for a workload on a worker node, so it runs with
+the workers: on the plane's core its own CPU and scheduling would be charged to the API server.
+Each storm records both cores' busy share (the workers' core must not be the one saturated) and
+the API server's own ``LIST pods`` histogram next to the client's figure. APF shares out seats,
+not CPU: a level whose seats keep the API server's core busy protects nobody, which is what the
+sweep shows. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import subprocess
 import threading
 import time
@@ -35,7 +48,7 @@ from typing import Any, Final
 import aiohttp
 import yaml
 
-from bench import cluster, ingest, wrk
+from bench import cluster, cores, ingest, wrk
 from bench.loadgen import percentile
 from bench.profiles import Profile
 from captchatask import kube, testbed
@@ -62,6 +75,12 @@ READER_PERIOD_SECONDS: Final = 0.05
 DRAIN_TIMEOUT_SECONDS: Final = 300.0
 SIZES: Final = {"full": (1000, 6.0, 200), "small": (100, 1.0, 20)}
 """Per profile: capacity-probe records, storm seconds, idle ``list pods`` samples."""
+#: ``apiPriority.nominalConcurrencyShares`` swept besides the chart's default (full profile), with
+#: lending and borrowing off so that each point's seats are all the level ever gets. Not 0: a
+#: queueing level with no seats never dispatches (a "jail"), so the spool would never drain.
+SWEEP_SHARES: Final = {"full": (2, 4, 10), "small": ()}
+#: The core of the receiver, the load generator and the unrelated client: not the plane's.
+WORKER_CORE: Final = cores.LOAD_CORE
 
 Say = Callable[[str], None]
 
@@ -102,8 +121,11 @@ def _pods(stack: Stack) -> None:
     stack.plane.kubectl("apply", "-n", OTHER_NAMESPACE, "-f", "-", input=text)
 
 
-def _apf_manifest(kube_version: str) -> str:
-    """The chart's FlowSchema and PriorityLevelConfiguration for release ``bench``."""
+def _apf_manifest(kube_version: str, sets: Sequence[str] = ()) -> str:
+    """The chart's FlowSchema and PriorityLevelConfiguration for release ``bench``.
+
+    ``sets`` are more ``--set`` values (the sweep's other seat counts).
+    """
     helm = testbed.find_tool("helm")
     if helm is None:
         raise RuntimeError(f"helm is missing: run `{testbed.TEST_TOOLS_HINT}`")
@@ -113,14 +135,30 @@ def _apf_manifest(kube_version: str) -> str:
         "--show-only", "templates/apipriority-prioritylevel.yaml",
         "--show-only", "templates/apipriority-flowschema.yaml",
     ]  # fmt: skip
+    for item in sets:
+        argv += ["--set", item]
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+
+def _variants(profile_name: str) -> list[tuple[str, list[str] | None]]:
+    """(label, chart ``--set`` values or None for no objects) of every storm, in order."""
+    out: list[tuple[str, list[str] | None]] = [("kubernetes_defaults", None), ("chart_apf", [])]
+    for shares in SWEEP_SHARES.get(profile_name, ()):
+        sets = [
+            f"apiPriority.nominalConcurrencyShares={shares}",
+            "apiPriority.lendablePercent=0",
+            "apiPriority.borrowingLimitPercent=0",
+        ]
+        out.append((f"shares_{shares}", sets))
+    return out
 
 
 class _Reader:
     """The unrelated client: ``list pods`` in its namespace, steadily, in its own thread."""
 
-    def __init__(self, kubeconfig: Path) -> None:
+    def __init__(self, kubeconfig: Path, core: int | None) -> None:
         self.config = kube.load_config(str(kubeconfig))
+        self.core = core
         self.latencies: list[float] = []
         self.classified: set[tuple[str, str]] = set()
         self.errors = 0
@@ -151,25 +189,35 @@ class _Reader:
                 done += 1
                 await asyncio.sleep(READER_PERIOD_SECONDS)
 
+    def _run(self, count: int | None) -> None:
+        """The loop, in a thread of its own pinned to ``core`` (Linux pins the calling thread)."""
+        if self.core is not None:
+            os.sched_setaffinity(0, {self.core})
+        asyncio.run(self._loop(count))
+
     def measure(self, count: int) -> dict[str, Any]:
         """Run ``count`` requests now (idle figure)."""
-        self.latencies = []
-        self._stop.clear()
-        asyncio.run(self._loop(count))
+        self.start(count)
+        self.join()
         return self.summary()
 
-    def start(self) -> None:
-        """Keep listing in the background until :meth:`stop`."""
+    def start(self, count: int | None = None) -> None:
+        """Keep listing in the background until :meth:`stop` (or ``count`` requests)."""
         self.latencies = []
+        self.errors = 0
         self._stop.clear()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._loop(None)), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(count,), daemon=True)
         self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the background loop to end."""
+        if self._thread is not None:
+            self._thread.join(timeout=600)
 
     def stop(self) -> dict[str, Any]:
         """Stop the background loop; its figures."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        self.join()
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
@@ -206,6 +254,14 @@ async def _capacity(stack: Stack, tasks: Sequence[cluster.SubmittedTask]) -> flo
         return len(tasks) / (time.perf_counter() - started)
 
 
+def _applied(stack: Stack) -> float:
+    """Results the receiver put in the ledger: on the pingback path or replayed from its spool."""
+    samples = cluster.scrape(stack.sidecar_metrics_url)
+    return cluster.metric_sum(
+        samples, "captchatask_pingbacks_total", outcome="recorded"
+    ) + cluster.metric_sum(samples, "captchatask_spool_replays_total", outcome="recorded")
+
+
 def _wait_drained(stack: Stack) -> float:
     """Wait until the receiver's spool is empty; seconds waited."""
     started = time.monotonic()
@@ -217,6 +273,14 @@ def _wait_drained(stack: Stack) -> float:
             break
         time.sleep(0.5)
     return round(time.monotonic() - started, 1)
+
+
+def _pin(stack: Stack) -> dict[str, bool]:
+    """The control plane on its core, the receiver on the workers' (again after any restart)."""
+    return {
+        "plane": cores.pin_plane(stack.plane),
+        "receiver": cores.pin_process(stack.processes["sidecar"].pid, WORKER_CORE),
+    }
 
 
 def _flowcontrol(stack: Stack) -> dict[str, dict[str, float]]:
@@ -234,6 +298,56 @@ def _flowcontrol(stack: Stack) -> dict[str, dict[str, float]]:
         elif name == "apiserver_flowcontrol_nominal_limit_seats":
             entry["seats"] = value
     return out
+
+
+def _list_pods_buckets(stack: Stack) -> dict[float, float]:
+    """The API server's own ``LIST pods`` duration histogram (only the unrelated client lists pods).
+
+    Its latency as the API server saw it, without the client's side: if the client's core is
+    busy, the two differ.
+    """
+    out: dict[float, float] = {}
+    for (name, labels), value in cluster.apiserver_metrics(stack).items():
+        label = dict(labels)
+        if (
+            name == "apiserver_request_duration_seconds_bucket"
+            and label.get("verb") == "LIST"
+            and label.get("resource") == "pods"
+        ):
+            bound = float(label["le"])
+            out[bound] = out.get(bound, 0.0) + value
+    return out
+
+
+def _bucket_p99_ms(before: dict[float, float], after: dict[float, float]) -> float | None:
+    """Upper bound (a bucket edge, in ms) of the p99 of the requests between two scrapes."""
+    delta = sorted((bound, after[bound] - before.get(bound, 0.0)) for bound in after)
+    total = delta[-1][1] if delta else 0.0
+    for bound, count in delta:
+        if total and count >= 0.99 * total:
+            return None if bound == float("inf") else round(bound * 1e3, 1)
+    return None
+
+
+def _cpu_times() -> dict[int, tuple[int, int]]:
+    """(busy, total) jiffies per core, from ``/proc/stat``."""
+    out = {}
+    for line in Path("/proc/stat").read_text(encoding="ascii").splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(field) for field in fields[:8]]
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+def _cpu_busy(before: dict[int, tuple[int, int]]) -> dict[str, float]:
+    """Share of each core busy since ``before`` (either core saturated makes latency its own)."""
+    after = _cpu_times()
+    return {
+        f"core_{core}": round((busy - before[core][0]) / max(1, total - before[core][1]), 3)
+        for core, (busy, total) in after.items()
+        if core in before
+    }
 
 
 def _flow_delta(
@@ -260,27 +374,47 @@ def _storm_with_reader(
 ) -> dict[str, Any]:
     before = ingest.pingback_outcomes(stack)
     flow_before = _flowcontrol(stack)
+    applied_before = _applied(stack)
+    buckets_before = _list_pods_buckets(stack)
+    cpu_before = _cpu_times()
     reader.start()
+    started = time.monotonic()
     try:
         storm = ingest.paced(
             stack.pingback_url, paths_file, rate=round(rate), seconds=seconds, timeout_margin=300
         )
     finally:
         listing = reader.stop()
+    storm_wall = time.monotonic() - started
+    cpu = _cpu_busy(cpu_before)
+    listing["server_p99_ms_at_most"] = _bucket_p99_ms(buckets_before, _list_pods_buckets(stack))
     after = ingest.pingback_outcomes(stack)
+    applied_storm = _applied(stack) - applied_before
+    flows = _flow_delta(flow_before, _flowcontrol(stack))
+    drain = _wait_drained(stack)
+    applied = _applied(stack) - applied_before
     return {
-        "priority_levels": _flow_delta(flow_before, _flowcontrol(stack)),
+        "priority_levels": flows,
         "list_pods": listing,
         "pingbacks": {
             key: storm[key]
             for key in ("rate_target", "rate_achieved", "ok", "errors", "p50_ms", "p99_ms")
         },
         "outcomes": {key: after[key] - before[key] for key in after},
+        "cpu_busy": cpu,
+        "ledger": {
+            "applied_during_storm": applied_storm,
+            "applied": applied,
+            "drain_seconds": drain,
+            "drained": drain < DRAIN_TIMEOUT_SECONDS,
+            # Results reach the ledger from the storm's start until the spool is empty again.
+            "per_second": round(applied / (storm_wall + drain), 1),
+        },
     }
 
 
 def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
-    """The APF side-by-side rows."""
+    """The APF side-by-side rows (and, in the full profile, the seat-count sweep)."""
     probe_count, storm_seconds, idle_samples = SIZES.get(profile.name, SIZES["small"])
     workdir.mkdir(parents=True, exist_ok=True)
     stack = _Stack(StackConfig(workdir=workdir / "stack", namespace=NAMESPACE), progress=say)
@@ -292,9 +426,20 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         version = str(out["versions"].get("kube_apiserver", "v1.36.0")).lstrip("v")
         stack.plane.kubectl("create", "namespace", OTHER_NAMESPACE)
         stack.sidecar_kubeconfig = _bind_admin(stack, NAMESPACE, RECEIVER_ACCOUNT)
-        reader = _Reader(_bind_admin(stack, OTHER_NAMESPACE, READER_ACCOUNT))
+        pinned = cores.can_pin()
+        reader = _Reader(
+            _bind_admin(stack, OTHER_NAMESPACE, READER_ACCOUNT), WORKER_CORE if pinned else None
+        )
         _pods(stack)
         stack.restart("sidecar")
+        out["pinned"] = _pin(stack)
+        out["plane_core"] = cores.PLANE_CORE
+        out["layout"] = (
+            f"etcd and kube-apiserver on core {cores.PLANE_CORE}; receiver, load generator and "
+            f"the unrelated client on core {WORKER_CORE}"
+            if all(out["pinned"].values())
+            else "not pinned: everything shares every core"
+        )
         signer = PingbackSigner(load_keys(stack.key_file))
 
         async def prepare(count: int, prefix: str) -> list[cluster.SubmittedTask]:
@@ -303,36 +448,43 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
                     client, NAMESPACE, prefix=prefix, count=count, first_id=9_000_000_000
                 )
 
-        say(f"fairness: probing ledger capacity with {probe_count} records")
+        say(f"fairness: {out['layout']}; probing ledger capacity with {probe_count} records")
         capacity = asyncio.run(_capacity(stack, asyncio.run(prepare(probe_count, "cap"))))
         out["capacity_records_per_second"] = round(capacity, 1)
         rate = STORM_FACTOR * capacity
         out["storm_rate"] = round(rate)
         storm_tasks = round(rate * storm_seconds) + 16
-        say(f"  {capacity:.0f} records/s; preparing 2 x {storm_tasks} tasks for {rate:.0f}/s")
+        variants = _variants(profile.name)
+        say(f"  {capacity:.0f} records/s; {len(variants)} storms of {storm_tasks} at {rate:.0f}/s")
+        buckets = _list_pods_buckets(stack)
         out["idle"] = reader.measure(idle_samples)
+        out["idle"]["server_p99_ms_at_most"] = _bucket_p99_ms(buckets, _list_pods_buckets(stack))
         say(f"  idle list pods p50 {out['idle']['p50_ms']} ms, p99 {out['idle']['p99_ms']} ms")
-        for label, apply in (("kubernetes_defaults", False), ("chart_apf", True)):
-            tasks = asyncio.run(prepare(storm_tasks, label[:4]))
+        for index, (label, sets) in enumerate(variants):
+            tasks = asyncio.run(prepare(storm_tasks, f"s{index}"))
             paths = [
                 signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}"
                 for task in tasks
             ]
             paths_file = wrk.write_paths(workdir / f"{label}.paths", paths)
-            if apply:
-                stack.plane.kubectl("apply", "-f", "-", input=_apf_manifest(version))
+            if sets is not None:
+                stack.plane.kubectl("apply", "-f", "-", input=_apf_manifest(version, sets))
+            out["pinned"] = _pin(stack)  # unchanged unless the API server restarted
             out[f"idle_before_{label}"] = reader.measure(idle_samples // 2)
             say(f"  storm ({label}) at {rate:.0f}/s for {storm_seconds:g}s")
             result = _storm_with_reader(stack, reader, paths_file, rate=rate, seconds=storm_seconds)
+            result["chart_sets"] = sets
             result["classified_as"] = sorted(reader.classified)
             reader.classified = set()
             out[label] = result
             say(
                 f"    list pods p50 {result['list_pods']['p50_ms']} ms, "
                 f"p99 {result['list_pods']['p99_ms']} ms; pingback p99 "
-                f"{result['pingbacks']['p99_ms']:.1f} ms; {result['outcomes']}"
+                f"{result['pingbacks']['p99_ms']:.1f} ms; ledger "
+                f"{result['ledger']['per_second']}/s; {result['priority_levels']}"
             )
-            out[f"drain_seconds_after_{label}"] = _wait_drained(stack)
+            out[f"drain_seconds_after_{label}"] = result["ledger"]["drain_seconds"]
+        out["sweep"] = [label for label, _ in variants[2:]]
         out["apf_objects"] = [
             item["kind"] for item in yaml.safe_load_all(_apf_manifest(version)) if item
         ]

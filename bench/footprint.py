@@ -91,15 +91,31 @@ def writes_table(results: dict[str, Any]) -> str:
     return _table(header, rows) + notes
 
 
+def _our_seats(run: dict[str, Any]) -> str:
+    """Nominal seats of the components' own level in one storm (``-`` without the objects)."""
+    levels = run["priority_levels"]
+    ours = [item for level, item in levels.items() if level.endswith("-components")]
+    return _n(ours[0]["nominal_seats"], 0) if ours else "-"
+
+
 def fairness_table(results: dict[str, Any]) -> str:
-    """An unrelated client's ``list pods`` latency: idle, storm without and with the APF objects."""
+    """An unrelated client's ``list pods`` latency: idle, storm without and with the APF objects.
+
+    Then the sweep (full profile): the same storm with other seat counts for the components'
+    level, so the chart's default can be read against what each count costs the ledger.
+    """
     fair = results["fairness"]
     idle = fair["idle"]
-    rows = [["idle", "-", _n(idle["p50_ms"]), _n(idle["p99_ms"]), "-", "-", "-"]]
+    rows = [
+        ["idle", "-", "-", _n(idle["p50_ms"]), _n(idle["p99_ms"]), "-", "-", "-", "-", "-", "-"]
+    ]
+    plane = f"core_{fair.get('plane_core', 0)}"
     labels = {
         "kubernetes_defaults": "storm, Kubernetes' default FlowSchemas",
         "chart_apf": "storm, with the chart's `apiPriority` objects",
     }
+    for label in fair.get("sweep", []):
+        labels[label] = f"sweep: `nominalConcurrencyShares={label.removeprefix('shares_')}`"
     for key, label in labels.items():
         run = fair.get(key)
         if not run:
@@ -108,31 +124,48 @@ def fairness_table(results: dict[str, Any]) -> str:
             f"{level} {_n(item['mean_wait_ms'])} ms ({_n(item['nominal_seats'], 0)} seats)"
             for level, item in sorted(run["priority_levels"].items())
         )
+        ledger = run.get("ledger", {}).get("per_second")
+        server = run["list_pods"].get("server_p99_ms_at_most")
+        busy = run.get("cpu_busy", {}).get(plane)
         rows.append(
             [
                 label,
+                _our_seats(run),
                 f"{run['pingbacks']['rate_achieved']:,.0f}/s",
                 _n(run["list_pods"]["p50_ms"]),
                 _n(run["list_pods"]["p99_ms"]),
                 f"{run['list_pods']['p99_ms'] / idle['p99_ms']:.1f}x",
+                "-" if server is None else f"≤ {_n(server, 0)} ms",
+                "-" if busy is None else f"{busy:.0%}",
                 f"{_n(run['pingbacks']['p99_ms'], 1)} ms, {run['pingbacks']['errors']} errors",
+                "-" if ledger is None else f"{ledger:,.0f}/s",
                 waits,
             ]
         )
     header = [
         "unrelated client (`list pods`, 20 pods)",
+        "our seats",
         "pingbacks",
         "p50 ms",
         "p99 ms",
         "p99 / idle",
+        "API server's own p99",
+        "plane core busy",
         "pingback p99",
+        "ledger rate",
         "mean APF queue wait per level",
     ]
+    layout = fair.get(
+        "layout", "everything (API server, etcd, receiver, load generator, client) shares 2 cores"
+    )
     note = (
         f"\n\nStorm: {fair['storm_factor']:g}x the ledger capacity probed in the same run "
         f"({fair['capacity_records_per_second']:,.0f} records/s) for {fair['storm_seconds']:g} s, "
-        "the receiver authenticated as its ServiceAccount. Everything (API server, etcd, receiver, "
-        "load generator, client) shares the 2 cores here."
+        "the receiver authenticated as its ServiceAccount. Ledger rate: results applied from the "
+        "storm's start until the receiver's spool was empty again, per second (every pingback was "
+        f"acknowledged; the spool held the rest). Layout: {layout}. The API server's own p99 is "
+        "the upper edge of its `LIST pods` histogram bucket (the client's side excluded). Sweep "
+        "rows: lending and borrowing off."
     )
     return _table(header, rows) + note
 

@@ -620,7 +620,7 @@ def test_api_priority_puts_both_service_accounts_in_their_own_priority_level(
     (level,) = _by_kind(objects, "PriorityLevelConfiguration")
     (schema,) = _by_kind(objects, "FlowSchema")
     assert level["spec"]["type"] == "Limited"
-    assert level["spec"]["limited"]["nominalConcurrencyShares"] == 10
+    assert level["spec"]["limited"]["nominalConcurrencyShares"] == 1
     assert level["spec"]["limited"]["limitResponse"]["type"] == "Queue"
     assert schema["spec"]["priorityLevelConfiguration"]["name"] == level["metadata"]["name"]
     # Below kube's own service-accounts schema (9000), above the kube-system ones (900).
@@ -645,3 +645,15 @@ def test_api_priority_puts_both_service_accounts_in_their_own_priority_level(
         for group in resource_rule["apiGroups"]
     }
     assert groups == {"captchatask.dev", ""}
+
+
+def test_api_priority_level_never_borrows_seats_beyond_its_own(render: Render) -> None:
+    # APF shares out seats, not CPU: seats borrowed from idle levels during a storm would let
+    # the components' writes keep the API server busy, which the level exists to prevent.
+    (level,) = _by_kind(render(sets=["apiPriority.enabled=true"]), "PriorityLevelConfiguration")
+    assert level["spec"]["limited"]["borrowingLimitPercent"] == 0
+    (unbounded,) = _by_kind(
+        render(sets=["apiPriority.enabled=true", "apiPriority.borrowingLimitPercent=null"]),
+        "PriorityLevelConfiguration",
+    )
+    assert "borrowingLimitPercent" not in unbounded["spec"]["limited"]
