@@ -29,6 +29,7 @@ answer (so it includes the pingback's own acknowledgement).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -45,7 +46,7 @@ import aiohttp
 
 from bench import ceiling, cluster, cores, profiler, wrk
 from bench.loadgen import percentile
-from bench.profiles import Profile
+from bench.profiles import PROFILES, Profile
 from captchatask import kube
 from captchatask.decision import Result
 from captchatask.ledger import Ledger
@@ -440,38 +441,7 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
 
         # The API server's own ceiling and the overload run come before the ledger runs: those
         # leave a spool backlog whose replays would compete with them.
-        say(f"reference: {len(reference_tasks)} ledger records straight from a client")
-        out["apiserver_reference"] = asyncio.run(_direct_records(stack, reference_tasks))
-        say(f"  {out['apiserver_reference']['records_per_second']:,.0f} records/s")
-
-        say(
-            f"raw API-server ceiling: {profile.ceiling_tasks} status patches, "
-            f"{ceiling.PROBE_IN_FLIGHT} in flight"
-        )
-        ceiling_tasks = asyncio.run(_prepare(stack, profile.ceiling_tasks, prefix="ceil"))
-        raw = out["raw_ceiling"] = asyncio.run(_raw_ceiling(stack, ceiling_tasks))
-        say(f"  {raw['patches_per_second']:,.0f} patches/s, p99 {raw['p99_ms']:.1f} ms")
-        rate = OVERLOAD_FACTOR * raw["patches_per_second"]
-        count = round(rate * profile.overload_seconds) + LOADGEN_WARMUP
-        say(
-            f"overload: preparing {count} tasks, then {rate:,.0f} req/s for "
-            f"{profile.overload_seconds:g}s (open loop)"
-        )
-        overload_tasks = asyncio.run(_prepare(stack, count, prefix="over"))
-        out["overload"] = _overload(
-            stack,
-            overload_tasks,
-            signer,
-            rate=rate,
-            seconds=profile.overload_seconds,
-            workdir=workdir,
-        ) | {"factor": OVERLOAD_FACTOR, "ceiling_per_second": raw["patches_per_second"]}
-        over = out["overload"]
-        say(
-            f"  p99 {over['p99_ms']:.2f} ms, {over['http_5xx']} 5xx; "
-            f"{over['ledger_per_second']:,.0f} results/s into the ledger "
-            f"({over['ledger_per_second'] / raw['patches_per_second']:.0%} of the ceiling)"
-        )
+        out |= at_the_limit(stack, profile, reference_tasks, signer, workdir=workdir, say=say)
 
         say(f"ledger path: paced {profile.ledger_rate:g} req/s for {profile.paced_seconds:g}s")
         paced_file = wrk.write_paths(workdir / "ledger-paced.paths", paced_paths)
@@ -551,7 +521,142 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     return out
 
 
+def at_the_limit(
+    stack: Stack,
+    profile: Profile,
+    reference_tasks: Sequence[cluster.SubmittedTask],
+    signer: PingbackSigner,
+    *,
+    workdir: Path,
+    say: Say,
+    pin: bool = True,
+) -> dict[str, Any]:
+    """The "API server at its limit" rows: straight ledger client, raw ceiling, overload.
+
+    The control plane has a core of its own for these (:func:`bench.cores.pin_plane`, as on
+    control-plane machines in a real cluster), and the sidecar, the paced load generator and
+    this process's probe clients share the other one: otherwise the load under which the API
+    server is measured would also take its CPU. Afterwards the usual layout is restored.
+    ``pin=False`` keeps the usual layout (control plane unpinned), for comparison only.
+    """
+    if not pin:
+        return {"limit_layout": {"layout": cores.describe()}} | _limit_rows(
+            stack, profile, reference_tasks, signer, workdir=workdir, say=say
+        )
+    sidecar_pid = stack.processes["sidecar"].pid
+    layout = {
+        "layout": cores.describe_plane(),
+        "plane_pinned": cores.pin_plane(stack.plane),
+        "sidecar_pinned": cores.pin_process(sidecar_pid, cores.HOST_CORE),
+    }
+    out: dict[str, Any] = {"limit_layout": layout}
+    try:
+        with cores.on_core(cores.HOST_CORE):
+            out |= _limit_rows(stack, profile, reference_tasks, signer, workdir=workdir, say=say)
+    finally:
+        cores.release_plane(stack.plane)
+        cores.pin_process(sidecar_pid, cores.SERVER_CORE)
+    return out
+
+
+def _limit_rows(
+    stack: Stack,
+    profile: Profile,
+    reference_tasks: Sequence[cluster.SubmittedTask],
+    signer: PingbackSigner,
+    *,
+    workdir: Path,
+    say: Say,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    say(f"reference: {len(reference_tasks)} ledger records straight from a client")
+    out["apiserver_reference"] = asyncio.run(_direct_records(stack, reference_tasks))
+    say(f"  {out['apiserver_reference']['records_per_second']:,.0f} records/s")
+
+    say(
+        f"raw API-server ceiling: {profile.ceiling_tasks} status patches, "
+        f"{ceiling.PROBE_IN_FLIGHT} in flight"
+    )
+    ceiling_tasks = asyncio.run(_prepare(stack, profile.ceiling_tasks, prefix="ceil"))
+    raw = out["raw_ceiling"] = asyncio.run(_raw_ceiling(stack, ceiling_tasks))
+    say(f"  {raw['patches_per_second']:,.0f} patches/s, p99 {raw['p99_ms']:.1f} ms")
+    rate = OVERLOAD_FACTOR * raw["patches_per_second"]
+    count = round(rate * profile.overload_seconds) + LOADGEN_WARMUP
+    say(
+        f"overload: preparing {count} tasks, then {rate:,.0f} req/s for "
+        f"{profile.overload_seconds:g}s (open loop)"
+    )
+    overload_tasks = asyncio.run(_prepare(stack, count, prefix="over"))
+    out["overload"] = _overload(
+        stack,
+        overload_tasks,
+        signer,
+        rate=rate,
+        seconds=profile.overload_seconds,
+        workdir=workdir,
+    ) | {"factor": OVERLOAD_FACTOR, "ceiling_per_second": raw["patches_per_second"]}
+    over = out["overload"]
+    say(
+        f"  p99 {over['p99_ms']:.2f} ms, {over['http_5xx']} 5xx; "
+        f"{over['ledger_per_second']:,.0f} results/s into the ledger "
+        f"({over['ledger_per_second'] / raw['patches_per_second']:.0%} of the ceiling)"
+    )
+
+    return out
+
+
+def limit_only(profile: Profile, workdir: Path, say: Say, *, pin: bool = True) -> dict[str, Any]:
+    """Only :func:`at_the_limit`, on a stack of its own (``python -m bench.ingest --limit-only``).
+
+    The whole ingestion phase takes minutes; this is the part a change to the sidecar's overload
+    behaviour needs, with the same tasks, layout and figures.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = StackConfig(workdir=workdir / "stack", namespace=NAMESPACE)
+    stack = Stack(config, progress=say)
+    try:
+        stack.start()
+        stack.kill("operator")
+        cores.pin_process(stack.processes["sidecar"].pid, cores.SERVER_CORE)
+        reference_tasks = asyncio.run(_prepare(stack, profile.ledger_tasks // 4))
+        signer = PingbackSigner(load_keys(stack.key_file))
+        return {"versions": cluster.versions(stack)} | at_the_limit(
+            stack, profile, reference_tasks, signer, workdir=workdir, say=say, pin=pin
+        )
+    finally:
+        stack.stop()
+
+
 def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     """Items 1 and 5."""
     workdir.mkdir(parents=True, exist_ok=True)
     return {"baselines": baselines(profile, workdir, say), "ours": ours(profile, workdir, say)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.ingest --limit-only``: the "API server at its limit" rows, as JSON."""
+
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=main.__doc__)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--limit-only", action="store_true", required=True)
+    parser.add_argument("--workdir", type=Path, required=True, help="scratch directory")
+    parser.add_argument(
+        "--unpinned-plane",
+        action="store_true",
+        help="leave etcd and kube-apiserver unpinned (the layout before pin_plane; comparison)",
+    )
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    pin = not args.unpinned_plane
+    say(cores.describe_plane() if pin else cores.describe())
+    result = limit_only(PROFILES[args.profile], args.workdir, say, pin=pin)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
