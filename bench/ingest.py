@@ -253,8 +253,13 @@ def _overload(
     rate: float,
     seconds: float,
     workdir: Path,
+    spy: bool = False,
 ) -> dict[str, Any]:
-    """Offer ``rate`` pingbacks/s (each to its own task) open loop; follow them into the ledger."""
+    """Offer ``rate`` pingbacks/s (each to its own task) open loop; follow them into the ledger.
+
+    ``spy`` samples the sidecar with py-spy meanwhile (diagnosis only: the sampler shares the
+    load generator's core, so the published rows run without it).
+    """
     paths = [signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}" for task in tasks]
     paths_file = wrk.write_paths(workdir / "overload.paths", paths)
     _wait_drained(stack)
@@ -262,15 +267,19 @@ def _overload(
     before = _applied(before_samples)
     outcomes_before = pingback_outcomes(stack)
     api_before = cluster.apiserver_metrics(stack)
-    run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
-    in_flight: list[float] = []
-    done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
+    sampler = profiler.Profiler(
+        stack.processes["sidecar"].pid, workdir / "sidecar-overload.pyspy", seconds=seconds * 4
+    )
+    with sampler if spy else contextlib.nullcontext(sampler):
+        run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
+        in_flight: list[float] = []
+        done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
     api_after = cluster.apiserver_metrics(stack)
     elapsed = done_at - run["started_at"]
     diverted = _diverted(after_samples)
     diverted_before = _diverted(before_samples)
-    return run | {
+    figures: dict[str, Any] = {
         "outcomes": _delta(pingback_outcomes(stack), outcomes_before),
         "diverted": {key: diverted[key] - diverted_before[key] for key in diverted},
         "results": len(tasks),
@@ -281,6 +290,9 @@ def _overload(
         # itself says of the status PATCHes, and whether pingback writes timed out.
         "replays_in_flight_mean": round(sum(in_flight) / len(in_flight), 1) if in_flight else None,
         "apiserver_patch_status": _patch_latency(api_before, api_after),
+        # The sidecar's own view of the same pingbacks, from their headers to their answer: the
+        # client's p99 minus this is time spent waiting for a CPU or in the sockets.
+        "handle_p99_at_most_ms": _handle_quantile(before_samples, after_samples, 0.99),
         "ledger_errors": {
             reason: cluster.metric_sum(
                 after_samples, "captchatask_ledger_write_errors_total", reason=reason
@@ -291,6 +303,26 @@ def _overload(
             for reason in ("timeout", "unavailable", "api_error")
         },
     }
+    if spy:
+        figures["profile"] = sampler.summary()
+    return run | figures
+
+
+def _handle_quantile(
+    before: cluster.Samples, after: cluster.Samples, fraction: float
+) -> float | None:
+    """Upper bound (a bucket's edge) of a quantile of the sidecar's pingback handle time, in ms."""
+    name = "captchatask_pingback_handle_duration_seconds_bucket"
+    counts: dict[float, float] = {}
+    for (metric, labels), value in after.items():
+        if metric == name:
+            edge = float(dict(labels)["le"])
+            counts[edge] = value - before.get((metric, labels), 0.0)
+    total = counts.get(float("inf"), 0.0)
+    if not total:
+        return None
+    edge = next(edge for edge in sorted(counts) if counts[edge] >= fraction * total)
+    return round(edge * 1e3, 2)
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -530,6 +562,7 @@ def at_the_limit(
     workdir: Path,
     say: Say,
     pin: bool = True,
+    spy: bool = False,
 ) -> dict[str, Any]:
     """The "API server at its limit" rows: straight ledger client, raw ceiling, overload.
 
@@ -541,7 +574,7 @@ def at_the_limit(
     """
     if not pin:
         return {"limit_layout": {"layout": cores.describe()}} | _limit_rows(
-            stack, profile, reference_tasks, signer, workdir=workdir, say=say
+            stack, profile, reference_tasks, signer, workdir=workdir, say=say, spy=spy
         )
     sidecar_pid = stack.processes["sidecar"].pid
     layout = {
@@ -552,7 +585,9 @@ def at_the_limit(
     out: dict[str, Any] = {"limit_layout": layout}
     try:
         with cores.on_core(cores.HOST_CORE):
-            out |= _limit_rows(stack, profile, reference_tasks, signer, workdir=workdir, say=say)
+            out |= _limit_rows(
+                stack, profile, reference_tasks, signer, workdir=workdir, say=say, spy=spy
+            )
     finally:
         cores.release_plane(stack.plane)
         cores.pin_process(sidecar_pid, cores.SERVER_CORE)
@@ -567,6 +602,7 @@ def _limit_rows(
     *,
     workdir: Path,
     say: Say,
+    spy: bool = False,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
     say(f"reference: {len(reference_tasks)} ledger records straight from a client")
@@ -594,6 +630,7 @@ def _limit_rows(
         rate=rate,
         seconds=profile.overload_seconds,
         workdir=workdir,
+        spy=spy,
     ) | {"factor": OVERLOAD_FACTOR, "ceiling_per_second": raw["patches_per_second"]}
     over = out["overload"]
     say(
@@ -605,7 +642,9 @@ def _limit_rows(
     return out
 
 
-def limit_only(profile: Profile, workdir: Path, say: Say, *, pin: bool = True) -> dict[str, Any]:
+def limit_only(
+    profile: Profile, workdir: Path, say: Say, *, pin: bool = True, spy: bool = False
+) -> dict[str, Any]:
     """Only :func:`at_the_limit`, on a stack of its own (``python -m bench.ingest --limit-only``).
 
     The whole ingestion phase takes minutes; this is the part a change to the sidecar's overload
@@ -621,7 +660,7 @@ def limit_only(profile: Profile, workdir: Path, say: Say, *, pin: bool = True) -
         reference_tasks = asyncio.run(_prepare(stack, profile.ledger_tasks // 4))
         signer = PingbackSigner(load_keys(stack.key_file))
         return {"versions": cluster.versions(stack)} | at_the_limit(
-            stack, profile, reference_tasks, signer, workdir=workdir, say=say, pin=pin
+            stack, profile, reference_tasks, signer, workdir=workdir, say=say, pin=pin, spy=spy
         )
     finally:
         stack.stop()
@@ -645,6 +684,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="leave etcd and kube-apiserver unpinned (the layout before pin_plane; comparison)",
     )
+    parser.add_argument(
+        "--spy", action="store_true", help="sample the sidecar with py-spy during the overload"
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
 
@@ -653,7 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pin = not args.unpinned_plane
     say(cores.describe_plane() if pin else cores.describe())
-    result = limit_only(PROFILES[args.profile], args.workdir, say, pin=pin)
+    result = limit_only(PROFILES[args.profile], args.workdir, say, pin=pin, spy=args.spy)
     print(json.dumps(result, indent=1))
     return 0
 
