@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -44,7 +45,7 @@ from typing import Any, Final
 
 import aiohttp
 
-from bench import ceiling, cluster, cores, profiler, wrk
+from bench import ceiling, cluster, cores, procstat, profiler, wrk
 from bench.loadgen import percentile
 from bench.profiles import PROFILES, Profile
 from captchatask import kube
@@ -197,6 +198,15 @@ def _applied(samples: cluster.Samples) -> float:
     ) + cluster.metric_sum(samples, "captchatask_spool_replays_total", outcome="recorded")
 
 
+def _replays(stack: Stack) -> dict[str, float]:
+    """The drainer's replays by outcome, scraped now."""
+    samples = cluster.scrape(stack.sidecar_metrics_url)
+    return {
+        outcome: cluster.metric_sum(samples, "captchatask_spool_replays_total", outcome=outcome)
+        for outcome in ("recorded", "duplicate", "late", "dead_lettered", "retry")
+    }
+
+
 def _diverted(samples: cluster.Samples) -> dict[str, float]:
     return {
         reason: cluster.metric_sum(samples, "captchatask_ledger_diverted_total", reason=reason)
@@ -270,10 +280,12 @@ def _overload(
     sampler = profiler.Profiler(
         stack.processes["sidecar"].pid, workdir / "sidecar-overload.pyspy", seconds=seconds * 4
     )
+    cpu_before = _cpu_now(stack)
     with sampler if spy else contextlib.nullcontext(sampler):
         run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
         in_flight: list[float] = []
         done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
+    cpu = _delta(_cpu_now(stack), cpu_before)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
     api_after = cluster.apiserver_metrics(stack)
     elapsed = done_at - run["started_at"]
@@ -293,6 +305,8 @@ def _overload(
         # The sidecar's own view of the same pingbacks, from their headers to their answer: the
         # client's p99 minus this is time spent waiting for a CPU or in the sockets.
         "handle_p99_at_most_ms": _handle_quantile(before_samples, after_samples, 0.99),
+        # CPU seconds each party used from the first pingback to the last result applied.
+        "cpu_seconds": {key: round(value, 2) for key, value in cpu.items()},
         "ledger_errors": {
             reason: cluster.metric_sum(
                 after_samples, "captchatask_ledger_write_errors_total", reason=reason
@@ -306,6 +320,21 @@ def _overload(
     if spy:
         figures["profile"] = sampler.summary()
     return run | figures
+
+
+def _cpu_now(stack: Stack) -> dict[str, float]:
+    """CPU seconds used so far by the sidecar, the control plane, this process and its children
+    (the load generator, once it has ended)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return {
+        "sidecar": procstat.cpu_seconds(stack.processes["sidecar"].pid),
+        **{name: procstat.cpu_seconds(pid) for name, pid in stack.plane.pids.items()},
+        "bench_client": own.ru_utime + own.ru_stime,
+        "load_generator": children.ru_utime + children.ru_stime,
+    }
 
 
 def _handle_quantile(
@@ -487,6 +516,8 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         say(f"ledger path: wrk {profile.ledger_wrk_seconds:g}s over {len(wrk_paths)} tasks")
         wrk_file = wrk.write_paths(workdir / "ledger-wrk.paths", wrk_paths)
         before = pingback_outcomes(stack)
+        applied_before = _applied(cluster.scrape(stack.sidecar_metrics_url))
+        replays_before = _replays(stack)
         api_before = cluster.apiserver_metrics(stack)
         spy = profiler.Profiler(
             sidecar_pid, workdir / "sidecar-ledger.pyspy", seconds=profile.ledger_wrk_seconds
@@ -498,16 +529,21 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
                 seconds=profile.ledger_wrk_seconds,
                 workdir=workdir,
             )
+        # Results reach the ledger on two paths: the pingback's own write and, for those the
+        # gate diverted, a spool replay; both count (the spool is the ledger path under load).
+        applied_in_run = _applied(cluster.scrape(stack.sidecar_metrics_url)) - applied_before
         outcomes = _delta(pingback_outcomes(stack), before)
         out["ledger_wrk"] = result.as_json() | {
             "outcomes": outcomes,
-            "recorded_per_second": round(outcomes["recorded"] / result.seconds, 1),
+            "results": min(result.requests, len(wrk_paths)),  # wrk cycles through the tasks
+            "recorded_in_run": applied_in_run,
+            "recorded_per_second": round(applied_in_run / result.seconds, 1),
             "apiserver_patch_status": _patch_latency(api_before, cluster.apiserver_metrics(stack)),
             "profile": spy.summary(),
         }
         say(
             f"  {result.requests_per_second:,.0f} req/s "
-            f"({out['ledger_wrk']['recorded_per_second']:,.0f} recorded/s), "
+            f"({out['ledger_wrk']['recorded_per_second']:,.0f} results/s into the ledger), "
             f"p99 {result.p99_ms:.1f} ms"
         )
 
@@ -515,8 +551,23 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         # (it is the ledger path too), so the spool path below starts from an empty spool.
         drain_started = time.monotonic()
         _wait_drained(stack, patience=SPOOL_DRAIN_PATIENCE_SECONDS)
-        out["ledger_wrk"]["drain_seconds"] = round(time.monotonic() - drain_started, 1)
-        say(f"  its spool drained in {out['ledger_wrk']['drain_seconds']:g} s")
+        drain_seconds = time.monotonic() - drain_started
+        ledger = out["ledger_wrk"]
+        ledger["drain_seconds"] = round(drain_seconds, 1)
+        ledger["recorded_until_drained"] = (
+            _applied(cluster.scrape(stack.sidecar_metrics_url)) - applied_before
+        )
+        ledger["recorded_per_second_until_drained"] = round(
+            ledger["recorded_until_drained"] / (result.seconds + drain_seconds), 1
+        )
+        # wrk sends each task's pingback several times: the repeats are acknowledged (spooled)
+        # too, and their replays come back duplicate; they cost API calls, not results.
+        ledger["replays"] = _delta(_replays(stack), replays_before)
+        say(
+            f"  its spool drained in {ledger['drain_seconds']:g} s: "
+            f"{ledger['recorded_until_drained']:,.0f} results in the ledger, "
+            f"{ledger['recorded_per_second_until_drained']:,.0f}/s"
+        )
 
         say("spool path: kube-apiserver frozen (SIGSTOP)")
         stack.plane.pause()
@@ -643,7 +694,13 @@ def _limit_rows(
 
 
 def limit_only(
-    profile: Profile, workdir: Path, say: Say, *, pin: bool = True, spy: bool = False
+    profile: Profile,
+    workdir: Path,
+    say: Say,
+    *,
+    pin: bool = True,
+    spy: bool = False,
+    sidecar_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Only :func:`at_the_limit`, on a stack of its own (``python -m bench.ingest --limit-only``).
 
@@ -651,7 +708,9 @@ def limit_only(
     behaviour needs, with the same tasks, layout and figures.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    config = StackConfig(workdir=workdir / "stack", namespace=NAMESPACE)
+    config = StackConfig(
+        workdir=workdir / "stack", namespace=NAMESPACE, sidecar_args=list(sidecar_args)
+    )
     stack = Stack(config, progress=say)
     try:
         stack.start()
@@ -685,6 +744,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="leave etcd and kube-apiserver unpinned (the layout before pin_plane; comparison)",
     )
     parser.add_argument(
+        "--sidecar-arg",
+        action="append",
+        default=[],
+        help="an extra sidecar argument (repeatable; e.g. --sidecar-arg=--drain-concurrency=8)",
+    )
+    parser.add_argument(
         "--spy", action="store_true", help="sample the sidecar with py-spy during the overload"
     )
     args = parser.parse_args(argv)
@@ -695,7 +760,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     pin = not args.unpinned_plane
     say(cores.describe_plane() if pin else cores.describe())
-    result = limit_only(PROFILES[args.profile], args.workdir, say, pin=pin, spy=args.spy)
+    result = limit_only(
+        PROFILES[args.profile],
+        args.workdir,
+        say,
+        pin=pin,
+        spy=args.spy,
+        sidecar_args=args.sidecar_arg,
+    )
     print(json.dumps(result, indent=1))
     return 0
 
