@@ -610,8 +610,9 @@ class Spool:
         kept with their bookkeeping until resolved. A read-back also materialises the next
         pending results, up to :data:`READ_AHEAD` (and :data:`READ_AHEAD_BYTES`): the drainer
         asks for one result each time a replay ends, and a thread hop per replay cost the event
-        loop more than the replay's own work while the API server was at its limit. A record that no longer reads back as
-        written (a damaged disk) is logged and dropped, since retrying it could never succeed.
+        loop more than the replay's own work while the API server was at its limit. A record
+        that no longer reads back as written (a damaged disk) is logged and dropped, since
+        retrying it could never succeed.
 
         Raises
         ------
@@ -644,7 +645,8 @@ class Spool:
                     unread.append((entry_id, self._segments[seq].path, offset, length))
                     ahead_bytes += length
             loop = asyncio.get_running_loop()
-            payloads = await loop.run_in_executor(self._reader_executor, self._disk.read_back, unread)
+            read_back = self._disk.read_back
+            payloads = await loop.run_in_executor(self._reader_executor, read_back, unread)
             for (entry_id, *_where), payload in zip(unread, payloads, strict=True):
                 self._materialise(entry_id, payload)
         return [self._entries[i] for i in chosen if i in self._entries and i in self._pending]
