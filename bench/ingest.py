@@ -7,8 +7,10 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
   threaded dev server and under gunicorn ``gthread`` (one worker: "best single-process"); the
   faster of the two is the baseline;
 * **ours, ledger path** — the sidecar of a real :class:`~captchatask.stack.Stack` in front of the
-  real kube-apiserver; every request goes to a distinct task prepared in ``Submitted``, so each
-  pingback records one result (one CAS PATCH);
+  real kube-apiserver; the requests go to tasks prepared in ``Submitted`` (one CAS PATCH per
+  result); the closed-loop run repeats each task's pingback (wrk cycles through them), and its
+  results are counted on both paths into the ledger: the pingback's own write and the spool's
+  replay;
 * **raw API-server ceiling** — :mod:`bench.ceiling`: a minimal aiohttp client, 64 in flight, one
   status JSON patch per task, against the same etcd + kube-apiserver; every ledger figure below is
   also given as a ratio to it;
@@ -20,6 +22,11 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
   ``stack.plane.pause()``): the first pingback waits out the 0.5 s ledger budget and opens the
   sidecar's circuit; from then on every pingback is appended to the spool and group-fsync'd
   before ``200`` (default settings: no budget tuning is needed).
+
+The raw ceiling, the straight ledger client and the overload run measure the API server at its
+limit: for them the control plane gets a core of its own and the sidecar, the load generator and
+the probe clients share the other (:func:`at_the_limit`, :func:`bench.cores.pin_plane`);
+``python -m bench.ingest --limit-only`` runs only those rows.
 
 The operator is stopped for these runs: nothing but the sidecar and the control plane runs.
 Pingback -> app: a long-poll ``GET /v1/tasks/{name}?wait=60`` is parked on the sidecar's local
