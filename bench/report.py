@@ -125,17 +125,18 @@ def _ledger_note(ours: dict[str, Any], ledger: dict[str, Any]) -> str:
     applies them at the API server's pace).
     """
     spooled = f"{ledger['outcomes'].get('spooled', 0):,.0f} spooled"
-    if "recorded_per_second_until_drained" not in ledger:  # results from before replays counted
+    if "ledger_per_second" not in ledger:  # results from before replays were counted
         return f"{ledger['recorded_per_second']:,.0f} recorded/s on the pingback path; {spooled}"
-    note = (
-        f"{ledger['recorded_per_second']:,.0f} results/s into the ledger during the run"
-        f"{_of_api_ceiling(ours, ledger)}; {spooled}"
-    )
+    raw = ours.get("raw_ceiling") or {}
+    ceiling = raw.get("patches_per_second")
     repeats = ledger.get("replays", {}).get("duplicate", 0)
     return (
-        f"{note} ({repeats:,.0f} of them repeats); all {ledger['recorded_until_drained']:,.0f} "
-        f"results in {ledger['seconds'] + ledger['drain_seconds']:.1f} s = "
-        f"{ledger['recorded_per_second_until_drained']:,.0f}/s"
+        f"{ledger['recorded_per_second']:,.0f} results/s into the ledger during the run"
+        f"{_of_api_ceiling(ours, ledger)}; all {ledger['recorded_until_all']:,.0f} in "
+        f"{ledger['seconds_to_apply_all']:g} s = {ledger['ledger_per_second']:,.0f}/s"
+        + (f" ({ledger['ledger_per_second'] / ceiling:.0%})" if ceiling else "")
+        + f"; {spooled}, {repeats:,.0f} of them repeats (duplicate on replay, drained "
+        f"{ledger['drain_seconds']:g} s later)"
     )
 
 
