@@ -7,8 +7,10 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
   threaded dev server and under gunicorn ``gthread`` (one worker: "best single-process"); the
   faster of the two is the baseline;
 * **ours, ledger path** — the sidecar of a real :class:`~captchatask.stack.Stack` in front of the
-  real kube-apiserver; every request goes to a distinct task prepared in ``Submitted``, so each
-  pingback records one result (one CAS PATCH);
+  real kube-apiserver; the requests go to tasks prepared in ``Submitted`` (one CAS PATCH per
+  result); the closed-loop run repeats each task's pingback (wrk cycles through them), and its
+  results are counted on both paths into the ledger: the pingback's own write and the spool's
+  replay;
 * **raw API-server ceiling** — :mod:`bench.ceiling`: a minimal aiohttp client, 64 in flight, one
   status JSON patch per task, against the same etcd + kube-apiserver; every ledger figure below is
   also given as a ratio to it;
@@ -21,6 +23,11 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
   sidecar's circuit; from then on every pingback is appended to the spool and group-fsync'd
   before ``200`` (default settings: no budget tuning is needed).
 
+The raw ceiling, the straight ledger client and the overload run measure the API server at its
+limit: for them the control plane gets a core of its own and the sidecar, the load generator and
+the probe clients share the other (:func:`at_the_limit`, :func:`bench.cores.pin_plane`);
+``python -m bench.ingest --limit-only`` runs only those rows.
+
 The operator is stopped for these runs: nothing but the sidecar and the control plane runs.
 Pingback -> app: a long-poll ``GET /v1/tasks/{name}?wait=60`` is parked on the sidecar's local
 API, then the pingback is sent; the figure is from sending the pingback to the long-poll's
@@ -29,9 +36,11 @@ answer (so it includes the pingback's own acknowledgement).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
+import resource
 import signal
 import socket
 import subprocess
@@ -43,9 +52,9 @@ from typing import Any, Final
 
 import aiohttp
 
-from bench import ceiling, cluster, cores, profiler, wrk
+from bench import ceiling, cluster, cores, procstat, profiler, wrk
 from bench.loadgen import percentile
-from bench.profiles import Profile
+from bench.profiles import PROFILES, Profile
 from captchatask import kube
 from captchatask.decision import Result
 from captchatask.ledger import Ledger
@@ -196,6 +205,15 @@ def _applied(samples: cluster.Samples) -> float:
     ) + cluster.metric_sum(samples, "captchatask_spool_replays_total", outcome="recorded")
 
 
+def _replays(stack: Stack) -> dict[str, float]:
+    """The drainer's replays by outcome, scraped now."""
+    samples = cluster.scrape(stack.sidecar_metrics_url)
+    return {
+        outcome: cluster.metric_sum(samples, "captchatask_spool_replays_total", outcome=outcome)
+        for outcome in ("recorded", "duplicate", "late", "dead_lettered", "retry")
+    }
+
+
 def _diverted(samples: cluster.Samples) -> dict[str, float]:
     return {
         reason: cluster.metric_sum(samples, "captchatask_ledger_diverted_total", reason=reason)
@@ -252,8 +270,13 @@ def _overload(
     rate: float,
     seconds: float,
     workdir: Path,
+    spy: bool = False,
 ) -> dict[str, Any]:
-    """Offer ``rate`` pingbacks/s (each to its own task) open loop; follow them into the ledger."""
+    """Offer ``rate`` pingbacks/s (each to its own task) open loop; follow them into the ledger.
+
+    ``spy`` samples the sidecar with py-spy meanwhile (diagnosis only: the sampler shares the
+    load generator's core, so the published rows run without it).
+    """
     paths = [signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}" for task in tasks]
     paths_file = wrk.write_paths(workdir / "overload.paths", paths)
     _wait_drained(stack)
@@ -261,15 +284,21 @@ def _overload(
     before = _applied(before_samples)
     outcomes_before = pingback_outcomes(stack)
     api_before = cluster.apiserver_metrics(stack)
-    run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
-    in_flight: list[float] = []
-    done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
+    sampler = profiler.Profiler(
+        stack.processes["sidecar"].pid, workdir / "sidecar-overload.pyspy", seconds=seconds * 4
+    )
+    cpu_before = _cpu_now(stack)
+    with sampler if spy else contextlib.nullcontext(sampler):
+        run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
+        in_flight: list[float] = []
+        done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
+    cpu = _delta(_cpu_now(stack), cpu_before)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
     api_after = cluster.apiserver_metrics(stack)
     elapsed = done_at - run["started_at"]
     diverted = _diverted(after_samples)
     diverted_before = _diverted(before_samples)
-    return run | {
+    figures: dict[str, Any] = {
         "outcomes": _delta(pingback_outcomes(stack), outcomes_before),
         "diverted": {key: diverted[key] - diverted_before[key] for key in diverted},
         "results": len(tasks),
@@ -280,6 +309,11 @@ def _overload(
         # itself says of the status PATCHes, and whether pingback writes timed out.
         "replays_in_flight_mean": round(sum(in_flight) / len(in_flight), 1) if in_flight else None,
         "apiserver_patch_status": _patch_latency(api_before, api_after),
+        # The sidecar's own view of the same pingbacks, from their headers to their answer: the
+        # client's p99 minus this is time spent waiting for a CPU or in the sockets.
+        "handle_p99_at_most_ms": _handle_quantile(before_samples, after_samples, 0.99),
+        # CPU seconds each party used from the first pingback to the last result applied.
+        "cpu_seconds": {key: round(value, 2) for key, value in cpu.items()},
         "ledger_errors": {
             reason: cluster.metric_sum(
                 after_samples, "captchatask_ledger_write_errors_total", reason=reason
@@ -290,6 +324,41 @@ def _overload(
             for reason in ("timeout", "unavailable", "api_error")
         },
     }
+    if spy:
+        figures["profile"] = sampler.summary()
+    return run | figures
+
+
+def _cpu_now(stack: Stack) -> dict[str, float]:
+    """CPU seconds used so far by the sidecar, the control plane, this process and its children
+    (the load generator, once it has ended)."""
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return {
+        "sidecar": procstat.cpu_seconds(stack.processes["sidecar"].pid),
+        **{name: procstat.cpu_seconds(pid) for name, pid in stack.plane.pids.items()},
+        "bench_client": own.ru_utime + own.ru_stime,
+        "load_generator": children.ru_utime + children.ru_stime,
+    }
+
+
+def _handle_quantile(
+    before: cluster.Samples, after: cluster.Samples, fraction: float
+) -> float | None:
+    """Upper bound (a bucket's edge) of a quantile of the sidecar's pingback handle time, in ms."""
+    name = "captchatask_pingback_handle_duration_seconds_bucket"
+    counts: dict[float, float] = {}
+    for (metric, labels), value in after.items():
+        if metric == name:
+            edge = float(dict(labels)["le"])
+            counts[edge] = value - before.get((metric, labels), 0.0)
+    total = counts.get(float("inf"), 0.0)
+    if not total:
+        return None
+    edge = next(edge for edge in sorted(counts) if counts[edge] >= fraction * total)
+    return round(edge * 1e3, 2)
 
 
 def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -440,38 +509,7 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
 
         # The API server's own ceiling and the overload run come before the ledger runs: those
         # leave a spool backlog whose replays would compete with them.
-        say(f"reference: {len(reference_tasks)} ledger records straight from a client")
-        out["apiserver_reference"] = asyncio.run(_direct_records(stack, reference_tasks))
-        say(f"  {out['apiserver_reference']['records_per_second']:,.0f} records/s")
-
-        say(
-            f"raw API-server ceiling: {profile.ceiling_tasks} status patches, "
-            f"{ceiling.PROBE_IN_FLIGHT} in flight"
-        )
-        ceiling_tasks = asyncio.run(_prepare(stack, profile.ceiling_tasks, prefix="ceil"))
-        raw = out["raw_ceiling"] = asyncio.run(_raw_ceiling(stack, ceiling_tasks))
-        say(f"  {raw['patches_per_second']:,.0f} patches/s, p99 {raw['p99_ms']:.1f} ms")
-        rate = OVERLOAD_FACTOR * raw["patches_per_second"]
-        count = round(rate * profile.overload_seconds) + LOADGEN_WARMUP
-        say(
-            f"overload: preparing {count} tasks, then {rate:,.0f} req/s for "
-            f"{profile.overload_seconds:g}s (open loop)"
-        )
-        overload_tasks = asyncio.run(_prepare(stack, count, prefix="over"))
-        out["overload"] = _overload(
-            stack,
-            overload_tasks,
-            signer,
-            rate=rate,
-            seconds=profile.overload_seconds,
-            workdir=workdir,
-        ) | {"factor": OVERLOAD_FACTOR, "ceiling_per_second": raw["patches_per_second"]}
-        over = out["overload"]
-        say(
-            f"  p99 {over['p99_ms']:.2f} ms, {over['http_5xx']} 5xx; "
-            f"{over['ledger_per_second']:,.0f} results/s into the ledger "
-            f"({over['ledger_per_second'] / raw['patches_per_second']:.0%} of the ceiling)"
-        )
+        out |= at_the_limit(stack, profile, reference_tasks, signer, workdir=workdir, say=say)
 
         say(f"ledger path: paced {profile.ledger_rate:g} req/s for {profile.paced_seconds:g}s")
         paced_file = wrk.write_paths(workdir / "ledger-paced.paths", paced_paths)
@@ -485,10 +523,13 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         say(f"ledger path: wrk {profile.ledger_wrk_seconds:g}s over {len(wrk_paths)} tasks")
         wrk_file = wrk.write_paths(workdir / "ledger-wrk.paths", wrk_paths)
         before = pingback_outcomes(stack)
+        applied_before = _applied(cluster.scrape(stack.sidecar_metrics_url))
+        replays_before = _replays(stack)
         api_before = cluster.apiserver_metrics(stack)
         spy = profiler.Profiler(
             sidecar_pid, workdir / "sidecar-ledger.pyspy", seconds=profile.ledger_wrk_seconds
         )
+        wrk_started = time.time()
         with spy:
             result = wrk.run(
                 stack.pingback_url,
@@ -496,25 +537,46 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
                 seconds=profile.ledger_wrk_seconds,
                 workdir=workdir,
             )
+        # Results reach the ledger on two paths: the pingback's own write and, for those the
+        # gate diverted, a spool replay; both count (the spool is the ledger path under load).
+        applied_in_run = _applied(cluster.scrape(stack.sidecar_metrics_url)) - applied_before
         outcomes = _delta(pingback_outcomes(stack), before)
         out["ledger_wrk"] = result.as_json() | {
             "outcomes": outcomes,
-            "recorded_per_second": round(outcomes["recorded"] / result.seconds, 1),
+            "results": min(result.requests, len(wrk_paths)),  # wrk cycles through the tasks
+            "recorded_in_run": applied_in_run,
+            "recorded_per_second": round(applied_in_run / result.seconds, 1),
             "apiserver_patch_status": _patch_latency(api_before, cluster.apiserver_metrics(stack)),
             "profile": spy.summary(),
         }
         say(
             f"  {result.requests_per_second:,.0f} req/s "
-            f"({out['ledger_wrk']['recorded_per_second']:,.0f} recorded/s), "
+            f"({out['ledger_wrk']['recorded_per_second']:,.0f} results/s into the ledger), "
             f"p99 {result.p99_ms:.1f} ms"
         )
 
+        # Until the last distinct result is in the ledger (the repeats come after it in the
+        # spool, in wrk's order), then until the spool is empty (the repeats replayed too).
+        ledger = out["ledger_wrk"]
+        done_at, applied_all = _wait_applied(
+            stack, applied_before, expected=ledger["results"], in_flight=[]
+        )
+        ledger["recorded_until_all"] = applied_all
+        ledger["seconds_to_apply_all"] = round(done_at - wrk_started, 1)
+        ledger["ledger_per_second"] = round(applied_all / (done_at - wrk_started), 1)
         # The closed-loop ledger run spools most of what it sends: let the drainer apply it all
         # (it is the ledger path too), so the spool path below starts from an empty spool.
         drain_started = time.monotonic()
         _wait_drained(stack, patience=SPOOL_DRAIN_PATIENCE_SECONDS)
-        out["ledger_wrk"]["drain_seconds"] = round(time.monotonic() - drain_started, 1)
-        say(f"  its spool drained in {out['ledger_wrk']['drain_seconds']:g} s")
+        ledger["drain_seconds"] = round(time.monotonic() - drain_started, 1)
+        # wrk sends each task's pingback several times: the repeats are acknowledged (spooled)
+        # too, and their replays come back duplicate; they cost API calls, not results.
+        ledger["replays"] = _delta(_replays(stack), replays_before)
+        say(
+            f"  all {ledger['recorded_until_all']:,.0f} results in the ledger after "
+            f"{ledger['seconds_to_apply_all']:g} s ({ledger['ledger_per_second']:,.0f}/s); "
+            f"the spool's repeats drained {ledger['drain_seconds']:g} s later"
+        )
 
         say("spool path: kube-apiserver frozen (SIGSTOP)")
         stack.plane.pause()
@@ -551,7 +613,173 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     return out
 
 
+def at_the_limit(
+    stack: Stack,
+    profile: Profile,
+    reference_tasks: Sequence[cluster.SubmittedTask],
+    signer: PingbackSigner,
+    *,
+    workdir: Path,
+    say: Say,
+    pin: bool = True,
+    spy: bool = False,
+) -> dict[str, Any]:
+    """The "API server at its limit" rows: straight ledger client, raw ceiling, overload.
+
+    The control plane has a core of its own for these (:func:`bench.cores.pin_plane`, as on
+    control-plane machines in a real cluster), and the sidecar, the paced load generator and
+    this process's probe clients share the other one: otherwise the load under which the API
+    server is measured would also take its CPU. Afterwards the usual layout is restored.
+    ``pin=False`` keeps the usual layout (control plane unpinned), for comparison only.
+    """
+    if not pin:
+        return {"limit_layout": {"layout": cores.describe()}} | _limit_rows(
+            stack, profile, reference_tasks, signer, workdir=workdir, say=say, spy=spy
+        )
+    sidecar_pid = stack.processes["sidecar"].pid
+    layout = {
+        "layout": cores.describe_plane(),
+        "plane_pinned": cores.pin_plane(stack.plane),
+        "sidecar_pinned": cores.pin_process(sidecar_pid, cores.HOST_CORE),
+    }
+    out: dict[str, Any] = {"limit_layout": layout}
+    try:
+        with cores.on_core(cores.HOST_CORE):
+            out |= _limit_rows(
+                stack, profile, reference_tasks, signer, workdir=workdir, say=say, spy=spy
+            )
+    finally:
+        cores.release_plane(stack.plane)
+        cores.pin_process(sidecar_pid, cores.SERVER_CORE)
+    return out
+
+
+def _limit_rows(
+    stack: Stack,
+    profile: Profile,
+    reference_tasks: Sequence[cluster.SubmittedTask],
+    signer: PingbackSigner,
+    *,
+    workdir: Path,
+    say: Say,
+    spy: bool = False,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    say(f"reference: {len(reference_tasks)} ledger records straight from a client")
+    out["apiserver_reference"] = asyncio.run(_direct_records(stack, reference_tasks))
+    say(f"  {out['apiserver_reference']['records_per_second']:,.0f} records/s")
+
+    say(
+        f"raw API-server ceiling: {profile.ceiling_tasks} status patches, "
+        f"{ceiling.PROBE_IN_FLIGHT} in flight"
+    )
+    ceiling_tasks = asyncio.run(_prepare(stack, profile.ceiling_tasks, prefix="ceil"))
+    raw = out["raw_ceiling"] = asyncio.run(_raw_ceiling(stack, ceiling_tasks))
+    say(f"  {raw['patches_per_second']:,.0f} patches/s, p99 {raw['p99_ms']:.1f} ms")
+    rate = OVERLOAD_FACTOR * raw["patches_per_second"]
+    count = round(rate * profile.overload_seconds) + LOADGEN_WARMUP
+    say(
+        f"overload: preparing {count} tasks, then {rate:,.0f} req/s for "
+        f"{profile.overload_seconds:g}s (open loop)"
+    )
+    overload_tasks = asyncio.run(_prepare(stack, count, prefix="over"))
+    out["overload"] = _overload(
+        stack,
+        overload_tasks,
+        signer,
+        rate=rate,
+        seconds=profile.overload_seconds,
+        workdir=workdir,
+        spy=spy,
+    ) | {"factor": OVERLOAD_FACTOR, "ceiling_per_second": raw["patches_per_second"]}
+    over = out["overload"]
+    say(
+        f"  p99 {over['p99_ms']:.2f} ms, {over['http_5xx']} 5xx; "
+        f"{over['ledger_per_second']:,.0f} results/s into the ledger "
+        f"({over['ledger_per_second'] / raw['patches_per_second']:.0%} of the ceiling)"
+    )
+
+    return out
+
+
+def limit_only(
+    profile: Profile,
+    workdir: Path,
+    say: Say,
+    *,
+    pin: bool = True,
+    spy: bool = False,
+    sidecar_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Only :func:`at_the_limit`, on a stack of its own (``python -m bench.ingest --limit-only``).
+
+    The whole ingestion phase takes minutes; this is the part a change to the sidecar's overload
+    behaviour needs, with the same tasks, layout and figures.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = StackConfig(
+        workdir=workdir / "stack", namespace=NAMESPACE, sidecar_args=list(sidecar_args)
+    )
+    stack = Stack(config, progress=say)
+    try:
+        stack.start()
+        stack.kill("operator")
+        cores.pin_process(stack.processes["sidecar"].pid, cores.SERVER_CORE)
+        reference_tasks = asyncio.run(_prepare(stack, profile.ledger_tasks // 4))
+        signer = PingbackSigner(load_keys(stack.key_file))
+        return {"versions": cluster.versions(stack)} | at_the_limit(
+            stack, profile, reference_tasks, signer, workdir=workdir, say=say, pin=pin, spy=spy
+        )
+    finally:
+        stack.stop()
+
+
 def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     """Items 1 and 5."""
     workdir.mkdir(parents=True, exist_ok=True)
     return {"baselines": baselines(profile, workdir, say), "ours": ours(profile, workdir, say)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.ingest --limit-only``: the "API server at its limit" rows, as JSON."""
+
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=main.__doc__)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--limit-only", action="store_true", required=True)
+    parser.add_argument("--workdir", type=Path, required=True, help="scratch directory")
+    parser.add_argument(
+        "--unpinned-plane",
+        action="store_true",
+        help="leave etcd and kube-apiserver unpinned (the layout before pin_plane; comparison)",
+    )
+    parser.add_argument(
+        "--sidecar-arg",
+        action="append",
+        default=[],
+        help="an extra sidecar argument (repeatable; e.g. --sidecar-arg=--drain-concurrency=8)",
+    )
+    parser.add_argument(
+        "--spy", action="store_true", help="sample the sidecar with py-spy during the overload"
+    )
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    pin = not args.unpinned_plane
+    say(cores.describe_plane() if pin else cores.describe())
+    result = limit_only(
+        PROFILES[args.profile],
+        args.workdir,
+        say,
+        pin=pin,
+        spy=args.spy,
+        sidecar_args=args.sidecar_arg,
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,7 +34,7 @@ the garbage collector stops tracking it, so a full collection does not walk the 
 handful of objects per pending result, full collections grew to a quarter of a second at 85,000
 results and stalled every request).
 :class:`Entry` objects, with the drainer's bookkeeping, exist only for the few results being
-replayed or backing off.
+replayed, backing off, or read ahead for the drainer (at most :data:`READ_AHEAD` at a time).
 
 Bound. A spool on an ``emptyDir`` with a ``sizeLimit`` must never reach it: past it the kubelet
 evicts the pod and deletes the volume with every acknowledged result in it. So the spool holds at
@@ -98,6 +98,10 @@ JOURNAL_COMPACT_BYTES: Final = 1 << 20
 PROBE_BYTES: Final = 8192
 #: Largest segment before rotation: small enough that resolved records free their bytes soon.
 MAX_SEGMENT_BYTES: Final = 16 * 1024 * 1024
+#: Pending results :meth:`Spool.due` reads back at once when it has to read one (see there),
+#: and at most this many payload bytes (tokens can be 64 KiB): the read-ahead's memory bound.
+READ_AHEAD: Final = 64
+READ_AHEAD_BYTES: Final = 1024 * 1024
 
 
 class Disk:
@@ -127,6 +131,10 @@ class Disk:
     def unlink(self, path: Path) -> None:
         """Remove a file (already gone is fine)."""
         path.unlink(missing_ok=True)
+
+    def read_back(self, wanted: list[tuple[int, Path, int, int]]) -> list[bytes | ValueError]:
+        """Each ``(id, segment file, frame offset, length)``'s payload, or its damage."""
+        return _read_back(wanted)
 
 
 class SpoolWriteError(Exception):
@@ -599,8 +607,12 @@ class Spool:
 
         ``now`` is monotonic. Entries are materialised here (their payload read back from its
         segment on the reader thread, checksum checked, and decoded), for the drainer only, and
-        kept with their bookkeeping until resolved. A record that no longer reads back as
-        written (a damaged disk) is logged and dropped, since retrying it could never succeed.
+        kept with their bookkeeping until resolved. A read-back also materialises the next
+        pending results, up to :data:`READ_AHEAD` (and :data:`READ_AHEAD_BYTES`): the drainer
+        asks for one result each time a replay ends, and a thread hop per replay cost the event
+        loop more than the replay's own work while the API server was at its limit. A record
+        that no longer reads back as written (a damaged disk) is logged and dropped, since
+        retrying it could never succeed.
 
         Raises
         ------
@@ -612,7 +624,8 @@ class Spool:
             return []
         chosen: list[int] = []
         unread: list[tuple[int, Path, int, int]] = []  # id, segment file, frame offset, length
-        for entry_id, (length, _received_at, seq, offset) in self._pending.items():
+        pending = iter(self._pending.items())
+        for entry_id, (length, _received_at, seq, offset) in pending:
             entry = self._entries.get(entry_id)
             if entry is None:
                 unread.append((entry_id, self._segments[seq].path, offset, length))
@@ -622,8 +635,18 @@ class Spool:
             if len(chosen) >= limit:
                 break
         if unread:
+            # The hop to the reader thread is paid anyway: read the next ones too, so that the
+            # drainer's closed loop (one more each time a replay ends) mostly finds them here.
+            ahead_bytes = sum(length for *_where, length in unread)
+            for entry_id, (length, _received_at, seq, offset) in pending:
+                if len(unread) >= READ_AHEAD or ahead_bytes >= READ_AHEAD_BYTES:
+                    break
+                if entry_id not in self._entries:
+                    unread.append((entry_id, self._segments[seq].path, offset, length))
+                    ahead_bytes += length
             loop = asyncio.get_running_loop()
-            payloads = await loop.run_in_executor(self._reader_executor, _read_back, unread)
+            read_back = self._disk.read_back
+            payloads = await loop.run_in_executor(self._reader_executor, read_back, unread)
             for (entry_id, *_where), payload in zip(unread, payloads, strict=True):
                 self._materialise(entry_id, payload)
         return [self._entries[i] for i in chosen if i in self._entries and i in self._pending]

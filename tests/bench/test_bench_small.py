@@ -89,6 +89,11 @@ def test_ingestion_figures_are_finite_for_every_server(
         assert _finite(ingestion["ours"][key]["p99_ms"]), key
     assert ingestion["ours"]["spool_wrk"]["outcomes"]["spooled"] > 0
     assert ingestion["ours"]["ledger_wrk"]["outcomes"]["recorded"] > 0
+    # Every result the closed loop sent reached the ledger, on either path (most by replay), and
+    # the row counts them all: it once counted only the pingback path's own writes.
+    ledger = ingestion["ours"]["ledger_wrk"]
+    assert ledger["recorded_until_all"] >= ledger["results"] > 0
+    assert ledger["recorded_in_run"] >= ledger["outcomes"]["recorded"]
 
 
 @pytest.mark.slow
@@ -104,6 +109,7 @@ def test_the_api_ceiling_and_the_overload_run_are_whole(
     for key in ("p50_ms", "p99_ms", "ledger_per_second", "seconds_to_apply_all"):
         assert _finite(overload[key]), key
     assert overload["applied"] >= overload["results"]  # every result reached the ledger
+    assert ours["limit_layout"]["layout"]
     assert "API server at its limit" in small_run[1]
 
 

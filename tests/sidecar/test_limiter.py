@@ -18,6 +18,7 @@ from captchatask_sidecar.limiter import (
     LimitSettings,
     next_limit,
 )
+from captchatask_sidecar.settings import DEFAULT_DRAIN_CONCURRENCY, load
 
 
 class FakeClock:
@@ -175,3 +176,12 @@ def test_the_gate_diverts_beyond_the_limit_and_while_results_wait_in_the_spool()
     gate.replay_finished()
     assert gate.decide() is Decision.WRITE
     assert gate.limit.in_flight == 2
+
+
+def test_the_drainer_keeps_no_more_writes_in_flight_than_the_pingback_path_may() -> None:
+    # Past a handful of writes in flight one API server only queues them: its answers slow down,
+    # not its throughput. The pingback path's limit never exceeds its maximum for that reason;
+    # a drainer keeping 32 replays in flight lengthened its replays fourfold at the same rate,
+    # and their bursts of answers held up every pingback waiting on the sidecar's event loop.
+    assert LimitSettings().maximum >= DEFAULT_DRAIN_CONCURRENCY
+    assert load(["--pingback-key-file", "k"], {}).drain_concurrency == DEFAULT_DRAIN_CONCURRENCY

@@ -14,7 +14,7 @@ import pytest
 
 from captchatask.decision import Result
 from captchatask.model import DeliveredBy, TaskRef
-from captchatask_sidecar.spool import Spool, SpoolWriteError
+from captchatask_sidecar.spool import READ_AHEAD, Disk, Spool, SpoolWriteError
 from captchatask_sidecar.spoolformat import HEADER, SpoolRecord, frame, scan
 
 
@@ -254,3 +254,37 @@ def test_pending_results_are_kept_out_of_the_garbage_collector(tmp_path: Path) -
         spool._add_pending(90, 1.0, segment, index * 100)
     gc.collect()
     assert not any(gc.is_tracked(value) for value in spool._pending.values())
+
+
+class CountingDisk(Disk):
+    """Counts the read-backs the drainer's view costs (each one a hop to the reader thread)."""
+
+    def __init__(self) -> None:
+        self.read_backs: list[int] = []
+
+    def read_back(self, wanted: list[tuple[int, Path, int, int]]) -> list[bytes | ValueError]:
+        self.read_backs.append(len(wanted))
+        return super().read_back(wanted)
+
+
+async def test_the_drainer_reads_the_backlog_back_in_batches_not_one_result_at_a_time(
+    tmp_path: Path,
+) -> None:
+    # The drainer is a closed loop: each replay that ends asks for one more. A read-back per
+    # replay cost a thread hop each, on the event loop's CPU, at the API server's pace.
+    disk = CountingDisk()
+    spool = Spool(tmp_path, disk=disk)
+    spool.open()
+    for index in range(100):
+        await spool.append(record(index))
+    now = time.monotonic()
+    replayed = []
+    for _ in range(100):
+        (entry,) = await spool.due(now, limit=1)
+        replayed.append(entry.record)
+        spool.resolve(entry)
+    assert replayed == [record(index) for index in range(100)]  # still oldest first, each once
+    assert len(disk.read_backs) <= 100 // READ_AHEAD + 1
+    assert max(disk.read_backs) <= READ_AHEAD
+    assert await spool.due(now, limit=1) == []
+    await spool.close()
