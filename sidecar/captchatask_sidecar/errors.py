@@ -89,7 +89,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         if exc.status < 400:  # redirects and the like pass through
             raise
         return http_problem(exc)
-    except Exception:
+    except Exception:  # noqa: BLE001 - internal_error logs it, with its traceback
         return internal_error(request)
 
 

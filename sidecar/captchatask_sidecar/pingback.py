@@ -157,21 +157,8 @@ class PingbackReceiver:
         try:
             try:
                 outcome = await self.handle(request)
-            except RejectedError as exc:
-                if exc.status == 503:
-                    metrics.unavailable("verify_unavailable").inc()
-                    return _unavailable(exc.detail)
-                metrics.pingback(UNATTRIBUTED, "rejected").inc()
-                return problem(exc.status, exc.detail)
-            except SpoolFullError:
-                # Refused before anything was written: a result we cannot hold must not be
-                # claimed.
-                metrics.unavailable("spool_full").inc()
-                return _unavailable("spool full, retry later")
-            except SpoolWriteError:
-                metrics.spool_write_errors.inc()
-                metrics.unavailable("spool_unwritable").inc()
-                return _unavailable("not stored, retry later")
+            except (RejectedError, SpoolWriteError) as exc:
+                return self._refusal(exc)
             finally:
                 metrics.handle_duration.observe(time.perf_counter() - started)
             # Counted only once authenticated, so the path's namespace is one this process serves.
@@ -181,8 +168,25 @@ class PingbackReceiver:
             if exc.status < 400:  # redirects and the like pass through
                 raise
             return http_problem(exc)
-        except Exception:
+        except Exception:  # noqa: BLE001 - internal_error logs it, with its traceback
             return internal_error(request)
+
+    def _refusal(self, exc: RejectedError | SpoolWriteError) -> web.Response:
+        """The answer to a pingback refused without writing anything (counted)."""
+        metrics = self.metrics
+        if isinstance(exc, RejectedError):
+            if exc.status == 503:
+                metrics.unavailable("verify_unavailable").inc()
+                return _unavailable(exc.detail)
+            metrics.pingback(UNATTRIBUTED, "rejected").inc()
+            return problem(exc.status, exc.detail)
+        if isinstance(exc, SpoolFullError):
+            # Refused before anything was written: a result we cannot hold must not be claimed.
+            metrics.unavailable("spool_full").inc()
+            return _unavailable("spool full, retry later")
+        metrics.spool_write_errors.inc()
+        metrics.unavailable("spool_unwritable").inc()
+        return _unavailable("not stored, retry later")
 
 
 #: The application's :class:`PingbackReceiver`.
