@@ -17,7 +17,6 @@ from captchatask.model import DeliveredBy, TaskRef
 from captchatask_sidecar.spool import Disk, Spool, SpoolWriteError
 from captchatask_sidecar.spoolformat import HEADER, SpoolRecord, frame, scan
 
-
 #: A hang guard, never a speed assertion: appends after which a record still unwritten is a bug.
 HANG_GUARD_APPENDS = 100_000
 
