@@ -11,7 +11,7 @@ Format. Segment files ``spool-<seq>.log`` of framed, checksummed records; the by
 Group commit. Appends from concurrent requests are buffered; one writer job at a time writes the
 whole buffer and calls ``fdatasync`` once, in a dedicated single-thread executor (writes stay
 ordered). Each request waits for the batch holding its record: at high load a batch holds
-dozens of records and costs one thread hop and one fsync. Before it writes a batch the flusher
+tens of records and costs one thread hop and one fsync. Before it writes a batch the flusher
 lets the event loop catch up (:data:`GROUP_COMMIT_QUIET_TURNS`): at saturation the handlers of the
 pingbacks already read run over the next few turns of the loop, and a batch written as soon as
 the first of them appended held a handful of records, each paying a share of an ``fdatasync``
