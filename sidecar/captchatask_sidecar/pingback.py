@@ -15,6 +15,11 @@ and ``tasks:reserve`` hand to the provider). The order of checks is the security
 Only then does :class:`~.recorder.Recorder` make the result durable, and only then is ``200``
 sent, with the outcome in the ``X-Captchatask-Outcome`` header. Rejections are terse problem
 documents with nothing an attacker can use; they never write anything.
+
+With the API server away every pingback is CPU work on one event loop (the spool path), so the
+app has no middleware: :meth:`PingbackReceiver.receive` answers its own errors and a fallback
+route (:func:`~.errors.add_fallback`) the unknown paths and methods, with the same problem
+documents the local API's middleware gives.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from captchatask import signing
 from captchatask.model import TaskRef
 from captchatask.provider import codes
 from captchatask.supervise import Supervisor
-from captchatask_sidecar.errors import problem, problem_middleware
+from captchatask_sidecar.errors import add_fallback, http_problem, internal_error, problem
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
 from captchatask_sidecar.payload import PingbackError, from_query, read_pingback
 from captchatask_sidecar.recorder import Recorder
@@ -141,37 +146,51 @@ class PingbackReceiver:
                 raise RejectedError(503, "cannot confirm now") from exc
         return await self.recorder.accept(ref, result, source=pingback.source.value)
 
+    async def receive(self, request: web.Request) -> web.Response:
+        """The route handler: one pingback (see the module docstring); idempotent per result.
 
-#: The application's :class:`PingbackReceiver`.
-PINGBACK: Final = web.AppKey("pingback", PingbackReceiver)
+        Every error is answered here, as the middleware of the other apps would answer it: an
+        aiohttp error as its problem document, anything unexpected as a logged bare ``500``.
+        """
+        metrics = self.metrics
+        started = time.perf_counter()
+        try:
+            try:
+                outcome = await self.handle(request)
+            except (RejectedError, SpoolWriteError) as exc:
+                return self._refusal(exc)
+            finally:
+                metrics.handle_duration.observe(time.perf_counter() - started)
+            # Counted only once authenticated, so the path's namespace is one this process serves.
+            metrics.pingback(request.match_info["namespace"], outcome).inc()
+            return web.Response(body=OK_BODY, headers=_OK_HEADERS[outcome])
+        except web.HTTPException as exc:
+            if exc.status < 400:  # redirects and the like pass through
+                raise
+            return http_problem(exc)
+        except Exception:  # noqa: BLE001 - internal_error logs it, with its traceback
+            return internal_error(request)
 
-
-async def receive_pingback(request: web.Request) -> web.Response:
-    """Handle one pingback (see the module docstring); idempotent per result."""
-    receiver = request.app[PINGBACK]
-    metrics = receiver.metrics
-    started = time.perf_counter()
-    try:
-        outcome = await receiver.handle(request)
-    except RejectedError as exc:
-        if exc.status == 503:
-            metrics.unavailable("verify_unavailable").inc()
-            return _unavailable(exc.detail)
-        metrics.pingback(UNATTRIBUTED, "rejected").inc()
-        return problem(exc.status, exc.detail)
-    except SpoolFullError:
-        # Refused before anything was written: a result we cannot hold must not be claimed.
-        metrics.unavailable("spool_full").inc()
-        return _unavailable("spool full, retry later")
-    except SpoolWriteError:
+    def _refusal(self, exc: RejectedError | SpoolWriteError) -> web.Response:
+        """The answer to a pingback refused without writing anything (counted)."""
+        metrics = self.metrics
+        if isinstance(exc, RejectedError):
+            if exc.status == 503:
+                metrics.unavailable("verify_unavailable").inc()
+                return _unavailable(exc.detail)
+            metrics.pingback(UNATTRIBUTED, "rejected").inc()
+            return problem(exc.status, exc.detail)
+        if isinstance(exc, SpoolFullError):
+            # Refused before anything was written: a result we cannot hold must not be claimed.
+            metrics.unavailable("spool_full").inc()
+            return _unavailable("spool full, retry later")
         metrics.spool_write_errors.inc()
         metrics.unavailable("spool_unwritable").inc()
         return _unavailable("not stored, retry later")
-    finally:
-        metrics.handle_duration.observe(time.perf_counter() - started)
-    # Counted only once authenticated, so the path's namespace is one this process serves.
-    metrics.pingback(request.match_info["namespace"], outcome).inc()
-    return web.Response(body=OK_BODY, headers=_OK_HEADERS[outcome])
+
+
+#: The application's :class:`PingbackReceiver`.
+PINGBACK: Final = web.AppKey("pingback", PingbackReceiver)
 
 
 def _unavailable(detail: str) -> web.Response:
@@ -183,7 +202,7 @@ def _unavailable(detail: str) -> web.Response:
 def create_pingback_app(
     receiver: PingbackReceiver, *, drainer: Supervisor | None = None
 ) -> web.Application:
-    """Build the pingback application (one route, problem-JSON errors).
+    """Build the pingback application (one route, problem-JSON errors, no middleware).
 
     Parameters
     ----------
@@ -194,10 +213,12 @@ def create_pingback_app(
         started with the app and stopped after in-flight pingbacks finished, so nothing is
         replayed while the last requests still write to the spool.
     """
-    app = web.Application(middlewares=[problem_middleware], client_max_size=receiver.max_body_bytes)
+    app = web.Application(client_max_size=receiver.max_body_bytes)
     app[PINGBACK] = receiver
-    app.router.add_route("GET", ROUTE, receive_pingback)
-    app.router.add_route("POST", ROUTE, receive_pingback)
+    # The bound method: no application lookup per request.
+    app.router.add_route(hdrs.METH_GET, ROUTE, receiver.receive)
+    app.router.add_route(hdrs.METH_POST, ROUTE, receiver.receive)
+    add_fallback(app)
     if drainer is not None:
 
         async def run_drainer(_app: web.Application) -> AsyncIterator[None]:

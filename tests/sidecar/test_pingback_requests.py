@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from yarl import URL
 
 from captchatask import kube, signing, testbed
+from captchatask.decision import Result
 from captchatask.ledger import Ledger
 from captchatask.model import TaskRef
 from captchatask.provider.codes import Dialect
@@ -376,3 +377,87 @@ async def test_a_multipart_field_whose_charset_decodes_to_a_lone_surrogate_is_re
     assert response.status == 400
     assert response.content_type == "application/problem+json"
     receiver.assert_nothing_written()
+
+
+# -- errors answered without a middleware ---------------------------------------------------------
+
+
+async def test_router_errors_are_the_same_problem_documents_without_a_middleware(
+    receiver: Receiver,
+) -> None:
+    # A middleware costs every pingback a wrapper call on the spool path's hot loop; the
+    # pingback application answers unknown paths and methods itself, byte for byte as before.
+    assert not receiver.client.app.middlewares
+    not_found = await receiver.client.get("/v1/pingbacks", params={"id": "1", "code": "tok"})
+    assert not_found.status == 404
+    assert not_found.headers["Content-Type"] == "application/problem+json"
+    assert await not_found.read() == b'{"type":"about:blank","title":"Not Found","status":404}'
+    for method in ("PUT", "DELETE", "HEAD", "PATCH"):
+        refused = await receiver.client.request(method, receiver.path())
+        assert refused.status == 405, method
+        assert refused.headers["Content-Type"] == "application/problem+json"
+        assert refused.headers["Allow"] == "GET,POST"
+        if method != "HEAD":
+            assert await refused.read() == (
+                b'{"type":"about:blank","title":"Method Not Allowed","status":405,'
+                b'"detail":"method not allowed"}'
+            )
+    # A method other than GET/POST on a path that is not ours is still "not found".
+    elsewhere = await receiver.client.put("/v1/pingback/apps/task-1")
+    assert elsewhere.status == 404
+    receiver.assert_nothing_written()
+
+
+class CrashingRecorder(Recorder):
+    """A recorder with a bug: what the pingback route answers when its own code fails."""
+
+    async def accept(self, ref: TaskRef, result: Result, *, source: str) -> str:
+        raise RuntimeError(f"bug while recording {ref.name}")
+
+
+async def test_a_crash_is_a_bare_500_problem_document_logged_without_the_token(
+    tmp_path: Path,
+    aiohttp_client: AiohttpClient,
+    signer: signing.PingbackSigner,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    metrics = Metrics(CollectorRegistry())
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    config = kube.KubeConfig(server="https://127.0.0.1:1", verify=False)
+    async with aiohttp.ClientSession() as session:
+        recorder = CrashingRecorder(
+            ledger=Ledger(kube.KubeClient(config, session)),
+            spool=spool,
+            metrics=metrics,
+            budget=0.5,
+            received_by="test",
+        )
+        app = create_pingback_app(
+            PingbackReceiver(
+                namespaces=frozenset({NAMESPACE}),
+                signer=signer,
+                recorder=recorder,
+                metrics=metrics,
+                dialect=Dialect.CAPTCHAAI,
+                max_body_bytes=MAX_BODY,
+                read_timeout=0.5,
+            )
+        )
+        client = await aiohttp_client(app)
+        path = signer.path(REF)
+        response = await client.get(path, params={"id": "1", "code": "secret-solution"})
+        assert response.status == 500
+        assert response.headers["Content-Type"] == "application/problem+json"
+        assert await response.read() == (
+            b'{"type":"about:blank","title":"Internal Server Error","status":500,'
+            b'"detail":"internal error"}'
+        )
+    await spool.close()
+    logged = [r for r in caplog.records if r.exc_info is not None]
+    assert [r.getMessage() for r in logged] == [
+        "unexpected error handling GET /v1/pingback/{namespace}/{name}/{uid}/{token}"
+    ]
+    text = caplog.text
+    assert path.rsplit("/", 1)[-1] not in text
+    assert "secret-solution" not in text
