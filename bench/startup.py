@@ -87,16 +87,21 @@ def _polled(stack: Stack) -> float:
     )
 
 
-def operator_first_poll(tasks: int, workdir: Path, say: Say) -> dict[str, float | int | None]:
-    """Seconds from launching the operator to its first and its last fallback poll."""
+def _polling_stack(workdir: Path, say: Say) -> Stack:
+    """A stack whose tasks are due for a fallback poll CALLBACK_TIMEOUT_SECONDS after submission."""
     config = StackConfig(
-        workdir=workdir / "operator",
+        workdir=workdir,
         namespace=NAMESPACE,
         provider_spec={
             "polling": {"callbackTimeoutSeconds": CALLBACK_TIMEOUT_SECONDS, "intervalSeconds": 30}
         },
     )
-    stack = Stack(config, progress=say)
+    return Stack(config, progress=say)
+
+
+def operator_first_poll(tasks: int, workdir: Path, say: Say) -> dict[str, float | int | None]:
+    """Seconds from launching the operator to its first and its last fallback poll."""
+    stack = _polling_stack(workdir / "operator", say)
     try:
         stack.start()
         stack.kill("operator")
@@ -195,14 +200,7 @@ def standby_takeover(
     tasks: int, lifetime: int, workdir: Path, say: Say
 ) -> dict[str, float | int | None]:
     """Seconds from a standby's takeover (and from the active replica's death) to its first poll."""
-    config = StackConfig(
-        workdir=workdir / "takeover",
-        namespace=NAMESPACE,
-        provider_spec={
-            "polling": {"callbackTimeoutSeconds": CALLBACK_TIMEOUT_SECONDS, "intervalSeconds": 30}
-        },
-    )
-    stack = Stack(config, progress=say)
+    stack = _polling_stack(workdir / "takeover", say)
     replicas: list[ManagedProcess] = []
     try:
         stack.start()
