@@ -53,6 +53,7 @@ class FaultKind(StrEnum):
     APISERVER_OUTAGE = "apiserver-outage"
     SIDECAR_KILL = "sidecar-kill"
     OPERATOR_KILL = "operator-kill"
+    #: Every ``res.php`` answered with an HTML 502 for ``amount`` seconds (a timed outage).
     RES_502_BURST = "res-502-burst"
     PLANT_DEAD_LETTER = "plant-dead-letter"
     #: The next ``amount`` ``in.php`` that create a task lose their reply (an HTML 502 on odd
@@ -76,13 +77,13 @@ class FaultEvent:
 
     at: float
     kind: FaultKind
-    #: Burst size for ``res-502-burst``; ordinal for the others.
+    #: Seconds for ``res-502-burst`` and the outages; a count or ordinal for the others.
     amount: int = 0
 
     def describe(self) -> str:
         """One line of the printed timeline."""
         extra = {
-            FaultKind.RES_502_BURST: f" x{self.amount}",
+            FaultKind.RES_502_BURST: f" for {self.amount}s",
             FaultKind.IN_REPLY_LOST: f" x{self.amount}",
             FaultKind.APISERVER_OUTAGE: f" for {self.amount}s",
             FaultKind.SPOOL_FULL: f" (bound {self.amount} records)",
@@ -185,7 +186,7 @@ def make_plan(profile: Profile, seed: int) -> Plan:
         for number in range(profile.operator_kills)
     )
     faults.extend(
-        FaultEvent(rng.uniform(low, high), FaultKind.RES_502_BURST, profile.res_502_burst_size)
+        FaultEvent(rng.uniform(low, high), FaultKind.RES_502_BURST, profile.res_502_burst_seconds)
         for _ in range(profile.res_502_bursts)
     )
     faults.extend(

@@ -26,8 +26,10 @@ class Profile:
         Tasks are created evenly over this window; faults land inside it.
     outage_seconds
         How long the kube-apiserver is stopped.
-    res_502_bursts, res_502_burst_size
-        Bursts of HTML 502 on ``res.php`` and how many requests each one hits.
+    res_502_bursts, res_502_burst_seconds
+        Outages of ``res.php`` (every request answered with nginx's HTML 502) and how long
+        each one lasts, in seconds from its planned start: a provider's outage is a time, not
+        a number of requests, so a client that backs off does not meet it after it ended.
     in_reply_lost_bursts, in_reply_lost_burst_size
         Bursts of ``in.php`` replies lost after the task was created, and how many submits
         each one hits (the emulator's "task created, reply lost" fault).
@@ -53,7 +55,7 @@ class Profile:
     create_seconds: float
     outage_seconds: int
     res_502_bursts: int
-    res_502_burst_size: int
+    res_502_burst_seconds: int
     planted_dead_letters: int
     settle_seconds: float
     in_reply_lost_bursts: int = 2
@@ -87,7 +89,7 @@ PROFILES: Final[dict[str, Profile]] = {
         create_seconds=20.0,
         outage_seconds=4,
         res_502_bursts=2,
-        res_502_burst_size=5,
+        res_502_burst_seconds=3,
         planted_dead_letters=2,
         settle_seconds=150.0,
         spool_max_records=1,  # a short outage: the second spooled pingback meets the bound
@@ -98,7 +100,7 @@ PROFILES: Final[dict[str, Profile]] = {
         create_seconds=40.0,
         outage_seconds=8,
         res_502_bursts=3,
-        res_502_burst_size=10,
+        res_502_burst_seconds=5,
         planted_dead_letters=3,
         settle_seconds=180.0,
         spool_max_records=8,  # the outage spools about 20 without a bound
@@ -109,7 +111,7 @@ PROFILES: Final[dict[str, Profile]] = {
         create_seconds=100.0,
         outage_seconds=15,
         res_502_bursts=5,
-        res_502_burst_size=20,
+        res_502_burst_seconds=8,
         planted_dead_letters=5,
         settle_seconds=300.0,
         spool_max_records=12,  # the outage spools about 35 without a bound

@@ -28,7 +28,7 @@ def table(figures: dict[str, Any], *, dialect: str = "captchaai") -> str:
             faults["pingbacks_to_a_dead_receiver"],
         ),
         ("faults: unsolvable tasks", faults["unsolvable"]),
-        ("faults: HTML 502 on res.php", faults["res_php_html_502"]),
+        ("faults: HTML 502 on res.php", _outages(faults)),
         ("faults: in.php replies lost (task created)", faults.get("in_php_replies_lost", "n/a")),
         ("faults: kube-apiserver stopped", f"{drain['apiserver_outage_seconds']:.1f} s"),
         ("faults: sidecar SIGKILL + restart", faults["sidecar_sigkills"]),
@@ -142,3 +142,14 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
     """Write the figures (sorted keys, stable diffs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _outages(faults: dict[str, Any]) -> str:
+    """HTML 502 pages served, and the timed outages that served them."""
+    pages = faults["res_php_html_502"]
+    outages = faults.get("res_php_502_outage_seconds")
+    if not outages:
+        return f"{pages}"
+    spans = sorted({f"{seconds:g}" for seconds in outages})
+    each = f"{spans[0]} s each" if len(spans) == 1 else f"{', '.join(spans)} s"
+    return f"{pages} (every res.php request during {len(outages)} timed outages, {each})"

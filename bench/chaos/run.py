@@ -328,7 +328,7 @@ class ChaosRun:
             await self._kill_restart("operator", self.operator, self.timeline.operator_kills, http)
         elif event.kind is FaultKind.RES_502_BURST:
             await asyncio.to_thread(
-                self.stack.emulator, "faults/res-502-burst", {"count": event.amount}
+                self.stack.emulator, "faults/res-502-burst", {"seconds": event.amount}
             )
         elif event.kind is FaultKind.PLANT_DEAD_LETTER:
             await self._plant(event.amount, http, signer)
@@ -704,6 +704,11 @@ class ChaosRun:
             planted=list(self.planted),
             callback_timeout_seconds=float(self.profile.callback_timeout_seconds),
             spool_max_records=self.profile.spool_max_records,
+            res_502_outages=[
+                float(event.amount)
+                for event in self.plan.faults
+                if event.kind is FaultKind.RES_502_BURST
+            ],
             late=list(self.late),
         )
 

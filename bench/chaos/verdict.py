@@ -96,6 +96,8 @@ class Snapshot:
     callback_timeout_seconds: float = 0.0
     #: The receiver's spool bound in records (fault ``spool-full``; 0: none).
     spool_max_records: int = 0
+    #: The planned ``res.php`` outages (fault ``res-502-burst``), seconds each.
+    res_502_outages: list[float] = field(default_factory=list)
     late: list[LateTask] = field(default_factory=list)
 
 
@@ -464,6 +466,7 @@ def evaluate(snap: Snapshot) -> Verdict:
             "pingbacks_to_a_dead_receiver": fates.get("hit_dead_receiver", 0),
             "unsolvable": int(totals.get("tasks_unsolvable", 0)),
             "res_php_html_502": int(totals.get("html_502_injected", 0)),
+            "res_php_502_outage_seconds": list(snap.res_502_outages),
             "sidecar_sigkills": len(snap.sidecar_kills),
             "operator_sigkills": len(snap.operator_kills),
             "planted_dead_letters": len(snap.planted),

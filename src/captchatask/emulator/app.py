@@ -15,7 +15,9 @@ so a test needs one URL. It serves JSON accounting and lets faults be changed at
 ``GET  /_emulator/tasks/{id}``              one record (404 once expired or unknown)
 ``GET  /_emulator/faults``                  current fault knobs
 ``POST /_emulator/faults``                  JSON object of knobs to change (400 if invalid)
-``POST /_emulator/faults/res-502-burst``    ``{"count": N}``: the next N ``res.php`` get 502
+``POST /_emulator/faults/res-502-burst``    ``{"count": N}``: the next N ``res.php`` get 502;
+                                            ``{"seconds": S}``: every ``res.php`` for S seconds
+                                            (an outage, however many requests come)
 ``POST /_emulator/faults/in-reply-lost``    ``{"count": N, "mode": "502"|"drop"}``: the next N
                                             ``in.php`` that create a task lose their reply;
                                             ``{"clear": true}`` drops the ones still pending
@@ -437,15 +439,36 @@ async def admin_set_faults(request: web.Request) -> web.Response:
     return web.json_response(state.faults.as_json())
 
 
+def _number(value: object) -> float:
+    """A JSON number as a float (``TypeError`` for anything else, booleans included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError("expected a number")
+    return float(value)
+
+
 async def admin_res_502_burst(request: web.Request) -> web.Response:
-    """Answer the next N ``res.php`` requests with an HTML 502 page."""
+    """Answer ``res.php`` with an HTML 502 page: the next N requests, or for S seconds.
+
+    ``{"seconds": S}`` is an outage (a span of time, see ``EmulatorState.res_502_outage``);
+    ``{"count": N}`` hits exactly N requests, for tests that need that many failures.
+    """
     state = request.app[runtime_key].state
     try:
-        count = int((await request.json())["count"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise web.HTTPBadRequest(text='expected {"count": N}') from exc
-    state.res_502_burst = max(0, count)
-    return web.json_response({"res_502_burst_remaining": state.res_502_burst})
+        body = await request.json()
+        if "seconds" in body:
+            state.res_502_outage(_number(body["seconds"]))
+        else:
+            state.res_502_burst = max(0, int(body["count"]))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise web.HTTPBadRequest(
+            text='expected {"count": N} or {"seconds": S} (a finite number >= 0)'
+        ) from exc
+    return web.json_response(
+        {
+            "res_502_burst_remaining": state.res_502_burst,
+            "res_502_outage_seconds_left": round(state.res_502_outage_left(), 3),
+        }
+    )
 
 
 async def admin_in_reply_lost(request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import string
 import time
@@ -182,6 +183,8 @@ class EmulatorState:
         self.totals: Counter[str] = Counter()
         self.reply_codes: Counter[str] = Counter()
         self.res_502_burst = 0
+        #: Until when (state clock) every ``res.php`` gets an HTML 502: a timed outage.
+        self.res_502_until = 0.0
         self.in_reply_lost: deque[str] = deque()
         self.pingback_addrs: list[str] = []
         self._in_times: deque[float] = deque()
@@ -236,6 +239,7 @@ class EmulatorState:
         self.reply_codes.clear()
         self.balance = self.config.balance
         self.res_502_burst = 0
+        self.res_502_until = 0.0
         self.in_reply_lost.clear()
         self._in_times.clear()
         self._res_times.clear()
@@ -314,11 +318,29 @@ class EmulatorState:
         return rate > 0 and self.faults_rng.random() < rate
 
     def take_res_502(self) -> bool:
-        """Whether this ``res.php`` request gets an HTML 502 (explicit burst or rate)."""
+        """Whether this ``res.php`` request gets an HTML 502 (outage, explicit burst or rate)."""
+        if self.now() < self.res_502_until:
+            return True
         if self.res_502_burst > 0:
             self.res_502_burst -= 1
             return True
         return self.roll(self.faults.res_502_rate)
+
+    def res_502_outage(self, seconds: float) -> None:
+        """Answer every ``res.php`` request with an HTML 502 for the next ``seconds``.
+
+        A provider's (or its proxy's) outage is a span of time, not a number of requests: a
+        client that backs off meets it for as long as it lasts and not a request longer, and a
+        busy one does not end it early. An outage still running is extended to the later end,
+        never shortened.
+        """
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError("seconds must be a finite number >= 0")
+        self.res_502_until = max(self.res_502_until, self.now() + seconds)
+
+    def res_502_outage_left(self) -> float:
+        """Seconds the current ``res.php`` outage still lasts (0 when there is none)."""
+        return max(0.0, self.res_502_until - self.now())
 
     def lose_in_replies(self, count: int, *, mode: str) -> None:
         """Lose the replies of the next ``count`` ``in.php`` requests that create a task.
@@ -498,6 +520,7 @@ class EmulatorState:
             "queued": len(self._queue),
             "balance": round(self.balance, 6),
             "res_502_burst_remaining": self.res_502_burst,
+            "res_502_outage_seconds_left": round(self.res_502_outage_left(), 3),
             "in_reply_lost_remaining": len(self.in_reply_lost),
             "faults": self.faults.as_json(),
         }
