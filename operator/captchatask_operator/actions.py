@@ -135,6 +135,15 @@ class EngineActions(Protocol):
     def note_ledger_unavailable(self) -> None:
         """Record a call the API server did not answer (the outage the submission rule uses)."""
 
+    async def ledger_back(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds, or less: until the API server answers again after failing.
+
+        For writers that hold what only a ledger write keeps (a poll answer, a dead letter, a
+        provider task id) and retry with back-off: woken by the engine's API-server probe, they
+        write within its period of the API server's return, not a back-off step later. ``True``
+        if woken.
+        """
+
     def watched(self, namespace: str) -> bool:
         """Whether this operator serves ``namespace``."""
 

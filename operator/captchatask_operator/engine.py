@@ -139,6 +139,9 @@ class Engine:
         self.ledger_unavailable_at: dt.datetime | None = None
         #: The first failure of that outage (see policy.OUTAGE_GAP).
         self.ledger_unavailable_since: dt.datetime | None = None
+        #: Set (and replaced) when the probe sees the API server answer after a failure: wakes
+        #: the writers waiting in :meth:`ledger_back`.
+        self._ledger_returned = asyncio.Event()
         #: When this engine last became active (an outage before it is unknown to it).
         self.active_since: dt.datetime | None = None
         self.submitting = 0
@@ -491,6 +494,7 @@ class Engine:
         would go unseen, and an ``in.php`` whose reply was lost right after it be repeated
         while its pingback still waits in a spool. Runs while active; cancelled on deactivate.
         """
+        answered_after: dt.datetime | None = None
         while True:
             try:
                 await self.client.request("GET", "/version", timeout=5.0)
@@ -498,7 +502,34 @@ class Engine:
                 self.note_ledger_unavailable()
             except Exception as exc:  # noqa: BLE001 - a probe must never end the loop
                 logger.debug("API server probe failed: %r", exc)
+            else:
+                failed_at = self.ledger_unavailable_at
+                if failed_at is not None and failed_at != answered_after:
+                    # A failure (ours or an action's) since the last answer: it is back now.
+                    answered_after = failed_at
+                    self._wake_ledger_writers()
             await asyncio.sleep(policy.LEDGER_PROBE_SECONDS)
+
+    def _wake_ledger_writers(self) -> None:
+        """Wake every writer waiting in :meth:`ledger_back` (the API server answers again)."""
+        returned, self._ledger_returned = self._ledger_returned, asyncio.Event()
+        returned.set()
+
+    async def ledger_back(self, timeout: float) -> bool:
+        """Wait ``timeout`` seconds, or until the probe sees the API server answer again.
+
+        Held poll answers, unwritten dead letters and provider task ids not yet written retry
+        with back-off; the probe (every :data:`policy.LEDGER_PROBE_SECONDS`) ends their wait
+        when the API server is back, so what they hold reaches the ledger at once, not up to a
+        back-off step later (an operator killed in that step loses held answers). ``True`` if
+        woken.
+        """
+        returned = self._ledger_returned
+        try:
+            await asyncio.wait_for(returned.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def note_ledger_unavailable(self) -> None:
         """Record a call the API server did not answer: the outage's start and last failure."""

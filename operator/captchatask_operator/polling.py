@@ -19,7 +19,8 @@ a result the provider no longer holds fails it with ``ResultExpired``, and ``CAP
 plans the next poll (:func:`policy.after_poll`, never beyond ``maxPolls``).
 
 A final answer (a solution or a permanent code) that the API server does not take is *held*
-(:attr:`Poller.held`) and written again with back-off until the ledger takes it, instead of
+(:attr:`Poller.held`) and written again with back-off until the ledger takes it (and at once
+when the engine's API-server probe sees the API server answer again), instead of
 being dropped and fetched again: during an outage the solver would otherwise be asked once per
 due task every retry, for an answer the operator already had. A held answer carries the time it
 arrived, so one that came before the task's deadline still replaces the ``DeadlineExceeded``
@@ -311,16 +312,18 @@ class Poller:
         The ledger decides what it becomes by then (the task may have been solved by a pingback,
         failed by its deadline, or deleted: a dead letter); the solver is not asked again.
         """
-        delay, cap = self.held_retry
+        first, cap = self.held_retry
+        delay = first
         while (held := self.held.get(task.key)) is not None:
-            await asyncio.sleep(delay)
+            woken = await self.engine.ledger_back(delay)
             try:
                 await self.apply(state, task, held.result, held=held)
             except Exception as exc:  # noqa: BLE001 - retried until the API server takes it
                 if isinstance(exc, kube.KubeUnavailable):
                     self.engine.note_ledger_unavailable()
                 logger.debug("held poll answer of %s/%s not applied yet: %r", *task.key, exc)
-                delay = min(cap, delay * 2)
+                # Woken as the API server returned: it may not take writes for a moment yet.
+                delay = first if woken else min(cap, delay * 2)
                 continue
             self.held.pop(task.key, None)
 
@@ -486,14 +489,15 @@ class Poller:
 
     async def _keep_writing(self, key: LetterKey) -> None:
         """Retry one held letter with capped exponential back-off until it is written."""
-        delay, cap = self.letter_retry
+        first, cap = self.letter_retry
+        delay = first
         while (letter := self.unwritten.get(key)) is not None:
-            await asyncio.sleep(delay)
+            woken = await self.engine.ledger_back(delay)
             if await self._write(letter) is None:
                 self.unwritten.pop(key, None)
                 self._count_unwritten(key[0])
                 return
-            delay = min(cap, delay * 2)
+            delay = first if woken else min(cap, delay * 2)
 
     async def _write(self, letter: UnwrittenLetter) -> kube.KubeError | None:
         """Create the letter (idempotent); the error if the API server failed or refused."""

@@ -23,7 +23,6 @@ At most one paid provider task per ``in.php`` outcome we cannot see:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 from collections.abc import Mapping
@@ -271,7 +270,7 @@ class Submitter:
                     delay,
                     exc,
                 )
-                await asyncio.sleep(delay)
+                await engine.ledger_back(delay)  # or less: the API server answers again
                 stale = True
                 continue
             if written is not False:

@@ -73,6 +73,10 @@ class FakeEngine:
         self.ledger_unavailable_since = self.ledger_unavailable_since or self.now
         self.ledger_unavailable_at = self.now
 
+    async def ledger_back(self, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
+
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.spawned.append(coro)
 

@@ -221,3 +221,37 @@ async def test_a_held_answer_that_came_before_the_deadline_replaces_the_deadline
     assert "failure" not in status
     assert status["deliveredBy"] == "poll"
     assert not (await client.list(kube.DEAD_LETTERS, namespace)).get("items")
+
+
+async def test_a_held_answer_is_written_once_the_api_server_answers_again_not_after_its_back_off(
+    setup: tuple[Engine, RefusingStatusClient, ProviderState],
+    namespace: str,
+    emulator: RunningEmulator,
+    control_plane: testbed.ControlPlane,
+) -> None:
+    """The operator's API-server probe wakes the writers of held answers when it answers again.
+
+    Held answers were retried on their own back-off (1 s doubling to 4 s), so an answer held
+    through an outage reached the ledger up to 4 s after the API server was back, and an
+    operator killed in those seconds lost it (its successor had to poll again). Here the
+    back-off is longer than the test's patience: only the probe can get the answer written.
+    """
+    eng, client, state = setup
+    task = await _solved_submitted_task(client, namespace, state, emulator)
+    eng.tasks.put(task)
+    eng.poller.held_retry = (3600.0, 3600.0)
+    eng.spawn(eng._probe_ledger())
+
+    await asyncio.to_thread(control_plane.stop_apiserver)
+    try:
+        await eng.poller.poll_batch(state.spec.key, [task.key])
+        assert task.key in eng.poller.held, "the answer is held while the API server is away"
+    finally:
+        await asyncio.to_thread(control_plane.start_apiserver)
+
+    async def solved() -> bool:
+        return (await _status(client, namespace, task.ref.name)).get("phase") == "Solved"
+
+    await _eventually(solved, "the held answer to be written once the API server is back")
+    assert task.key not in eng.poller.held
+    assert emulator.task(task.provider_task_id or "").res_calls == 1
