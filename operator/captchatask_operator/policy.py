@@ -18,7 +18,8 @@ fake clock:
 * **Provider health** (:func:`provider_verdict`, :func:`transient_recheck_delay`): a Ready
   condition reason from a check. A transient failure (HTML 5xx page, transport error,
   unparseable reply) keeps the last known readiness and re-checks soon with back-off; only
-  ``unreachable_after`` of them in a row declare the provider ``Unreachable``.
+  ``unreachable_after`` of them in a row declare the provider ``Unreachable``. Polls go on
+  whatever the check says, except after a rejected key (:func:`polls_stopped`).
 """
 
 from __future__ import annotations
@@ -428,6 +429,19 @@ def provider_verdict(
     else:
         message = "checked"
     return ProviderVerdict(True, ProviderReason.READY, message)
+
+
+#: Provider reasons after which no request with the current key can succeed: a wrong or unknown
+#: key, an IP the provider refuses (both providers: "stop sending requests"; repeated wrong keys
+#: get the IP banned). Polls wait for a check with a working key to pass. A transient check
+#: failure (``Unreachable``) or a lack of threads or balance (``in.php`` refuses new tasks, but
+#: ``res.php`` still returns the results of tasks already submitted) does not stop them.
+POLLS_STOPPED_BY: Final = frozenset({ProviderReason.INVALID_KEY, ProviderReason.IP_BLOCKED})
+
+
+def polls_stopped(*, ready: bool, reason: str) -> bool:
+    """Whether a provider's last verdict stops its polls until a check passes."""
+    return not ready and reason in POLLS_STOPPED_BY
 
 
 def transient_recheck_delay(failures: int, *, cap: float) -> float:

@@ -218,9 +218,15 @@ class Poller:
         async with self._poll_sem:
             state = engine.providers.get(provider_key)
             now = self.deps.clock()
-            if state is None or state.client is None:
+            if (
+                state is None
+                or state.client is None
+                or policy.polls_stopped(ready=state.ready, reason=state.reason)
+            ):
                 # Results can still be fetched while the provider is "not Ready" for lack of
-                # threads or balance; only a missing client (no usable key yet) stops polling.
+                # threads or balance, or while its check fails transiently (a restarted
+                # operator does not wait for one to pass); only a missing client (no usable key
+                # yet) or a key the provider rejected stops polling, until a check passes.
                 unchecked = state is not None and not state.checked
                 later = now + (
                     policy.UNCHECKED_RETRY
