@@ -499,6 +499,12 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         say(f"  idle list pods p50 {out['idle']['p50_ms']} ms, p99 {out['idle']['p99_ms']} ms")
         for index, variant in enumerate(variants):
             label, sets = variant.label, variant.sets
+            pace = round(variant.pace * capacity)
+            if pace != stack.ledger_writes_per_second:
+                # Before the tasks are prepared: the restarted receiver's start-up requests are
+                # over by the time the storm begins.
+                stack.ledger_writes_per_second = pace
+                stack.restart("sidecar")
             tasks = asyncio.run(prepare(storm_tasks, f"s{index}"))
             paths = [
                 signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}"
@@ -507,10 +513,6 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
             paths_file = wrk.write_paths(workdir / f"{label}.paths", paths)
             if sets is not None:
                 stack.plane.kubectl("apply", "-f", "-", input=_apf_manifest(version, sets))
-            pace = round(variant.pace * capacity)
-            if pace != stack.ledger_writes_per_second:
-                stack.ledger_writes_per_second = pace
-                stack.restart("sidecar")
             out["pinned"] = _pin(stack)  # again after the receiver's restart
             out[f"idle_before_{label}"] = reader.measure(idle_samples)
             say(f"  storm ({label}) at {rate:.0f}/s for {storm_seconds:g}s")

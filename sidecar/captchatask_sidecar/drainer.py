@@ -131,7 +131,8 @@ class Drainer:
                     await self._probe()
                 wait = self._next_due(now)
                 if paced and gate.pace is not None:
-                    wait = min(wait, gate.pace.seconds_until_next())
+                    # Due results wait for the pace's next write: both must be there.
+                    wait = max(wait, gate.pace.seconds_until_next())
                 await self._sleep(wait)
                 continue
             outcomes = await self._next_outcomes(running, room_left=available)

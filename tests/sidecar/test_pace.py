@@ -11,17 +11,25 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from prometheus_client import CollectorRegistry
 from tests.sidecar.test_limiter import FakeClock
 
+from captchatask.decision import Result
 from captchatask.model import DeliveredBy, TaskRef
+from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.limiter import Decision, GradientLimit, LedgerGate, LimitSettings
+from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.pace import WritePace
 from captchatask_sidecar.pingback import OUTCOME_HEADER
+from captchatask_sidecar.recorder import Recorder
 from captchatask_sidecar.settings import SettingsError, load
+from captchatask_sidecar.spool import Entry, Spool
+from captchatask_sidecar.spoolformat import SpoolRecord
 
 if TYPE_CHECKING:
     from tests.sidecar.conftest import Cluster, SidecarFactory
@@ -115,3 +123,67 @@ async def test_results_beyond_the_rate_are_acknowledged_from_the_spool_and_writt
     assert metrics[("captchatask_ledger_diverted_total", ("pace",))] >= 1
     assert metrics[("captchatask_pingback_spool_depth", ())] == 0
     assert await cluster.dead_letters(namespace) == []
+
+
+class CountingSpool(Spool):
+    """A real spool that counts how often the drainer asks it for due results."""
+
+    asked = 0
+
+    async def due(self, now: float, limit: int) -> list[Entry]:
+        self.asked += 1
+        return await super().due(now, limit)
+
+
+async def test_a_paced_drainer_sleeps_until_its_next_write_instead_of_spinning(
+    tmp_path: Path, cluster: Cluster, namespace: str
+) -> None:
+    # Spooled results were due while the pace had no write left: the drainer must sleep until
+    # the next one, not go round its loop (it once did, taking a whole core while it drained).
+    tasks = await cluster.many_submitted(namespace, 3, prefix="drain")
+    spool = CountingSpool(tmp_path / "spool")
+    spool.open()
+    for task in tasks:
+        await spool.append(
+            SpoolRecord(
+                ref=task.ref,
+                result=Result.solved(
+                    token=f"tok-{task.ref.name}",
+                    delivered_by=DeliveredBy.PINGBACK,
+                    provider_task_id=str(task.provider_task_id),
+                ),
+                received_at=time.time(),
+                received_by="test",
+                source="get",
+            )
+        )
+    metrics = Metrics(CollectorRegistry())
+    gate = LedgerGate(
+        GradientLimit(LimitSettings(), clock=time.monotonic),
+        WritePace(RATE, 1, clock=time.monotonic),
+    )
+    recorder = Recorder(
+        ledger=cluster.ledger,
+        spool=spool,
+        metrics=metrics,
+        budget=0.5,
+        received_by="test",
+        gate=gate,
+    )
+    drainer = Drainer(
+        recorder=recorder, ledger=cluster.ledger, spool=spool, metrics=metrics, concurrency=8
+    )
+    running = asyncio.create_task(drainer.run())
+    try:
+
+        async def drained() -> bool:
+            return spool.depth == 0
+
+        await cluster.wait_for(drained, what="the paced drainer to write every result")
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await spool.close()
+    # Three results at one write at once and RATE per second after it: about a second of
+    # waiting, a handful of wake-ups. A spinning loop asks thousands of times in that second.
+    assert spool.asked < 100
