@@ -11,7 +11,12 @@ what that buys on the real kube-apiserver of the test bed, where APF is on by de
 3. the unrelated client's ``list pods`` latency is measured idle, then during a pingback storm
    at twice that capacity (paced, every pingback a distinct ``Submitted`` task), first with
    Kubernetes' default FlowSchemas only, then with the chart's two objects applied — rendered
-   from the chart itself (``helm template --show-only``), so what is measured is what ships.
+   from the chart itself (``helm template --show-only``), so what is measured is what ships —
+   and then with those objects and the receiver paced to :data:`PACE_SHARE` of the capacity
+   (``receiver.ledgerWritesPerSecond``): APF bounds seats, the pace bounds the CPU our writes take.
+   The client alternates consistent lists (``kubectl get``'s) and lists served from the watch
+   cache as it stands (``resourceVersion=0``, an informer's), from the storm's start until the
+   receiver's spool is empty again;
 
 4. in the full profile, the same storm again for a few other seat counts of the components'
    level (the chart rendered with other ``apiPriority`` values, borrowing off): what the chart's
@@ -42,6 +47,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -79,6 +85,10 @@ SIZES: Final = {"full": (1000, 6.0, 200), "small": (100, 1.0, 20)}
 #: lending and borrowing off so that each point's seats are all the level ever gets. Not 0: a
 #: queueing level with no seats never dispatches (a "jail"), so the spool would never drain.
 SWEEP_SHARES: Final = {"full": (2, 4, 10), "small": ()}
+#: The paced storm's ``--ledger-writes-per-second`` as a share of the probed capacity: at about
+#: 50 writes/s the API server's core stays mostly idle, so requests served from its watch cache
+#: (``resourceVersion=0``, as informers list) keep their idle latency.
+PACE_SHARE: Final = 0.15
 #: The core of the receiver, the load generator and the unrelated client: not the plane's.
 WORKER_CORE: Final = cores.LOAD_CORE
 
@@ -89,11 +99,15 @@ class _Stack(Stack):
     """The stack, with the sidecar authenticated by a ServiceAccount kubeconfig once it exists."""
 
     sidecar_kubeconfig: Path | None = None
+    #: The receiver's ``--ledger-writes-per-second`` (0: none), applied on its next restart.
+    ledger_writes_per_second: float = 0.0
 
     def argv(self, name: str) -> list[str]:
         argv = super().argv(name)
         if name == "sidecar" and self.sidecar_kubeconfig is not None:
             argv += ["--kubeconfig", str(self.sidecar_kubeconfig)]
+        if name == "sidecar" and self.ledger_writes_per_second > 0:
+            argv += ["--ledger-writes-per-second", f"{self.ledger_writes_per_second:.0f}"]
         return argv
 
 
@@ -140,16 +154,30 @@ def _apf_manifest(kube_version: str, sets: Sequence[str] = ()) -> str:
     return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
 
 
-def _variants(profile_name: str) -> list[tuple[str, list[str] | None]]:
-    """(label, chart ``--set`` values or None for no objects) of every storm, in order."""
-    out: list[tuple[str, list[str] | None]] = [("kubernetes_defaults", None), ("chart_apf", [])]
+@dataclass(frozen=True)
+class Variant:
+    """One storm: its label, the chart's ``--set`` values (``None``: no APF objects), and the
+    receiver's pace as a share of the probed capacity (0: none)."""
+
+    label: str
+    sets: list[str] | None
+    pace: float = 0.0
+
+
+def _variants(profile_name: str) -> list[Variant]:
+    """Every storm, in order: defaults, the chart's objects, with a pace, then the sweep."""
+    out = [
+        Variant("kubernetes_defaults", None),
+        Variant("chart_apf", []),
+        Variant("chart_apf_paced", [], pace=PACE_SHARE),
+    ]
     for shares in SWEEP_SHARES.get(profile_name, ()):
         sets = [
             f"apiPriority.nominalConcurrencyShares={shares}",
             "apiPriority.lendablePercent=0",
             "apiPriority.borrowingLimitPercent=0",
         ]
-        out.append((f"shares_{shares}", sets))
+        out.append(Variant(f"shares_{shares}", sets))
     return out
 
 
@@ -160,6 +188,8 @@ class _Reader:
         self.config = kube.load_config(str(kubeconfig))
         self.core = core
         self.latencies: list[float] = []
+        #: Latencies of the ``resourceVersion=0`` lists (served from the watch cache at once).
+        self.cached: list[float] = []
         self.classified: set[tuple[str, str]] = set()
         self.errors = 0
         self._stop = threading.Event()
@@ -171,9 +201,14 @@ class _Reader:
         async with aiohttp.ClientSession(connector=kube.connector(self.config)) as session:
             done = 0
             while not self._stop.is_set() and (count is None or done < count):
+                # Every other request is served from the watch cache as it stands (what an
+                # informer's list asks for); the others are consistent reads, like kubectl's.
+                cached = done % 2 == 1
                 started = time.perf_counter()
                 try:
-                    async with session.get(url, headers=headers) as reply:
+                    async with session.get(
+                        url, headers=headers, params={"resourceVersion": "0"} if cached else None
+                    ) as reply:
                         await reply.read()
                         if reply.status != 200:
                             self.errors += 1
@@ -185,7 +220,7 @@ class _Reader:
                         )
                 except (aiohttp.ClientError, TimeoutError):
                     self.errors += 1
-                self.latencies.append(time.perf_counter() - started)
+                (self.cached if cached else self.latencies).append(time.perf_counter() - started)
                 done += 1
                 await asyncio.sleep(READER_PERIOD_SECONDS)
 
@@ -204,6 +239,7 @@ class _Reader:
     def start(self, count: int | None = None) -> None:
         """Keep listing in the background until :meth:`stop` (or ``count`` requests)."""
         self.latencies = []
+        self.cached = []
         self.errors = 0
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, args=(count,), daemon=True)
@@ -221,14 +257,20 @@ class _Reader:
         return self.summary()
 
     def summary(self) -> dict[str, Any]:
-        """p50/p99/max in ms of the requests since the last start."""
+        """p50/p99/max in ms of the consistent lists since the last start, and of the cached."""
         ms = [value * 1e3 for value in self.latencies]
+        cached = [value * 1e3 for value in self.cached]
         return {
             "requests": len(ms),
             "errors": self.errors,
             "p50_ms": round(percentile(ms, 0.50), 2),
             "p99_ms": round(percentile(ms, 0.99), 2),
             "max_ms": round(max(ms), 2) if ms else None,
+            "cached": {
+                "requests": len(cached),
+                "p50_ms": round(percentile(cached, 0.50), 2),
+                "p99_ms": round(percentile(cached, 0.99), 2),
+            },
         }
 
 
@@ -377,21 +419,23 @@ def _storm_with_reader(
     applied_before = _applied(stack)
     buckets_before = _list_pods_buckets(stack)
     cpu_before = _cpu_times()
+    # The client lists from the storm's start until the receiver's spool is empty again: our
+    # writes go on at the same pace while it drains (with a pace, that is most of them).
     reader.start()
     started = time.monotonic()
     try:
         storm = ingest.paced(
             stack.pingback_url, paths_file, rate=round(rate), seconds=seconds, timeout_margin=300
         )
+        storm_wall = time.monotonic() - started
+        after = ingest.pingback_outcomes(stack)
+        applied_storm = _applied(stack) - applied_before
+        drain = _wait_drained(stack)
     finally:
         listing = reader.stop()
-    storm_wall = time.monotonic() - started
     cpu = _cpu_busy(cpu_before)
     listing["server_p99_ms_at_most"] = _bucket_p99_ms(buckets_before, _list_pods_buckets(stack))
-    after = ingest.pingback_outcomes(stack)
-    applied_storm = _applied(stack) - applied_before
     flows = _flow_delta(flow_before, _flowcontrol(stack))
-    drain = _wait_drained(stack)
     applied = _applied(stack) - applied_before
     return {
         "priority_levels": flows,
@@ -457,10 +501,17 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         variants = _variants(profile.name)
         say(f"  {capacity:.0f} records/s; {len(variants)} storms of {storm_tasks} at {rate:.0f}/s")
         buckets = _list_pods_buckets(stack)
-        out["idle"] = reader.measure(idle_samples)
+        out["idle"] = reader.measure(2 * idle_samples)  # half of them consistent, half cached
         out["idle"]["server_p99_ms_at_most"] = _bucket_p99_ms(buckets, _list_pods_buckets(stack))
         say(f"  idle list pods p50 {out['idle']['p50_ms']} ms, p99 {out['idle']['p99_ms']} ms")
-        for index, (label, sets) in enumerate(variants):
+        for index, variant in enumerate(variants):
+            label, sets = variant.label, variant.sets
+            pace = round(variant.pace * capacity)
+            if pace != stack.ledger_writes_per_second:
+                # Before the tasks are prepared: the restarted receiver's start-up requests are
+                # over by the time the storm begins.
+                stack.ledger_writes_per_second = pace
+                stack.restart("sidecar")
             tasks = asyncio.run(prepare(storm_tasks, f"s{index}"))
             paths = [
                 signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}"
@@ -469,22 +520,24 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
             paths_file = wrk.write_paths(workdir / f"{label}.paths", paths)
             if sets is not None:
                 stack.plane.kubectl("apply", "-f", "-", input=_apf_manifest(version, sets))
-            out["pinned"] = _pin(stack)  # unchanged unless the API server restarted
-            out[f"idle_before_{label}"] = reader.measure(idle_samples // 2)
+            out["pinned"] = _pin(stack)  # again after the receiver's restart
+            out[f"idle_before_{label}"] = reader.measure(idle_samples)
             say(f"  storm ({label}) at {rate:.0f}/s for {storm_seconds:g}s")
             result = _storm_with_reader(stack, reader, paths_file, rate=rate, seconds=storm_seconds)
             result["chart_sets"] = sets
+            result["ledger_writes_per_second"] = pace or None
             result["classified_as"] = sorted(reader.classified)
             reader.classified = set()
             out[label] = result
             say(
                 f"    list pods p50 {result['list_pods']['p50_ms']} ms, "
-                f"p99 {result['list_pods']['p99_ms']} ms; pingback p99 "
+                f"p99 {result['list_pods']['p99_ms']} ms (cached p99 "
+                f"{result['list_pods']['cached']['p99_ms']} ms); pingback p99 "
                 f"{result['pingbacks']['p99_ms']:.1f} ms; ledger "
                 f"{result['ledger']['per_second']}/s; {result['priority_levels']}"
             )
             out[f"drain_seconds_after_{label}"] = result["ledger"]["drain_seconds"]
-        out["sweep"] = [label for label, _ in variants[2:]]
+        out["sweep"] = [v.label for v in variants if v.label.startswith("shares_")]
         out["apf_objects"] = [
             item["kind"] for item in yaml.safe_load_all(_apf_manifest(version)) if item
         ]

@@ -17,7 +17,8 @@ the API server's own pace and no faster. While replays are in flight the recorde
 :class:`~.limiter.LedgerGate` sends new pingbacks to the spool behind them: the API server is
 already behind, and a new result should not overtake older acknowledged ones for its time. The
 pingback writes still in flight when a backlog starts keep their share of ``concurrency`` until
-they end, so the hand-over does not stretch them.
+they end, so the hand-over does not stretch them. A configured :class:`~.pace.WritePace` (the
+gate's ``pace``) also bounds the replays started per second: the spool then drains at that rate.
 """
 
 from __future__ import annotations
@@ -113,15 +114,26 @@ class Drainer:
                 if available
                 else (0 if running else 1)
             )
+            paced = gate.pace is not None and gate.pace.available < room
+            if gate.pace is not None:
+                room = min(room, gate.pace.available)
             due = await self.spool.due(now, room)
             for entry in due:
                 entry.in_flight = True  # before the task runs: the next due() must skip it
+                if gate.pace is not None:
+                    gate.pace.take()
                 running.add(asyncio.create_task(self._replay(entry)))
-            gate.backlog = bool(running)  # nothing running: nothing was due, pingbacks may write
+            # Nothing running and nothing held back by the pace: nothing was due, pingbacks may
+            # write. Held back by the pace, the spooled results keep their place in the queue.
+            gate.backlog = bool(running) or (paced and self.spool.depth > 0)
             if not running:
                 if not available and not self.spool.depth:
                     await self._probe()
-                await self._sleep(self._next_due(now))
+                wait = self._next_due(now)
+                if paced and gate.pace is not None:
+                    # Due results wait for the pace's next write: both must be there.
+                    wait = max(wait, gate.pace.seconds_until_next())
+                await self._sleep(wait)
                 continue
             outcomes = await self._next_outcomes(running, room_left=available)
             if _UNAVAILABLE in outcomes:

@@ -26,7 +26,8 @@ does not grow while fewer than half of it are in use (it would say nothing about
 while results wait in the spool or the drainer is replaying them, the API server is already not
 keeping up, so a new pingback joins the spool behind them instead of competing with them
 (``backlog``). The drainer in turn leaves room for the pingback writes still in flight, so the
-hand-over from one to the other does not stretch those writes.
+hand-over from one to the other does not stretch those writes. With a :class:`~.pace.WritePace`
+both paths also share one ceiling on results written per second (``pace``).
 
 Everything here is pure and synchronous: time comes from an injected clock, so the tests drive it
 by hand and nothing here sleeps or awaits.
@@ -41,6 +42,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
+from captchatask_sidecar.pace import WritePace
+
 #: A gradient never cuts the limit by more than half per window (one noisy window is not a trend).
 MIN_GRADIENT: Final = 0.5
 #: Share of the limit kept after a write timed out or found the API server unavailable.
@@ -53,6 +56,7 @@ class Decision(enum.StrEnum):
     WRITE = "write"
     LIMIT = "limit"
     BACKLOG = "backlog"
+    PACE = "pace"
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,10 +204,13 @@ class LedgerGate:
     ----------
     limit
         The adaptive bound on the pingback path's writes in flight.
+    pace
+        The ceiling on results written per second, shared with the drainer (``None``: none).
     """
 
-    def __init__(self, limit: GradientLimit) -> None:
+    def __init__(self, limit: GradientLimit, pace: WritePace | None = None) -> None:
         self.limit = limit
+        self.pace = pace
         #: Spooled results being replayed right now (the drainer's writes in flight).
         self.replaying = 0
         #: Results wait in the spool for the drainer (set on every append, cleared by the drainer
@@ -214,8 +221,12 @@ class LedgerGate:
         """Write now (a slot was taken: release or drop it), or why to divert to the spool."""
         if self.backlog or self.replaying:
             return Decision.BACKLOG
+        if self.pace is not None and self.pace.available < 1:
+            return Decision.PACE
         if not self.limit.acquire():
             return Decision.LIMIT
+        if self.pace is not None:
+            self.pace.take()
         return Decision.WRITE
 
     def replay_started(self) -> None:

@@ -52,7 +52,7 @@ BACKGROUND_LOOPS: Final = ("drainer", "spool-probe")
 LEDGER_WRITERS: Final = ("pingback", "replay")
 #: Why a pingback went to the spool without trying the ledger (:mod:`.limiter`): the adaptive
 #: limit was reached, or the drainer was replaying older results (the API server is behind).
-DIVERT_REASONS: Final = ("limit", "backlog")
+DIVERT_REASONS: Final = ("limit", "backlog", "pace")
 #: Pingback handling takes about a millisecond on the ledger path and far less on the spool
 #: path; the buckets resolve both (and the 0.5 s ledger budget).
 HANDLE_BUCKETS: Final = (
@@ -192,7 +192,8 @@ class Metrics:
         self.ledger_diverted = Counter(
             "captchatask_ledger_diverted",
             "Pingbacks sent straight to the spool without trying the ledger, by reason (limit:"
-            " the adaptive limit was reached; backlog: the drainer was replaying).",
+            " the adaptive limit was reached; backlog: the drainer was replaying; pace: the"
+            " configured ledger writes per second were used up).",
             ["reason"],
             registry=registry,
         )

@@ -36,6 +36,7 @@ from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.limiter import GradientLimit, LedgerGate, LimitSettings
 from captchatask_sidecar.local_api import LocalApi, create_local_app
 from captchatask_sidecar.metrics import Metrics
+from captchatask_sidecar.pace import WritePace
 from captchatask_sidecar.pingback import PingbackReceiver, create_pingback_app
 from captchatask_sidecar.recorder import Recorder
 from captchatask_sidecar.settings import Address, Settings
@@ -65,7 +66,12 @@ def ledger_gate(settings: Settings) -> LedgerGate:
         ),
         clock=time.monotonic,
     )
-    return LedgerGate(limit)
+    pace = None
+    if settings.ledger_writes_per_second > 0:
+        pace = WritePace(
+            settings.ledger_writes_per_second, settings.ledger_writes_burst, clock=time.monotonic
+        )
+    return LedgerGate(limit, pace)
 
 
 @dataclass

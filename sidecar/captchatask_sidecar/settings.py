@@ -71,6 +71,10 @@ DEFAULT_DRAIN_TIMEOUT_SECONDS: Final = 5.0
 #: queue: each replay took four times as long), and the bursts of answers to 32 delayed the
 #: pingbacks sharing the sidecar's event loop (p99 17 ms instead of 9 ms at twice its limit).
 DEFAULT_DRAIN_CONCURRENCY: Final = 8
+#: Results written to the ledger per second at most (0: no ceiling, the adaptive limit alone).
+DEFAULT_LEDGER_WRITES_PER_SECOND: Final = 0.0
+#: Results that may be written at once under that ceiling (client-go's default burst).
+DEFAULT_LEDGER_WRITES_BURST: Final = 10
 #: In-flight requests get this long to finish on SIGTERM (below the pod's 30 s grace period).
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS: Final = 10.0
 #: Upper bound of ``?wait=`` on the local API (a long-poll, not a subscription).
@@ -161,6 +165,14 @@ ENV: Final[dict[str, tuple[str, str]]] = {
         "per-request timeout of the spool drainer",
     ),
     "drain_concurrency": ("CAPTCHATASK_DRAIN_CONCURRENCY", "spool replays in flight at once"),
+    "ledger_writes_per_second": (
+        "CAPTCHATASK_LEDGER_WRITES_PER_SECOND",
+        "results written to the ledger per second at most, the rest spooled (0: no ceiling)",
+    ),
+    "ledger_writes_burst": (
+        "CAPTCHATASK_LEDGER_WRITES_BURST",
+        "results that may be written at once under that ceiling",
+    ),
     "shutdown_timeout_seconds": (
         "CAPTCHATASK_SHUTDOWN_TIMEOUT_SECONDS",
         "time in-flight requests get to finish on SIGTERM",
@@ -230,6 +242,8 @@ class Settings:
     local_max_body_bytes: int = DEFAULT_LOCAL_MAX_BODY_BYTES
     drain_timeout_seconds: float = DEFAULT_DRAIN_TIMEOUT_SECONDS
     drain_concurrency: int = DEFAULT_DRAIN_CONCURRENCY
+    ledger_writes_per_second: float = DEFAULT_LEDGER_WRITES_PER_SECOND
+    ledger_writes_burst: int = DEFAULT_LEDGER_WRITES_BURST
     shutdown_timeout_seconds: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
     max_wait_seconds: float = DEFAULT_MAX_WAIT_SECONDS
     access_log: bool = False
@@ -461,6 +475,20 @@ def load(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
                 ns["drain_concurrency"],
                 name="drain_concurrency",
                 default=DEFAULT_DRAIN_CONCURRENCY,
+                minimum=1,
+            )
+        ),
+        ledger_writes_per_second=_number(
+            ns["ledger_writes_per_second"],
+            name="ledger_writes_per_second",
+            default=DEFAULT_LEDGER_WRITES_PER_SECOND,
+            minimum=0.0,
+        ),
+        ledger_writes_burst=int(
+            _number(
+                ns["ledger_writes_burst"],
+                name="ledger_writes_burst",
+                default=DEFAULT_LEDGER_WRITES_BURST,
                 minimum=1,
             )
         ),

@@ -163,9 +163,12 @@ def test_the_api_server_footprint_phases_account_for_every_task(
         assert _finite(run["bytes_per_task_compacted"])
         assert run["per_task"]["POST captchatasks"] == 1
     fairness = small_run[0]["fairness"]
-    for key in ("kubernetes_defaults", "chart_apf"):
+    for key in ("kubernetes_defaults", "chart_apf", "chart_apf_paced"):
         assert fairness[key]["list_pods"]["requests"] > 0
+        assert fairness[key]["list_pods"]["cached"]["requests"] > 0
         assert fairness[key]["pingbacks"]["ok"] > 0
+        assert fairness[key]["ledger"]["drained"]
+    assert fairness["chart_apf_paced"]["ledger_writes_per_second"] > 0
     assert fairness["apf_objects"] == ["PriorityLevelConfiguration", "FlowSchema"]
     startup = small_run[0]["startup"]
     assert _finite(startup["operator"]["first_poll_s"])

@@ -16,6 +16,8 @@ import pytest
 import yaml
 from tests.chart.conftest import Helm, Render
 
+from captchatask_sidecar.settings import load
+
 CONTAINER_KINDS = {"Deployment"}
 REQUIRED_LABELS = (
     "app.kubernetes.io/name",
@@ -362,6 +364,20 @@ def test_the_spool_bound_stays_below_the_volume_the_kubelet_would_evict_at(
     assert claim["CAPTCHATASK_SPOOL_MAX_BYTES"] == str(2 * 1024**3 * 3 // 4)  # of the 2Gi claim
     explicit = _receiver_env(render(sets=["receiver.spool.maxBytes=100Mi"]))
     assert explicit["CAPTCHATASK_SPOOL_MAX_BYTES"] == str(100 * 1024**2)
+
+
+def test_the_receivers_ledger_pace_reaches_its_settings(render: Render) -> None:
+    def settings(sets: list[str]) -> tuple[float, int]:
+        env = _receiver_env(render(sets=sets))
+        literal = {name: value for name, value in env.items() if isinstance(value, str)}
+        loaded = load([], literal | {"CAPTCHATASK_PINGBACK_KEY_FILE": "k"})
+        return loaded.ledger_writes_per_second, loaded.ledger_writes_burst
+
+    assert settings([]) == (0.0, 10)  # no ceiling by default
+    assert settings(["receiver.ledgerWritesPerSecond=50", "receiver.ledgerWritesBurst=5"]) == (
+        50.0,
+        5,
+    )
 
 
 def test_per_replica_spools_run_a_statefulset_with_one_kept_claim_per_replica(

@@ -31,6 +31,8 @@ When a component renames a flag or variable, change this file (and the table in 
                                                                   maxBytesPercent of the volume)
                   CAPTCHATASK_SPOOL_MAX_RECORDS                <- receiver.spool.maxRecords
                   CAPTCHATASK_SPOOL_READY_FRACTION             <- receiver.spool.readyFraction
+              env CAPTCHATASK_LEDGER_WRITES_PER_SECOND         <- receiver.ledgerWritesPerSecond
+                  CAPTCHATASK_LEDGER_WRITES_BURST              <- receiver.ledgerWritesBurst
               env CAPTCHATASK_PINGBACK_KEY_FILE, CAPTCHATASK_NAMESPACE, CAPTCHATASK_POD_NAME
   sidecar   the same, inside an app pod (files/sidecar-pod.yaml): local task API on
               127.0.0.1:8081, CAPTCHATASK_PUBLIC_URL and CAPTCHATASK_PROVIDER for adopted tasks
@@ -141,6 +143,10 @@ When a component renames a flag or variable, change this file (and the table in 
   value: {{ .Values.receiver.spool.maxRecords | int64 | quote }}
 - name: CAPTCHATASK_SPOOL_READY_FRACTION
   value: {{ .Values.receiver.spool.readyFraction | quote }}
+- name: CAPTCHATASK_LEDGER_WRITES_PER_SECOND
+  value: {{ .Values.receiver.ledgerWritesPerSecond | quote }}
+- name: CAPTCHATASK_LEDGER_WRITES_BURST
+  value: {{ .Values.receiver.ledgerWritesBurst | int64 | quote }}
 {{- with .Values.receiver.extraEnv }}
 {{ toYaml . }}
 {{- end }}
