@@ -14,7 +14,7 @@ import asyncio
 import datetime as dt
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -22,6 +22,7 @@ import aiohttp
 from bench.cluster import SubmittedTask
 from bench.loadgen import percentile
 from captchatask import kube, model
+from captchatask.ledger import utcnow
 
 #: Requests in flight: the same as wrk's connections on the ingestion runs (one setting for all).
 PROBE_IN_FLIGHT: Final = 64
@@ -57,11 +58,13 @@ async def probe(
     *,
     token: str,
     in_flight: int = PROBE_IN_FLIGHT,
+    clock: Callable[[], dt.datetime] = utcnow,
 ) -> dict[str, Any]:
     """PATCH each task's status once with ``in_flight`` requests outstanding; return the figures.
 
     The rate is successful patches over the wall time of the whole run (first request sent to
-    last answer), so stragglers count against it as they would against a receiver.
+    last answer), so stragglers count against it as they would against a receiver. ``clock``
+    stamps the results (tests fix it to compare bodies).
     """
     headers = _headers(config)
     latencies: list[float] = []
@@ -74,7 +77,7 @@ async def probe(
     async def worker(session: aiohttp.ClientSession) -> None:
         for task in queue:
             url = f"{config.server}{kube.TASKS.path(task.ref.namespace, task.ref.name)}/status"
-            body = json.dumps(solved_patch(task, token=token, now=dt.datetime.now(dt.UTC)))
+            body = json.dumps(solved_patch(task, token=token, now=clock()))
             sent = time.perf_counter()
             try:
                 async with session.patch(url, data=body, headers=headers) as reply:
