@@ -303,4 +303,3 @@ class Ledger:
             if exc.status != 409:  # AlreadyExists: the same letter was written before
                 raise
         return name
-
