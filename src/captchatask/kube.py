@@ -187,6 +187,11 @@ class KubeConfig:
     exec_plugin: credentials.ExecPlugin | None = None
 
 
+def encode_body(body: object) -> str:
+    """A request body as sent: compact JSON (no spaces; :mod:`bench.ceiling` sends the same)."""
+    return json.dumps(body, separators=(",", ":"))
+
+
 def load_config(kubeconfig: str | None = None, *, context: str | None = None) -> KubeConfig:
     """Load in-cluster config when running in a pod, else the kubeconfig (``KUBECONFIG``).
 
@@ -393,7 +398,7 @@ class KubeClient:
 
         "Come back later" answers are retried by :attr:`retry` (see the module docstring).
         """
-        data = None if body is None else json.dumps(body, separators=(",", ":"))
+        data = None if body is None else encode_body(body)
         waited = 0.0
         retry = 0
         while True:

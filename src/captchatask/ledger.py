@@ -28,18 +28,17 @@ from typing import Any, Final
 
 from captchatask import kube, model
 from captchatask.decision import (
-    CONDITION_COMPLETE,
     JsonPatch,
     Outcome,
     Result,
     ResultKind,
     cas_patch,
-    condition_reason,
     decide,
+    fast_path_patch,
     result_status,
     strip_managed_fields_patch,
 )
-from captchatask.model import DeadLetterReason, Phase, TaskRef, TaskView
+from captchatask.model import DeadLetterReason, TaskRef, TaskView
 
 #: How often record() re-reads and retries after losing a compare-and-set race before giving up.
 MAX_CAS_ATTEMPTS: Final = 8
@@ -232,33 +231,7 @@ class Ledger:
 
     async def _fast_path(self, ref: TaskRef, result: Result) -> TaskView | None:
         """Send one PATCH, applied iff the task is this instance, Submitted, same provider id."""
-        now = self.clock()
-        fields = {
-            key: value
-            for key, value in result_status(_SUBMITTED_PLACEHOLDER, result, now).items()
-            if key not in ("conditions", "observedGeneration")
-        }
-        ops = cas_patch(
-            uid=ref.uid,
-            fields=fields,
-            phase=Phase.SUBMITTED,
-            provider_task_id=result.provider_task_id,
-        )
-        ops.append(
-            {
-                "op": "add",
-                "path": "/status/conditions/-",
-                "value": {
-                    "type": CONDITION_COMPLETE,
-                    "status": "True",
-                    "reason": "Solved"
-                    if result.kind is ResultKind.SOLVED
-                    else condition_reason(result.code or "Failed"),
-                    "message": f"{result.kind}, delivered by {result.delivered_by}",
-                    "lastTransitionTime": model.format_time(now),
-                },
-            }
-        )
+        ops = fast_path_patch(ref, result, self.clock())
         probe = TaskView.from_body(
             {"metadata": {"namespace": ref.namespace, "name": ref.name, "uid": ref.uid}}
         )
@@ -330,8 +303,3 @@ class Ledger:
             if exc.status != 409:  # AlreadyExists: the same letter was written before
                 raise
         return name
-
-
-_SUBMITTED_PLACEHOLDER: Final = TaskView.from_body(
-    {"metadata": {}, "status": {"phase": "Submitted"}}
-)
