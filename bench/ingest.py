@@ -168,28 +168,36 @@ def baselines(
             full.append("bench.baselines.seed_flask:app")
         say(f"ingestion: {name} (wrk, {profile.wrk_seconds:g}s)")
         with _server(full, port=port, log=workdir / f"{name}.log") as process:
-            cpu_before = procstat.cpu_seconds(process.pid)
+            cpu_before = procstat.cpu_times(process.pid)
             result = wrk.run(
                 f"http://127.0.0.1:{port}",
                 path_file,
                 seconds=profile.wrk_seconds,
                 workdir=workdir,
             )
-            cpu = procstat.cpu_seconds(process.pid) - cpu_before
+            cpu_after = procstat.cpu_times(process.pid)
         out[name] = result.as_json()
         if "gunicorn" not in argv[0]:  # gunicorn's worker is a child: its CPU is not the pid's
-            out[name]["cpu_us_per_request"] = _cpu_us_per_request(cpu, result.requests)
+            out[name] |= _cpu_per_request(cpu_before, cpu_after, result.requests)
         say(f"  {result.requests_per_second:,.0f} req/s, p99 {result.p99_ms:.2f} ms")
     return out
 
 
-def _cpu_us_per_request(cpu_seconds: float, requests: int) -> float | None:
-    """CPU microseconds per request (user + system, every thread of the server process).
+def _cpu_per_request(
+    before: tuple[float, float], after: tuple[float, float], requests: int
+) -> dict[str, float | None]:
+    """CPU microseconds per request (every thread of the server process), and the system part.
 
     ``/proc`` counts in clock ticks (10 ms): over a run of several seconds the error is a few
     tenths of a percent.
     """
-    return round(cpu_seconds / requests * 1e6, 1) if requests else None
+    user, system = (end - start for start, end in zip(before, after, strict=True))
+    if not requests:
+        return {"cpu_us_per_request": None, "system_us_per_request": None}
+    return {
+        "cpu_us_per_request": round((user + system) / requests * 1e6, 1),
+        "system_us_per_request": round(system / requests * 1e6, 1),
+    }
 
 
 def paced(
@@ -637,18 +645,19 @@ def spool_rows(
         sampler = profiler.Profiler(
             sidecar_pid, workdir / "sidecar-spool.pyspy", seconds=profile.wrk_seconds
         )
-        cpu_before = procstat.cpu_seconds(sidecar_pid)
+        cpu_before = procstat.cpu_times(sidecar_pid)
         with sampler if spy else contextlib.nullcontext(sampler):
             result = wrk.run(
                 stack.pingback_url, all_file, seconds=profile.wrk_seconds, workdir=workdir
             )
-        cpu = procstat.cpu_seconds(sidecar_pid) - cpu_before
+        cpu_after = procstat.cpu_times(sidecar_pid)
         outcomes = _delta(pingback_outcomes(stack), before)
-        out["spool_wrk"] = result.as_json() | {
-            "outcomes": outcomes,
-            # Every thread of the sidecar (the spool's writer too), from wrk's start to its end.
-            "cpu_us_per_request": _cpu_us_per_request(cpu, result.requests),
-        }
+        # Every thread of the sidecar (the spool's writer too), from wrk's start to its end.
+        out["spool_wrk"] = (
+            result.as_json()
+            | {"outcomes": outcomes}
+            | _cpu_per_request(cpu_before, cpu_after, result.requests)
+        )
         if spy:
             out["spool_wrk"]["profile"] = sampler.summary()
         say(f"  {result.requests_per_second:,.0f} req/s, p99 {result.p99_ms:.2f} ms")
@@ -890,7 +899,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(
             f"spool path {spool['requests_per_second']:,.0f} req/s = {result['ratio']:.1%} of the "
             f"ceiling ({ceiling_row['requests_per_second']:,.0f} req/s); CPU per pingback "
-            f"{spool['cpu_us_per_request']} us (ceiling {ceiling_row['cpu_us_per_request']} us)"
+            f"{spool['cpu_us_per_request']} us, {spool['system_us_per_request']} us of it system "
+            f"(ceiling {ceiling_row['cpu_us_per_request']} us, "
+            f"{ceiling_row['system_us_per_request']} us)"
         )
         print(json.dumps(result, indent=1))
         return 0
