@@ -40,7 +40,7 @@ from captchatask.provider import codes
 from captchatask.supervise import Supervisor
 from captchatask_sidecar.errors import add_fallback, http_problem, internal_error, problem
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
-from captchatask_sidecar.payload import PingbackError, Source, from_query, read_pingback
+from captchatask_sidecar.payload import PingbackError, Source, read_pingback, result_from_query
 from captchatask_sidecar.recorder import SPOOLED, Recorder
 from captchatask_sidecar.spool import SpoolFullError, SpoolWriteError
 from captchatask_sidecar.verify import NotConfirmedError, Verifier, VerifyUnavailableError
@@ -137,7 +137,7 @@ class PingbackReceiver:
         if request.method != hdrs.METH_GET or self.verifier is not None:
             return self._admit_slowly(request, ref)
         try:
-            result = from_query(request).to_result(dialect=self.dialect)
+            result = result_from_query(request, dialect=self.dialect)
         except PingbackError as exc:
             raise RejectedError(exc.status, exc.detail) from exc
         return self.recorder.admit(ref, result, source=Source.GET.value)
