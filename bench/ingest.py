@@ -359,6 +359,17 @@ def _overload(
     return run | figures
 
 
+def _gc_collections(stack: Stack) -> dict[str, float]:
+    """The sidecar's garbage collections so far, by generation (its default registry's)."""
+    samples = cluster.scrape(stack.sidecar_metrics_url)
+    return {
+        generation: cluster.metric_sum(
+            samples, "python_gc_collections_total", generation=generation
+        )
+        for generation in ("0", "1", "2")
+    }
+
+
 def _cpu_now(stack: Stack) -> dict[str, float]:
     """CPU seconds used so far by the sidecar, the control plane, this process and its children
     (the load generator, once it has ended)."""
@@ -642,6 +653,7 @@ def spool_rows(
         cluster.fetch_text(stack.pingback_url + paths[0])
         out["spool_circuit_open_ms"] = round((time.perf_counter() - opened) * 1e3, 1)
         before = pingback_outcomes(stack)
+        gc_before = _gc_collections(stack)
         sampler = profiler.Profiler(
             sidecar_pid, workdir / "sidecar-spool.pyspy", seconds=profile.wrk_seconds
         )
@@ -657,6 +669,8 @@ def spool_rows(
             result.as_json()
             | {"outcomes": outcomes}
             | _cpu_per_request(cpu_before, cpu_after, result.requests)
+            # Garbage collections during the run, by generation (CPU not in any profile frame).
+            | {"gc_collections": _delta(_gc_collections(stack), gc_before)}
         )
         if spy:
             out["spool_wrk"]["profile"] = sampler.summary()
