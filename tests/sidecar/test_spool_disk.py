@@ -40,7 +40,7 @@ from captchatask.provider.codes import Dialect
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.pingback import OUTCOME_HEADER, PingbackReceiver, create_pingback_app
 from captchatask_sidecar.recorder import Recorder
-from captchatask_sidecar.spool import SEGMENT_PREFIX, Disk, Spool
+from captchatask_sidecar.spool import Disk, Spool
 from captchatask_sidecar.spoolformat import SpoolRecord, scan
 
 NAMESPACE = "apps"
