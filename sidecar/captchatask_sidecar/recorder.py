@@ -1,7 +1,8 @@
 """Durable acknowledgement: put a pingback's result in the ledger, a dead letter, or the spool.
 
-This is the promise of the sidecar in one class. :meth:`Recorder.accept` returns (and the
-handler answers ``200``) only once the result is
+This is the promise of the sidecar in one class. :meth:`Recorder.accept` returns, and what
+:meth:`Recorder.admit` returns completes (and the handler answers ``200``), only once the
+result is
 
 * applied to its task through :meth:`captchatask.ledger.Ledger.record` (outcomes ``recorded``,
   ``duplicate``, ``late``), or
