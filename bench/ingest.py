@@ -26,7 +26,8 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
 The raw ceiling, the straight ledger client and the overload run measure the API server at its
 limit: for them the control plane gets a core of its own and the sidecar, the load generator and
 the probe clients share the other (:func:`at_the_limit`, :func:`bench.cores.pin_plane`);
-``python -m bench.ingest --limit-only`` runs only those rows.
+``python -m bench.ingest --limit-only`` runs only those rows; ``--spool-only`` runs only the
+framework ceiling and the spool path (their ratio and CPU per pingback, for spool-path work).
 
 The operator is stopped for these runs: nothing but the sidecar and the control plane runs.
 Pingback -> app: a long-poll ``GET /v1/tasks/{name}?wait=60`` is parked on the sidecar's local
@@ -46,6 +47,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -58,7 +60,7 @@ from bench.profiles import PROFILES, Profile
 from captchatask import kube
 from captchatask.decision import Result
 from captchatask.ledger import Ledger
-from captchatask.model import DeliveredBy
+from captchatask.model import DeliveredBy, TaskRef
 from captchatask.signing import PingbackSigner, load_keys
 from captchatask.stack import Stack, StackConfig
 from captchatask.testbed import free_ports
@@ -125,8 +127,13 @@ def _pingback_like_paths(count: int) -> list[str]:
     ]
 
 
-def baselines(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
-    """Closed-loop wrk against the framework ceiling and the seed's Flask handler."""
+def baselines(
+    profile: Profile, workdir: Path, say: Say, *, only: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Closed-loop wrk against the framework ceiling and the seed's Flask handler.
+
+    ``only`` names the rows to run (``--spool-only`` needs just the framework ceiling).
+    """
     out: dict[str, Any] = {}
     paths = wrk.write_paths(workdir / "ceiling.paths", _pingback_like_paths(20_000))
     seed_paths = wrk.write_paths(
@@ -155,21 +162,44 @@ def baselines(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         ),
     ]
     for name, argv, path_file in runs:
+        if only is not None and name not in only:
+            continue
         port = free_ports(1)[0]
         full = [*argv, f"127.0.0.1:{port}" if "gunicorn" in argv[0] else str(port)]
         if "gunicorn" in argv[0]:
             full.append("bench.baselines.seed_flask:app")
         say(f"ingestion: {name} (wrk, {profile.wrk_seconds:g}s)")
-        with _server(full, port=port, log=workdir / f"{name}.log"):
+        with _server(full, port=port, log=workdir / f"{name}.log") as process:
+            cpu_before = procstat.cpu_times(process.pid)
             result = wrk.run(
                 f"http://127.0.0.1:{port}",
                 path_file,
                 seconds=profile.wrk_seconds,
                 workdir=workdir,
             )
+            cpu_after = procstat.cpu_times(process.pid)
         out[name] = result.as_json()
+        if "gunicorn" not in argv[0]:  # gunicorn's worker is a child: its CPU is not the pid's
+            out[name] |= _cpu_per_request(cpu_before, cpu_after, result.requests)
         say(f"  {result.requests_per_second:,.0f} req/s, p99 {result.p99_ms:.2f} ms")
     return out
+
+
+def _cpu_per_request(
+    before: tuple[float, float], after: tuple[float, float], requests: int
+) -> dict[str, float | None]:
+    """CPU microseconds per request (every thread of the server process), and the system part.
+
+    ``/proc`` counts in clock ticks (10 ms): over a run of several seconds the error is a few
+    tenths of a percent.
+    """
+    user, system = (end - start for start, end in zip(before, after, strict=True))
+    if not requests:
+        return {"cpu_us_per_request": None, "system_us_per_request": None}
+    return {
+        "cpu_us_per_request": round((user + system) / requests * 1e6, 1),
+        "system_us_per_request": round(system / requests * 1e6, 1),
+    }
 
 
 def paced(
@@ -331,6 +361,17 @@ def _overload(
     return run | figures
 
 
+def _gc_collections(stack: Stack) -> dict[str, float]:
+    """The sidecar's garbage collections so far, by generation (its default registry's)."""
+    samples = cluster.scrape(stack.sidecar_metrics_url)
+    return {
+        generation: cluster.metric_sum(
+            samples, "python_gc_collections_total", generation=generation
+        )
+        for generation in ("0", "1", "2")
+    }
+
+
 def _cpu_now(stack: Stack) -> dict[str, float]:
     """CPU seconds used so far by the sidecar, the control plane, this process and its children
     (the load generator, once it has ended)."""
@@ -482,7 +523,7 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     config = StackConfig(
         workdir=workdir / "stack",
         namespace=NAMESPACE,
-        sidecar_args=["--spool-max-records", "10000000", "--spool-max-bytes", "16Gi"],
+        sidecar_args=list(SPOOL_SIDECAR_ARGS),
     )
     stack = Stack(config, progress=say)
     try:
@@ -585,23 +626,61 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
             f"the spool's repeats drained {ledger['drain_seconds']:g} s later"
         )
 
-        say("spool path: kube-apiserver frozen (SIGSTOP)")
-        stack.plane.pause()
-        all_file = wrk.write_paths(workdir / "spool.paths", paths)
+        out |= spool_rows(stack, paths, profile, workdir=workdir, say=say, spy=True)
+    finally:
+        with contextlib.suppress(Exception):
+            stack.plane.resume()
+        stack.stop()
+    return out
+
+
+def spool_rows(
+    stack: Stack,
+    paths: Sequence[str],
+    profile: Profile,
+    *,
+    workdir: Path,
+    say: Say,
+    spy: bool,
+) -> dict[str, Any]:
+    """The spool-path rows: the API server frozen, wrk closed loop, then the paced run.
+
+    ``paths`` are signed pingback paths (the API server is frozen: their tasks are never
+    looked up). The sidecar is killed before the API server resumes, and the API server is
+    resumed whatever happens (the caller stops the stack).
+    """
+    out: dict[str, Any] = {}
+    sidecar_pid = stack.processes["sidecar"].pid
+    say("spool path: kube-apiserver frozen (SIGSTOP)")
+    stack.plane.pause()
+    try:
+        all_file = wrk.write_paths(workdir / "spool.paths", list(paths))
         # The first pingback waits out the ledger budget and opens the circuit.
         opened = time.perf_counter()
         cluster.fetch_text(stack.pingback_url + paths[0])
         out["spool_circuit_open_ms"] = round((time.perf_counter() - opened) * 1e3, 1)
         before = pingback_outcomes(stack)
-        spy = profiler.Profiler(
+        gc_before = _gc_collections(stack)
+        sampler = profiler.Profiler(
             sidecar_pid, workdir / "sidecar-spool.pyspy", seconds=profile.wrk_seconds
         )
-        with spy:
+        cpu_before = procstat.cpu_times(sidecar_pid)
+        with sampler if spy else contextlib.nullcontext(sampler):
             result = wrk.run(
                 stack.pingback_url, all_file, seconds=profile.wrk_seconds, workdir=workdir
             )
+        cpu_after = procstat.cpu_times(sidecar_pid)
         outcomes = _delta(pingback_outcomes(stack), before)
-        out["spool_wrk"] = result.as_json() | {"outcomes": outcomes, "profile": spy.summary()}
+        # Every thread of the sidecar (the spool's writer too), from wrk's start to its end.
+        out["spool_wrk"] = (
+            result.as_json()
+            | {"outcomes": outcomes}
+            | _cpu_per_request(cpu_before, cpu_after, result.requests)
+            # Garbage collections during the run, by generation (CPU not in any profile frame).
+            | {"gc_collections": _delta(_gc_collections(stack), gc_before)}
+        )
+        if spy:
+            out["spool_wrk"]["profile"] = sampler.summary()
         say(f"  {result.requests_per_second:,.0f} req/s, p99 {result.p99_ms:.2f} ms")
         say(f"spool path: paced {profile.spool_rate:g} req/s for {profile.paced_seconds:g}s")
         before = pingback_outcomes(stack)
@@ -609,14 +688,12 @@ def ours(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
             stack.pingback_url, all_file, rate=profile.spool_rate, seconds=profile.paced_seconds
         )
         out["spool_paced"]["outcomes"] = _delta(pingback_outcomes(stack), before)
-        # The spool now holds results for tasks that already have theirs: replaying them
-        # would only measure duplicates. Stop the sidecar before the API server wakes up.
+        # The spool now holds results for tasks that already have theirs (or none at all):
+        # replaying them would only measure duplicates. Stop the sidecar before the API server
+        # wakes up.
         stack.kill("sidecar")
-        stack.plane.resume()
     finally:
-        with contextlib.suppress(Exception):
-            stack.plane.resume()
-        stack.stop()
+        stack.plane.resume()
     return out
 
 
@@ -763,6 +840,57 @@ def limit_only(
         stack.stop()
 
 
+#: ``make bench``'s spool path: the sidecar arguments of :func:`ours` (the bound lifted).
+SPOOL_SIDECAR_ARGS: Final = ("--spool-max-records", "10000000", "--spool-max-bytes", "16Gi")
+
+
+def spool_only(
+    profile: Profile,
+    workdir: Path,
+    say: Say,
+    *,
+    spy: bool = False,
+    sidecar_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The framework ceiling and the spool path only (``python -m bench.ingest --spool-only``).
+
+    The same wrk runs, profile and sidecar settings as in :func:`run`, on a stack of its own;
+    what a change to the spool path's CPU per pingback needs, in a minute instead of the whole
+    ingestion phase. The pingbacks go to as many tasks as :func:`ours` sends them to, signed
+    for tasks that are never created: the API server is frozen before the first one, so the
+    sidecar never looks them up. ``ratio`` is the spool path's req/s over the ceiling's.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Any] = {
+        "baselines": baselines(profile, workdir, say, only=("framework_ceiling",))
+    }
+    config = StackConfig(
+        workdir=workdir / "stack",
+        namespace=NAMESPACE,
+        sidecar_args=[*SPOOL_SIDECAR_ARGS, *sidecar_args],
+    )
+    stack = Stack(config, progress=say)
+    try:
+        stack.start()
+        out["versions"] = cluster.versions(stack)
+        stack.kill("operator")
+        out["sidecar_pinned"] = cores.pin_process(stack.processes["sidecar"].pid, cores.SERVER_CORE)
+        signer = PingbackSigner(load_keys(stack.key_file))
+        count = profile.latency_samples + profile.paced_ledger_tasks + profile.ledger_tasks
+        first = _FIRST_IDS["ing"]
+        paths = [
+            signer.path(TaskRef(namespace=NAMESPACE, name=f"ing-{i:05d}", uid=str(uuid.uuid4())))
+            + f"?id={first + i}&code={TOKEN}"
+            for i in range(count)
+        ]
+        out |= spool_rows(stack, paths, profile, workdir=workdir, say=say, spy=spy)
+    finally:
+        stack.stop()
+    ceiling_rps = out["baselines"]["framework_ceiling"]["requests_per_second"]
+    out["ratio"] = round(out["spool_wrk"]["requests_per_second"] / ceiling_rps, 4)
+    return out
+
+
 def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     """Items 1 and 5."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -770,11 +898,17 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bench.ingest --limit-only``: the "API server at its limit" rows, as JSON."""
+    """``python -m bench.ingest --limit-only | --spool-only``: a few of the rows, as JSON.
+
+    ``--limit-only``: the "API server at its limit" rows. ``--spool-only``: the framework
+    ceiling and the spool path, and their ratio.
+    """
 
     parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=main.__doc__)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
-    parser.add_argument("--limit-only", action="store_true", required=True)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--limit-only", action="store_true")
+    mode.add_argument("--spool-only", action="store_true")
     parser.add_argument("--workdir", type=Path, required=True, help="scratch directory")
     parser.add_argument(
         "--unpinned-plane",
@@ -788,7 +922,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="an extra sidecar argument (repeatable; e.g. --sidecar-arg=--drain-concurrency=8)",
     )
     parser.add_argument(
-        "--spy", action="store_true", help="sample the sidecar with py-spy during the overload"
+        "--spy",
+        action="store_true",
+        help="sample the sidecar with py-spy during the overload (--spool-only: the spool wrk run)",
     )
     args = parser.parse_args(argv)
     started = time.monotonic()
@@ -796,6 +932,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    if args.spool_only:
+        say(cores.describe())
+        result = spool_only(
+            PROFILES[args.profile], args.workdir, say, spy=args.spy, sidecar_args=args.sidecar_arg
+        )
+        spool = result["spool_wrk"]
+        ceiling_row = result["baselines"]["framework_ceiling"]
+        say(
+            f"spool path {spool['requests_per_second']:,.0f} req/s = {result['ratio']:.1%} of the "
+            f"ceiling ({ceiling_row['requests_per_second']:,.0f} req/s); CPU per pingback "
+            f"{spool['cpu_us_per_request']} us, {spool['system_us_per_request']} us of it system "
+            f"(ceiling {ceiling_row['cpu_us_per_request']} us, "
+            f"{ceiling_row['system_us_per_request']} us)"
+        )
+        print(json.dumps(result, indent=1))
+        return 0
     pin = not args.unpinned_plane
     say(cores.describe_plane() if pin else cores.describe())
     result = limit_only(

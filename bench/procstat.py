@@ -22,9 +22,15 @@ _STIME_FIELD: Final = 12
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds the process has used so far."""
+    user, system = cpu_times(pid)
+    return user + system
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds the process has used so far (every thread)."""
     raw = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8")
     fields = raw.rsplit(")", 1)[1].split()
-    return (int(fields[_UTIME_FIELD]) + int(fields[_STIME_FIELD])) / _TICKS
+    return int(fields[_UTIME_FIELD]) / _TICKS, int(fields[_STIME_FIELD]) / _TICKS
 
 
 def _status_kib(pid: int, key: str) -> int:

@@ -145,24 +145,48 @@ class Pingback:
         NotAResultError
             The code is a status or account-level error, not this task's outcome.
         """
-        if self.error or is_error_code(self.code):
-            verdict = codes.classify(self.code, dialect=dialect, endpoint="res")
-            if verdict.verdict is not codes.Verdict.TASK_FAILED:
-                raise NotAResultError(f"{verdict.verdict}: not a final result")
-            if len(verdict.code) > MAX_ERROR_CODE_CHARS:
-                raise MalformedPingbackError("malformed code")
-            return Result.failed(
-                code=verdict.code,
-                message=verdict.reason,
-                delivered_by=DeliveredBy.PINGBACK,
-                provider_task_id=self.provider_task_id,
-            )
-        return Result.solved(
-            token=self.code,
-            delivered_by=DeliveredBy.PINGBACK,
-            provider_task_id=self.provider_task_id,
+        return result_of(
+            self.provider_task_id,
+            self.code,
             user_agent=self.user_agent,
+            error=self.error,
+            dialect=dialect,
         )
+
+
+def result_of(
+    provider_task_id: str,
+    code: str,
+    *,
+    user_agent: str | None,
+    error: bool,
+    dialect: codes.Dialect,
+) -> Result:
+    """:meth:`Pingback.to_result` from the pingback's fields (see there).
+
+    Raises
+    ------
+    NotAResultError
+        The code is a status or account-level error, not this task's outcome.
+    """
+    if error or is_error_code(code):
+        verdict = codes.classify(code, dialect=dialect, endpoint="res")
+        if verdict.verdict is not codes.Verdict.TASK_FAILED:
+            raise NotAResultError(f"{verdict.verdict}: not a final result")
+        if len(verdict.code) > MAX_ERROR_CODE_CHARS:
+            raise MalformedPingbackError("malformed code")
+        return Result.failed(
+            code=verdict.code,
+            message=verdict.reason,
+            delivered_by=DeliveredBy.PINGBACK,
+            provider_task_id=provider_task_id,
+        )
+    return Result.solved(
+        token=code,
+        delivered_by=DeliveredBy.PINGBACK,
+        provider_task_id=provider_task_id,
+        user_agent=user_agent,
+    )
 
 
 @functools.cache
@@ -207,6 +231,12 @@ def from_fields(pairs: Iterable[tuple[str, str]], *, source: Source) -> Pingback
     MalformedPingbackError
         A field is missing, repeated or malformed.
     """
+    task_id, code, agent = _fields(pairs)
+    return Pingback(provider_task_id=task_id, code=code, source=source, user_agent=agent)
+
+
+def _fields(pairs: Iterable[tuple[str, str]]) -> tuple[str, str, str | None]:
+    """The provider task id, code and user agent of query or form fields, checked."""
     seen: dict[str, str] = {}
     for count, (key, value) in enumerate(pairs, start=1):
         if count > MAX_FIELDS:
@@ -221,12 +251,7 @@ def from_fields(pairs: Iterable[tuple[str, str]], *, source: Source) -> Pingback
         if name in seen:
             agent = _user_agent(seen[name])
             break
-    return Pingback(
-        provider_task_id=_task_id(seen["id"]),
-        code=_code(seen["code"]),
-        source=source,
-        user_agent=agent,
-    )
+    return _task_id(seen["id"]), _code(seen["code"]), agent
 
 
 def query_fields(raw: str) -> list[tuple[str, str]] | None:
@@ -347,8 +372,9 @@ def _unicode_text(value: str) -> str:
 def from_query(request: web.Request) -> Pingback:
     """The pingback of a GET (``?id=&code=``): no body, so nothing to await.
 
-    :func:`read_pingback` does the same for a GET; the pingback route calls this directly for
-    the most common shape, without the coroutine (the spool path is CPU-bound per request).
+    :func:`read_pingback` does the same for a GET; the pingback route calls
+    :func:`result_from_query` for the most common shape, without the coroutine (the spool path
+    is CPU-bound per request).
 
     Raises
     ------
@@ -356,6 +382,21 @@ def from_query(request: web.Request) -> Pingback:
         A field is missing, repeated or malformed.
     """
     return from_fields(_query(request), source=Source.GET)
+
+
+def result_from_query(request: web.Request, *, dialect: codes.Dialect) -> Result:
+    """``from_query(request).to_result(dialect=dialect)`` without the :class:`Pingback`.
+
+    The spool path's hot spot (every ``GET`` pingback, all CPU work on one event loop): the same
+    checks, one frozen object fewer to build per pingback.
+
+    Raises
+    ------
+    PingbackError
+        Malformed (400) or not a final result (422).
+    """
+    task_id, code, agent = _fields(_query(request))
+    return result_of(task_id, code, user_agent=agent, error=False, dialect=dialect)
 
 
 def _query(request: web.Request) -> Iterable[tuple[str, str]]:

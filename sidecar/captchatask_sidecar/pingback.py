@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import hdrs, web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -40,8 +40,8 @@ from captchatask.provider import codes
 from captchatask.supervise import Supervisor
 from captchatask_sidecar.errors import add_fallback, http_problem, internal_error, problem
 from captchatask_sidecar.metrics import PINGBACK_OUTCOMES, UNATTRIBUTED, Metrics
-from captchatask_sidecar.payload import PingbackError, from_query, read_pingback
-from captchatask_sidecar.recorder import Recorder
+from captchatask_sidecar.payload import PingbackError, Source, read_pingback, result_from_query
+from captchatask_sidecar.recorder import SPOOLED, Recorder
 from captchatask_sidecar.spool import SpoolFullError, SpoolWriteError
 from captchatask_sidecar.verify import NotConfirmedError, Verifier, VerifyUnavailableError
 
@@ -105,15 +105,22 @@ class PingbackReceiver:
     read_timeout: float
     verifier: Verifier | None = None
 
-    async def handle(self, request: web.Request) -> str:
-        """Authenticate, parse and record one pingback; return its outcome label.
+    def admit(self, request: web.Request) -> asyncio.Future[int] | Coroutine[Any, Any, str]:
+        """Authenticate and parse one pingback and hand it to the recorder; await the result.
+
+        What :meth:`Recorder.admit <.recorder.Recorder.admit>` returns: the spool append's
+        future (``spooled`` once it resolves) or a coroutine that returns the outcome label. A
+        ``GET`` without verify-by-poll (the common shape, and all of the spool path's CPU work)
+        is handled here without a coroutine of its own; anything else goes through
+        :meth:`_admit_slowly`.
 
         Raises
         ------
         RejectedError
             The request is refused; nothing was written and no API call was made.
         SpoolWriteError
-            The result could not be made durable.
+            The result could not be made durable (``SpoolFullError`` at once, any other from
+            what is returned).
         """
         match = request.match_info
         namespace = match["namespace"]
@@ -127,13 +134,20 @@ class PingbackReceiver:
         if not self.signer.verify_parts(namespace, name, uid, token):
             raise RejectedError(403, "forbidden")
         ref = TaskRef(namespace=namespace, name=name, uid=uid)
+        if request.method != hdrs.METH_GET or self.verifier is not None:
+            return self._admit_slowly(request, ref)
         try:
-            if request.method == hdrs.METH_GET:
-                pingback = from_query(request)
-            else:
-                pingback = await read_pingback(
-                    request, max_body_bytes=self.max_body_bytes, read_timeout=self.read_timeout
-                )
+            result = result_from_query(request, dialect=self.dialect)
+        except PingbackError as exc:
+            raise RejectedError(exc.status, exc.detail) from exc
+        return self.recorder.admit(ref, result, source=Source.GET.value)
+
+    async def _admit_slowly(self, request: web.Request, ref: TaskRef) -> str:
+        """A pingback with a body to read, or an answer to confirm first; its outcome label."""
+        try:
+            pingback = await read_pingback(
+                request, max_body_bytes=self.max_body_bytes, read_timeout=self.read_timeout
+            )
             result = pingback.to_result(dialect=self.dialect)
         except PingbackError as exc:
             raise RejectedError(exc.status, exc.detail) from exc
@@ -156,7 +170,12 @@ class PingbackReceiver:
         started = time.perf_counter()
         try:
             try:
-                outcome = await self.handle(request)
+                admitted = self.admit(request)
+                if isinstance(admitted, asyncio.Future):
+                    await admitted
+                    outcome = SPOOLED
+                else:
+                    outcome = await admitted
             except (RejectedError, SpoolWriteError) as exc:
                 return self._refusal(exc)
             finally:

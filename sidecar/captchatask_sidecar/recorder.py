@@ -1,7 +1,8 @@
 """Durable acknowledgement: put a pingback's result in the ledger, a dead letter, or the spool.
 
-This is the promise of the sidecar in one class. :meth:`Recorder.accept` returns (and the
-handler answers ``200``) only once the result is
+This is the promise of the sidecar in one class. :meth:`Recorder.accept` returns, and what
+:meth:`Recorder.admit` returns completes (and the handler answers ``200``), only once the
+result is
 
 * applied to its task through :meth:`captchatask.ledger.Ledger.record` (outcomes ``recorded``,
   ``duplicate``, ``late``), or
@@ -28,8 +29,8 @@ import asyncio
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Coroutine
+from typing import Any, Final
 
 from captchatask import kube
 from captchatask.decision import Outcome, Result
@@ -102,23 +103,58 @@ class Recorder:
         SpoolWriteError
             Neither the ledger nor the spool could take it; do not acknowledge.
         """
+        admitted = self.admit(ref, result, source=source)
+        if isinstance(admitted, asyncio.Future):
+            await admitted
+            return SPOOLED
+        return await admitted
+
+    def admit(
+        self, ref: TaskRef, result: Result, *, source: str
+    ) -> asyncio.Future[int] | Coroutine[Any, Any, str]:
+        """:meth:`accept` without its coroutine frame on the spool path; await what it returns.
+
+        Either the spool append's future (the result is ``spooled`` once it resolves: the
+        ledger is not tried, the circuit is open or the gate diverted it), or the coroutine that
+        tries the ledger first and returns the outcome. The split exists for the pingback
+        handler: with the API server away every pingback is CPU work on the event loop, and each
+        coroutine between the handler and the spool's future is one more frame to create and to
+        resume when the batch is on disk.
+
+        Raises
+        ------
+        SpoolFullError
+            At once: the spool's bound is reached; nothing was written.
+        """
         received_at = time.time()
         if self.api_available:
             decision = self.gate.decide()
             if decision is Decision.WRITE:
-                written = await self._write(ref, result, source=source, received_at=received_at)
-                if written is not None:
-                    return written
-            else:
-                self.metrics.diverted[decision.value].inc()
-        await self.spool.append_payload(
+                return self._write_or_spool(ref, result, source=source, received_at=received_at)
+            self.metrics.diverted[decision.value].inc()
+        return self._spool(ref, result, source=source, received_at=received_at)
+
+    async def _write_or_spool(
+        self, ref: TaskRef, result: Result, *, source: str, received_at: float
+    ) -> str:
+        """The ledger within the budget (a slot the gate gave), else the spool."""
+        written = await self._write(ref, result, source=source, received_at=received_at)
+        if written is not None:
+            return written
+        await self._spool(ref, result, source=source, received_at=received_at)
+        return SPOOLED
+
+    def _spool(
+        self, ref: TaskRef, result: Result, *, source: str, received_at: float
+    ) -> asyncio.Future[int]:
+        future = self.spool.append_payload(
             encode_record(
                 ref, result, received_at=received_at, received_by=self.received_by, source=source
             ),
             received_at,
         )
         self.gate.backlog = True  # the next pingbacks queue behind it, in the spool
-        return SPOOLED
+        return future
 
     async def _write(
         self, ref: TaskRef, result: Result, *, source: str, received_at: float

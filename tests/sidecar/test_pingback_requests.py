@@ -409,9 +409,12 @@ async def test_router_errors_are_the_same_problem_documents_without_a_middleware
 
 
 class CrashingRecorder(Recorder):
-    """A recorder with a bug: what the pingback route answers when its own code fails."""
+    """A recorder with a bug: what the pingback route answers when its own code fails.
 
-    async def accept(self, ref: TaskRef, result: Result, *, source: str) -> str:
+    ``admit`` is where every pingback enters the recorder (``accept`` goes through it too).
+    """
+
+    def admit(self, ref: TaskRef, result: Result, *, source: str) -> asyncio.Future[int]:
         raise RuntimeError(f"bug while recording {ref.name}")
 
 

@@ -65,17 +65,17 @@ async def test_concurrent_appends_share_fsyncs(tmp_path: Path) -> None:
 
 
 class CountingDisk(Disk):
-    """The real disk calls, counting the data syncs (each one a group commit)."""
+    """The real disk calls, counting the durable segment writes (each one a group commit)."""
 
     def __init__(self) -> None:
         self.syncs = 0
 
-    def sync(self, fd: int) -> None:
-        super().sync(fd)
+    def append(self, fd: int, data: bytes) -> None:
+        super().append(fd, data)
         self.syncs += 1
 
 
-async def test_appends_arriving_over_consecutive_loop_turns_share_one_fdatasync(
+async def test_appends_arriving_over_consecutive_loop_turns_share_one_segment_sync(
     tmp_path: Path,
 ) -> None:
     # Under load the handlers of a burst of pingbacks run over several turns of the event loop.
