@@ -53,7 +53,7 @@ from captchatask_sidecar.spoolformat import SpoolRecord, frame
 NAMESPACE: Final = "startup"
 SIZES: Final = {"full": (10_000, 100_000), "small": (200, 2_000)}
 """Per profile: tasks for the operator, records for the receiver's spool."""
-PEERING_LIFETIMES: Final = {"full": 240, "small": 30}
+PEERING_LIFETIMES: Final = {"full": 240, "small": 15}
 """Per profile: the replicas' ``--peering-lifetime``; it must outlast preparing the tasks."""
 PEERING: Final = "captchatask"
 PEERING_CRD: Final = (

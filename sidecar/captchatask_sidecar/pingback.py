@@ -208,10 +208,6 @@ class PingbackReceiver:
         return _unavailable("not stored, retry later")
 
 
-#: The application's :class:`PingbackReceiver`.
-PINGBACK: Final = web.AppKey("pingback", PingbackReceiver)
-
-
 def _unavailable(detail: str) -> web.Response:
     response = problem(503, detail)
     response.headers[hdrs.RETRY_AFTER] = str(RETRY_AFTER_SECONDS)
@@ -233,7 +229,6 @@ def create_pingback_app(
         replayed while the last requests still write to the spool.
     """
     app = web.Application(client_max_size=receiver.max_body_bytes)
-    app[PINGBACK] = receiver
     # The bound method: no application lookup per request.
     app.router.add_route(hdrs.METH_GET, ROUTE, receiver.receive)
     app.router.add_route(hdrs.METH_POST, ROUTE, receiver.receive)
