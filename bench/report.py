@@ -8,6 +8,7 @@ tables can be regenerated from ``bench/results/full.json`` without re-running an
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -556,14 +557,19 @@ def write_readme(results: dict[str, Any], readme: Path = README_PATH) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Print the tables of a results file, or (``--readme``) regenerate the README's block."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    readme = bool(args) and args[0] == "--readme"
-    args = args[1:] if readme else args
-    if len(args) != 1:
-        print("usage: python -m bench.report [--readme] RESULTS.json", file=sys.stderr)
-        return 2
-    results = json.loads(Path(args[0]).read_text(encoding="utf-8"))
-    if readme:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.report", description="The tables of a `make bench` results file."
+    )
+    parser.add_argument("results", type=Path, help="a results file, e.g. bench/results/full.json")
+    parser.add_argument(
+        "--readme", action="store_true", help="regenerate the README's benchmark block from it"
+    )
+    args = parser.parse_args(argv)
+    try:
+        results = json.loads(args.results.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot read {args.results}: {exc}")
+    if args.readme:
         return 0 if write_readme(results) else 1
     print(render(results))
     return 0

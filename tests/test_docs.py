@@ -194,3 +194,19 @@ def test_the_readme_benchmark_table_is_generated_from_bench_results() -> None:
 def test_the_readme_quotes_the_latest_chaos_figures() -> None:
     summary = DOCS.chaos_summary(REPO / "bench" / "results" / "chaos-full.json")
     assert summary in _readme(), f"update the README's guarantees paragraph to: {summary}"
+
+
+def test_the_report_command_explains_itself_and_refuses_a_missing_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(REPO))  # bench/ is a directory of the checkout
+    from bench import report  # noqa: PLC0415
+
+    with pytest.raises(SystemExit) as helped:
+        report.main(["--help"])
+    assert helped.value.code == 0
+    assert "--readme" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        report.main([str(tmp_path / "missing.json")])
+    assert refused.value.code == 2
+    assert "cannot read" in capsys.readouterr().err
