@@ -88,10 +88,11 @@ async def proxy() -> AsyncIterator[tuple[RunningEmulator, CheckFailingProxy, str
             await runner.cleanup()
 
 
-async def test_a_restarted_operator_polls_known_tasks_while_its_account_check_fails_transiently(
-    harness: Any, proxy: tuple[RunningEmulator, CheckFailingProxy, str]
-) -> None:
-    emulator, checks, proxy_url = proxy
+async def _solved_after_its_operator_died(
+    harness: Any, emulator: RunningEmulator, proxy_url: str
+) -> Any:
+    """A poll-only task submitted by an operator that was then killed, solved by the solver
+    meanwhile: only a restarted operator's poll can bring its answer in. The solver's task."""
     await harness.secret()
     await harness.provider(SimpleNamespace(base_url=proxy_url))  # poll-only: no pingback
     first = harness.start_operator()
@@ -107,9 +108,17 @@ async def test_a_restarted_operator_polls_known_tasks_while_its_account_check_fa
     [solver_task] = emulator.tasks()
 
     async def solved_by_solver() -> bool:
-        return solver_task.finished
+        return bool(solver_task.finished)
 
     await harness.wait_until(solved_by_solver, what="the solver to solve it")
+    return solver_task
+
+
+async def test_a_restarted_operator_polls_known_tasks_while_its_account_check_fails_transiently(
+    harness: Any, proxy: tuple[RunningEmulator, CheckFailingProxy, str]
+) -> None:
+    emulator, checks, proxy_url = proxy
+    solver_task = await _solved_after_its_operator_died(harness, emulator, proxy_url)
 
     checks.checks_fail = True
     passed_before = checks.checks_passed
@@ -129,24 +138,7 @@ async def test_no_poll_is_sent_with_a_key_the_provider_rejected_until_a_check_pa
     harness: Any, proxy: tuple[RunningEmulator, CheckFailingProxy, str]
 ) -> None:
     emulator, checks, proxy_url = proxy
-    await harness.secret()
-    await harness.provider(SimpleNamespace(base_url=proxy_url))  # poll-only: no pingback
-    first = harness.start_operator()
-    await harness.started(first)
-    await harness.task("known")
-
-    async def submitted() -> bool:
-        body = await harness.get("known")
-        return bool(((body or {}).get("status") or {}).get("providerTaskId"))
-
-    await harness.wait_until(submitted, what="the first operator to submit the task")
-    first.kill()
-    [solver_task] = emulator.tasks()
-
-    async def solved_by_solver() -> bool:
-        return solver_task.finished
-
-    await harness.wait_until(solved_by_solver, what="the solver to solve it")
+    await _solved_after_its_operator_died(harness, emulator, proxy_url)
 
     # Its first poll is due at once (poll-only reCAPTCHA would wait 15 s): the restarted
     # operator polls while it checks the key.
