@@ -114,14 +114,14 @@ class Drainer:
                 if available
                 else (0 if running else 1)
             )
-            paced = gate.pace is not None and gate.pace.available < room
-            if gate.pace is not None:
-                room = min(room, gate.pace.available)
+            pace, paced = gate.pace, False
+            if pace is not None and (tokens := pace.available) < room:
+                room, paced = tokens, True
             due = await self.spool.due(now, room)
             for entry in due:
                 entry.in_flight = True  # before the task runs: the next due() must skip it
-                if gate.pace is not None:
-                    gate.pace.take()
+                if pace is not None:
+                    pace.take()
                 running.add(asyncio.create_task(self._replay(entry)))
             # Nothing running and nothing held back by the pace: nothing was due, pingbacks may
             # write. Held back by the pace, the spooled results keep their place in the queue.
@@ -130,9 +130,9 @@ class Drainer:
                 if not available and not self.spool.depth:
                     await self._probe()
                 wait = self._next_due(now)
-                if paced and gate.pace is not None:
+                if paced and pace is not None:
                     # Due results wait for the pace's next write: both must be there.
-                    wait = max(wait, gate.pace.seconds_until_next())
+                    wait = max(wait, pace.seconds_until_next())
                 await self._sleep(wait)
                 continue
             outcomes = await self._next_outcomes(running, room_left=available)

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from tests.operator.conftest import serving
 
 from captchatask import dlq, kube, model
 from captchatask.deadletters import RequeueOutcome
@@ -382,18 +383,13 @@ async def gate(emulator: RunningEmulator) -> AsyncIterator[Gate]:
                 headers={"Content-Type": upstream.headers.get("Content-Type", "text/plain")},
             )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    state.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     try:
-        yield state
+        async with serving(forward) as state.url:
+            try:
+                yield state
+            finally:
+                state.opened.set()
     finally:
-        state.opened.set()
-        await runner.cleanup()
         await session.close()
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from tests.operator.conftest import serving
 
 from captchatask import model
 from captchatask.emulator.config import DEFAULT_API_KEY, EmulatorConfig
@@ -77,15 +78,8 @@ class CheckFailingProxy:
 async def proxy() -> AsyncIterator[tuple[RunningEmulator, CheckFailingProxy, str]]:
     async with run_emulator(FAST_SOLVE) as emulator, aiohttp.ClientSession() as session:
         proxy = CheckFailingProxy(emulator.base_url, session)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", proxy.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        try:
-            yield emulator, proxy, f"http://127.0.0.1:{runner.addresses[0][1]}"
-        finally:
-            await runner.cleanup()
+        async with serving(proxy.handle) as url:
+            yield emulator, proxy, url
 
 
 async def _solved_after_its_operator_died(

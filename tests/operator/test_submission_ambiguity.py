@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from tests.operator.conftest import operator_engine
+from tests.operator.conftest import operator_engine, serving
 
 from captchatask import kube, model, testbed
 from captchatask.decision import Outcome, Result
@@ -181,17 +181,11 @@ class HoldingProxy:
 async def holding_proxy() -> AsyncIterator[tuple[RunningEmulator, HoldingProxy, str]]:
     async with run_emulator(FAST_SOLVE) as emulator, aiohttp.ClientSession() as session:
         proxy = HoldingProxy(emulator.base_url, session)
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", proxy.handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield emulator, proxy, f"http://127.0.0.1:{runner.addresses[0][1]}"
-        finally:
-            proxy.release.set()
-            await runner.cleanup()
+        async with serving(proxy.handle) as url:
+            try:
+                yield emulator, proxy, url
+            finally:
+                proxy.release.set()  # a held in.php must not outlive the server
 
 
 async def test_a_provider_id_survives_a_failed_submitted_write_and_is_not_resubmitted(
