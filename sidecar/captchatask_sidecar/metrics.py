@@ -42,6 +42,9 @@ PINGBACK_OUTCOMES: Final = (
 #: fallback poll recovers it): the spool reached its bound, the spool volume cannot be written,
 #: or verify-by-poll could not reach the provider.
 UNAVAILABLE_REASONS: Final = ("spool_full", "spool_unwritable", "verify_unavailable")
+#: Where the spool found an acknowledged record damaged: replaying its segments at startup, or
+#: reading one back for the drainer (the spool's ``DAMAGE_STAGES``).
+DAMAGE_STAGES: Final = ("recovery", "readback")
 #: Outcomes of a spool replay by the drainer.
 REPLAY_OUTCOMES: Final = ("recorded", "duplicate", "late", "dead_lettered", "retry")
 #: Why a ledger (or dead-letter) write did not happen on the first try.
@@ -129,6 +132,29 @@ class Metrics:
             "1 when the spool can be written (readiness follows it).",
             registry=registry,
         )
+        self.spool_damaged_records = Counter(
+            "captchatask_spool_damaged_records",
+            "Acknowledged spool records found damaged on disk (failed checksum or decoding; a"
+            " torn tail is not counted), by stage (recovery: at startup; readback: for the"
+            " drainer). Each is lost to the spool; its bytes are copied to the quarantine.",
+            ["stage"],
+            registry=registry,
+        )
+        self.spool_damaged_bytes = Counter(
+            "captchatask_spool_damaged_bytes",
+            "Bytes of the damaged spool records counted in captchatask_spool_damaged_records.",
+            ["stage"],
+            registry=registry,
+        )
+        for stage in DAMAGE_STAGES:
+            self.spool_damaged_records.labels(stage)
+            self.spool_damaged_bytes.labels(stage)
+        self.spool_quarantine_full = Counter(
+            "captchatask_spool_quarantine_full",
+            "Damaged spool records not copied to the quarantine: it had no room left (or the"
+            " copy failed). Counted in captchatask_spool_damaged_records all the same.",
+            registry=registry,
+        )
         self.pingbacks_unavailable = Counter(
             "captchatask_pingback_unavailable",
             "Pingbacks answered 503, by reason (nothing was written; see UNAVAILABLE_REASONS).",
@@ -139,7 +165,8 @@ class Metrics:
             self.pingbacks_unavailable.labels(reason)
         self.spool_bytes = Gauge(
             "captchatask_spool_bytes",
-            "Bytes the spool takes on its volume (segments and journal, plus admitted writes).",
+            "Bytes the spool takes on its volume (segments, journal and quarantine, plus admitted"
+            " writes).",
             registry=registry,
         )
         self.spool_max_bytes = Gauge(
@@ -264,6 +291,13 @@ class Metrics:
     def unavailable(self, reason: str) -> Counter:
         """``captchatask_pingback_unavailable_total`` of one reason."""
         return self.pingbacks_unavailable.labels(reason)
+
+    def spool_damaged(self, stage: str, size: int, kept: bool) -> None:
+        """Count one damaged spool record (the spool's ``on_damage`` hook; thread-safe)."""
+        self.spool_damaged_records.labels(stage).inc()
+        self.spool_damaged_bytes.labels(stage).inc(size)
+        if not kept:
+            self.spool_quarantine_full.inc()
 
     def track_spool_bound(
         self, *, held_bytes: Callable[[], float], max_bytes: int | None, max_records: int | None

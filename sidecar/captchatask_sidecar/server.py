@@ -103,6 +103,7 @@ async def assemble(
         settings.spool_dir,
         max_bytes=settings.spool_max_bytes,
         max_records=settings.spool_max_records,
+        on_damage=metrics.spool_damaged,
     )
     await asyncio.to_thread(spool.open)
     metrics.track_spool(depth=lambda: float(spool.depth), oldest_age=spool.oldest_age)

@@ -78,10 +78,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from captchatask_sidecar.quarantine import Quarantine
 from captchatask_sidecar.spoolformat import (
     GONE,
     HEADER,
     RESOLVED,
+    DamagedRecord,
     Journal,
     SpoolRecord,
     frame_header,
@@ -125,6 +127,17 @@ GROUP_COMMIT_MAX_RECORDS: Final = 32
 GROUP_COMMIT_MAX_BYTES: Final = 1 << 20
 #: ... or once it has waited this long for the loop (a bound on the latency the wait adds).
 GROUP_COMMIT_MAX_WAIT_SECONDS: Final = 0.002
+#: The most the quarantine of damaged frames keeps (and a sixteenth of ``max_bytes`` at most):
+#: room for a few damaged full-size records, small against the volume's headroom.
+QUARANTINE_MAX_BYTES: Final = 4 * 1024 * 1024
+#: Where damage to an acknowledged record was found: replaying the segments at startup, or
+#: reading a pending record back for the drainer (the ``stage`` label of the damage counters).
+RECOVERY: Final = "recovery"
+READBACK: Final = "readback"
+DAMAGE_STAGES: Final = (RECOVERY, READBACK)
+
+#: Told of each damaged range: ``(stage, bytes, kept in the quarantine)``.
+DamageHook = Callable[[str, int, bool], None]
 
 
 class Disk:
@@ -176,6 +189,15 @@ class Disk:
     def read_back(self, wanted: list[tuple[int, Path, int, int]]) -> list[bytes | ValueError]:
         """Each ``(id, segment file, frame offset, length)``'s payload, or its damage."""
         return _read_back(wanted)
+
+    def truncate(self, path: Path, size: int) -> None:
+        """Cut a file to ``size`` bytes, durably (a torn tail, at startup)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 class SpoolWriteError(Exception):
@@ -241,6 +263,12 @@ class Spool:
     segment_bytes
         Rotate the current segment once it is this large (default: an eighth of ``max_bytes``,
         at most :data:`MAX_SEGMENT_BYTES`).
+    on_damage
+        Told of each damaged acknowledged record (see :meth:`open` and :meth:`due`): the
+        metrics' counter. Called on the thread that found it.
+    quarantine_bytes
+        The quarantine's bound (default :data:`QUARANTINE_MAX_BYTES`, at most a sixteenth of
+        ``max_bytes``); counted in the spool's own bound.
     """
 
     def __init__(
@@ -253,9 +281,19 @@ class Spool:
         max_bytes: int | None = None,
         max_records: int | None = None,
         segment_bytes: int | None = None,
+        on_damage: DamageHook | None = None,
+        quarantine_bytes: int | None = None,
     ) -> None:
         self.directory = directory
         self.on_append = on_append
+        self.on_damage = on_damage
+        if quarantine_bytes is None:
+            quarantine_bytes = QUARANTINE_MAX_BYTES
+            if max_bytes is not None:
+                quarantine_bytes = min(QUARANTINE_MAX_BYTES, max_bytes // 16)
+        self._quarantine = Quarantine(directory, max_bytes=quarantine_bytes)
+        #: Damaged frames found by :meth:`_materialise`, to be kept: (segment, offset, bytes).
+        self._damaged: list[tuple[int, int, bytes]] = []
         self._clock = clock
         self._disk = disk or Disk()
         self.max_bytes = max_bytes
@@ -315,21 +353,29 @@ class Spool:
                 journal.skipped_bytes,
             )
         highest = max((*journal.gone, *(seq for seq, _offset in journal.resolved)), default=0)
+        self._quarantine.load()
         replayed = 0
         already_resolved = 0
         removed = False
+        found: list[tuple[int, Path]] = []
         for path in sorted(self.directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}")):
             seq_text = path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)]
-            if not seq_text.isdigit():
-                continue
-            seq = int(seq_text)
+            if seq_text.isdigit():
+                found.append((int(seq_text), path))
+        # The only segment a crash can have cut a write in: the newest one with bytes (a spare
+        # created ahead may be newer and empty). See _replay_segment.
+        newest = max(
+            (seq for seq, path in found if not journal.is_gone(seq) and path.stat().st_size),
+            default=None,
+        )
+        for seq, path in found:
             highest = max(highest, seq)
             if journal.is_gone(seq):
                 self._disk.unlink(path)  # a deletion that a crash undid
                 removed = True
                 continue
             segment = Segment(seq=seq, path=path, size=path.stat().st_size)
-            self._replay_segment(segment, journal)
+            self._replay_segment(segment, journal, newest=seq == newest)
             already_resolved += len(segment.resolved)
             if not segment.unresolved:
                 self._disk.unlink(path)
@@ -349,39 +395,83 @@ class Spool:
         self._compact(self._live_tombstones())
         return replayed
 
-    def _replay_segment(self, segment: Segment, journal: Journal) -> None:
-        """Register a segment's valid, unresolved records as pending, by location only."""
+    def _replay_segment(self, segment: Segment, journal: Journal, *, newest: bool) -> None:
+        """Register a segment's valid, unresolved records as pending, by location only.
+
+        Torn tail or damage. A write the process died in (before it returned, so before any
+        acknowledgement) can only be the last bytes of the newest segment: the sidecar appends
+        only to the segments it created, moves on to a new one at every start, and cuts a
+        failed write off before the next. Such a torn tail is discarded, as it always was, and
+        cut from the file, so that at the next start, when the segment is no longer the newest,
+        nothing invalid is left at its end. Any other invalid range (followed by valid frames,
+        or at the end of an older segment), and a frame whose checksum holds but whose payload
+        does not decode, is an acknowledged record the disk no longer holds: counted as damage
+        and copied into the quarantine (:mod:`.quarantine`).
+        """
         if not segment.size:
             return
-        skipped = 0
-        skipped_at: list[int] = []
+        damaged: list[tuple[int, int, bytes]] = []  # offset, length, the bytes to keep
+        torn_at: int | None = None
         with (
             segment.path.open("rb") as file,
             mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
         ):
             for offset, length, valid in walk(data):
-                skip = length
                 if valid:
                     start = offset + HEADER.size
                     try:
                         record = SpoolRecord.decode(data[start : start + length])
                     except (ValueError, KeyError, TypeError):
-                        skip = HEADER.size + length  # the whole frame
+                        whole = data[offset : start + length]
+                        damaged.append((offset, len(whole), whole))
                     else:
                         if (segment.seq, offset) in journal.resolved:
                             segment.resolved.append(offset)
                         else:
                             self._add_pending(length, record.received_at, segment, offset)
-                        continue
-                skipped += skip
-                skipped_at.append(offset)
-        if skipped:
+                elif newest and offset + length == segment.size:
+                    torn_at = offset
+                else:
+                    # At most the quarantine's bound is copied out of a run of garbage.
+                    end = offset + min(length, self._quarantine.max_bytes + 1)
+                    damaged.append((offset, length, data[offset:end]))
+        if torn_at is not None:
             logger.warning(
-                "spool segment %s: skipped %d bytes of torn or corrupt records at offsets %s",
+                "spool segment %s: discarded a torn tail of %d bytes (a write cut by a crash,"
+                " never acknowledged)",
                 segment.path.name,
-                skipped,
-                skipped_at[:10],
+                segment.size - torn_at,
             )
+            self._disk.truncate(segment.path, torn_at)
+            segment.size = torn_at
+        for offset, length, found in damaged:
+            self._damage(RECOVERY, segment.seq, offset, found, length=length)
+
+    def _damage(
+        self, stage: str, seq: int, offset: int, found: bytes, *, length: int | None = None
+    ) -> None:
+        """Keep a damaged frame in the quarantine (blocking), count it and say so in the log.
+
+        Never logs the bytes themselves: they hold a solution token.
+        """
+        try:
+            kept = self._quarantine.keep(seq, offset, found)
+        except OSError as exc:
+            logger.error("spool: could not copy a damaged record to the quarantine: %s", exc)  # noqa: TRY400 - errno is enough
+            kept = False
+        logger.error(
+            "spool: an acknowledged record in segment %d at offset %d is damaged (%d bytes, found"
+            " at %s); %s",
+            seq,
+            offset,
+            len(found) if length is None else length,
+            stage,
+            f"copied to {self._quarantine.name(seq, offset, found)}"
+            if kept
+            else "the quarantine is full, not copied",
+        )
+        if self.on_damage is not None:
+            self.on_damage(stage, len(found) if length is None else length, kept)
 
     def _create_segment(self, seq: int) -> Segment:
         """Create a segment file and make its directory entry durable (writer or cleaner)."""
@@ -681,8 +771,9 @@ class Spool:
         pending results, up to :data:`READ_AHEAD` (and :data:`READ_AHEAD_BYTES`): the drainer
         asks for one result each time a replay ends, and a thread hop per replay cost the event
         loop more than the replay's own work while the API server was at its limit. A record
-        that no longer reads back as written (a damaged disk) is logged and dropped, since
-        retrying it could never succeed.
+        that no longer reads back as written (a damaged disk, a foreign writer) is dropped,
+        since retrying it could never succeed, but not silently: it is counted as damage and its
+        bytes are copied into the quarantine, on the reader thread (see :meth:`_replay_segment`).
 
         Raises
         ------
@@ -719,6 +810,9 @@ class Spool:
             payloads = await loop.run_in_executor(self._reader_executor, read_back, unread)
             for (entry_id, *_where), payload in zip(unread, payloads, strict=True):
                 self._materialise(entry_id, payload)
+            if self._damaged:
+                damaged, self._damaged = self._damaged, []
+                await loop.run_in_executor(self._reader_executor, self._keep_damaged, damaged)
         return [self._entries[i] for i in chosen if i in self._entries and i in self._pending]
 
     def _materialise(self, entry_id: int, payload: bytes | ValueError) -> None:
@@ -739,10 +833,20 @@ class Spool:
                 offset,
                 exc,
             )
+            # What was found there: the bytes read back, or the frame that passed its checksum.
+            found = exc.frame if isinstance(exc, DamagedRecord) else None
+            if found is None and isinstance(payload, bytes):
+                found = frame_header(payload) + payload
+            self._damaged.append((seq, offset, found or b""))
             # The disk no longer holds what was written; keeping it would retry it forever.
             self._forget(entry_id, segment, offset)
             return
         self._entries[entry_id] = Entry(id=entry_id, record=record, segment=segment, offset=offset)
+
+    def _keep_damaged(self, damaged: list[tuple[int, int, bytes]]) -> None:
+        """Reader thread: quarantine and count what :meth:`_materialise` found damaged."""
+        for seq, offset, found in damaged:
+            self._damage(READBACK, seq, offset, found)
 
     def entry(self, entry_id: int) -> Entry:
         """The pending entry ``entry_id`` (what :meth:`append` resolved to), materialised.
@@ -809,8 +913,8 @@ class Spool:
 
     @property
     def held_bytes(self) -> int:
-        """Bytes the spool holds on its volume: segments, journal, and admitted, not yet written."""
-        return self._bytes + self._journal_size
+        """Bytes the spool holds on its volume: segments, journal, quarantine, and admitted."""
+        return self._bytes + self._journal_size + self._quarantine.size
 
     def fill(self) -> float:
         """How full the spool is against its bound: the larger of the two ratios (0 unbounded)."""

@@ -300,21 +300,32 @@ def frames(data: bytes) -> tuple[list[tuple[int, bytes]], list[int], int]:
     return found, skipped_at, skipped_bytes
 
 
+class DamagedRecord(ValueError):
+    """A frame read back is not the record written; :attr:`frame` holds the bytes found.
+
+    The bytes travel with the error so the spool can copy them into its quarantine.
+    """
+
+    def __init__(self, message: str, frame: bytes) -> None:
+        super().__init__(message)
+        self.frame = frame
+
+
 def read_payload(fd: int, offset: int, length: int) -> bytes:
     """Read back the payload of the frame at ``offset`` of an open segment, checking the frame.
 
     Raises
     ------
-    ValueError
+    DamagedRecord
         The bytes there are not the record written (a damaged disk, a foreign writer).
     """
     data = os.pread(fd, HEADER.size + length, offset)
     if len(data) != HEADER.size + length:
-        raise ValueError("spool record cut short")
+        raise DamagedRecord("spool record cut short", data)
     magic, stored_length, crc = HEADER.unpack_from(data)
     payload = data[HEADER.size :]
     if magic != MAGIC or stored_length != length or zlib.crc32(payload) != crc:
-        raise ValueError("spool record damaged on disk")
+        raise DamagedRecord("spool record damaged on disk", data)
     return payload
 
 

@@ -174,7 +174,7 @@ async def test_a_torn_spool_tail_is_skipped_and_the_rest_is_replayed(
         return view is not None and view.phase is Phase.SOLVED
 
     await cluster.wait_for(solved, what="the intact record to be replayed")
-    assert "skipped 17 bytes of torn or corrupt records" in process.log_text()
+    assert "discarded a torn tail of 17 bytes" in process.log_text()
 
 
 async def test_a_spooled_result_received_before_the_operator_failed_its_task_becomes_its_outcome(

@@ -130,7 +130,7 @@ async def test_a_torn_tail_is_skipped_with_a_warning(
     reopened = Spool(tmp_path)
     with caplog.at_level(logging.WARNING, logger="captchatask_sidecar.spool"):
         assert reopened.open() == 2
-    assert "torn or corrupt" in caplog.text
+    assert "discarded a torn tail" in caplog.text
     assert reopened.records() == [record(1), record(2)]
     await reopened.close()
 
