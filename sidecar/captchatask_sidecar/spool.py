@@ -10,6 +10,12 @@ by :mod:`.drainer` as soon as the API server answers.
 Format. Segment files ``spool-<seq>.log`` of framed, checksummed records; the bytes on disk
 (framing, the payload layouts, reading back a torn segment) are :mod:`.spoolformat`'s.
 
+Damage. A torn tail (the newest segment's last write, cut by a crash before it returned, so
+never acknowledged) is discarded. Any other record that fails its checksum or decoding, at
+startup or when read back, was acknowledged and is lost to the spool: it is reported through
+``on_damage`` (a counter, so an alert can ring) and its bytes are copied into the quarantine
+(:mod:`.quarantine`) before its segment can be deleted with them.
+
 Group commit. Appends from concurrent requests are buffered; one writer job at a time writes the
 whole buffer in one synchronous write, in a dedicated single-thread executor (writes stay
 ordered). Each request waits for the batch holding its record: at high load a batch holds

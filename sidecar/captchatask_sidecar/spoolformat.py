@@ -9,7 +9,8 @@ little-endian payload length and CRC-32) followed by the payload. A crash can le
 record at the end of a segment: it fails its length or checksum, is skipped with a warning, and
 the reader resynchronises on the next valid header (so a corrupt record in the middle costs only
 itself). A process never appends to a segment it did not create, so garbage is never followed by
-new data in the same file.
+new data in the same file: an invalid range followed by valid records is damage to a record
+that was acknowledged, which :mod:`.spool` counts and quarantines, not a torn write.
 
 Resolution journal. ``spool.resolved`` holds tombstones, framed like records: a record resolved
 (segment number and offset of its frame) or a segment gone (fully resolved, being deleted). A

@@ -64,6 +64,7 @@ def test_the_required_alerts_exist(alerts: list[dict[str, Any]]) -> None:
         "CaptchataskDeadLettersGrowing",
         "CaptchataskSpoolNotDraining",
         "CaptchataskSpoolNearlyFull",
+        "CaptchataskSpoolDamaged",
         "CaptchataskBackgroundLoopCrashing",
         "CaptchataskDeadLettersUnwritten",
         "CaptchataskFallbackRecoveryRatioHigh",
