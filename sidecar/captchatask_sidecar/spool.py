@@ -442,16 +442,28 @@ class Spool:
                     end = offset + min(length, self._quarantine.max_bytes + 1)
                     damaged.append((offset, length, data[offset:end]))
         if torn_at is not None:
-            logger.warning(
-                "spool segment %s: discarded a torn tail of %d bytes (a write cut by a crash,"
-                " never acknowledged)",
-                segment.path.name,
-                segment.size - torn_at,
-            )
-            self._disk.truncate(segment.path, torn_at)
-            segment.size = torn_at
+            self._cut_torn_tail(segment, torn_at)
         for offset, length, found in damaged:
             self._damage(RECOVERY, segment.seq, offset, found, length=length)
+
+    def _cut_torn_tail(self, segment: Segment, torn_at: int) -> None:
+        """Discard the newest segment's torn tail, cutting it from the file (see :meth:`_replay_segment`)."""
+        logger.warning(
+            "spool segment %s: discarded a torn tail of %d bytes (a write cut by a crash,"
+            " never acknowledged)",
+            segment.path.name,
+            segment.size - torn_at,
+        )
+        try:
+            self._disk.truncate(segment.path, torn_at)
+        except OSError as exc:
+            # Left in place, it is taken for damage once a newer segment exists: a false
+            # alarm, never a lost result, so the start goes on.
+            logger.warning(
+                "spool segment %s: could not cut the torn tail: %s", segment.path.name, exc
+            )
+        else:
+            segment.size = torn_at
 
     def _damage(
         self, stage: str, seq: int, offset: int, found: bytes, *, length: int | None = None
@@ -474,7 +486,7 @@ class Spool:
             stage,
             f"copied to {self._quarantine.name(seq, offset, found)}"
             if kept
-            else "the quarantine is full, not copied",
+            else "not copied (the quarantine is full or cannot be written)",
         )
         if self.on_damage is not None:
             self.on_damage(stage, len(found) if length is None else length, kept)
