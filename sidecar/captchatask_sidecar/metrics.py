@@ -43,7 +43,7 @@ PINGBACK_OUTCOMES: Final = (
 #: or verify-by-poll could not reach the provider.
 UNAVAILABLE_REASONS: Final = ("spool_full", "spool_unwritable", "verify_unavailable")
 #: Where the spool found an acknowledged record damaged: replaying its segments at startup, or
-#: reading one back for the drainer (the spool's ``DAMAGE_STAGES``).
+#: reading one back for the drainer (the spool's ``RECOVERY`` and ``READBACK``).
 DAMAGE_STAGES: Final = ("recovery", "readback")
 #: Outcomes of a spool replay by the drainer.
 REPLAY_OUTCOMES: Final = ("recorded", "duplicate", "late", "dead_lettered", "retry")

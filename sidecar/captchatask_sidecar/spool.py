@@ -140,7 +140,6 @@ QUARANTINE_MAX_BYTES: Final = 4 * 1024 * 1024
 #: reading a pending record back for the drainer (the ``stage`` label of the damage counters).
 RECOVERY: Final = "recovery"
 READBACK: Final = "readback"
-DAMAGE_STAGES: Final = (RECOVERY, READBACK)
 
 #: Told of each damaged range: ``(stage, bytes, kept in the quarantine)``.
 DamageHook = Callable[[str, int, bool], None]
@@ -447,7 +446,10 @@ class Spool:
             self._damage(RECOVERY, segment.seq, offset, found, length=length)
 
     def _cut_torn_tail(self, segment: Segment, torn_at: int) -> None:
-        """Discard the newest segment's torn tail, cutting it from the file (see :meth:`_replay_segment`)."""
+        """Discard the newest segment's torn tail and cut it from the file.
+
+        Why it is cut: see :meth:`_replay_segment`.
+        """
         logger.warning(
             "spool segment %s: discarded a torn tail of %d bytes (a write cut by a crash,"
             " never acknowledged)",
