@@ -112,6 +112,22 @@ async def test_damage_to_the_last_record_of_an_older_segment_is_counted(tmp_path
     await spool.close()
 
 
+async def test_a_frame_with_a_valid_checksum_that_does_not_decode_is_damage(
+    tmp_path: Path,
+) -> None:
+    # A foreign writer's frame: magic, length and CRC-32 hold, the payload is no record.
+    foreign = frame(b"\x02" + b"not a spool record")
+    (tmp_path / "spool-000000000001.log").write_bytes(framed(0) + foreign + framed(1))
+
+    registry = CollectorRegistry()
+    spool = Spool(tmp_path, on_damage=Metrics(registry).spool_damaged)
+    assert spool.open() == 2
+    assert spool.records() == [record(0), record(1)]
+    assert sample(registry, DAMAGED, stage="recovery") == 1
+    assert quarantined(tmp_path) == [foreign]
+    await spool.close()
+
+
 async def test_a_torn_tail_is_not_damage_not_even_after_the_next_restart(tmp_path: Path) -> None:
     spool = Spool(tmp_path)
     spool.open()
