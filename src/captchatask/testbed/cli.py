@@ -39,6 +39,18 @@ def _exports(plane: ControlPlane) -> str:
     )
 
 
+def _command(verb: str, state_dir: Path) -> str:
+    """The ``captchatask testbed VERB`` line a hint prints, runnable as printed from anywhere.
+
+    ``state_dir`` is resolved, so the line names it whenever it is not the default of the
+    directory the user is in: a bare ``down`` would look in ``./.testbed`` and miss it.
+    """
+    command = f"captchatask testbed {verb}"
+    if state_dir == DEFAULT_STATE_DIR.resolve():
+        return command
+    return f"{command} --state-dir {shlex.quote(str(state_dir))}"
+
+
 def _claim_state_dir(state_dir: Path) -> None:
     """Make ``state_dir`` empty and ours, refusing to wipe a directory we did not create."""
     if state_dir.exists():
@@ -84,7 +96,7 @@ def _cmd_up(state_dir: Path, *, node: bool) -> int:
         if network is not None:
             network.destroy()
         raise
-    _stderr(f"logs in {plane.logs_dir}; stop with `captchatask testbed down`")
+    _stderr(f"logs in {plane.logs_dir}; stop with `{_command('down', state_dir)}`")
     sys.stdout.write(_exports(plane))
     return 0
 
@@ -124,7 +136,9 @@ def _cmd_down(state_dir: Path) -> int:
 def _cmd_env(state_dir: Path) -> int:
     plane = ControlPlane.attach(state_dir)
     if plane is None or not plane.is_running():
-        _stderr(f"no running test bed in {state_dir}; start one with `captchatask testbed up`")
+        _stderr(
+            f"no running test bed in {state_dir}; start one with `{_command('up', state_dir)}`"
+        )
         return 1
     sys.stdout.write(_exports(plane))
     return 0
