@@ -8,13 +8,19 @@ must also only tell people to run commands that exist.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import re
+import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 import yaml
@@ -210,3 +216,188 @@ def test_the_report_command_explains_itself_and_refuses_a_missing_file(
         report.main([str(tmp_path / "missing.json")])
     assert refused.value.code == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# --- What the pages tell people to run ----------------------------------------------------------
+#
+# House rule: every command the README, the docs or the chart's README shows runs as printed.
+# Commands that need a cluster are run by hand against the test bed; what can be checked here,
+# cheaply and for every page, is that each `captchatask ...` line parses with the real argparse,
+# each metric, label and grep pattern names a series the components export, and each PromQL
+# expression parses with promtool.
+
+#: Placeholders people replace (`<ns>`, `<letter>`), kept as the word inside.
+PLACEHOLDER = re.compile(r"<([A-Za-z][\w.-]*)>")
+#: Shell punctuation that ends one simple command.
+SHELL_OPERATORS = frozenset({"|", "||", "&", "&&", ";", "(", ")", "<(", "<", ">", ">>", "2>&1"})
+#: A metric named in prose or PromQL, with an optional `{...}` right after it.
+METRIC_MENTION = re.compile(r"\b(captchatask_[a-z0-9_]+)(\{[^}]*\})?")
+#: Python packages of this repository whose names look like metrics.
+MODULE_NAMES = frozenset({"captchatask_operator", "captchatask_sidecar", "captchatask_docs"})
+#: Shells people paste code blocks into (a console block's commands follow a `$ ` prompt).
+SHELL_BLOCKS = frozenset({"", "sh", "bash", "shell", "console"})
+
+
+def _doc_pages() -> list[Path]:
+    """The README, every source page of the site, and the chart's README."""
+    pages = [REPO / "README.md", REPO / "charts" / "captchatask" / "README.md"]
+    skip = {"_build", "_generated"}
+    pages += sorted(p for p in (REPO / "docs").rglob("*.md") if not skip & set(p.parts))
+    return pages
+
+
+def _snippets(text: str) -> tuple[list[str], list[str]]:
+    """(shell command lines of the code blocks, inline code spans) of one Markdown page."""
+    lines: list[str] = []
+    prose: list[str] = []
+    blocks: list[tuple[str, list[str]]] = []
+    for raw in text.splitlines():
+        fence = re.match(r"^\s*(```+|~~~+)\s*([\w{}-]*)", raw)
+        if fence and blocks and blocks[-1][0] != "closed":
+            blocks.append(("closed", []))
+        elif fence:
+            blocks.append((fence.group(2).lower(), []))
+        elif blocks and blocks[-1][0] != "closed":
+            blocks[-1][1].append(raw.strip())
+        else:
+            prose.append(raw)
+    for language, body in blocks:
+        if language not in SHELL_BLOCKS:
+            continue
+        prompted = any(line.startswith("$ ") for line in body)
+        pending = ""
+        for line in body:
+            if language == "console" and prompted and not pending:
+                if not line.startswith("$ "):
+                    continue  # output
+                line = line.removeprefix("$ ")  # noqa: PLW2901
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+                continue
+            lines.append(pending + line)
+            pending = ""
+    # An inline span may wrap onto the next line, never across a paragraph.
+    spans = re.findall(r"(?<!`)`([^`]+?)`(?!`)", "\n".join(prose))
+    return lines, [span.replace("\n", " ") for span in spans if "\n\n" not in span]
+
+
+def _simple_commands(line: str) -> list[list[str]]:
+    """The simple commands of one shell line, `$(...)` substitutions included."""
+    lexer = shlex.shlex(PLACEHOLDER.sub(r"\1", line), posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    try:
+        tokens = list(lexer)
+    except ValueError:
+        return []  # unbalanced quotes: prose that happens to be in backticks
+    commands: list[list[str]] = [[]]
+    for token in tokens:
+        if token.startswith("$(") and token.endswith(")"):
+            commands += _simple_commands(token[2:-1])
+        elif token in SHELL_OPERATORS:
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [words for words in commands if words]
+
+
+def _captchatask_words(words: list[str]) -> tuple[list[str], bool] | None:
+    """(argv after the program, kubectl plugin?) of a `captchatask` command, else None."""
+    while words and re.fullmatch(r"[A-Z_]+=\S*|sudo|eval|source|exec", words[0]):
+        words = words[1:]
+    if words[:1] == ["captchatask"]:
+        return words[1:], False
+    if words[:2] == ["kubectl", "captchatask"]:
+        return words[2:], True
+    return None
+
+
+class _Parsed(Exception):
+    """Raised where a command would start running: its command line parsed."""
+
+
+def _parse(argv: list[str], *, plugin: bool) -> None:
+    """Parse `argv` as `captchatask` (or `kubectl captchatask`) would, running nothing.
+
+    The user commands and the operator have parse functions that also apply their checks
+    across flags; the other commands are stopped right after their parser accepted the line.
+    Raises ``SystemExit`` (argparse's way) for a line the command refuses.
+    """
+    from captchatask import cli, cliopts, dlq, listing  # noqa: PLC0415
+    from captchatask_operator import settings  # noqa: PLC0415 - imports kopf
+
+    leading, rest = cliopts.hoist(argv)
+    name = rest[0] if rest else None
+    parsers: dict[str | None, Callable[[list[str]], object]] = {
+        "dlq": dlq.parse,
+        "tasks": listing.parse_tasks,
+        "providers": listing.parse_providers,
+    }
+    if not plugin and not leading:
+        parsers["operator"] = lambda words: settings.parse(words, {})
+    if name in parsers:
+        parsers[name]([*leading, *rest[1:]])
+        return
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        raise _Parsed
+
+    argparse.ArgumentParser.parse_args = parse_then_stop  # type: ignore[assignment,method-assign]
+    try:
+        cli.dispatch(argv, prog="captchatask", user_only=plugin)
+    except _Parsed:
+        return
+    finally:
+        argparse.ArgumentParser.parse_args = original  # type: ignore[method-assign]
+    raise SystemExit(2)  # dispatch returned without parsing: no command was named
+
+
+def _refusal(argv: list[str], *, plugin: bool, reference: bool) -> str | None:
+    """Why `argv` does not run as printed, or None when it parses.
+
+    An inline mention may name a command without its arguments (`captchatask dlq show`): it
+    is a reference when asking that command for `--help` works. An ellipsis after an option is
+    its value; anywhere else it stands for "more words".
+    """
+    words = [
+        "x" if word in ("...", "…") and index and argv[index - 1].startswith("-") else word
+        for index, word in enumerate(argv)
+    ]
+    words = [word for word in words if word not in ("...", "…")]
+    attempts = [words, [*words, "--help"]] if reference else [words]
+    errors = io.StringIO()
+    for attempt in attempts:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(errors):
+            try:
+                _parse(attempt, plugin=plugin)
+            except SystemExit as exit_:
+                if exit_.code in (0, None) and "--help" in attempt:
+                    return None
+                continue
+        return None
+    return errors.getvalue().strip().splitlines()[-1] if errors.getvalue() else "refused"
+
+
+def test_every_captchatask_command_the_pages_show_parses_with_the_real_cli() -> None:
+    checked = 0
+    failures = []
+    for page in _doc_pages():
+        lines, spans = _snippets(page.read_text(encoding="utf-8"))
+        for text, reference in [*((line, False) for line in lines), *((s, True) for s in spans)]:
+            # `captchatask <command> --help` holds for every command.
+            sources = (
+                [text.replace("<command>", v) for v in ALL_VERBS] if "<command>" in text else [text]
+            )
+            for source, words in ((s, w) for s in sources for w in _simple_commands(s)):
+                found = _captchatask_words(words)
+                if found is None:
+                    continue
+                argv, plugin = found
+                checked += 1
+                refusal = _refusal(argv, plugin=plugin, reference=reference)
+                if refusal is not None:
+                    failures.append(f"{page.relative_to(REPO)}: `{source}`: {refusal}")
+    assert checked >= 30
+    assert not failures, "\n".join(failures)

@@ -136,9 +136,7 @@ def _cmd_down(state_dir: Path) -> int:
 def _cmd_env(state_dir: Path) -> int:
     plane = ControlPlane.attach(state_dir)
     if plane is None or not plane.is_running():
-        _stderr(
-            f"no running test bed in {state_dir}; start one with `{_command('up', state_dir)}`"
-        )
+        _stderr(f"no running test bed in {state_dir}; start one with `{_command('up', state_dir)}`")
         return 1
     sys.stdout.write(_exports(plane))
     return 0
