@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import importlib.util
 import io
+import itertools
 import json
 import re
 import shlex
@@ -400,4 +401,126 @@ def test_every_captchatask_command_the_pages_show_parses_with_the_real_cli() -> 
                 if refusal is not None:
                     failures.append(f"{page.relative_to(REPO)}: `{source}`: {refusal}")
     assert checked >= 30
+    assert not failures, "\n".join(failures)
+
+
+#: Labels Prometheus adds to every series of a target.
+TARGET_LABELS = frozenset({"job", "instance"})
+#: The series each metric type exposes, by suffix, and the labels a suffix adds.
+SERIES_SUFFIXES = {
+    "counter": {"": (), "_total": (), "_created": ()},
+    "gauge": {"": ()},
+    "histogram": {"": (), "_bucket": ("le",), "_count": (), "_sum": (), "_created": ()},
+}
+
+
+def _exported_series() -> dict[str, frozenset[str]]:
+    """Every series name the operator and the receiver export, with its label names."""
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+    from prometheus_client.metrics import MetricWrapperBase  # noqa: PLC0415
+
+    from captchatask_operator import metrics as operator_metrics  # noqa: PLC0415
+    from captchatask_sidecar import metrics as sidecar_metrics  # noqa: PLC0415
+
+    series: dict[str, frozenset[str]] = {}
+    for module in (operator_metrics, sidecar_metrics):
+        bundle = module.Metrics(CollectorRegistry())
+        for metric in vars(bundle).values():
+            if not isinstance(metric, MetricWrapperBase):
+                continue
+            # Label names of a labelled metric are known before any child exists only here.
+            labels = frozenset(metric._labelnames)
+            for suffix, extra in SERIES_SUFFIXES[metric._type].items():
+                series[metric._name + suffix] = labels | set(extra)
+    return series
+
+
+def _mentions() -> list[tuple[str, str]]:
+    """(page, text) of every code line and inline span of the pages."""
+    found = []
+    for page in _doc_pages():
+        lines, spans = _snippets(page.read_text(encoding="utf-8"))
+        found += [(str(page.relative_to(REPO)), text) for text in [*lines, *spans]]
+    return found
+
+
+def _label_names(braces: str) -> set[str]:
+    """Label names of `{a="x", b=~"y"}` (a selector) or `{a,b}` (the docs' way to name them)."""
+    inner = braces.strip("{}")
+    if "=" in inner:
+        return set(re.findall(r"([A-Za-z_]\w*)\s*(?:=~|!~|!=|=)", inner))
+    return {word.strip() for word in inner.split(",") if word.strip()}
+
+
+def test_every_metric_and_label_the_pages_name_is_exported() -> None:
+    series = _exported_series()
+    assert "captchatask_pingbacks_total" in series
+    failures = []
+    checked = 0
+    for page, text in _mentions():
+        for name, braces in METRIC_MENTION.findall(text):
+            if name in MODULE_NAMES:
+                continue
+            checked += 1
+            if name not in series:
+                failures.append(f"{page}: `{text}`: no series {name}")
+            elif braces and not _label_names(braces) <= series[name] | TARGET_LABELS:
+                unknown = _label_names(braces) - series[name]
+                failures.append(f"{page}: `{text}`: {name} has no label {sorted(unknown)}")
+    assert checked >= 30
+    assert not failures, "\n".join(failures)
+
+
+def test_every_grep_over_a_metrics_endpoint_matches_an_exported_series() -> None:
+    names = list(_exported_series())
+    failures = []
+    for page, text in _mentions():
+        commands = _simple_commands(text)
+        for scrape, grep in itertools.pairwise(commands):
+            if not (scrape[0] == "curl" and any("/metrics" in w for w in scrape)):
+                continue
+            if grep[0] != "grep":
+                continue
+            pattern = next(w for w in grep[1:] if not w.startswith("-"))
+            failures += [
+                f"{page}: `{text}`: {alternative!r} matches no series"
+                for alternative in pattern.split("|")
+                if not any(re.search(alternative, name) for name in names)
+            ]
+    assert not failures, "\n".join(failures)
+
+
+def _promql(text: str) -> bool:
+    """A PromQL expression (a function or aggregation over one of our series), not a name."""
+    names = {name for name, _ in METRIC_MENTION.findall(text)} - MODULE_NAMES
+    return bool(names) and "(" in text and "$" not in text
+
+
+def test_every_promql_expression_the_pages_show_parses_and_groups_by_real_labels() -> None:
+    from captchatask import testbed  # noqa: PLC0415
+
+    promtool = testbed.find_tool("promtool")
+    if promtool is None:
+        pytest.fail(f"promtool is missing: build it with `{testbed.TEST_TOOLS_HINT}`")
+    series = _exported_series()
+    expressions = [(page, text) for page, text in _mentions() if _promql(text)]
+    assert len(expressions) >= 2
+    failures = []
+    for page, text in expressions:
+        result = subprocess.run(
+            [str(promtool), "--experimental", "promql", "format", text],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if result.returncode != 0:
+            failures.append(f"{page}: `{text}`: {result.stderr.strip()}")
+            continue
+        used = {name for name, _ in METRIC_MENTION.findall(text) if name in series}
+        labels = set().union(*(series[name] for name in used)) | TARGET_LABELS
+        for grouping in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", text):
+            unknown = _label_names(grouping) - labels
+            if unknown:
+                failures.append(f"{page}: `{text}`: groups by unknown labels {sorted(unknown)}")
     assert not failures, "\n".join(failures)
