@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -84,16 +83,21 @@ def test_up_up_env_kubectl_down_leaves_no_process_behind(state_dir: Path, tmp_pa
     assert env.returncode == 0, env.stderr
     assert env.stdout == first.stdout
 
-    # What a newcomer types right after `up`: the pinned kubectl, the exported kubeconfig, a
-    # fresh kubectl cache (HOME) and the `captcha` category served by discovery.
-    script = 'set -e; eval "$1"; kubectl get namespaces --output=name; kubectl get captcha -A'
+    # What a newcomer types right after `up` (or `eval "$(make -s cluster)"`, from a shell
+    # whose PATH has neither kubectl nor the virtualenv): the pinned kubectl, the exported
+    # kubeconfig, a fresh kubectl cache (HOME), the `captcha` category served by discovery, and
+    # the `captchatask` command the hints name.
+    script = (
+        'set -e; eval "$1"; kubectl get namespaces --output=name; kubectl get captcha -A; '
+        'captchatask testbed env --state-dir "$2" >/dev/null'
+    )
     shell = subprocess.run(
-        ["bash", "-c", script, "bash", env.stdout],
+        ["bash", "-c", script, "bash", env.stdout, str(state_dir)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "HOME": str(tmp_path)},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert shell.returncode == 0, shell.stderr
     assert "namespace/default" in shell.stdout.splitlines()

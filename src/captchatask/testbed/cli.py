@@ -12,6 +12,7 @@ import argparse
 import shlex
 import shutil
 import sys
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -32,10 +33,15 @@ def _stderr(message: str) -> None:
 
 
 def _exports(plane: ControlPlane) -> str:
-    """Shell lines that point ``kubectl`` at ``plane`` (for ``eval "$(...)"``)."""
+    """Shell lines that point ``kubectl`` at ``plane`` (for ``eval "$(...)"``).
+
+    PATH gets the pinned binaries and the directory of the ``captchatask`` command itself: the
+    hints name it, and after ``eval "$(make -s cluster)"`` no virtualenv is active.
+    """
+    path = f"{plane.toolchain.bin_dir}:{sysconfig.get_path('scripts')}"
     return (
         f"export KUBECONFIG={shlex.quote(str(plane.kubeconfig))}\n"
-        f'export PATH={shlex.quote(str(plane.toolchain.bin_dir))}:"$PATH"\n'
+        f'export PATH={shlex.quote(path)}:"$PATH"\n'
     )
 
 
