@@ -524,3 +524,50 @@ def test_every_promql_expression_the_pages_show_parses_and_groups_by_real_labels
             if unknown:
                 failures.append(f"{page}: `{text}`: groups by unknown labels {sorted(unknown)}")
     assert not failures, "\n".join(failures)
+
+
+def _printer_columns() -> dict[str, set[str]]:
+    """Every name `kubectl get` knows our kinds by, with the column headers it prints."""
+    columns: dict[str, set[str]] = {}
+    for crd in yaml.safe_load_all((REPO / "deploy" / "crds.yaml").read_text(encoding="utf-8")):
+        if not crd:
+            continue
+        names = crd["spec"]["names"]
+        headers = {"NAME", "AGE", "NAMESPACE"}
+        for version in crd["spec"]["versions"]:
+            for column in version.get("additionalPrinterColumns", []):
+                headers.add(column["name"].upper().replace(" ", "-"))
+        group = crd["spec"]["group"]
+        aliases = [names["plural"], names["singular"], names["kind"].lower(), *names["shortNames"]]
+        for alias in aliases:
+            columns[alias] = columns[f"{alias}.{group}"] = headers
+    return columns
+
+
+def test_every_column_the_pages_point_at_is_a_printer_column_of_that_kind() -> None:
+    """`kubectl get cprov` (IN-FLIGHT), `# READY True`: the header is one kubectl prints."""
+    columns = _printer_columns()
+    pointers = []
+    for page in _doc_pages():
+        text = page.read_text(encoding="utf-8")
+        # A code line with a comment, or an inline span followed by a parenthesis.
+        pointers += [
+            (page, get, note)
+            for get, note in re.findall(r"(kubectl [^`#\n]*)#([^\n]*)", text)
+            + re.findall(r"`(kubectl [^`]*)` \(([^)]*)\)", text)
+        ]
+    failures = []
+    checked = 0
+    for page, get, note in pointers:
+        words = get.split()
+        if "get" not in words or words.index("get") + 1 >= len(words):
+            continue
+        resource = words[words.index("get") + 1]
+        if resource not in columns:
+            continue
+        for header in re.findall(r"\b[A-Z][A-Z-]{2,}\b", note):
+            checked += 1
+            if header not in columns[resource]:
+                failures.append(f"{page.relative_to(REPO)}: `{get}` prints no {header} column")
+    assert checked >= 4
+    assert not failures, "\n".join(failures)
