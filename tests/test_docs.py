@@ -407,7 +407,7 @@ def test_every_captchatask_command_the_pages_show_parses_with_the_real_cli() -> 
 #: Labels Prometheus adds to every series of a target.
 TARGET_LABELS = frozenset({"job", "instance"})
 #: The series each metric type exposes, by suffix, and the labels a suffix adds.
-SERIES_SUFFIXES = {
+SERIES_SUFFIXES: dict[str, dict[str, tuple[str, ...]]] = {
     "counter": {"": (), "_total": (), "_created": ()},
     "gauge": {"": ()},
     "histogram": {"": (), "_bucket": ("le",), "_count": (), "_sum": (), "_created": ()},
@@ -430,7 +430,7 @@ def _exported_series() -> dict[str, frozenset[str]]:
                 continue
             # Label names of a labelled metric are known before any child exists only here.
             labels = frozenset(metric._labelnames)
-            for suffix, extra in SERIES_SUFFIXES[metric._type].items():
+            for suffix, extra in SERIES_SUFFIXES[str(metric._type)].items():
                 series[metric._name + suffix] = labels | set(extra)
     return series
 
