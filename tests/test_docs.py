@@ -571,3 +571,36 @@ def test_every_column_the_pages_point_at_is_a_printer_column_of_that_kind() -> N
                 failures.append(f"{page.relative_to(REPO)}: `{get}` prints no {header} column")
     assert checked >= 4
     assert not failures, "\n".join(failures)
+
+
+def _crd_field_paths() -> set[str]:
+    """Every `spec.…` and `status.…` path of our CRDs' schemas (list items under their list)."""
+    paths: set[str] = set()
+
+    def walk(schema: dict[str, Any], prefix: str) -> None:
+        paths.add(prefix)
+        for name, child in (schema.get("properties") or {}).items():
+            walk(child, f"{prefix}.{name}")
+        if "items" in schema:
+            walk(schema["items"], prefix)
+
+    for crd in yaml.safe_load_all((REPO / "deploy" / "crds.yaml").read_text(encoding="utf-8")):
+        for version in crd["spec"]["versions"] if crd else []:
+            properties = version["schema"]["openAPIV3Schema"]["properties"]
+            for top in ("spec", "status"):
+                if top in properties:
+                    walk(properties[top], top)
+    return paths
+
+
+def test_every_field_path_the_pages_name_is_in_a_crd() -> None:
+    fields = _crd_field_paths()
+    named = re.compile(r"\b((?:spec|status)\.[a-zA-Z][a-zA-Z0-9.]*[a-zA-Z0-9])")
+    failures = [
+        f"{page.relative_to(REPO)}: {path}"
+        for page in _doc_pages()
+        for path in named.findall(page.read_text(encoding="utf-8"))
+        if path not in fields
+    ]
+    assert len(fields) > 50
+    assert not failures, "\n".join(failures)
