@@ -604,3 +604,36 @@ def test_every_field_path_the_pages_name_is_in_a_crd() -> None:
     ]
     assert len(fields) > 50
     assert not failures, "\n".join(failures)
+
+
+def _is_chart_value(path: str, schema: dict[str, Any]) -> bool:
+    """Whether `a.b[0].c` is a value `values.schema.json` knows (any key of a free-form map)."""
+    node: dict[str, Any] = schema
+    for part in path.split("."):
+        if "properties" not in node and isinstance(node.get("additionalProperties"), dict):
+            return True  # a map such as `labels`: every key is a value
+        node = node.get("items", node) if part.endswith("]") else node
+        found = (node.get("properties") or {}).get(re.sub(r"\[\d+\]$", "", part))
+        if found is None:
+            return False
+        node = found.get("items", found) if part.endswith("]") else found
+    return True
+
+
+def test_every_chart_value_the_pages_name_is_in_the_values_schema() -> None:
+    """`--set operator.ha.enabled=true`, `receiver.spool.maxBytes`: values the chart takes."""
+    chart = REPO / "charts" / "captchatask"
+    schema = json.loads((chart / "values.schema.json").read_text(encoding="utf-8"))
+    tops = set(schema["properties"])
+    named = re.compile(r"(?:`|--set(?:-string)? '?)([a-z]\w*(?:\[\d+\])?(?:\.\w+(?:\[\d+\])?)+)")
+    failures = []
+    checked = 0
+    for page in _doc_pages():
+        for path in named.findall(page.read_text(encoding="utf-8")):
+            if path.split(".")[0].split("[")[0] not in tops or re.search(r"\.(ya?ml|json)$", path):
+                continue
+            checked += 1
+            if not _is_chart_value(path, schema):
+                failures.append(f"{page.relative_to(REPO)}: {path}")
+    assert checked >= 40
+    assert not failures, "\n".join(failures)
