@@ -224,8 +224,9 @@ def test_the_report_command_explains_itself_and_refuses_a_missing_file(
 # House rule: every command the README, the docs or the chart's README shows runs as printed.
 # Commands that need a cluster are run by hand against the test bed; what can be checked here,
 # cheaply and for every page, is that each `captchatask ...` line parses with the real argparse,
-# each metric, label and grep pattern names a series the components export, and each PromQL
-# expression parses with promtool.
+# each metric, label and grep pattern names a series the components export, each PromQL
+# expression parses with promtool, and each kubectl column, CRD field and chart value a page
+# names exists.
 
 #: Placeholders people replace (`<ns>`, `<letter>`), kept as the word inside.
 PLACEHOLDER = re.compile(r"<([A-Za-z][\w.-]*)>")
