@@ -43,7 +43,12 @@ def _parser(prog: str, *, user_only: bool) -> argparse.ArgumentParser:
             if user_only
             else "Durable CAPTCHA-solver results on Kubernetes: operator, sidecar and tools."
         ),
-        epilog="kubectl's -n, -A, --context, --kubeconfig and -o work before or after any verb.",
+        epilog=(
+            "kubectl's -n, -A, --context, --kubeconfig and -o work before or after any verb."
+            if user_only
+            else "kubectl's -n, -A, --context, --kubeconfig and -o work before or after the verb "
+            f"of {', '.join(USER_COMMANDS)}."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")

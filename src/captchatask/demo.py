@@ -24,7 +24,9 @@ import contextlib
 import json
 import math
 import random
+import shlex
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.request
@@ -458,12 +460,19 @@ class Demo:
         return len(lost)
 
     def look_around(self) -> None:
-        """Tell the user how to poke at the running system."""
+        """Tell the user how to poke at the running system.
+
+        The lines are pasted into a new shell, which has neither the pinned kubectl nor (with
+        ``make demo``, whose virtualenv nobody activated) the ``captchatask`` command on its
+        PATH: the export line brings both.
+        """
         env = self.stack.env()
+        tools = env["PATH"].split(":", 1)[0]
+        scripts = sysconfig.get_path("scripts")  # where `captchatask` itself is installed
         self.out.write(
             "\n== look around while it is up\n"
-            f"  export KUBECONFIG={env['KUBECONFIG']}\n"
-            f"  export PATH={env['PATH'].split(':', 1)[0]}:$PATH\n"
+            f"  export KUBECONFIG={shlex.quote(env['KUBECONFIG'])}\n"
+            f'  export PATH={shlex.quote(f"{tools}:{scripts}")}:"$PATH"\n'
             f"  kubectl get captcha -n {NAMESPACE}\n"
             f"  kubectl get ctask -n {NAMESPACE} -o wide\n"
             f"  captchatask dlq list -n {NAMESPACE}\n"

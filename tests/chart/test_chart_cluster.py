@@ -571,3 +571,44 @@ def test_api_priority_objects_are_accepted_and_match_the_components_requests(
         None,
         ours[0],
     )
+
+
+@pytest.mark.usefixtures("support_crds")
+def test_the_next_steps_notes_print_after_a_default_install_run_as_printed(
+    control_plane: testbed.ControlPlane, helm_binary: Path, chart_dir: Path, repo_root: Path
+) -> None:
+    """A default install's NOTES say how to add the solver account: run those lines as printed.
+
+    From the checkout, where every install command of the docs runs: the ``helm upgrade`` line
+    must name a chart this user has (no chart repository is ever added), and afterwards the
+    provider it promises exists.
+    """
+    import shlex  # noqa: PLC0415 - only this test runs NOTES lines
+    import subprocess  # noqa: PLC0415
+
+    suffix = secrets.token_hex(3)
+    name, namespace = f"ctnotes{suffix}", f"ct-notes-{suffix}"
+    install = [str(helm_binary), "install", name, str(chart_dir), "-n", namespace]
+    notes = _helm([*install, "--create-namespace"], control_plane)
+    try:
+        step = notes.split("1. Store your solver API key", 1)[1].split("2. ", 1)[0]
+        lines = [line.strip() for line in step.splitlines()[1:] if line.strip()]
+        assert [line.split()[:2] for line in lines] == [["kubectl", "-n"], ["helm", "upgrade"]]
+        tools = {"kubectl": str(control_plane.toolchain.kubectl), "helm": str(helm_binary)}
+        for line in lines:
+            argv = shlex.split(line)
+            result = subprocess.run(
+                [tools[argv[0]], *argv[1:]],
+                capture_output=True,
+                text=True,
+                env=control_plane.env(),
+                cwd=repo_root,
+                timeout=120,
+                check=False,
+            )
+            assert result.returncode == 0, f"{line}:\n{result.stderr}"
+        provider = control_plane.kubectl("-n", namespace, "get", "captchaprovider", "-o", "name")
+        assert provider.stdout.split() == ["captchaprovider.captchatask.dev/default"]
+    finally:
+        _helm([str(helm_binary), "uninstall", name, "-n", namespace], control_plane)
+        control_plane.kubectl("delete", "namespace", namespace, "--wait=false", check=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from captchatask import cliopts, completion, dlq, listing
+from captchatask.commands import SUBCOMMANDS, USER_COMMANDS
 
 Parse = Callable[[list[str]], argparse.Namespace]
 
@@ -130,6 +132,19 @@ def test_the_full_command_still_carries_the_components_and_refuses_kubectl_flags
     refused = _run_cli("-n", "x", "operator")
     assert refused.returncode == 2
     assert "kubectl flags apply to dlq, tasks, providers" in refused.stderr
+
+
+@pytest.mark.parametrize("entry", ["captchatask", "kubectl-captchatask"])
+def test_the_help_names_exactly_the_commands_that_take_kubectl_flags(entry: str) -> None:
+    """What `--help` says about kubectl's flags holds for every command it offers."""
+    helped = _run_cli("--help", entry=entry)
+    epilog = " ".join(helped.stdout.split("\n\n")[-1].split())
+    assert epilog.startswith("kubectl's -n, -A, --context, --kubeconfig and -o work")
+    offered = {*USER_COMMANDS} | ({*SUBCOMMANDS} if entry == "captchatask" else set())
+    for name in sorted(offered):
+        promised = "any verb" in epilog or re.search(rf"\b{name}\b", epilog) is not None
+        result = _run_cli("-n", "x", name, "--help", entry=entry)
+        assert (result.returncode == 0) == promised, (name, epilog, result.stderr)
 
 
 def test_a_missing_kubeconfig_is_one_line_on_stderr_and_status_one(tmp_path: Path) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -34,6 +35,20 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+def _printed_command(stderr: str) -> list[str]:
+    """The `captchatask testbed ...` command a hint tells the user to run, as argv."""
+    match = re.search(r"`(captchatask testbed [^`]+)`", stderr)
+    assert match, stderr
+    argv = shlex.split(match.group(1))
+    return [str(Path(sys.executable).with_name("captchatask")), *argv[1:]]
+
+
+def _run_as_printed(argv: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run a printed command from another directory, as a user in a new shell would."""
+    cwd.mkdir(exist_ok=True)
+    return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False, cwd=cwd)
 
 
 def _recorded_pids(state_dir: Path) -> dict[str, int]:
@@ -68,22 +83,28 @@ def test_up_up_env_kubectl_down_leaves_no_process_behind(state_dir: Path, tmp_pa
     assert env.returncode == 0, env.stderr
     assert env.stdout == first.stdout
 
-    # What a newcomer types right after `up`: the pinned kubectl, the exported kubeconfig, a
-    # fresh kubectl cache (HOME) and the `captcha` category served by discovery.
-    script = 'set -e; eval "$1"; kubectl get namespaces --output=name; kubectl get captcha -A'
+    # What a newcomer types right after `up` (or `eval "$(make -s cluster)"`, from a shell
+    # whose PATH has neither kubectl nor the virtualenv): the pinned kubectl, the exported
+    # kubeconfig, a fresh kubectl cache (HOME), the `captcha` category served by discovery, and
+    # the `captchatask` command the hints name.
+    script = (
+        'set -e; eval "$1"; kubectl get namespaces --output=name; kubectl get captcha -A; '
+        'captchatask testbed env --state-dir "$2" >/dev/null'
+    )
     shell = subprocess.run(
-        ["bash", "-c", script, "bash", env.stdout],
+        ["bash", "-c", script, "bash", env.stdout, str(state_dir)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "HOME": str(tmp_path)},
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
     assert shell.returncode == 0, shell.stderr
     assert "namespace/default" in shell.stdout.splitlines()
     assert "No resources found" in shell.stderr
 
-    down = _cli("down", *where)
+    # The hint `up` printed stops this test bed as printed, from any directory.
+    down = _run_as_printed(_printed_command(first.stderr), tmp_path / "elsewhere")
     assert down.returncode == 0, down.stderr
     deadline = time.monotonic() + REAP_SECONDS
     while any(_alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
@@ -94,7 +115,9 @@ def test_up_up_env_kubectl_down_leaves_no_process_behind(state_dir: Path, tmp_pa
     after = _cli("env", *where)
     assert after.returncode == 1
     assert "no running test bed" in after.stderr
-    assert "captchatask testbed up" in after.stderr
+    hint = _printed_command(after.stderr)
+    assert hint[1:3] == ["testbed", "up"]
+    assert Path(hint[hint.index("--state-dir") + 1]) == state_dir
 
 
 def test_down_without_a_test_bed_is_a_no_op(tmp_path: Path) -> None:

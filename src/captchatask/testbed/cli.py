@@ -12,6 +12,7 @@ import argparse
 import shlex
 import shutil
 import sys
+import sysconfig
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -32,11 +33,28 @@ def _stderr(message: str) -> None:
 
 
 def _exports(plane: ControlPlane) -> str:
-    """Shell lines that point ``kubectl`` at ``plane`` (for ``eval "$(...)"``)."""
+    """Shell lines that point ``kubectl`` at ``plane`` (for ``eval "$(...)"``).
+
+    PATH gets the pinned binaries and the directory of the ``captchatask`` command itself: the
+    hints name it, and after ``eval "$(make -s cluster)"`` no virtualenv is active.
+    """
+    path = f"{plane.toolchain.bin_dir}:{sysconfig.get_path('scripts')}"
     return (
         f"export KUBECONFIG={shlex.quote(str(plane.kubeconfig))}\n"
-        f'export PATH={shlex.quote(str(plane.toolchain.bin_dir))}:"$PATH"\n'
+        f'export PATH={shlex.quote(path)}:"$PATH"\n'
     )
+
+
+def _command(verb: str, state_dir: Path) -> str:
+    """The ``captchatask testbed VERB`` line a hint prints, runnable as printed from anywhere.
+
+    ``state_dir`` is resolved, so the line names it whenever it is not the default of the
+    directory the user is in: a bare ``down`` would look in ``./.testbed`` and miss it.
+    """
+    command = f"captchatask testbed {verb}"
+    if state_dir == DEFAULT_STATE_DIR.resolve():
+        return command
+    return f"{command} --state-dir {shlex.quote(str(state_dir))}"
 
 
 def _claim_state_dir(state_dir: Path) -> None:
@@ -84,7 +102,7 @@ def _cmd_up(state_dir: Path, *, node: bool) -> int:
         if network is not None:
             network.destroy()
         raise
-    _stderr(f"logs in {plane.logs_dir}; stop with `captchatask testbed down`")
+    _stderr(f"logs in {plane.logs_dir}; stop with `{_command('down', state_dir)}`")
     sys.stdout.write(_exports(plane))
     return 0
 
@@ -124,7 +142,7 @@ def _cmd_down(state_dir: Path) -> int:
 def _cmd_env(state_dir: Path) -> int:
     plane = ControlPlane.attach(state_dir)
     if plane is None or not plane.is_running():
-        _stderr(f"no running test bed in {state_dir}; start one with `captchatask testbed up`")
+        _stderr(f"no running test bed in {state_dir}; start one with `{_command('up', state_dir)}`")
         return 1
     sys.stdout.write(_exports(plane))
     return 0
