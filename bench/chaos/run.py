@@ -328,7 +328,9 @@ class ChaosRun:
             await self._kill_restart("operator", self.operator, self.timeline.operator_kills, http)
         elif event.kind is FaultKind.RES_502_BURST:
             await asyncio.to_thread(
-                self.stack.emulator, "faults/res-502-burst", {"seconds": event.amount}
+                self.stack.emulator,
+                "faults/res-502-burst",
+                {"seconds": event.amount, "start": "next-request"},
             )
         elif event.kind is FaultKind.PLANT_DEAD_LETTER:
             await self._plant(event.amount, http, signer)

@@ -415,6 +415,40 @@ async def test_a_502_outage_lasts_its_seconds_whatever_the_number_of_requests(
         assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 200
 
 
+async def test_an_outage_armed_for_the_next_request_starts_when_a_request_meets_it(
+    session: aiohttp.ClientSession,
+) -> None:
+    """``{"seconds": S, "start": "next-request"}``: the outage begins at the next ``res.php``.
+
+    An outage no request meets is indistinguishable from none: the chaos plan's timed outages,
+    drawn at random moments, sometimes fell in a quiet spell of polling (a loaded machine moves
+    the polls) and the run exercised no 502 at all. Armed this way, the first request that comes
+    starts it, so every planned outage is met for its full length.
+    """
+    clock = ManualClock()
+    admin = "/_emulator/faults/res-502-burst"
+    async with run_emulator(FAST, clock=clock) as emulator:
+        balance = {"key": KEY, "action": "getbalance"}
+        body = {"seconds": 3, "start": "next-request"}
+        async with session.post(f"{emulator.base_url}{admin}", json=body) as r:
+            assert r.status == 200
+            assert (await r.json())["res_502_outage_armed_seconds"] == 3
+        clock.advance(60)  # nobody polled meanwhile: the outage has not begun
+        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 502
+        clock.advance(2.9)
+        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 502
+        clock.advance(0.2)
+        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 200
+        summary = emulator.summary()
+        assert summary["totals"]["html_502_injected"] == 2
+        assert summary["res_502_outage_armed_seconds"] == 0
+        for bad in ({"seconds": 3, "start": "later"}, {"seconds": 3, "start": 1}):
+            async with session.post(f"{emulator.base_url}{admin}", json=bad) as r:
+                assert r.status == 400, bad
+                assert "start" in await r.text()
+        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 200
+
+
 async def test_same_seed_same_ids_tokens_and_timings(session: aiohttp.ClientSession) -> None:
     async def run_once() -> list[tuple[str, str | None, float]]:
         async with run_emulator(EmulatorConfig(seed=42, solve_time_scale=0.0001)) as emulator:

@@ -185,6 +185,8 @@ class EmulatorState:
         self.res_502_burst = 0
         #: Until when (state clock) every ``res.php`` gets an HTML 502: a timed outage.
         self.res_502_until = 0.0
+        #: An outage's length, to begin at the next ``res.php`` request (0: none armed).
+        self.res_502_armed = 0.0
         self.in_reply_lost: deque[str] = deque()
         self.pingback_addrs: list[str] = []
         self._in_times: deque[float] = deque()
@@ -240,6 +242,7 @@ class EmulatorState:
         self.balance = self.config.balance
         self.res_502_burst = 0
         self.res_502_until = 0.0
+        self.res_502_armed = 0.0
         self.in_reply_lost.clear()
         self._in_times.clear()
         self._res_times.clear()
@@ -319,6 +322,9 @@ class EmulatorState:
 
     def take_res_502(self) -> bool:
         """Whether this ``res.php`` request gets an HTML 502 (outage, explicit burst or rate)."""
+        if self.res_502_armed:
+            self.res_502_outage(self.res_502_armed)
+            self.res_502_armed = 0.0
         if self.now() < self.res_502_until:
             return True
         if self.res_502_burst > 0:
@@ -338,9 +344,28 @@ class EmulatorState:
             raise ValueError("seconds must be a finite number >= 0")
         self.res_502_until = max(self.res_502_until, self.now() + seconds)
 
+    def arm_res_502_outage(self, seconds: float) -> None:
+        """Begin an outage of ``seconds`` at the next ``res.php`` request, not now.
+
+        An outage no request meets is indistinguishable from none, so a fault plan that must
+        exercise the client's handling of one arms it: the first poll that comes starts it and
+        every poll for the next ``seconds`` meets it. Arming again keeps the longer length.
+        """
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError("seconds must be a finite number >= 0")
+        self.res_502_armed = max(self.res_502_armed, seconds)
+
     def res_502_outage_left(self) -> float:
         """Seconds the current ``res.php`` outage still lasts (0 when there is none)."""
         return max(0.0, self.res_502_until - self.now())
+
+    def res_502_faults(self) -> dict[str, float | int]:
+        """What the ``res.php`` 502 faults still hold (the summary and the admin answer)."""
+        return {
+            "res_502_burst_remaining": self.res_502_burst,
+            "res_502_outage_seconds_left": round(self.res_502_outage_left(), 3),
+            "res_502_outage_armed_seconds": self.res_502_armed,
+        }
 
     def lose_in_replies(self, count: int, *, mode: str) -> None:
         """Lose the replies of the next ``count`` ``in.php`` requests that create a task.
@@ -519,8 +544,7 @@ class EmulatorState:
             "working_threads": self.working_threads,
             "queued": len(self._queue),
             "balance": round(self.balance, 6),
-            "res_502_burst_remaining": self.res_502_burst,
-            "res_502_outage_seconds_left": round(self.res_502_outage_left(), 3),
+            **self.res_502_faults(),
             "in_reply_lost_remaining": len(self.in_reply_lost),
             "faults": self.faults.as_json(),
         }
