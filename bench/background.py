@@ -36,8 +36,6 @@ from captchatask import kube
 
 #: The one node's name (its Lease in ``kube-node-lease`` carries it).
 NODE: Final = "bench-node"
-#: How often the writer's thread looks for :meth:`Background.stop` between two renewals.
-POLL_SECONDS: Final = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +151,7 @@ class Background:
                     json=_new_lease(renewer, now),
                     headers=headers,
                 ) as reply:
-                    if reply.status == 201:  # noqa: PLR2004 - Created
+                    if reply.status == 201:
                         leases[index] = await reply.json()
                         self.renewals += 1
                         return
@@ -165,7 +163,7 @@ class Background:
                 json=renewed(leases[index], renewer, now),
                 headers=headers,
             ) as reply:
-                if reply.status == 200:  # noqa: PLR2004 - OK
+                if reply.status == 200:
                     leases[index] = await reply.json()
                     self.renewals += 1
                     return
@@ -180,9 +178,9 @@ class Background:
         horizon = 3600.0
         async with aiohttp.ClientSession(connector=kube.connector(self.config)) as session:
             for offset, index in schedule(self.renewers, horizon):
-                while not self._stop.is_set() and time.monotonic() < self._started + offset:
-                    await asyncio.sleep(min(POLL_SECONDS, self._started + offset - time.monotonic()))
-                if self._stop.is_set():
+                delay = max(0.0, self._started + offset - time.monotonic())
+                # The stop event is a thread's: wait for it (or the renewal's time) off the loop.
+                if await asyncio.to_thread(self._stop.wait, delay):
                     return
                 await self._write(session, index, leases)
 
@@ -209,5 +207,7 @@ class Background:
             "writes_per_second": round(
                 sum(1 / renewer.period_seconds for renewer in self.renewers), 2
             ),
-            "leases": [f"{r.namespace}/{r.lease} every {r.period_seconds:g} s" for r in self.renewers],
+            "leases": [
+                f"{r.namespace}/{r.lease} every {r.period_seconds:g} s" for r in self.renewers
+            ],
         }

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import itertools
 from pathlib import Path
 from types import ModuleType
 
@@ -36,7 +37,7 @@ def test_a_one_node_cluster_renews_two_leader_leases_every_2s_and_its_node_lease
     }
     for renewer in background.CLUSTER:
         times = by_component[renewer.component]
-        gaps = {round(b - a, 6) for a, b in zip(times, times[1:], strict=False)}
+        gaps = {round(b - a, 6) for a, b in itertools.pairwise(times)}
         assert gaps == {renewer.period_seconds}
     namespaces = {(r.component, r.namespace) for r in background.CLUSTER}
     assert ("kubelet", "kube-node-lease") in namespaces
