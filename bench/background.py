@@ -196,6 +196,18 @@ class Background:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def wait_first_round(self, timeout: float = 30.0) -> bool:
+        """Wait until each renewer has written once (created its Lease); ``False`` on timeout.
+
+        Every first renewal is due within the shortest period (:func:`schedule`).
+        """
+        deadline = time.monotonic() + timeout
+        while self.renewals + self.errors < len(self.renewers):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
     def stop(self) -> dict[str, Any]:
         """Stop renewing; what was written."""
         self._stop.set()

@@ -209,7 +209,8 @@ CLUSTER_PLANES: Final = {
         ClusterPlane("cluster_one_core", unpinned=False, storms=("chart_apf_paced",)),
         ClusterPlane("cluster", unpinned=True, storms=("chart_apf", "chart_apf_paced")),
     ),
-    "small": (ClusterPlane("cluster", unpinned=True, storms=("chart_apf_paced",)),),
+    # The smallest form: one storm without a pace (a paced one drains for many seconds).
+    "small": (ClusterPlane("cluster", unpinned=True, storms=("chart_apf",)),),
 }
 
 
@@ -584,7 +585,7 @@ def _cluster_plane(
     writer.start()
     try:
         out["pinned"] = _place(stack, plane_pinned=not plane.unpinned)
-        time.sleep(background.CLUSTER[-1].period_seconds)  # every Lease exists and is renewed
+        writer.wait_first_round()  # every Lease exists before the baseline is measured
         say(f"fairness: cluster-like plane {plane.key}: {out['layout']}; Lease renewals")
         flows = _flowcontrol(stack)
         buckets = _list_pods_buckets(stack)
