@@ -327,12 +327,12 @@ def verdicts(measured: dict[str, Any]) -> list[Verdict]:
         out += _fairness_verdicts(fair["idle"], fair, storms, baseline="idle")
     for cluster in (fair or {}).get("cluster_like", []):
         where = "every core" if cluster.get("unpinned_plane") else "one core"
-        storms = tuple(
+        labelled = [
             (key, f"{_STORM_NAMES.get(key, key)}; cluster-like, plane on {where}")
             for key in cluster.get("storms", {})
-        )
+        ]
         out += _fairness_verdicts(
-            cluster["idle"], cluster["storms"], storms, baseline="cluster-like idle"
+            cluster["idle"], cluster["storms"], labelled, baseline="cluster-like idle"
         )
     up = measured.get("startup")
     if up:
