@@ -107,10 +107,13 @@ def _listing(listing: dict[str, Any], *, cached: bool) -> dict[str, Any]:
 QUIESCENT_BASELINE: Final = "quiescent idle"
 
 
-def _cluster_title(plane: dict[str, Any]) -> str:
-    """A cluster-like plane's name in the table: what it adds to the quiescent one."""
-    where = "plane on every core" if plane.get("unpinned_plane") else "plane on one core"
-    return f"cluster-like idle (Lease renewals, {where})"
+def _cluster_names(plane: dict[str, Any]) -> tuple[str, str]:
+    """A cluster-like plane's name in the rows, and its idle baseline's name."""
+    where = "every core" if plane.get("unpinned_plane") else "one core"
+    return (
+        f"cluster-like (Lease renewals, plane on {where})",
+        f"cluster-like idle (plane on {where})",
+    )
 
 
 def _idle_row(label: str, idle: dict[str, Any]) -> list[str]:
@@ -185,12 +188,12 @@ def fairness_table(results: dict[str, Any]) -> str:
         if run:
             rows.append(_storm_row(label, run, idle, QUIESCENT_BASELINE, plane))
     for cluster in fair.get("cluster_like", []):
-        title = _cluster_title(cluster)
-        rows.append(_idle_row(f"idle, {title.removesuffix(' idle')}", cluster["idle"]))
-        rows[-1].insert(1, title + " (this row)")
+        name, baseline = _cluster_names(cluster)
+        rows.append(_idle_row(f"idle, {name}", cluster["idle"]))
+        rows[-1].insert(1, baseline + " (this row)")
         for key, run in cluster.get("storms", {}).items():
-            label = f"{STORM_LABELS.get(key, key)}; {title.removesuffix(' idle')}"
-            rows.append(_storm_row(label, run, cluster["idle"], title, plane))
+            label = f"{STORM_LABELS.get(key, key)}; {name}"
+            rows.append(_storm_row(label, run, cluster["idle"], baseline, plane))
     header = [
         "unrelated client (`list pods`, 20 pods)",
         "ratios against",
