@@ -131,16 +131,21 @@ def _idle_row(label: str, idle: dict[str, Any]) -> list[str]:
 
 
 def _storm_row(
-    label: str, run: dict[str, Any], idle: dict[str, Any], baseline: str, plane: str
+    label: str, run: dict[str, Any], idle: dict[str, Any], baseline: str, plane: str | None
 ) -> list[str]:
-    """One storm, its ratios against ``idle`` (whose name, ``baseline``, is in the row)."""
+    """One storm, its ratios against ``idle`` (whose name, ``baseline``, is in the row).
+
+    ``plane``: the plane's core (``core_0``), or ``None`` for a plane on every core, whose row
+    shows each core's busy share.
+    """
     waits = "; ".join(
         f"{level} {_n(item['mean_wait_ms'])} ms ({_n(item['nominal_seats'], 0)} seats)"
         for level, item in sorted(run["priority_levels"].items())
     )
     ledger = run.get("ledger", {}).get("per_second")
     server = run["list_pods"].get("server_p99_ms_at_most")
-    busy = run.get("cpu_busy", {}).get(plane)
+    shares = run.get("cpu_busy", {})
+    busy = shares.get(plane) if plane else None
     cached = run["list_pods"].get("cached", {}).get("p99_ms")
     idle_cached = idle.get("cached", {}).get("p99_ms")
     return [
@@ -153,7 +158,13 @@ def _storm_row(
         f"{run['list_pods']['p99_ms'] / idle['p99_ms']:.1f}x",
         "-" if cached is None or not idle_cached else f"{cached / idle_cached:.1f}x",
         "-" if server is None else f"≤ {_n(server, 0)} ms",
-        "-" if busy is None else f"{busy:.0%}",
+        (
+            " / ".join(f"{share:.0%}" for _, share in sorted(shares.items())) or "-"
+            if plane is None
+            else "-"
+            if busy is None
+            else f"{busy:.0%}"
+        ),
         f"{_n(run['pingbacks']['p99_ms'], 1)} ms, {run['pingbacks']['errors']} errors",
         "-" if ledger is None else f"{ledger:,.0f}/s",
         waits,
@@ -193,7 +204,8 @@ def fairness_table(results: dict[str, Any]) -> str:
         rows[-1].insert(1, baseline + " (this row)")
         for key, run in cluster.get("storms", {}).items():
             label = f"{STORM_LABELS.get(key, key)}; {name}"
-            rows.append(_storm_row(label, run, cluster["idle"], baseline, plane))
+            core = None if cluster.get("unpinned_plane") else plane
+            rows.append(_storm_row(label, run, cluster["idle"], baseline, core))
     header = [
         "unrelated client (`list pods`, 20 pods)",
         "ratios against",
@@ -204,7 +216,7 @@ def fairness_table(results: dict[str, Any]) -> str:
         "p99 / idle",
         "cached list (`resourceVersion=0`) p99 / idle",
         "API server's own p99",
-        "plane core busy",
+        "plane core busy (on every core: each core)",
         "pingback p99",
         "ledger rate",
         "mean APF queue wait per level",

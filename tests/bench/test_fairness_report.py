@@ -120,3 +120,11 @@ def test_the_verdicts_judge_each_storm_against_its_own_baseline(footprint: Modul
     assert consistent[1] is True, consistent[0]
     assert "1.5x" in consistent[0]
     assert cached[1] is False, cached[0]
+
+
+def test_a_plane_on_every_core_shows_every_core_busy(footprint: ModuleType) -> None:
+    rows = _rows(footprint.fairness_table(_with_cluster()))
+    (storm,) = [row for row in rows if "cluster-like" in row and "storm" in row]
+    assert "50% / 40%" in storm, "the plane used both cores: one core's share says too little"
+    (quiescent,) = [row for row in rows if "Kubernetes' default" in row]
+    assert "| 50% |" in quiescent
