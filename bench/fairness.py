@@ -559,6 +559,11 @@ def _storm(
     return idle_before, result
 
 
+def _task_prefix(key: str, index: int) -> str:
+    """The names of a plane's storm's tasks: a DNS subdomain (no ``_``), one per storm."""
+    return f"{key.replace('_', '-')}-{index}"
+
+
 def _cluster_plane(
     stack: _Stack,
     reader: _Reader,
@@ -597,10 +602,10 @@ def _cluster_plane(
             f"p99 {out['idle']['p99_ms']} ms, cached p99 {out['idle']['cached']['p99_ms']} ms"
         )
         out["idle_before"], out["storms"] = {}, {}
-        for label in plane.storms:
+        for index, label in enumerate(plane.storms):
             out["idle_before"][label], out["storms"][label] = _storm(
                 stack, reader, signer, variants[label], setting,
-                prefix=plane.key, plane_pinned=not plane.unpinned,
+                prefix=_task_prefix(plane.key, index), plane_pinned=not plane.unpinned,
             )  # fmt: skip
     finally:
         out["background"] = writer.stop()
