@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -128,3 +129,24 @@ def test_a_plane_on_every_core_shows_every_core_busy(footprint: ModuleType) -> N
     assert "50% / 40%" in storm, "the plane used both cores: one core's share says too little"
     (quiescent,) = [row for row in rows if "Kubernetes' default" in row]
     assert "| 50% |" in quiescent
+
+
+def test_every_cluster_like_storm_names_its_tasks_apart_and_validly(
+    repo_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(repo_root))
+    fairness = importlib.import_module("bench.fairness")
+    prefixes = [
+        fairness._task_prefix(plane.key, index)
+        for planes in fairness.CLUSTER_PLANES.values()
+        for plane in planes
+        for index, _ in enumerate(plane.storms)
+    ]
+    full = [
+        fairness._task_prefix(plane.key, index)
+        for plane in fairness.CLUSTER_PLANES["full"]
+        for index, _ in enumerate(plane.storms)
+    ]
+    assert len(set(full)) == len(full), "two storms' tasks must not share names"
+    subdomain = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+    assert all(subdomain.fullmatch(f"{prefix}-00000") for prefix in prefixes), prefixes
