@@ -20,7 +20,13 @@ what that buys on the real kube-apiserver of the test bed, where APF is on by de
 
 4. in the full profile, the same storm again for a few other seat counts of the components'
    level (the chart rendered with other ``apiPriority`` values, borrowing off): what the chart's
-   defaults were chosen from — the client's latency against the ledger rate our components keep.
+   defaults were chosen from — the client's latency against the ledger rate our components keep;
+5. then the same storms on cluster-like planes (:data:`CLUSTER_PLANES`): the quiescent idle
+   figure is an API server nothing writes to, which no cluster is, so :mod:`bench.background`
+   renews Leases as a one-node cluster's components do at idle, with the plane on its core or on
+   both; each plane measures its own idle baseline first and its storms' ratios are against it
+   (the quiescent rows and their baseline stay as they are). The small profile runs one storm
+   of each kind: it only checks that the phase works.
 
 Between two storms the receiver drains its spool (the results it acknowledged but could not
 write in time) and the API server goes quiet again; the ledger rate of a storm counts the results
@@ -614,7 +620,8 @@ def _cluster_plane(
 
 
 def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
-    """The APF side-by-side rows (and, in the full profile, the seat-count sweep)."""
+    """The APF side-by-side rows (in the full profile, the seat-count sweep), then the
+    cluster-like planes' rows."""
     probe_count, storm_seconds, idle_samples = SIZES.get(profile.name, SIZES["small"])
     workdir.mkdir(parents=True, exist_ok=True)
     stack = _Stack(StackConfig(workdir=workdir / "stack", namespace=NAMESPACE), progress=say)
