@@ -20,7 +20,13 @@ what that buys on the real kube-apiserver of the test bed, where APF is on by de
 
 4. in the full profile, the same storm again for a few other seat counts of the components'
    level (the chart rendered with other ``apiPriority`` values, borrowing off): what the chart's
-   defaults were chosen from — the client's latency against the ledger rate our components keep.
+   defaults were chosen from — the client's latency against the ledger rate our components keep;
+5. then the same storms on cluster-like planes (:data:`CLUSTER_PLANES`): the quiescent idle
+   figure is an API server nothing writes to, which no cluster is, so :mod:`bench.background`
+   renews Leases as a one-node cluster's components do at idle, with the plane on its core or on
+   both; each plane measures its own idle baseline first and its storms' ratios are against it
+   (the quiescent rows and their baseline stay as they are). The small profile runs one storm
+   of each kind: it only checks that the phase works.
 
 Between two storms the receiver drains its spool (the results it acknowledged but could not
 write in time) and the API server goes quiet again; the ledger rate of a storm counts the results
@@ -54,7 +60,7 @@ from typing import Any, Final
 import aiohttp
 import yaml
 
-from bench import cluster, cores, ingest, wrk
+from bench import background, cluster, cores, ingest, wrk
 from bench.loadgen import percentile
 from bench.profiles import Profile
 from captchatask import kube, testbed
@@ -164,13 +170,23 @@ class Variant:
     pace: float = 0.0
 
 
+_STORMS: Final = (
+    Variant("kubernetes_defaults", None),
+    Variant("chart_apf", []),
+    Variant("chart_apf_paced", [], pace=PACE_SHARE),
+)
+#: Per profile: which of :data:`_STORMS` run on the quiescent plane.
+BASE_STORMS: Final = {
+    "full": ("kubernetes_defaults", "chart_apf", "chart_apf_paced"),
+    "small": ("chart_apf",),
+}
+
+
 def _variants(profile_name: str) -> list[Variant]:
-    """Every storm, in order: defaults, the chart's objects, with a pace, then the sweep."""
-    out = [
-        Variant("kubernetes_defaults", None),
-        Variant("chart_apf", []),
-        Variant("chart_apf_paced", [], pace=PACE_SHARE),
-    ]
+    """Every storm on the quiescent plane, in order: defaults, the chart's objects, with a pace,
+    then the sweep. The small profile only checks that the phase runs: one storm."""
+    labels = BASE_STORMS.get(profile_name, BASE_STORMS["small"])
+    out = [variant for variant in _STORMS if variant.label in labels]
     for shares in SWEEP_SHARES.get(profile_name, ()):
         sets = [
             f"apiPriority.nominalConcurrencyShares={shares}",
@@ -179,6 +195,29 @@ def _variants(profile_name: str) -> list[Variant]:
         ]
         out.append(Variant(f"shares_{shares}", sets))
     return out
+
+
+@dataclass(frozen=True)
+class ClusterPlane:
+    """A cluster-like control plane: :mod:`bench.background`'s Lease renewals throughout, and
+    etcd and kube-apiserver on both cores (``unpinned``) or on theirs; its own idle baseline and
+    these storms (labels of :data:`_STORMS`), every ratio against that baseline."""
+
+    key: str
+    unpinned: bool
+    storms: tuple[str, ...]
+
+
+#: Per profile: the cluster-like planes measured after the quiescent storms. Unpinned, the plane
+#: takes both cores, the nearest two cores get to a control plane with more than one.
+CLUSTER_PLANES: Final = {
+    "full": (
+        ClusterPlane("cluster_one_core", unpinned=False, storms=("chart_apf_paced",)),
+        ClusterPlane("cluster", unpinned=True, storms=("chart_apf", "chart_apf_paced")),
+    ),
+    # The smallest form: one storm without a pace (a paced one drains for many seconds).
+    "small": (ClusterPlane("cluster", unpinned=True, storms=("chart_apf",)),),
+}
 
 
 class _Reader:
@@ -317,10 +356,11 @@ def _wait_drained(stack: Stack) -> float:
     return round(time.monotonic() - started, 1)
 
 
-def _pin(stack: Stack) -> dict[str, bool]:
-    """The control plane on its core, the receiver on the workers' (again after any restart)."""
+def _place(stack: Stack, *, plane_pinned: bool) -> dict[str, bool]:
+    """The receiver on the workers' core and the control plane on its own, or (``plane_pinned``
+    false) on every core; again after any restart, as a new process starts unpinned."""
     return {
-        "plane": cores.pin_plane(stack.plane),
+        "plane": cores.pin_plane(stack.plane) if plane_pinned else cores.release_plane(stack.plane),
         "receiver": cores.pin_process(stack.processes["sidecar"].pid, WORKER_CORE),
     }
 
@@ -457,8 +497,131 @@ def _storm_with_reader(
     }
 
 
+async def _prepare_tasks(stack: Stack, count: int, prefix: str) -> list[cluster.SubmittedTask]:
+    async with cluster.kube_session(stack) as client:
+        return await cluster.create_submitted_tasks(
+            client, NAMESPACE, prefix=prefix, count=count, first_id=9_000_000_000
+        )
+
+
+def _prepare(stack: Stack, count: int, prefix: str) -> list[cluster.SubmittedTask]:
+    """``count`` tasks in ``Submitted``, as the operator leaves them (it is not running)."""
+    return asyncio.run(_prepare_tasks(stack, count, prefix))
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What every storm of one run shares: sizes from the profile, rates from the probe."""
+
+    workdir: Path
+    capacity: float
+    rate: float
+    storm_tasks: int
+    storm_seconds: float
+    idle_samples: int
+    version: str
+    say: Say
+
+
+def _storm(
+    stack: _Stack,
+    reader: _Reader,
+    signer: PingbackSigner,
+    variant: Variant,
+    setting: _Setting,
+    *,
+    prefix: str,
+    plane_pinned: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One storm of ``variant``: the client's figures just before it, and during it."""
+    label, sets = variant.label, variant.sets
+    rate, seconds, say = setting.rate, setting.storm_seconds, setting.say
+    pace = round(variant.pace * setting.capacity)
+    if pace != stack.ledger_writes_per_second:
+        # Before the tasks are prepared: the restarted receiver's start-up requests are over by
+        # the time the storm begins.
+        stack.ledger_writes_per_second = pace
+        stack.restart("sidecar")
+    tasks = _prepare(stack, setting.storm_tasks, prefix)
+    paths = [signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}" for task in tasks]
+    paths_file = wrk.write_paths(setting.workdir / f"{prefix}-{label}.paths", paths)
+    if sets is not None:
+        stack.plane.kubectl("apply", "-f", "-", input=_apf_manifest(setting.version, sets))
+    _place(stack, plane_pinned=plane_pinned)  # again after the receiver's restart
+    idle_before = reader.measure(setting.idle_samples)
+    say(f"  storm ({prefix} {label}) at {rate:.0f}/s for {seconds:g}s")
+    result = _storm_with_reader(stack, reader, paths_file, rate=rate, seconds=seconds)
+    result["chart_sets"] = sets
+    result["ledger_writes_per_second"] = pace or None
+    result["classified_as"] = sorted(reader.classified)
+    reader.classified = set()
+    say(
+        f"    list pods p50 {result['list_pods']['p50_ms']} ms, "
+        f"p99 {result['list_pods']['p99_ms']} ms (cached p99 "
+        f"{result['list_pods']['cached']['p99_ms']} ms); pingback p99 "
+        f"{result['pingbacks']['p99_ms']:.1f} ms; ledger "
+        f"{result['ledger']['per_second']}/s; {result['priority_levels']}"
+    )
+    return idle_before, result
+
+
+def _task_prefix(key: str, index: int) -> str:
+    """The names of a plane's storm's tasks: a DNS subdomain (no ``_``), one per storm."""
+    return f"{key.replace('_', '-')}-{index}"
+
+
+def _cluster_plane(
+    stack: _Stack,
+    reader: _Reader,
+    signer: PingbackSigner,
+    plane: ClusterPlane,
+    setting: _Setting,
+) -> dict[str, Any]:
+    """A cluster-like plane's own idle baseline and storms, the background writing throughout.
+
+    The idle baseline is measured with the same background and layout as the storms after it,
+    so each storm's ratio is against a plane that already does what a cluster's does at idle.
+    """
+    variants = {variant.label: variant for variant in _STORMS}
+    say = setting.say
+    out: dict[str, Any] = {"key": plane.key, "unpinned_plane": plane.unpinned}
+    out["layout"] = (
+        f"etcd and kube-apiserver on every core; receiver, load generator and the unrelated "
+        f"client on core {WORKER_CORE}"
+        if plane.unpinned
+        else f"etcd and kube-apiserver on core {cores.PLANE_CORE}; receiver, load generator and "
+        f"the unrelated client on core {WORKER_CORE}"
+    )
+    writer = background.Background(stack.plane.kubeconfig, WORKER_CORE if cores.can_pin() else None)
+    writer.start()
+    try:
+        out["pinned"] = _place(stack, plane_pinned=not plane.unpinned)
+        writer.wait_first_round()  # every Lease exists before the baseline is measured
+        say(f"fairness: cluster-like plane {plane.key}: {out['layout']}; Lease renewals")
+        flows = _flowcontrol(stack)
+        buckets = _list_pods_buckets(stack)
+        out["idle"] = reader.measure(2 * setting.idle_samples)  # half consistent, half cached
+        out["idle"]["server_p99_ms_at_most"] = _bucket_p99_ms(buckets, _list_pods_buckets(stack))
+        out["idle"]["priority_levels"] = _flow_delta(flows, _flowcontrol(stack))
+        say(
+            f"  idle ({plane.key}) list pods p50 {out['idle']['p50_ms']} ms, "
+            f"p99 {out['idle']['p99_ms']} ms, cached p99 {out['idle']['cached']['p99_ms']} ms"
+        )
+        out["idle_before"], out["storms"] = {}, {}
+        for index, label in enumerate(plane.storms):
+            out["idle_before"][label], out["storms"][label] = _storm(
+                stack, reader, signer, variants[label], setting,
+                prefix=_task_prefix(plane.key, index), plane_pinned=not plane.unpinned,
+            )  # fmt: skip
+    finally:
+        out["background"] = writer.stop()
+        _place(stack, plane_pinned=True)
+    return out
+
+
 def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
-    """The APF side-by-side rows (and, in the full profile, the seat-count sweep)."""
+    """The APF side-by-side rows (in the full profile, the seat-count sweep), then the
+    cluster-like planes' rows."""
     probe_count, storm_seconds, idle_samples = SIZES.get(profile.name, SIZES["small"])
     workdir.mkdir(parents=True, exist_ok=True)
     stack = _Stack(StackConfig(workdir=workdir / "stack", namespace=NAMESPACE), progress=say)
@@ -476,7 +639,7 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         )
         _pods(stack)
         stack.restart("sidecar")
-        out["pinned"] = _pin(stack)
+        out["pinned"] = _place(stack, plane_pinned=True)
         out["plane_core"] = cores.PLANE_CORE
         out["layout"] = (
             f"etcd and kube-apiserver on core {cores.PLANE_CORE}; receiver, load generator and "
@@ -486,57 +649,38 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         )
         signer = PingbackSigner(load_keys(stack.key_file))
 
-        async def prepare(count: int, prefix: str) -> list[cluster.SubmittedTask]:
-            async with cluster.kube_session(stack) as client:
-                return await cluster.create_submitted_tasks(
-                    client, NAMESPACE, prefix=prefix, count=count, first_id=9_000_000_000
-                )
-
         say(f"fairness: {out['layout']}; probing ledger capacity with {probe_count} records")
-        capacity = asyncio.run(_capacity(stack, asyncio.run(prepare(probe_count, "cap"))))
+        capacity = asyncio.run(_capacity(stack, _prepare(stack, probe_count, "cap")))
         out["capacity_records_per_second"] = round(capacity, 1)
         rate = STORM_FACTOR * capacity
         out["storm_rate"] = round(rate)
         storm_tasks = round(rate * storm_seconds) + 16
         variants = _variants(profile.name)
+        setting = _Setting(
+            workdir, capacity, rate, storm_tasks, storm_seconds, idle_samples, version, say
+        )
         say(f"  {capacity:.0f} records/s; {len(variants)} storms of {storm_tasks} at {rate:.0f}/s")
         buckets = _list_pods_buckets(stack)
         out["idle"] = reader.measure(2 * idle_samples)  # half of them consistent, half cached
         out["idle"]["server_p99_ms_at_most"] = _bucket_p99_ms(buckets, _list_pods_buckets(stack))
         say(f"  idle list pods p50 {out['idle']['p50_ms']} ms, p99 {out['idle']['p99_ms']} ms")
         for index, variant in enumerate(variants):
-            label, sets = variant.label, variant.sets
-            pace = round(variant.pace * capacity)
-            if pace != stack.ledger_writes_per_second:
-                # Before the tasks are prepared: the restarted receiver's start-up requests are
-                # over by the time the storm begins.
-                stack.ledger_writes_per_second = pace
-                stack.restart("sidecar")
-            tasks = asyncio.run(prepare(storm_tasks, f"s{index}"))
-            paths = [
-                signer.path(task.ref) + f"?id={task.provider_task_id}&code={TOKEN}"
-                for task in tasks
-            ]
-            paths_file = wrk.write_paths(workdir / f"{label}.paths", paths)
-            if sets is not None:
-                stack.plane.kubectl("apply", "-f", "-", input=_apf_manifest(version, sets))
-            out["pinned"] = _pin(stack)  # again after the receiver's restart
-            out[f"idle_before_{label}"] = reader.measure(idle_samples)
-            say(f"  storm ({label}) at {rate:.0f}/s for {storm_seconds:g}s")
-            result = _storm_with_reader(stack, reader, paths_file, rate=rate, seconds=storm_seconds)
-            result["chart_sets"] = sets
-            result["ledger_writes_per_second"] = pace or None
-            result["classified_as"] = sorted(reader.classified)
-            reader.classified = set()
-            out[label] = result
-            say(
-                f"    list pods p50 {result['list_pods']['p50_ms']} ms, "
-                f"p99 {result['list_pods']['p99_ms']} ms (cached p99 "
-                f"{result['list_pods']['cached']['p99_ms']} ms); pingback p99 "
-                f"{result['pingbacks']['p99_ms']:.1f} ms; ledger "
-                f"{result['ledger']['per_second']}/s; {result['priority_levels']}"
+            out[f"idle_before_{variant.label}"], out[variant.label] = _storm(
+                stack, reader, signer, variant, setting, prefix=f"s{index}"
             )
-            out[f"drain_seconds_after_{label}"] = result["ledger"]["drain_seconds"]
+            out[f"drain_seconds_after_{variant.label}"] = out[variant.label]["ledger"][
+                "drain_seconds"
+            ]
+        # The node's Lease is written as the node (group system:nodes), which RBAC alone (no Node
+        # authorizer in the test bed) lets do so only through the role kubeadm once bound.
+        stack.plane.kubectl(
+            "create", "clusterrolebinding", "bench-system-nodes",
+            "--clusterrole=system:node", "--group=system:nodes",
+        )  # fmt: skip
+        out["cluster_like"] = [
+            _cluster_plane(stack, reader, signer, plane, setting)
+            for plane in CLUSTER_PLANES.get(profile.name, CLUSTER_PLANES["small"])
+        ]
         out["sweep"] = [v.label for v in variants if v.label.startswith("shares_")]
         out["apf_objects"] = [
             item["kind"] for item in yaml.safe_load_all(_apf_manifest(version)) if item
