@@ -46,6 +46,10 @@ RETRY_SECONDS: Final = 0.25
 #: Metrics (and the spool depth) are sampled this often; the drain time is as coarse.
 SCRAPE_SECONDS: Final = 0.5
 SETTLE_POLL_SECONDS: Final = 2.0
+#: SIGTERM's time to answer the requests in flight before kube-apiserver is killed (open watches
+#: otherwise hold a stop for the test bed's whole stop timeout, 15 s, and a planned 4 s outage
+#: lasted 19 s). In-flight writes are answered, so no write lands after its writer gave up.
+APISERVER_STOP_GRACE: Final = 2.0
 #: A ledger timestamp this long before a pre-kill scrape may still miss that scrape (the
 #: metric is incremented after the status write returns).
 SCRAPE_SLACK_SECONDS: Final = 1.0
@@ -315,7 +319,7 @@ class ChaosRun:
     ) -> None:
         if event.kind is FaultKind.APISERVER_OUTAGE:
             stopped = time.time()
-            await asyncio.to_thread(self.stack.plane.stop_apiserver)
+            await asyncio.to_thread(self.stack.plane.stop_apiserver, grace=APISERVER_STOP_GRACE)
             await asyncio.sleep(max(0.0, stopped + event.amount - time.time()))
             self.timeline.apiserver_restarting = time.time()
             await asyncio.to_thread(self.stack.plane.start_apiserver)
@@ -379,7 +383,7 @@ class ChaosRun:
         # A stop, not a freeze (SIGSTOP): a frozen API server applies the writes it accepted
         # after their writers gave up, so results land in the ledger and in no counter, and
         # the verdict's metrics-vs-ledger check could not hold.
-        await asyncio.to_thread(self.stack.plane.stop_apiserver)
+        await asyncio.to_thread(self.stack.plane.stop_apiserver, grace=APISERVER_STOP_GRACE)
         for name, body in submitted.items():
             meta, status = body["metadata"], body["status"]
             provider_id = str(status["providerTaskId"])

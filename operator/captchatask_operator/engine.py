@@ -137,8 +137,11 @@ class Engine:
         self.busy: set[TaskKey] = set()
         #: The last time the API server did not answer (see policy.submission_step).
         self.ledger_unavailable_at: dt.datetime | None = None
-        #: The first failure of that outage (see policy.OUTAGE_GAP).
+        #: The first failure of that outage (see policy.OUTAGE_GAP), moved later by every stretch
+        #: in which the probe saw the API server answer: ``at - since`` is the time it was away.
         self.ledger_unavailable_since: dt.datetime | None = None
+        #: When the probe last saw the API server answer after a failure.
+        self.ledger_answered_at: dt.datetime | None = None
         #: Set (and replaced) when the probe sees the API server answer after a failure: wakes
         #: the writers waiting in :meth:`ledger_back`.
         self._ledger_returned = asyncio.Event()
@@ -507,6 +510,7 @@ class Engine:
                 if failed_at is not None and failed_at != answered_after:
                     # A failure (ours or an action's) since the last answer: it is back now.
                     answered_after = failed_at
+                    self.ledger_answered_at = self.clock()
                     self._wake_ledger_writers()
             await asyncio.sleep(policy.LEDGER_PROBE_SECONDS)
 
@@ -532,11 +536,22 @@ class Engine:
         return True
 
     def note_ledger_unavailable(self) -> None:
-        """Record a call the API server did not answer: the outage's start and last failure."""
+        """Record a call the API server did not answer: the outage's start and last failure.
+
+        Failures less than :data:`policy.OUTAGE_GAP` apart are one outage (the receivers may
+        still be replaying the first one's backlog when the second begins), but a stretch in
+        which the probe saw the API server answer is not part of its length: the start moves
+        later by it. Counting it would hold every unresolved intent back by that much more
+        (two outages 11 s apart once cost tasks 11 s of waiting the receivers did not need).
+        """
         now = self.clock()
         last = self.ledger_unavailable_at
-        if last is None or self.ledger_unavailable_since is None or now - last > policy.OUTAGE_GAP:
+        since = self.ledger_unavailable_since
+        answered = self.ledger_answered_at
+        if last is None or since is None or now - last > policy.OUTAGE_GAP:
             self.ledger_unavailable_since = now
+        elif answered is not None and answered > last:
+            self.ledger_unavailable_since = since + (now - last)
         self.ledger_unavailable_at = now
 
     def schedule_at(self, kind: Kind, key: tuple[str, str], due: dt.datetime) -> None:

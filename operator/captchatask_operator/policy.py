@@ -170,7 +170,8 @@ def submission_step(  # noqa: PLR0911 - one return per documented step, in order
     """Decide the next submission step of a task (see the module docstring).
 
     ``ledger_unavailable_at`` is the last time the API server failed us, and
-    ``ledger_unavailable_since`` the first failure of that outage. While the API server is away
+    ``ledger_unavailable_since`` the first failure of that outage, moved later by any stretch in
+    which it answered (so their difference is the time it was away). While the API server is away
     the receivers spool pingbacks instead of recording them, and after it is back they are
     still catching up: each notices the return on its own (later than we do), replays the
     spool behind which new pingbacks queue, and pingbacks refused while a spool was at its bound

@@ -305,9 +305,15 @@ class ControlPlane:
         """Let a paused kube-apiserver run again (SIGCONT)."""
         self._require(self._apiserver, "kube-apiserver").signal(signal.SIGCONT)
 
-    def stop_apiserver(self) -> None:
-        """Stop only kube-apiserver; etcd and its data stay, so a restart loses nothing."""
-        self._require(self._apiserver, "kube-apiserver").terminate()
+    def stop_apiserver(self, *, grace: float | None = None) -> None:
+        """Stop only kube-apiserver; etcd and its data stay, so a restart loses nothing.
+
+        ``grace``: how long SIGTERM may take before SIGKILL (default: the stop timeout). A
+        graceful stop closes the listener at once and answers the requests in flight, but open
+        watches can hold it until the stop timeout: an outage planned to last seconds (the
+        chaos suite's) then lasts that long, unless the grace is short.
+        """
+        self._require(self._apiserver, "kube-apiserver").terminate(grace=grace)
         self._write_state()
 
     def start_apiserver(self) -> None:

@@ -177,14 +177,14 @@ class ManagedProcess:
             except PermissionError:
                 os.kill(self.pid, signum)
 
-    def terminate(self, timeout: float = STOP_TIMEOUT) -> None:
-        """SIGTERM, wait up to ``timeout``, then SIGKILL; return once the process is gone."""
+    def terminate(self, timeout: float = STOP_TIMEOUT, *, grace: float | None = None) -> None:
+        """SIGTERM, wait up to ``grace`` (default ``timeout``), then SIGKILL; return once gone."""
         if not self.alive():
             self._reap()
             return
         self.signal(signal.SIGTERM)
         self.signal(signal.SIGCONT)  # a paused process must run to handle SIGTERM
-        if not self._wait(timeout):
+        if not self._wait(timeout if grace is None else grace):
             self.signal(signal.SIGKILL)
             if not self._wait(timeout):
                 raise ControlPlaneError(f"{self.name} (pid {self.pid}) survived SIGKILL")
