@@ -242,7 +242,7 @@ async def test_a_held_answer_is_written_once_the_api_server_answers_again_not_af
     eng.poller.held_retry = (3600.0, 3600.0)
     eng.spawn(eng._probe_ledger())
 
-    await asyncio.to_thread(control_plane.stop_apiserver)
+    await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
     try:
         await eng.poller.poll_batch(state.spec.key, [task.key])
         assert task.key in eng.poller.held, "the answer is held while the API server is away"

@@ -202,7 +202,7 @@ async def test_a_provider_id_survives_a_failed_submitted_write_and_is_not_resubm
     await harness.task("kept")
     await asyncio.wait_for(proxy.held.wait(), timeout=30)
 
-    await asyncio.to_thread(control_plane.stop_apiserver)
+    await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
     try:
         proxy.release.set()
 
@@ -403,7 +403,7 @@ async def test_an_outage_the_operator_had_nothing_to_write_in_is_still_noticed(
                 return engine.ledger_unavailable_at
 
             assert last_failure() is None
-            await asyncio.to_thread(control_plane.stop_apiserver)
+            await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
             try:
                 for _ in range(600):  # a bound on failure (60 s), not a timing assertion
                     if last_failure() is not None:
@@ -443,7 +443,7 @@ async def test_the_time_the_api_server_answered_between_two_outages_does_not_str
                 """Stop kube-apiserver until the engine notes a failure later than ``after``."""
                 # Waits on the probe's wake-up from before the restart: no race with the probe.
                 back = asyncio.ensure_future(engine.ledger_back(120.0))
-                await asyncio.to_thread(control_plane.stop_apiserver)
+                await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
                 try:
                     for _ in range(600):  # a bound on failure (60 s), not a timing assertion
                         last = engine.ledger_unavailable_at
