@@ -171,7 +171,10 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
     tasks = SIZES.get(profile.name, SIZES["small"])
     workdir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {}
-    for name, drop, flags in RUNS:
+    # The small profile (inside ``make test``) checks that the phase runs: the two rows of
+    # today's behaviour; the flags of the "as before" rows have tests of their own.
+    runs = RUNS if profile.name == "full" else RUNS[:2]
+    for name, drop, flags in runs:
         out[name] = _one(name, drop, flags, tasks, workdir, say)
         row = out[name]
         say(
