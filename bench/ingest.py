@@ -319,12 +319,15 @@ def _overload(
     sampler = profiler.Profiler(
         stack.processes["sidecar"].pid, workdir / "sidecar-overload.pyspy", seconds=seconds * 4
     )
-    cpu_before = _cpu_now(stack)
+    cpu_before, busy_before = _cpu_now(stack), _cores_busy()
     with sampler if spy else contextlib.nullcontext(sampler):
         run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
+        sent_at, cpu_sent, busy_sent = time.time(), _cpu_now(stack), _cores_busy()
+        applied_sent = _applied(cluster.scrape(stack.sidecar_metrics_url)) - before
         in_flight: list[float] = []
         done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
-    cpu = _delta(_cpu_now(stack), cpu_before)
+    cpu_after, busy_after = _cpu_now(stack), _cores_busy()
+    cpu = _delta(cpu_after, cpu_before)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
     api_after = cluster.apiserver_metrics(stack)
     elapsed = done_at - run["started_at"]
@@ -346,6 +349,27 @@ def _overload(
         "handle_p99_at_most_ms": _handle_quantile(before_samples, after_samples, 0.99),
         # CPU seconds each party used from the first pingback to the last result applied.
         "cpu_seconds": {key: round(value, 2) for key, value in cpu.items()},
+        # The same split in two: while the load generator sends, and the drain after it. A
+        # ledger rate that falls in the first phase only points at the shared host core; the
+        # cores' busy shares come from /proc/stat (every process on the machine, not only ours).
+        "phases": {
+            "sending": _phase(
+                applied_sent,
+                sent_at - run["started_at"],
+                cpu_sent,
+                cpu_before,
+                busy_sent,
+                busy_before,
+            ),
+            "draining": _phase(
+                applied - applied_sent,
+                done_at - sent_at,
+                cpu_after,
+                cpu_sent,
+                busy_after,
+                busy_sent,
+            ),
+        },
         "ledger_errors": {
             reason: cluster.metric_sum(
                 after_samples, "captchatask_ledger_write_errors_total", reason=reason
@@ -384,6 +408,44 @@ def _cpu_now(stack: Stack) -> dict[str, float]:
         **{name: procstat.cpu_seconds(pid) for name, pid in stack.plane.pids.items()},
         "bench_client": own.ru_utime + own.ru_stime,
         "load_generator": children.ru_utime + children.ru_stime,
+    }
+
+
+def _cores_busy() -> dict[str, tuple[float, float]]:
+    """Per core: (busy, total) clock ticks so far, from ``/proc/stat`` (the whole machine's)."""
+    out: dict[str, tuple[float, float]] = {}
+    for line in Path("/proc/stat").read_text(encoding="utf-8").splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        ticks = [float(value) for value in fields]
+        idle = ticks[3] + ticks[4]  # idle + iowait
+        out[name] = (sum(ticks) - idle, sum(ticks))
+    return out
+
+
+def _phase(
+    applied: float,
+    seconds: float,
+    cpu_after: dict[str, float],
+    cpu_before: dict[str, float],
+    busy_after: dict[str, tuple[float, float]],
+    busy_before: dict[str, tuple[float, float]],
+) -> dict[str, Any]:
+    """One phase of the overload: its ledger rate, our CPU shares and the cores' busy shares."""
+    span = max(seconds, 1e-9)
+    busy: dict[str, float] = {}
+    for core, (ticks, total) in busy_after.items():
+        was_busy, was_total = busy_before.get(core, (0.0, 0.0))
+        busy[core] = round((ticks - was_busy) / max(total - was_total, 1.0), 3)
+    return {
+        "seconds": round(seconds, 3),
+        "applied": applied,
+        "ledger_per_second": round(applied / span, 1),
+        "cpu_share": {
+            key: round(value / span, 3) for key, value in _delta(cpu_after, cpu_before).items()
+        },
+        "core_busy_share": busy,
     }
 
 
