@@ -17,6 +17,7 @@ Provider tasks per CaptchaTask are counted from the emulator's own records.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -36,6 +37,7 @@ from captchatask.provider import codes
 from captchatask_operator import policy
 from captchatask_operator import settings as settings_module
 from captchatask_operator.actions import ProviderState
+from captchatask_operator.engine import Engine
 from captchatask_operator.policy import StepKind
 from captchatask_operator.queueing import ProviderQueue
 from captchatask_operator.records import ProviderSpec, TaskRecord
@@ -382,6 +384,22 @@ async def test_after_an_outage_an_unresolved_intent_waits_for_the_receivers_to_c
         engine.timer.schedule.clear()
 
 
+@contextlib.asynccontextmanager
+async def _active_engine(
+    control_plane: testbed.ControlPlane, namespace: str
+) -> AsyncIterator[Engine]:
+    """An active operator engine on the real API server with nothing due: an idle operator."""
+    config = kube.load_config(str(control_plane.kubeconfig))
+    settings = settings_module.parse(["--namespace", namespace], {})
+    async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
+        engine = operator_engine(kube.KubeClient(config, session), session, settings)
+        await engine.activate()
+        try:
+            yield engine
+        finally:
+            await engine.deactivate()
+
+
 async def test_an_outage_the_operator_had_nothing_to_write_in_is_still_noticed(
     control_plane: testbed.ControlPlane, namespace: str
 ) -> None:
@@ -391,33 +409,25 @@ async def test_an_outage_the_operator_had_nothing_to_write_in_is_still_noticed(
     and the ``in.php`` replies lost right after it were repeated while their pingbacks still
     waited in a receiver's spool.
     """
-    config = kube.load_config(str(control_plane.kubeconfig))
-    settings = settings_module.parse(["--namespace", namespace], {})
-    async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
-        client = kube.KubeClient(config, session)
-        engine = operator_engine(client, session, settings)
-        await engine.activate()
+    async with _active_engine(control_plane, namespace) as engine:
+
+        def last_failure() -> dt.datetime | None:
+            return engine.ledger_unavailable_at
+
+        assert last_failure() is None
+        await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
         try:
-
-            def last_failure() -> dt.datetime | None:
-                return engine.ledger_unavailable_at
-
-            assert last_failure() is None
-            await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
-            try:
-                for _ in range(600):  # a bound on failure (60 s), not a timing assertion
-                    if last_failure() is not None:
-                        break
-                    await asyncio.sleep(0.1)
-                assert last_failure() is not None, "the outage went unnoticed"
-            finally:
-                await asyncio.to_thread(control_plane.start_apiserver)
-            last = last_failure()
-            assert last is not None
-            assert engine.ledger_unavailable_since is not None
-            assert engine.ledger_unavailable_since <= last
+            for _ in range(600):  # a bound on failure (60 s), not a timing assertion
+                if last_failure() is not None:
+                    break
+                await asyncio.sleep(0.1)
+            assert last_failure() is not None, "the outage went unnoticed"
         finally:
-            await engine.deactivate()
+            await asyncio.to_thread(control_plane.start_apiserver)
+        last = last_failure()
+        assert last is not None
+        assert engine.ledger_unavailable_since is not None
+        assert engine.ledger_unavailable_since <= last
 
 
 async def test_the_time_the_api_server_answered_between_two_outages_does_not_stretch_the_grace(
@@ -431,48 +441,40 @@ async def test_the_time_the_api_server_answered_between_two_outages_does_not_str
     drained their spools) held back the resubmission of six tasks whose ``in.php`` reply was
     lost. Only the time the API server was away may count.
     """
-    config = kube.load_config(str(control_plane.kubeconfig))
-    settings = settings_module.parse(["--namespace", namespace], {})
-    async with aiohttp.ClientSession(connector=kube.connector(config)) as session:
-        client = kube.KubeClient(config, session)
-        engine = operator_engine(client, session, settings)
-        await engine.activate()
-        try:
+    async with _active_engine(control_plane, namespace) as engine:
 
-            async def away_until_noticed(after: dt.datetime | None) -> dt.datetime:
-                """Stop kube-apiserver until the engine notes a failure later than ``after``."""
-                # Waits on the probe's wake-up from before the restart: no race with the probe.
-                back = asyncio.ensure_future(engine.ledger_back(120.0))
-                await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
-                try:
-                    for _ in range(600):  # a bound on failure (60 s), not a timing assertion
-                        last = engine.ledger_unavailable_at
-                        if last is not None and (after is None or last > after):
-                            break
-                        await asyncio.sleep(0.1)
-                    else:
-                        pytest.fail("the outage went unnoticed")
-                finally:
-                    await asyncio.to_thread(control_plane.start_apiserver)
-                assert await back, "the probe did not see the API server answer again"
-                return engine.clock()
+        async def away_until_noticed(after: dt.datetime | None) -> dt.datetime:
+            """Stop kube-apiserver until the engine notes a failure later than ``after``."""
+            # Waits on the probe's wake-up from before the restart: no race with the probe.
+            back = asyncio.ensure_future(engine.ledger_back(120.0))
+            await asyncio.to_thread(control_plane.stop_apiserver, grace=2.0)
+            try:
+                for _ in range(600):  # a bound on failure (60 s), not a timing assertion
+                    last = engine.ledger_unavailable_at
+                    if last is not None and (after is None or last > after):
+                        break
+                    await asyncio.sleep(0.1)
+                else:
+                    pytest.fail("the outage went unnoticed")
+            finally:
+                await asyncio.to_thread(control_plane.start_apiserver)
+            assert await back, "the probe did not see the API server answer again"
+            return engine.clock()
 
-            answered = await away_until_noticed(None)
-            first_since = engine.ledger_unavailable_since
-            first_last = engine.ledger_unavailable_at
-            assert first_since is not None
-            assert first_last is not None
-            await asyncio.sleep(1.0)  # the API server answers for a while
-            stopped_again = engine.clock()
-            await away_until_noticed(first_last)
+        answered = await away_until_noticed(None)
+        first_since = engine.ledger_unavailable_since
+        first_last = engine.ledger_unavailable_at
+        assert first_since is not None
+        assert first_last is not None
+        await asyncio.sleep(1.0)  # the API server answers for a while
+        stopped_again = engine.clock()
+        await away_until_noticed(first_last)
 
-            since, last = engine.ledger_unavailable_since, engine.ledger_unavailable_at
-            assert since is not None
-            assert last is not None
-            if last - first_last > policy.OUTAGE_GAP:
-                pytest.skip("the machine was too slow: the two outages were not close together")
-            # The outage's length is what the API server was away: at most the whole span less
-            # the time between the probe's answer and the second stop.
-            assert last - since <= (last - first_since) - (stopped_again - answered)
-        finally:
-            await engine.deactivate()
+        since, last = engine.ledger_unavailable_since, engine.ledger_unavailable_at
+        assert since is not None
+        assert last is not None
+        if last - first_last > policy.OUTAGE_GAP:
+            pytest.skip("the machine was too slow: the two outages were not close together")
+        # The outage's length is what the API server was away: at most the whole span less
+        # the time between the probe's answer and the second stop.
+        assert last - since <= (last - first_since) - (stopped_again - answered)

@@ -60,6 +60,17 @@ def sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return 0.0 if value is None else value
 
 
+async def three_records(directory: Path) -> Path:
+    """Spool records 0, 1 and 2 (acknowledged, durable), close the spool, return its segment."""
+    spool = Spool(directory)
+    spool.open()
+    for index in range(3):
+        await spool.append(record(index))
+    await spool.close()
+    (segment,) = spool.segment_files()
+    return segment
+
+
 def quarantined(directory: Path) -> list[bytes]:
     return [path.read_bytes() for path in sorted((directory / QUARANTINE_DIR).glob("*"))]
 
@@ -67,12 +78,7 @@ def quarantined(directory: Path) -> list[bytes]:
 async def test_a_damaged_acknowledged_record_is_counted_kept_and_the_others_replay(
     tmp_path: Path,
 ) -> None:
-    spool = Spool(tmp_path)
-    spool.open()
-    for index in range(3):
-        await spool.append(record(index))
-    await spool.close()
-    (segment,) = spool.segment_files()
+    segment = await three_records(tmp_path)
     original = segment.read_bytes()
     flip(segment, len(framed(0)) + 20)  # inside the second record's payload
     damaged_frame = segment.read_bytes()[len(framed(0)) : len(framed(0)) + len(framed(1))]
@@ -178,12 +184,7 @@ async def test_a_record_damaged_after_startup_is_counted_at_read_back_and_kept(
 async def test_a_full_quarantine_still_counts_the_damage_and_what_it_could_not_keep(
     tmp_path: Path,
 ) -> None:
-    spool = Spool(tmp_path)
-    spool.open()
-    for index in range(3):
-        await spool.append(record(index))
-    await spool.close()
-    (segment,) = spool.segment_files()
+    segment = await three_records(tmp_path)
     flip(segment, 20)
     flip(segment, len(framed(0)) + 20)
 
