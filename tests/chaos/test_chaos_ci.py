@@ -21,7 +21,7 @@ from tests.bounded import TEARDOWN_GRACE_SECONDS, run_bounded
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 
 DEFAULT_SEED = "20261128"
-#: Hang guard for the whole CI profile (it takes about a minute on 2 cores).
+#: Hang guard for the whole CI profile (it takes about two minutes on 2 cores).
 RUN_TIMEOUT_SECONDS = 480
 
 

@@ -21,7 +21,7 @@ from tests.bounded import TEARDOWN_GRACE_SECONDS, run_bounded
 pytestmark = [pytest.mark.controlplane, pytest.mark.slow]
 
 DEFAULT_SEED = "20261206"
-#: Hang guard for the smoke profile (about a minute on 2 cores).
+#: Hang guard for the smoke profile (under a minute and a half on 2 cores).
 RUN_TIMEOUT_SECONDS = 420
 
 
