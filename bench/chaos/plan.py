@@ -53,8 +53,8 @@ class FaultKind(StrEnum):
     APISERVER_OUTAGE = "apiserver-outage"
     SIDECAR_KILL = "sidecar-kill"
     OPERATOR_KILL = "operator-kill"
-    #: Every ``res.php`` answered with an HTML 502 for ``amount`` seconds (a timed outage),
-    #: from the first ``res.php`` request after the event's time, so that every outage is met.
+    #: Every ``res.php`` answered with an HTML 502 for ``amount`` seconds (a timed outage); if
+    #: no request came meanwhile, the next one still meets it, so that every outage is met.
     RES_502_BURST = "res-502-burst"
     PLANT_DEAD_LETTER = "plant-dead-letter"
     #: The next ``amount`` ``in.php`` that create a task lose their reply (an HTML 502 on odd

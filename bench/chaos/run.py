@@ -334,7 +334,7 @@ class ChaosRun:
             await asyncio.to_thread(
                 self.stack.emulator,
                 "faults/res-502-burst",
-                {"seconds": event.amount, "start": "next-request"},
+                {"seconds": event.amount, "until_met": True},
             )
         elif event.kind is FaultKind.PLANT_DEAD_LETTER:
             await self._plant(event.amount, http, signer)

@@ -415,38 +415,44 @@ async def test_a_502_outage_lasts_its_seconds_whatever_the_number_of_requests(
         assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 200
 
 
-async def test_an_outage_armed_for_the_next_request_starts_when_a_request_meets_it(
+async def test_an_outage_no_request_met_is_met_by_the_next_one_when_asked(
     session: aiohttp.ClientSession,
 ) -> None:
-    """``{"seconds": S, "start": "next-request"}``: the outage begins at the next ``res.php``.
+    """``{"seconds": S, "until_met": true}``: an outage nobody met still meets the next request.
 
     An outage no request meets is indistinguishable from none: the chaos plan's timed outages,
-    drawn at random moments, sometimes fell in a quiet spell of polling (a loaded machine moves
-    the polls) and the run exercised no 502 at all. Armed this way, the first request that comes
-    starts it, so every planned outage is met for its full length.
+    drawn at random moments, sometimes fell in quiet spells of polling (a loaded machine moves
+    the polls) and a run exercised no 502 at all. The outage still begins at its time and lasts
+    its seconds for whoever polls meanwhile; only an outage nobody met is owed to the next one.
     """
     clock = ManualClock()
     admin = "/_emulator/faults/res-502-burst"
     async with run_emulator(FAST, clock=clock) as emulator:
         balance = {"key": KEY, "action": "getbalance"}
-        body = {"seconds": 3, "start": "next-request"}
+
+        async def res_php() -> int:
+            return (await call(session, f"{emulator.base_url}/res.php", balance))[0]
+
+        body = {"seconds": 3, "until_met": True}
         async with session.post(f"{emulator.base_url}{admin}", json=body) as r:
             assert r.status == 200
-            assert (await r.json())["res_502_outage_armed_seconds"] == 3
-        clock.advance(60)  # nobody polled meanwhile: the outage has not begun
-        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 502
-        clock.advance(2.9)
-        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 502
-        clock.advance(0.2)
-        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 200
-        summary = emulator.summary()
-        assert summary["totals"]["html_502_injected"] == 2
-        assert summary["res_502_outage_armed_seconds"] == 0
-        for bad in ({"seconds": 3, "start": "later"}, {"seconds": 3, "start": 1}):
+            assert (await r.json())["res_502_outage_unmet"] is True
+        clock.advance(60)  # nobody polled while it lasted
+        assert await res_php() == 502
+        assert await res_php() == 200  # owed once, not a new outage
+        assert emulator.summary()["res_502_outage_unmet"] is False
+        # Met while it lasts: exactly a timed outage, nothing owed afterwards.
+        emulator.res_502_outage(3, until_met=True)
+        clock.advance(1)
+        assert await res_php() == 502
+        clock.advance(2.1)
+        assert await res_php() == 200
+        assert emulator.summary()["totals"]["html_502_injected"] == 2
+        for bad in ({"seconds": 3, "until_met": "yes"}, {"seconds": 3, "until_met": 1}):
             async with session.post(f"{emulator.base_url}{admin}", json=bad) as r:
                 assert r.status == 400, bad
-                assert "start" in await r.text()
-        assert (await call(session, f"{emulator.base_url}/res.php", balance))[0] == 200
+                assert "until_met" in await r.text()
+        assert await res_php() == 200
 
 
 async def test_same_seed_same_ids_tokens_and_timings(session: aiohttp.ClientSession) -> None:

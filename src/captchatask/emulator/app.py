@@ -18,8 +18,8 @@ so a test needs one URL. It serves JSON accounting and lets faults be changed at
 ``POST /_emulator/faults/res-502-burst``    ``{"count": N}``: the next N ``res.php`` get 502;
                                             ``{"seconds": S}``: every ``res.php`` for S seconds
                                             (an outage, however many requests come);
-                                            ``"start": "next-request"`` begins it at the next
-                                            ``res.php`` instead of now
+                                            ``"until_met": true``: if none came meanwhile,
+                                            the next ``res.php`` still gets it
 ``POST /_emulator/faults/in-reply-lost``    ``{"count": N, "mode": "502"|"drop"}``: the next N
                                             ``in.php`` that create a task lose their reply;
                                             ``{"clear": true}`` drops the ones still pending
@@ -448,35 +448,27 @@ def _number(value: object) -> float:
     return float(value)
 
 
-def _start_outage(state: EmulatorState, seconds: float, start: object) -> None:
-    """Begin a ``res.php`` outage now or arm it for the next request (else ``ValueError``)."""
-    if start == "now":
-        state.res_502_outage(seconds)
-    elif start == "next-request":
-        state.arm_res_502_outage(seconds)
-    else:
-        raise ValueError(f"start must be 'now' or 'next-request', not {start!r}")
-
-
 async def admin_res_502_burst(request: web.Request) -> web.Response:
     """Answer ``res.php`` with an HTML 502 page: the next N requests, or for S seconds.
 
-    ``{"seconds": S}`` is an outage (a span of time, see ``EmulatorState.res_502_outage``),
-    beginning now or, with ``"start": "next-request"``, at the next ``res.php`` request (see
-    ``EmulatorState.arm_res_502_outage``); ``{"count": N}`` hits exactly N requests, for tests
-    that need that many failures.
+    ``{"seconds": S}`` is an outage (a span of time, see ``EmulatorState.res_502_outage``;
+    with ``"until_met": true`` the next request meets it even if none came while it lasted);
+    ``{"count": N}`` hits exactly N requests, for tests that need that many failures.
     """
     state = request.app[runtime_key].state
     try:
         body = await request.json()
         if "seconds" in body:
-            _start_outage(state, _number(body["seconds"]), body.get("start", "now"))
+            until_met = body.get("until_met", False)
+            if not isinstance(until_met, bool):
+                raise TypeError("until_met")  # noqa: TRY301 - answered as the 400 below
+            state.res_502_outage(_number(body["seconds"]), until_met=until_met)
         else:
             state.res_502_burst = max(0, int(body["count"]))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise web.HTTPBadRequest(
             text='expected {"count": N} or {"seconds": S} (a finite number >= 0) with an'
-            ' optional "start": "now" | "next-request"'
+            ' optional "until_met": true | false'
         ) from exc
     return web.json_response(state.res_502_faults())
 

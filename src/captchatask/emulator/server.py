@@ -75,9 +75,9 @@ class RunningEmulator:
         """Answer the next ``count`` ``res.php`` requests with an HTML 502 page."""
         self.state.res_502_burst = count
 
-    def res_502_outage(self, seconds: float) -> None:
-        """Answer every ``res.php`` request with an HTML 502 page for the next ``seconds``."""
-        self.state.res_502_outage(seconds)
+    def res_502_outage(self, seconds: float, *, until_met: bool = False) -> None:
+        """Answer every ``res.php`` with an HTML 502 page for ``seconds`` (see the state's)."""
+        self.state.res_502_outage(seconds, until_met=until_met)
 
     def lose_in_replies(self, count: int, *, mode: str = "502") -> None:
         """Lose the replies of the next ``count`` ``in.php`` that create a task (502 or drop)."""

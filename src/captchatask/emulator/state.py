@@ -185,8 +185,8 @@ class EmulatorState:
         self.res_502_burst = 0
         #: Until when (state clock) every ``res.php`` gets an HTML 502: a timed outage.
         self.res_502_until = 0.0
-        #: An outage's length, to begin at the next ``res.php`` request (0: none armed).
-        self.res_502_armed = 0.0
+        #: An outage no ``res.php`` request has met yet, owed to the next one (``until_met``).
+        self.res_502_unmet = False
         self.in_reply_lost: deque[str] = deque()
         self.pingback_addrs: list[str] = []
         self._in_times: deque[float] = deque()
@@ -242,7 +242,7 @@ class EmulatorState:
         self.balance = self.config.balance
         self.res_502_burst = 0
         self.res_502_until = 0.0
-        self.res_502_armed = 0.0
+        self.res_502_unmet = False
         self.in_reply_lost.clear()
         self._in_times.clear()
         self._res_times.clear()
@@ -322,49 +322,40 @@ class EmulatorState:
 
     def take_res_502(self) -> bool:
         """Whether this ``res.php`` request gets an HTML 502 (outage, explicit burst or rate)."""
-        if self.res_502_armed:
-            self.res_502_outage(self.res_502_armed)
-            self.res_502_armed = 0.0
-        if self.now() < self.res_502_until:
+        if self.now() < self.res_502_until or self.res_502_unmet:
+            self.res_502_unmet = False
             return True
         if self.res_502_burst > 0:
             self.res_502_burst -= 1
             return True
         return self.roll(self.faults.res_502_rate)
 
-    def res_502_outage(self, seconds: float) -> None:
+    def res_502_outage(self, seconds: float, *, until_met: bool = False) -> None:
         """Answer every ``res.php`` request with an HTML 502 for the next ``seconds``.
 
         A provider's (or its proxy's) outage is a span of time, not a number of requests: a
         client that backs off meets it for as long as it lasts and not a request longer, and a
         busy one does not end it early. An outage still running is extended to the later end,
-        never shortened.
+        never shortened. ``until_met``: if no request came while it lasted, the next one still
+        meets it (and ends it). An outage no request meets is indistinguishable from none, so a
+        fault plan that must exercise a client's handling of one (the chaos suite's) asks for
+        this; the outage still begins at its planned time.
         """
         if not math.isfinite(seconds) or seconds < 0:
             raise ValueError("seconds must be a finite number >= 0")
         self.res_502_until = max(self.res_502_until, self.now() + seconds)
-
-    def arm_res_502_outage(self, seconds: float) -> None:
-        """Begin an outage of ``seconds`` at the next ``res.php`` request, not now.
-
-        An outage no request meets is indistinguishable from none, so a fault plan that must
-        exercise the client's handling of one arms it: the first poll that comes starts it and
-        every poll for the next ``seconds`` meets it. Arming again keeps the longer length.
-        """
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValueError("seconds must be a finite number >= 0")
-        self.res_502_armed = max(self.res_502_armed, seconds)
+        self.res_502_unmet = self.res_502_unmet or until_met
 
     def res_502_outage_left(self) -> float:
         """Seconds the current ``res.php`` outage still lasts (0 when there is none)."""
         return max(0.0, self.res_502_until - self.now())
 
-    def res_502_faults(self) -> dict[str, float | int]:
+    def res_502_faults(self) -> dict[str, float | int | bool]:
         """What the ``res.php`` 502 faults still hold (the summary and the admin answer)."""
         return {
             "res_502_burst_remaining": self.res_502_burst,
             "res_502_outage_seconds_left": round(self.res_502_outage_left(), 3),
-            "res_502_outage_armed_seconds": self.res_502_armed,
+            "res_502_outage_unmet": self.res_502_unmet,
         }
 
     def lose_in_replies(self, count: int, *, mode: str) -> None:
