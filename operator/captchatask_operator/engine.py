@@ -142,6 +142,8 @@ class Engine:
         self.ledger_unavailable_since: dt.datetime | None = None
         #: When the probe last saw the API server answer after a failure.
         self.ledger_answered_at: dt.datetime | None = None
+        #: Failures closer together than this are one outage (policy.OUTAGE_GAP; a test seam).
+        self.outage_gap: dt.timedelta = policy.OUTAGE_GAP
         #: Set (and replaced) when the probe sees the API server answer after a failure: wakes
         #: the writers waiting in :meth:`ledger_back`.
         self._ledger_returned = asyncio.Event()
@@ -538,17 +540,18 @@ class Engine:
     def note_ledger_unavailable(self) -> None:
         """Record a call the API server did not answer: the outage's start and last failure.
 
-        Failures less than :data:`policy.OUTAGE_GAP` apart are one outage (the receivers may
-        still be replaying the first one's backlog when the second begins), but a stretch in
-        which the probe saw the API server answer is not part of its length: the start moves
-        later by it. Counting it would hold every unresolved intent back by that much more
-        (two outages 11 s apart once cost tasks 11 s of waiting the receivers did not need).
+        Failures less than :attr:`outage_gap` (:data:`policy.OUTAGE_GAP`) apart are one outage
+        (the receivers may still be replaying the first one's backlog when the second begins),
+        but a stretch in which the probe saw the API server answer is not part of its length:
+        the start moves later by it. Counting it would hold every unresolved intent back by
+        that much more (two outages 11 s apart once cost tasks 11 s of waiting the receivers did
+        not need).
         """
         now = self.clock()
         last = self.ledger_unavailable_at
         since = self.ledger_unavailable_since
         answered = self.ledger_answered_at
-        if last is None or since is None or now - last > policy.OUTAGE_GAP:
+        if last is None or since is None or now - last > self.outage_gap:
             self.ledger_unavailable_since = now
         elif answered is not None and answered > last:
             self.ledger_unavailable_since = since + (now - last)

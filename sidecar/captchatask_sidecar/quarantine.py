@@ -17,15 +17,17 @@ logged.
 Bound. The volume has a size limit the spool must never reach (see :mod:`.spool`), so the
 quarantine keeps at most ``max_bytes`` (counted in the spool's bound); a frame that does not fit
 is only counted. Nothing here is read back by the sidecar: an operator copies the files out and
-deletes them (see the runbook of the ``CaptchaTaskSpoolDamaged`` alert).
+deletes them (see the runbook of the ``CaptchataskSpoolDamaged`` alert).
 """
 
 from __future__ import annotations
 
-import os
 import zlib
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from captchatask_sidecar.spool import Disk
 
 #: The quarantine's folder, inside the spool directory (segments are files at its top level).
 QUARANTINE_DIR: Final = "quarantine"
@@ -39,9 +41,11 @@ class Quarantine:
     reader thread, never on the event loop.
     """
 
-    def __init__(self, spool_dir: Path, *, max_bytes: int) -> None:
+    def __init__(self, spool_dir: Path, *, max_bytes: int, disk: Disk) -> None:
         self.directory = spool_dir / QUARANTINE_DIR
         self.max_bytes = max_bytes
+        #: The spool's file-system calls (one seam for every durable write of the spool).
+        self._disk = disk
         #: Bytes of the files in the quarantine (what it adds to the spool's volume).
         self.size = 0
 
@@ -73,23 +77,6 @@ class Quarantine:
         if self.size + len(data) > self.max_bytes:
             return False
         self.directory.mkdir(mode=0o700, exist_ok=True)
-        temp = path.with_name(path.name + ".tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        except OSError:
-            os.close(fd)
-            temp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(temp, path)
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        self._disk.write_file(path, data)
         self.size += len(data)
         return True

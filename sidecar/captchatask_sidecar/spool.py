@@ -195,6 +195,25 @@ class Disk:
         """Each ``(id, segment file, frame offset, length)``'s payload, or its damage."""
         return _read_back(wanted)
 
+    def write_file(self, path: Path, data: bytes) -> None:
+        """Write a whole file durably and atomically (a quarantined frame).
+
+        A temporary file, synced, renamed over ``path``, then its directory entry synced. On
+        ``OSError`` nothing is left under ``path`` or the temporary name.
+        """
+        temp = path.with_name(path.name + ".tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except OSError:
+            temp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        os.replace(temp, path)
+        self.sync_directory(path.parent)
+
     def truncate(self, path: Path, size: int) -> None:
         """Cut a file to ``size`` bytes, durably (a torn tail, at startup)."""
         fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -296,11 +315,11 @@ class Spool:
             quarantine_bytes = QUARANTINE_MAX_BYTES
             if max_bytes is not None:
                 quarantine_bytes = min(QUARANTINE_MAX_BYTES, max_bytes // 16)
-        self._quarantine = Quarantine(directory, max_bytes=quarantine_bytes)
+        self._disk = disk or Disk()
+        self._quarantine = Quarantine(directory, max_bytes=quarantine_bytes, disk=self._disk)
         #: Damaged frames found by :meth:`_materialise`, to be kept: (segment, offset, bytes).
         self._damaged: list[tuple[int, int, bytes]] = []
         self._clock = clock
-        self._disk = disk or Disk()
         self.max_bytes = max_bytes
         self.max_records = max_records
         if segment_bytes is None:

@@ -442,6 +442,9 @@ async def test_the_time_the_api_server_answered_between_two_outages_does_not_str
     lost. Only the time the API server was away may count.
     """
     async with _active_engine(control_plane, namespace) as engine:
+        # The two outages are one by the rule however slowly this machine restarts the API
+        # server: what is tested is how their length is counted, not where the gap's edge is.
+        engine.outage_gap = dt.timedelta(minutes=10)
 
         async def away_until_noticed(after: dt.datetime | None) -> dt.datetime:
             """Stop kube-apiserver until the engine notes a failure later than ``after``."""
@@ -473,8 +476,6 @@ async def test_the_time_the_api_server_answered_between_two_outages_does_not_str
         since, last = engine.ledger_unavailable_since, engine.ledger_unavailable_at
         assert since is not None
         assert last is not None
-        if last - first_last > policy.OUTAGE_GAP:
-            pytest.skip("the machine was too slow: the two outages were not close together")
         # The outage's length is what the API server was away: at most the whole span less
         # the time between the probe's answer and the second stop.
         assert last - since <= (last - first_since) - (stopped_again - answered)
