@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
-
-if TYPE_CHECKING:
-    from captchatask_sidecar.spool import Disk
+from typing import Final, Protocol
 
 #: The quarantine's folder, inside the spool directory (segments are files at its top level).
 QUARANTINE_DIR: Final = "quarantine"
 QUARANTINE_SUFFIX: Final = ".damaged"
+
+
+class FileWriter(Protocol):
+    """What the quarantine needs of the spool's :class:`~.spool.Disk`: one durable file write."""
+
+    def write_file(self, path: Path, data: bytes) -> None:
+        """Write ``data`` to ``path`` durably and atomically."""
 
 
 class Quarantine:
@@ -41,7 +45,7 @@ class Quarantine:
     reader thread, never on the event loop.
     """
 
-    def __init__(self, spool_dir: Path, *, max_bytes: int, disk: Disk) -> None:
+    def __init__(self, spool_dir: Path, *, max_bytes: int, disk: FileWriter) -> None:
         self.directory = spool_dir / QUARANTINE_DIR
         self.max_bytes = max_bytes
         #: The spool's file-system calls (one seam for every durable write of the spool).
