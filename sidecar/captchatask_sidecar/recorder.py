@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -94,6 +95,9 @@ class Recorder:
         #: The circuit: ``False`` while the API server is known to be away (set by timeouts
         #: here, cleared by the drainer when the API server answers again).
         self.api_available = True
+        #: When the last pingback arrived (``clock`` seconds): the drainer keeps fewer replays
+        #: in flight while they do, so their answers do not hold the pingbacks up.
+        self.last_pingback = -math.inf
 
     async def accept(self, ref: TaskRef, result: Result, *, source: str) -> str:
         """Make one result durable and say how (the pingback outcome label).
@@ -127,6 +131,7 @@ class Recorder:
             At once: the spool's bound is reached; nothing was written.
         """
         received_at = time.time()
+        self.last_pingback = self.clock()
         if self.api_available:
             decision = self.gate.decide()
             if decision is Decision.WRITE:

@@ -66,11 +66,15 @@ DEFAULT_LOCAL_MAX_BODY_BYTES: Final = 1024 * 1024
 DEFAULT_READ_TIMEOUT_SECONDS: Final = 10.0
 #: Per-request budget of the spool drainer (it is not on the hot path, so it can be patient).
 DEFAULT_DRAIN_TIMEOUT_SECONDS: Final = 5.0
-#: Replays in flight at once when the spool drains. With the API server at its limit, 8 in
-#: flight put results into the ledger about as fast as 32 did (the rest only waited in its
-#: queue: each replay took four times as long), and the bursts of answers to 32 delayed the
-#: pingbacks sharing the sidecar's event loop (p99 17 ms instead of 9 ms at twice its limit).
-DEFAULT_DRAIN_CONCURRENCY: Final = 8
+#: Replays in flight at once at most when the spool drains (the flag bounds the drainer always;
+#: a gentle setting, ``--drain-concurrency 1``, stays gentle). The API server spends less CPU
+#: per status patch when more of them wait (etcd and its watch batch them, and its garbage
+#: collector runs less often per patch): overload at twice its limit, ``python -m bench.ingest
+#: --limit-only``, seven runs with 8 in flight throughout put results into the ledger at
+#: 0.84-0.97 of the raw ceiling (mean 0.89), four with 32 once the pingbacks stop at
+#: 0.94-1.01 (mean 0.97), the API server's CPU per patch 3.1-3.6 ms against 3.1-3.3 ms.
+#: While pingbacks arrive the drainer keeps fewer (its ``BUSY_CONCURRENCY``).
+DEFAULT_DRAIN_CONCURRENCY: Final = 32
 #: Results written to the ledger per second at most (0: no ceiling, the adaptive limit alone).
 DEFAULT_LEDGER_WRITES_PER_SECOND: Final = 0.0
 #: Results that may be written at once under that ceiling (client-go's default burst).
@@ -164,7 +168,10 @@ ENV: Final[dict[str, tuple[str, str]]] = {
         "CAPTCHATASK_DRAIN_TIMEOUT_SECONDS",
         "per-request timeout of the spool drainer",
     ),
-    "drain_concurrency": ("CAPTCHATASK_DRAIN_CONCURRENCY", "spool replays in flight at once"),
+    "drain_concurrency": (
+        "CAPTCHATASK_DRAIN_CONCURRENCY",
+        "spool replays in flight at once at most (8 of them while pingbacks arrive)",
+    ),
     "ledger_writes_per_second": (
         "CAPTCHATASK_LEDGER_WRITES_PER_SECOND",
         "results written to the ledger per second at most, the rest spooled (0: no ceiling)",
