@@ -66,15 +66,18 @@ DEFAULT_LOCAL_MAX_BODY_BYTES: Final = 1024 * 1024
 DEFAULT_READ_TIMEOUT_SECONDS: Final = 10.0
 #: Per-request budget of the spool drainer (it is not on the hot path, so it can be patient).
 DEFAULT_DRAIN_TIMEOUT_SECONDS: Final = 5.0
-#: Replays in flight at once at most when the spool drains (the flag bounds the drainer always;
-#: a gentle setting, ``--drain-concurrency 1``, stays gentle). The API server spends less CPU
-#: per status patch when more of them wait (etcd and its watch batch them, and its garbage
-#: collector runs less often per patch): overload at twice its limit, ``python -m bench.ingest
-#: --limit-only``, seven runs with 8 in flight throughout put results into the ledger at
-#: 0.84-0.97 of the raw ceiling (mean 0.89), four with 32 once the pingbacks stop at
-#: 0.94-1.01 (mean 0.97), the API server's CPU per patch 3.1-3.6 ms against 3.1-3.3 ms.
-#: While pingbacks arrive the drainer keeps fewer (its ``BUSY_CONCURRENCY``).
-DEFAULT_DRAIN_CONCURRENCY: Final = 32
+#: Replays in flight at once at most when the spool drains (the drainer keeps at most its
+#: ``BUSY_CONCURRENCY`` while pingbacks arrive, and up to this once they stop). A deeper drain
+#: is faster and worse for everyone else: the API server takes a status patch for less of its
+#: CPU with a deeper queue (etcd and its watch batch them, its garbage collector runs less per
+#: patch), but an unrelated client's requests wait behind ours. At twice the API server's limit
+#: on its own core, 32 once pingbacks stop (8 before) put results into the ledger at 0.94-1.01
+#: of the raw ceiling instead of 0.84-0.97 with 8 throughout (``python -m bench.ingest
+#: --limit-only``, interleaved runs), and with Kubernetes' default FlowSchemas (the chart's
+#: ``apiPriority`` off) raised another client's ``list pods`` p99 during the storm and its
+#: drain from 149-166 ms to 434-530 ms (idle 5-7 ms).
+#: So the default stays gentle; raise it where the API server has cores to spare.
+DEFAULT_DRAIN_CONCURRENCY: Final = 8
 #: Results written to the ledger per second at most (0: no ceiling, the adaptive limit alone).
 DEFAULT_LEDGER_WRITES_PER_SECOND: Final = 0.0
 #: Results that may be written at once under that ceiling (client-go's default burst).
@@ -170,7 +173,7 @@ ENV: Final[dict[str, tuple[str, str]]] = {
     ),
     "drain_concurrency": (
         "CAPTCHATASK_DRAIN_CONCURRENCY",
-        "spool replays in flight at once at most (8 of them while pingbacks arrive)",
+        "spool replays in flight at once at most (at most 8 while pingbacks arrive)",
     ),
     "ledger_writes_per_second": (
         "CAPTCHATASK_LEDGER_WRITES_PER_SECOND",
