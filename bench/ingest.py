@@ -13,7 +13,10 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
   replay;
 * **raw API-server ceiling** — :mod:`bench.ceiling`: a minimal aiohttp client, 64 in flight, one
   status JSON patch per task, against the same etcd + kube-apiserver; every ledger figure below is
-  also given as a ratio to it;
+  also given as a ratio to it. The same probe again with as many in flight as the receiver's
+  drainer keeps (``--drain-concurrency``'s default) says what the API server gives a client of
+  that depth: it takes a patch for less of its CPU with a deeper queue, so the overload's
+  ledger rate is held against both;
 * **ours, overload** — twice that ceiling offered to the sidecar, open loop
   (:mod:`bench.loadgen`): the pingbacks' p99, their 5xx, and the rate at which the results reach
   the ledger (first pingback sent to the last result applied, pingback path and spool replays
@@ -64,6 +67,7 @@ from captchatask.model import DeliveredBy, TaskRef
 from captchatask.signing import PingbackSigner, load_keys
 from captchatask.stack import Stack, StackConfig
 from captchatask.testbed import free_ports
+from captchatask_sidecar.settings import DEFAULT_DRAIN_CONCURRENCY
 
 NAMESPACE: Final = "bench"
 #: A realistic token length (reCAPTCHA tokens are several hundred characters).
@@ -289,9 +293,14 @@ def _wait_applied(
         time.sleep(APPLIED_POLL_SECONDS)
 
 
-async def _raw_ceiling(stack: Stack, tasks: Sequence[cluster.SubmittedTask]) -> dict[str, Any]:
+async def _raw_ceiling(
+    stack: Stack,
+    tasks: Sequence[cluster.SubmittedTask],
+    *,
+    in_flight: int = ceiling.PROBE_IN_FLIGHT,
+) -> dict[str, Any]:
     config = kube.load_config(str(stack.plane.kubeconfig))
-    return await ceiling.probe(config, tasks, token=TOKEN)
+    return await ceiling.probe(config, tasks, token=TOKEN, in_flight=in_flight)
 
 
 def _overload(
@@ -566,6 +575,7 @@ _FIRST_IDS: Final = {
     "ceil": 8_100_000_000,
     "over": 8_200_000_000,
     "more": 8_300_000_000,
+    "depth": 8_400_000_000,
 }
 
 
@@ -820,6 +830,7 @@ def _limit_rows(
         f"{ceiling.PROBE_IN_FLIGHT} in flight"
     )
     ceiling_tasks = asyncio.run(_prepare(stack, profile.ceiling_tasks, prefix="ceil"))
+    depth_tasks = asyncio.run(_prepare(stack, profile.ceiling_tasks, prefix="depth"))
     # The overload's tasks exist before the ceiling is probed: the API server's CPU per status
     # patch grows with the objects it holds, so both sides of the ratio must see the same store.
     # Their number comes from the reference (about the ceiling) with headroom; a shortfall is
@@ -840,6 +851,18 @@ def _limit_rows(
     # The control plane's CPU per patch, to hold against the overload row's (same write each).
     raw["cpu_seconds"] = {k: round(v, 2) for k, v in _delta(_cpu_now(stack), cpu_before).items()}
     say(f"  {raw['patches_per_second']:,.0f} patches/s, p99 {raw['p99_ms']:.1f} ms")
+    say(f"  again with the drainer's {DEFAULT_DRAIN_CONCURRENCY} in flight")
+    cpu_before = _cpu_now(stack)
+    shallow = out["raw_ceiling_at_drain_depth"] = asyncio.run(
+        _raw_ceiling(stack, depth_tasks, in_flight=DEFAULT_DRAIN_CONCURRENCY)
+    )
+    shallow["cpu_seconds"] = {
+        k: round(v, 2) for k, v in _delta(_cpu_now(stack), cpu_before).items()
+    }
+    say(
+        f"  {shallow['patches_per_second']:,.0f} patches/s "
+        f"({shallow['patches_per_second'] / raw['patches_per_second']:.0%} of the ceiling)"
+    )
     rate = OVERLOAD_FACTOR * raw["patches_per_second"]
     count = round(rate * profile.overload_seconds) + LOADGEN_WARMUP
     topped_up = max(0, count - len(overload_tasks))

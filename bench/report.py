@@ -157,6 +157,20 @@ def ceiling_table(ours: dict[str, Any]) -> str:
             "100%",
         ]
     ]
+    shallow = ours.get("raw_ceiling_at_drain_depth")
+    if shallow:
+        rows.append(
+            [
+                f"the same probe with the drainer's depth ({shallow['in_flight']} in flight)",
+                "closed loop",
+                _num(shallow["p50_ms"], 2),
+                _num(shallow["p99_ms"], 2),
+                f"{shallow['statuses'].get('200', 0):,} ok, "
+                f"{shallow['patches'] - shallow['ok']:,} not",
+                f"{_num(shallow['patches_per_second'], 0)} patches/s",
+                f"{shallow['patches_per_second'] / ceiling:.0%}",
+            ]
+        )
     reference = ours.get("apiserver_reference")
     if reference:
         rows.append(
@@ -191,7 +205,13 @@ def ceiling_table(ours: dict[str, Any]) -> str:
                     else ""
                 )
                 + ")",
-                f"{over['ledger_per_second'] / ceiling:.0%}",
+                f"{over['ledger_per_second'] / ceiling:.0%}"
+                + (
+                    f" ({over['ledger_per_second'] / shallow['patches_per_second']:.0%} of the "
+                    f"probe at {shallow['in_flight']} in flight)"
+                    if shallow
+                    else ""
+                ),
             ]
         )
     layout = ours.get("limit_layout", {}).get("layout")

@@ -75,7 +75,7 @@ DEFAULT_DRAIN_TIMEOUT_SECONDS: Final = 5.0
 #: of the raw ceiling instead of 0.84-0.97 with 8 throughout (``python -m bench.ingest
 #: --limit-only``, interleaved runs), and with Kubernetes' default FlowSchemas (the chart's
 #: ``apiPriority`` off) raised another client's ``list pods`` p99 during the storm and its
-#: drain from 149-166 ms to 434-530 ms (idle 5-7 ms).
+#: drain from 147-166 ms to 434-530 ms (idle 5-7 ms).
 #: So the default stays gentle; raise it where the API server has cores to spare.
 DEFAULT_DRAIN_CONCURRENCY: Final = 8
 #: Results written to the ledger per second at most (0: no ceiling, the adaptive limit alone).

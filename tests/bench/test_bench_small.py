@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 from tests.bounded import run_bounded
 
+from captchatask_sidecar.settings import DEFAULT_DRAIN_CONCURRENCY
+
 REPO = Path(__file__).resolve().parents[2]
 TABLES = (
     "### 1. Pingback ingestion",
@@ -109,6 +111,10 @@ def test_the_api_ceiling_and_the_overload_run_are_whole(
     for key in ("p50_ms", "p99_ms", "ledger_per_second", "seconds_to_apply_all"):
         assert _finite(overload[key]), key
     assert overload["applied"] >= overload["results"]  # every result reached the ledger
+    shallow = ours["raw_ceiling_at_drain_depth"]
+    assert shallow["ok"] == shallow["patches"] == raw["patches"]
+    assert shallow["in_flight"] == DEFAULT_DRAIN_CONCURRENCY < raw["in_flight"]
+    assert "the same probe with the drainer's depth" in small_run[1]
     assert ours["limit_layout"]["layout"]
     assert "API server at its limit" in small_run[1]
 
