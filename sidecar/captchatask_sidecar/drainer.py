@@ -20,11 +20,11 @@ pingback writes still in flight when a backlog starts keep their share of ``conc
 they end, so the hand-over does not stretch them. A configured :class:`~.pace.WritePace` (the
 gate's ``pace``) also bounds the replays started per second: the spool then drains at that rate.
 
-Depth: the API server takes a status patch for less of its CPU when more of them wait in its
-queue (etcd and the watch batch them; see :data:`~.settings.DEFAULT_DRAIN_CONCURRENCY`), but a
-burst of answers to many replays also holds up the pingbacks that share this event loop. So the
-drainer keeps at most :data:`BUSY_CONCURRENCY` replays in flight while pingbacks arrive, and
-deepens to ``concurrency`` (the flag, which bounds it always) once none has arrived for
+Depth: a deeper drain puts results into the ledger faster at the API server's limit, and makes
+its other clients wait (see :data:`~.settings.DEFAULT_DRAIN_CONCURRENCY`, whose default is
+gentle); a burst of answers to many replays also holds up the pingbacks that share this event
+loop. So the drainer keeps at most :data:`BUSY_CONCURRENCY` replays in flight while pingbacks
+arrive, and deepens to ``concurrency`` (the flag, which bounds it always) once none has arrived for
 :data:`QUIET_SECONDS`: the spool a burst left behind then drains at the API server's
 deeper-queue pace. The first pingback after that brings the depth back down before another
 replay starts.

@@ -68,15 +68,14 @@ DEFAULT_READ_TIMEOUT_SECONDS: Final = 10.0
 DEFAULT_DRAIN_TIMEOUT_SECONDS: Final = 5.0
 #: Replays in flight at once at most when the spool drains (the drainer keeps at most its
 #: ``BUSY_CONCURRENCY`` while pingbacks arrive, and up to this once they stop). A deeper drain
-#: is faster and worse for everyone else: the API server takes a status patch for less of its
-#: CPU with a deeper queue (etcd and its watch batch them, its garbage collector runs less per
-#: patch), but an unrelated client's requests wait behind ours. At twice the API server's limit
-#: on its own core, 32 once pingbacks stop (8 before) put results into the ledger at 0.94-1.01
-#: of the raw ceiling instead of 0.84-0.97 with 8 throughout (``python -m bench.ingest
-#: --limit-only``, interleaved runs), and with Kubernetes' default FlowSchemas (the chart's
-#: ``apiPriority`` off) raised another client's ``list pods`` p99 during the storm and its
-#: drain from 147-166 ms to 434-530 ms (idle 5-7 ms).
-#: So the default stays gentle; raise it where the API server has cores to spare.
+#: is faster and worse for everyone else: an unrelated client's requests wait behind ours. At
+#: twice the API server's limit on its own core, 32 once pingbacks stop (8 before) put results
+#: into the ledger at 0.94-1.01 of the raw ceiling instead of 0.84-0.97 with 8 throughout, the
+#: API server spending 3.1-3.3 ms of CPU per patch instead of 3.1-3.6 ms (``python -m
+#: bench.ingest --limit-only``, interleaved runs); with Kubernetes' default FlowSchemas (the
+#: chart's ``apiPriority`` off) it raised another client's ``list pods`` p99 during the storm
+#: and its drain from 147-166 ms to 434-530 ms (idle 5-7 ms). So the default stays gentle;
+#: raise it where the API server has cores to spare.
 DEFAULT_DRAIN_CONCURRENCY: Final = 8
 #: Results written to the ledger per second at most (0: no ceiling, the adaptive limit alone).
 DEFAULT_LEDGER_WRITES_PER_SECOND: Final = 0.0
