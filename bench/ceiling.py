@@ -7,7 +7,9 @@ status JSON patch per prepared ``Submitted`` CaptchaTask, built by the ledger's 
 so the bytes are a pingback's (the compare-and-set ``test`` ops, the solved fields and the
 appended Complete condition; a hand-written, smaller patch measured a cheaper write and made the
 ratio flatter than it is). Nothing else: no ledger, no retry policy, no sidecar; one ``aiohttp``
-session with :data:`PROBE_IN_FLIGHT` requests in flight.
+session with :data:`PROBE_IN_FLIGHT` requests in flight. :mod:`bench.ingest` runs it a second
+time with as many in flight as the receiver's drainer keeps, to tell what the API server gives a
+client of that depth from what the receiver adds.
 """
 
 from __future__ import annotations
