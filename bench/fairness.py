@@ -45,11 +45,13 @@ sweep shows. Nothing here asserts a speed.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -62,7 +64,7 @@ import yaml
 
 from bench import background, cluster, cores, ingest, wrk
 from bench.loadgen import percentile
-from bench.profiles import Profile
+from bench.profiles import PROFILES, Profile
 from captchatask import kube, testbed
 from captchatask.decision import Result
 from captchatask.ledger import Ledger
@@ -182,9 +184,13 @@ BASE_STORMS: Final = {
 }
 
 
-def _variants(profile_name: str) -> list[Variant]:
+def _variants(profile_name: str, only: Sequence[str] | None = None) -> list[Variant]:
     """Every storm on the quiescent plane, in order: defaults, the chart's objects, with a pace,
-    then the sweep. The small profile only checks that the phase runs: one storm."""
+    then the sweep. The small profile only checks that the phase runs: one storm.
+
+    ``only``: just these of them (labels), in the same order; an unknown label is a
+    ``ValueError`` that names the known ones.
+    """
     labels = BASE_STORMS.get(profile_name, BASE_STORMS["small"])
     out = [variant for variant in _STORMS if variant.label in labels]
     for shares in SWEEP_SHARES.get(profile_name, ()):
@@ -194,7 +200,13 @@ def _variants(profile_name: str) -> list[Variant]:
             "apiPriority.borrowingLimitPercent=0",
         ]
         out.append(Variant(f"shares_{shares}", sets))
-    return out
+    if only is None:
+        return out
+    known = [variant.label for variant in out]
+    unknown = sorted(set(only) - set(known))
+    if unknown:
+        raise ValueError(f"unknown storm(s) {unknown} in profile {profile_name}: known {known}")
+    return [variant for variant in out if variant.label in only]
 
 
 @dataclass(frozen=True)
@@ -619,12 +631,28 @@ def _cluster_plane(
     return out
 
 
-def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
+def run(
+    profile: Profile,
+    workdir: Path,
+    say: Say,
+    *,
+    storms: Sequence[str] | None = None,
+    sidecar_args: Sequence[str] = (),
+) -> dict[str, Any]:
     """The APF side-by-side rows (in the full profile, the seat-count sweep), then the
-    cluster-like planes' rows."""
+    cluster-like planes' rows.
+
+    ``storms``: only these quiescent storms, and no cluster-like plane (``python -m
+    bench.fairness --storm``: one comparison without the whole phase); ``sidecar_args``: extra
+    receiver arguments for every storm (e.g. another ``--drain-concurrency``).
+    """
+    variants = _variants(profile.name, storms)
     probe_count, storm_seconds, idle_samples = SIZES.get(profile.name, SIZES["small"])
     workdir.mkdir(parents=True, exist_ok=True)
-    stack = _Stack(StackConfig(workdir=workdir / "stack", namespace=NAMESPACE), progress=say)
+    stack = _Stack(
+        StackConfig(workdir=workdir / "stack", namespace=NAMESPACE, sidecar_args=sidecar_args),
+        progress=say,
+    )
     out: dict[str, Any] = {"storm_seconds": storm_seconds, "storm_factor": STORM_FACTOR}
     try:
         stack.start()
@@ -655,7 +683,6 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         rate = STORM_FACTOR * capacity
         out["storm_rate"] = round(rate)
         storm_tasks = round(rate * storm_seconds) + 16
-        variants = _variants(profile.name)
         setting = _Setting(
             workdir, capacity, rate, storm_tasks, storm_seconds, idle_samples, version, say
         )
@@ -679,7 +706,9 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         )  # fmt: skip
         out["cluster_like"] = [
             _cluster_plane(stack, reader, signer, plane, setting)
-            for plane in CLUSTER_PLANES.get(profile.name, CLUSTER_PLANES["small"])
+            for plane in (
+                CLUSTER_PLANES.get(profile.name, CLUSTER_PLANES["small"]) if storms is None else ()
+            )
         ]
         out["sweep"] = [v.label for v in variants if v.label.startswith("shares_")]
         out["apf_objects"] = [
@@ -689,3 +718,49 @@ def run(profile: Profile, workdir: Path, say: Say) -> dict[str, Any]:
         with contextlib.suppress(Exception):
             stack.stop()
     return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m bench.fairness``: the fairness phase, or some of its quiescent storms, as JSON.
+
+    ``--storm LABEL`` (repeatable) runs only those storms on the quiescent plane (each with the
+    idle baseline measured first, and no cluster-like plane); ``--sidecar-arg`` passes the
+    receiver an extra argument. For example, what a deeper drain costs an unrelated client with
+    Kubernetes' default FlowSchemas: ``--storm kubernetes_defaults`` with and without
+    ``--sidecar-arg=--drain-concurrency=32``.
+    """
+    parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=main.__doc__)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
+    parser.add_argument("--workdir", type=Path, required=True, help="scratch directory")
+    parser.add_argument(
+        "--storm", action="append", default=None, help="a storm's label (repeatable)"
+    )
+    parser.add_argument(
+        "--sidecar-arg",
+        action="append",
+        default=[],
+        help="an extra receiver argument (repeatable; e.g. --sidecar-arg=--drain-concurrency=32)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        _variants(args.profile, args.storm)
+    except ValueError as exc:
+        parser.error(str(exc))
+    started = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    result = run(
+        PROFILES[args.profile],
+        args.workdir,
+        say,
+        storms=args.storm,
+        sidecar_args=args.sidecar_arg,
+    )
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

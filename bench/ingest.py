@@ -15,8 +15,7 @@ Servers measured, each pinned to the server core with wrk/the paced client on th
   status JSON patch per task, against the same etcd + kube-apiserver; every ledger figure below is
   also given as a ratio to it. The same probe again with as many in flight as the receiver's
   drainer keeps (``--drain-concurrency``'s default) says what the API server gives a client of
-  that depth: it takes a patch for less of its CPU with a deeper queue, so the overload's
-  ledger rate is held against both;
+  that depth, and the overload's ledger rate is held against both;
 * **ours, overload** — twice that ceiling offered to the sidecar, open loop
   (:mod:`bench.loadgen`): the pingbacks' p99, their 5xx, and the rate at which the results reach
   the ledger (first pingback sent to the last result applied, pingback path and spool replays
@@ -293,14 +292,19 @@ def _wait_applied(
         time.sleep(APPLIED_POLL_SECONDS)
 
 
-async def _raw_ceiling(
+def _raw_ceiling(
     stack: Stack,
     tasks: Sequence[cluster.SubmittedTask],
     *,
     in_flight: int = ceiling.PROBE_IN_FLIGHT,
 ) -> dict[str, Any]:
+    """One raw probe, with the CPU each party used meanwhile (the plane's per patch, to hold
+    against the overload row's: the same write each)."""
     config = kube.load_config(str(stack.plane.kubeconfig))
-    return await ceiling.probe(config, tasks, token=TOKEN, in_flight=in_flight)
+    cpu_before = _cpu_now(stack)
+    out = asyncio.run(ceiling.probe(config, tasks, token=TOKEN, in_flight=in_flight))
+    out["cpu_seconds"] = {k: round(v, 2) for k, v in _delta(_cpu_now(stack), cpu_before).items()}
+    return out
 
 
 def _overload(
@@ -846,19 +850,12 @@ def _limit_rows(
     )
     say(f"overload: preparing {estimate} tasks before the ceiling (the same store for both)")
     overload_tasks = asyncio.run(_prepare(stack, estimate, prefix="over"))
-    cpu_before = _cpu_now(stack)
-    raw = out["raw_ceiling"] = asyncio.run(_raw_ceiling(stack, ceiling_tasks))
-    # The control plane's CPU per patch, to hold against the overload row's (same write each).
-    raw["cpu_seconds"] = {k: round(v, 2) for k, v in _delta(_cpu_now(stack), cpu_before).items()}
+    raw = out["raw_ceiling"] = _raw_ceiling(stack, ceiling_tasks)
     say(f"  {raw['patches_per_second']:,.0f} patches/s, p99 {raw['p99_ms']:.1f} ms")
     say(f"  again with the drainer's {DEFAULT_DRAIN_CONCURRENCY} in flight")
-    cpu_before = _cpu_now(stack)
-    shallow = out["raw_ceiling_at_drain_depth"] = asyncio.run(
-        _raw_ceiling(stack, depth_tasks, in_flight=DEFAULT_DRAIN_CONCURRENCY)
+    shallow = out["raw_ceiling_at_drain_depth"] = _raw_ceiling(
+        stack, depth_tasks, in_flight=DEFAULT_DRAIN_CONCURRENCY
     )
-    shallow["cpu_seconds"] = {
-        k: round(v, 2) for k, v in _delta(_cpu_now(stack), cpu_before).items()
-    }
     say(
         f"  {shallow['patches_per_second']:,.0f} patches/s "
         f"({shallow['patches_per_second'] / raw['patches_per_second']:.0%} of the ceiling)"

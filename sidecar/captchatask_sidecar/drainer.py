@@ -60,8 +60,9 @@ _UNAVAILABLE: Final = "unavailable"
 QUIET_SECONDS: Final = 0.25
 #: Replays in flight at most while pingbacks arrive. The bursts of answers to 32 replays held
 #: up the pingbacks sharing the event loop: at twice the API server's limit (``python -m
-#: bench.ingest --limit-only``) pingback p99 9.8-13.9 ms with 32 throughout, 6.2-8.9 ms with 8
-#: while pingbacks arrive and 32 after.
+#: bench.ingest --limit-only --sidecar-arg=--drain-concurrency=32``) pingback p99 6.2-8.9 ms
+#: with this depth (8 while pingbacks arrive, 32 after), 9.8-13.9 ms with the same flag on the
+#: drainer before it (32 throughout).
 BUSY_CONCURRENCY: Final = 8
 
 

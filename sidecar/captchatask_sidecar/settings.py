@@ -74,7 +74,8 @@ DEFAULT_DRAIN_TIMEOUT_SECONDS: Final = 5.0
 #: API server spending 3.1-3.3 ms of CPU per patch instead of 3.1-3.6 ms (``python -m
 #: bench.ingest --limit-only``, interleaved runs); with Kubernetes' default FlowSchemas (the
 #: chart's ``apiPriority`` off) it raised another client's ``list pods`` p99 during the storm
-#: and its drain from 147-166 ms to 434-530 ms (idle 5-7 ms). So the default stays gentle;
+#: and its drain from 147-166 ms to 434-530 ms (idle 4.8-7.5 ms; ``python -m
+#: bench.fairness --storm kubernetes_defaults``). So the default stays gentle;
 #: raise it where the API server has cores to spare.
 DEFAULT_DRAIN_CONCURRENCY: Final = 8
 #: Results written to the ledger per second at most (0: no ceiling, the adaptive limit alone).
