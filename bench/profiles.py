@@ -40,6 +40,10 @@ class Profile:
         Tasks the raw API-server ceiling probe patches (one status JSON patch each).
     overload_seconds
         Duration of the overload run (twice the raw ceiling offered, open loop).
+    limit_rounds
+        Rounds of the "API server at its limit" rows (both raw probes and the overload, each
+        round on tasks of its own): the verdicts take the median, because the API server's
+        speed on a shared machine drifts between runs minutes apart.
     time_scale
         Factor applied to every protocol time in the API-calls and recovery runs.
     scale_tasks
@@ -66,6 +70,7 @@ class Profile:
     submit_rate: float = 20.0
     ceiling_tasks: int = 2000
     overload_seconds: float = 5.0
+    limit_rounds: int = 3
 
     @property
     def paced_ledger_tasks(self) -> int:
@@ -101,6 +106,7 @@ SMALL: Final = Profile(
     scale_solve_seconds=(8.0, 12.0),
     ceiling_tasks=300,
     overload_seconds=1.5,
+    limit_rounds=2,
 )
 
 PROFILES: Final = {profile.name: profile for profile in (FULL, SMALL)}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from bench.profiles import SMALL
 from tests.bounded import run_bounded
 
 from captchatask_sidecar.settings import DEFAULT_DRAIN_CONCURRENCY
@@ -117,6 +118,14 @@ def test_the_api_ceiling_and_the_overload_run_are_whole(
     assert "the same probe with the drainer's depth" in small_run[1]
     assert ours["limit_layout"]["layout"]
     assert "API server at its limit" in small_run[1]
+    # Every round ran whole, on tasks of its own; the rows above are the median round's.
+    done = ours["limit_rounds"]
+    assert len(done) == SMALL.limit_rounds > 1
+    for round_ in done:
+        assert round_["raw_ceiling"]["ok"] == round_["raw_ceiling"]["patches"] > 0
+        assert round_["overload"]["applied"] >= round_["overload"]["results"]
+    assert done[ours["limit_median_round"]]["overload"] == overload
+    assert f"{SMALL.limit_rounds} rounds, each on tasks of its own" in small_run[1]
 
 
 @pytest.mark.slow
