@@ -13,11 +13,11 @@ starts. Real API server, real spool; the clock is the recorder's (fake).
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
+from tests.sidecar import records
 from tests.sidecar.test_limiter import FakeClock
 
 from captchatask.decision import Result
@@ -28,7 +28,6 @@ from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.recorder import Recorder
 from captchatask_sidecar.settings import load
 from captchatask_sidecar.spool import Spool
-from captchatask_sidecar.spoolformat import SpoolRecord
 
 if TYPE_CHECKING:
     from tests.sidecar.conftest import Cluster
@@ -51,19 +50,7 @@ class PeakGate(LedgerGate):
 async def _spooled(cluster: Cluster, namespace: str, spool: Spool, prefix: str) -> list[str]:
     tasks = await cluster.many_submitted(namespace, RESULTS, prefix=prefix)
     for task in tasks:
-        await spool.append(
-            SpoolRecord(
-                ref=task.ref,
-                result=Result.solved(
-                    token=f"tok-{task.ref.name}",
-                    delivered_by=DeliveredBy.PINGBACK,
-                    provider_task_id=str(task.provider_task_id),
-                ),
-                received_at=time.time(),
-                received_by="test",
-                source="get",
-            )
-        )
+        await spool.append(records.solved(task.ref, task.provider_task_id))
     return [task.ref.name for task in tasks]
 
 

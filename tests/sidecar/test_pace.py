@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry
+from tests.sidecar import records
 from tests.sidecar.test_limiter import FakeClock
 
-from captchatask.decision import Result
 from captchatask.model import DeliveredBy, TaskRef
 from captchatask_sidecar.drainer import Drainer
 from captchatask_sidecar.limiter import Decision, GradientLimit, LedgerGate, LimitSettings
@@ -29,7 +29,6 @@ from captchatask_sidecar.pingback import OUTCOME_HEADER
 from captchatask_sidecar.recorder import Recorder
 from captchatask_sidecar.settings import SettingsError, load
 from captchatask_sidecar.spool import Entry, Spool
-from captchatask_sidecar.spoolformat import SpoolRecord
 
 if TYPE_CHECKING:
     from tests.sidecar.conftest import Cluster, SidecarFactory
@@ -144,19 +143,7 @@ async def test_a_paced_drainer_sleeps_until_its_next_write_instead_of_spinning(
     spool = CountingSpool(tmp_path / "spool")
     spool.open()
     for task in tasks:
-        await spool.append(
-            SpoolRecord(
-                ref=task.ref,
-                result=Result.solved(
-                    token=f"tok-{task.ref.name}",
-                    delivered_by=DeliveredBy.PINGBACK,
-                    provider_task_id=str(task.provider_task_id),
-                ),
-                received_at=time.time(),
-                received_by="test",
-                source="get",
-            )
-        )
+        await spool.append(records.solved(task.ref, task.provider_task_id))
     metrics = Metrics(CollectorRegistry())
     gate = LedgerGate(
         GradientLimit(LimitSettings(), clock=time.monotonic),

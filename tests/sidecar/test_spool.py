@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from tests.sidecar import records
 
 from captchatask.decision import Result
 from captchatask.model import DeliveredBy, TaskRef
@@ -22,15 +23,8 @@ HANG_GUARD_APPENDS = 100_000
 
 
 def record(index: int) -> SpoolRecord:
-    return SpoolRecord(
-        ref=TaskRef("ns", f"task-{index}", f"00000000-0000-4000-8000-{index:012d}"),
-        result=Result.solved(
-            token=f"token-{index}-ü", delivered_by=DeliveredBy.PINGBACK, provider_task_id=str(index)
-        ),
-        received_at=1_700_000_000.0 + index,
-        received_by="pod-a",
-        source="get",
-    )
+    """A numbered record whose token is not ASCII (the encoding must keep it)."""
+    return records.numbered(index, token=f"token-{index}-ü")
 
 
 async def test_appended_records_survive_a_reopen_in_order(tmp_path: Path) -> None:

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
+from tests.sidecar import records
 
-from captchatask.decision import Result
-from captchatask.model import DeliveredBy, TaskRef
+from captchatask.model import TaskRef
 from captchatask_sidecar import settings as sidecar_settings
 from captchatask_sidecar import spool as spool_module
 from captchatask_sidecar.spool import Spool, SpoolFullError
@@ -39,17 +39,8 @@ if TYPE_CHECKING:
 
 
 def record(index: int, *, token_bytes: int = 16) -> SpoolRecord:
-    return SpoolRecord(
-        ref=TaskRef("ns", f"task-{index}", f"00000000-0000-4000-8000-{index:012d}"),
-        result=Result.solved(
-            token=f"{index:08d}" + "t" * token_bytes,
-            delivered_by=DeliveredBy.PINGBACK,
-            provider_task_id=str(index),
-        ),
-        received_at=1_700_000_000.0 + index,
-        received_by="pod-a",
-        source="get",
-    )
+    """A numbered record whose size the token sets."""
+    return records.numbered(index, token=f"{index:08d}" + "t" * token_bytes)
 
 
 def framed_size(index: int, **kwargs: int) -> int:

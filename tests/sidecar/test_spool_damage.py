@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from prometheus_client import CollectorRegistry
+from tests.sidecar import records
 
 from captchatask.decision import Result
 from captchatask.model import DeliveredBy, Phase, TaskRef
@@ -30,16 +31,7 @@ DAMAGED_BYTES = "captchatask_spool_damaged_bytes_total"
 NOT_KEPT = "captchatask_spool_quarantine_full_total"
 
 
-def record(index: int) -> SpoolRecord:
-    return SpoolRecord(
-        ref=TaskRef("ns", f"task-{index}", f"00000000-0000-4000-8000-{index:012d}"),
-        result=Result.solved(
-            token=f"token-{index}", delivered_by=DeliveredBy.PINGBACK, provider_task_id=str(index)
-        ),
-        received_at=1_700_000_000.0 + index,
-        received_by="pod-a",
-        source="get",
-    )
+record = records.numbered
 
 
 def framed(index: int) -> bytes:

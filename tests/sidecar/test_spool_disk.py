@@ -31,11 +31,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
+from tests.sidecar import records
 
 from captchatask import kube, signing, testbed
-from captchatask.decision import Result
 from captchatask.ledger import Ledger
-from captchatask.model import DeliveredBy, TaskRef
+from captchatask.model import TaskRef
 from captchatask.provider.codes import Dialect
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.pingback import OUTCOME_HEADER, PingbackReceiver, create_pingback_app
@@ -51,19 +51,11 @@ AiohttpClient = Callable[[web.Application], Awaitable[TestClient[web.Request, we
 
 
 def ref(index: int) -> TaskRef:
-    return TaskRef(NAMESPACE, f"task-{index}", f"00000000-0000-4000-8000-{index:012d}")
+    return records.numbered_ref(index, NAMESPACE)
 
 
 def record(index: int) -> SpoolRecord:
-    return SpoolRecord(
-        ref=ref(index),
-        result=Result.solved(
-            token=f"token-{index}", delivered_by=DeliveredBy.PINGBACK, provider_task_id=str(index)
-        ),
-        received_at=1_700_000_000.0 + index,
-        received_by="pod-a",
-        source="get",
-    )
+    return records.numbered(index, namespace=NAMESPACE)
 
 
 class BlockingDisk(Disk):
