@@ -538,7 +538,7 @@ def overload_verdicts(ours: dict[str, Any]) -> list[Verdict]:
             (
                 f"median of {len(summary.rounds)} rounds' ratios {summary.ratio:.0%}"
                 + each(
-                    [f"{r.ledger:,.0f} / {r.ceiling:,.0f} = {r.ratio:.0%}" for r in summary.rounds]
+                    [f"{r.ratio:.0%} ({r.ledger:,.0f}/{r.ceiling:,.0f})" for r in summary.rounds]
                 )
                 if several
                 else f"{summary.ledger:,.0f} / {summary.ceiling:,.0f} per s = {summary.ratio:.0%}"

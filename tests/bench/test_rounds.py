@@ -47,7 +47,7 @@ def test_the_verdicts_read_the_median_of_each_figure_not_one_round() -> None:
     ledger = _verdict(ours, "results reach the ledger")
     assert ledger.met is True
     assert "median of 3 rounds' ratios 95%" in ledger.figure
-    assert "240 / 300 = 80%" in ledger.figure
+    assert "rounds 80% (240/300) / 98% (245/250) / 95% (266/280)" in ledger.figure
     p99 = _verdict(ours, "pingback p99")
     assert p99.met is True
     assert "median p99 7.00 ms" in p99.figure
