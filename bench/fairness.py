@@ -62,7 +62,7 @@ from typing import Any, Final
 import aiohttp
 import yaml
 
-from bench import background, cluster, cores, ingest, wrk
+from bench import background, cluster, cores, ingest, procstat, wrk
 from bench.loadgen import percentile
 from bench.profiles import PROFILES, Profile
 from captchatask import kube, testbed
@@ -423,25 +423,10 @@ def _bucket_p99_ms(before: dict[float, float], after: dict[float, float]) -> flo
     return None
 
 
-def _cpu_times() -> dict[int, tuple[int, int]]:
-    """(busy, total) jiffies per core, from ``/proc/stat``."""
-    out = {}
-    for line in Path("/proc/stat").read_text(encoding="ascii").splitlines():
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit():
-            ticks = [int(field) for field in fields[:8]]
-            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
-    return out
-
-
 def _cpu_busy(before: dict[int, tuple[int, int]]) -> dict[str, float]:
     """Share of each core busy since ``before`` (either core saturated makes latency its own)."""
-    after = _cpu_times()
-    return {
-        f"core_{core}": round((busy - before[core][0]) / max(1, total - before[core][1]), 3)
-        for core, (busy, total) in after.items()
-        if core in before
-    }
+    shares = procstat.busy_shares(before, procstat.core_ticks())
+    return {f"core_{core}": share for core, share in shares.items()}
 
 
 def _flow_delta(
@@ -470,7 +455,7 @@ def _storm_with_reader(
     flow_before = _flowcontrol(stack)
     applied_before = _applied(stack)
     buckets_before = _list_pods_buckets(stack)
-    cpu_before = _cpu_times()
+    cpu_before = procstat.core_ticks()
     # The client lists from the storm's start until the receiver's spool is empty again: our
     # writes go on at the same pace while it drains (with a pace, that is most of them).
     reader.start()

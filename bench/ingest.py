@@ -332,14 +332,14 @@ def _overload(
     sampler = profiler.Profiler(
         stack.processes["sidecar"].pid, workdir / "sidecar-overload.pyspy", seconds=seconds * 4
     )
-    cpu_before, busy_before = _cpu_now(stack), _cores_busy()
+    cpu_before, busy_before = _cpu_now(stack), procstat.core_ticks()
     with sampler if spy else contextlib.nullcontext(sampler):
         run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
-        sent_at, cpu_sent, busy_sent = time.time(), _cpu_now(stack), _cores_busy()
+        sent_at, cpu_sent, busy_sent = time.time(), _cpu_now(stack), procstat.core_ticks()
         applied_sent = _applied(cluster.scrape(stack.sidecar_metrics_url)) - before
         in_flight: list[float] = []
         done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
-    cpu_after, busy_after = _cpu_now(stack), _cores_busy()
+    cpu_after, busy_after = _cpu_now(stack), procstat.core_ticks()
     cpu = _delta(cpu_after, cpu_before)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
     api_after = cluster.apiserver_metrics(stack)
@@ -424,33 +424,19 @@ def _cpu_now(stack: Stack) -> dict[str, float]:
     }
 
 
-def _cores_busy() -> dict[str, tuple[float, float]]:
-    """Per core: (busy, total) clock ticks so far, from ``/proc/stat`` (the whole machine's)."""
-    out: dict[str, tuple[float, float]] = {}
-    for line in Path("/proc/stat").read_text(encoding="utf-8").splitlines():
-        name, *fields = line.split()
-        if not name.startswith("cpu") or name == "cpu":
-            continue
-        ticks = [float(value) for value in fields]
-        idle = ticks[3] + ticks[4]  # idle + iowait
-        out[name] = (sum(ticks) - idle, sum(ticks))
-    return out
-
-
 def _phase(
     applied: float,
     seconds: float,
     cpu_after: dict[str, float],
     cpu_before: dict[str, float],
-    busy_after: dict[str, tuple[float, float]],
-    busy_before: dict[str, tuple[float, float]],
+    busy_after: dict[int, tuple[int, int]],
+    busy_before: dict[int, tuple[int, int]],
 ) -> dict[str, Any]:
     """One phase of the overload: its ledger rate, our CPU shares and the cores' busy shares."""
     span = max(seconds, 1e-9)
-    busy: dict[str, float] = {}
-    for core, (ticks, total) in busy_after.items():
-        was_busy, was_total = busy_before.get(core, (0.0, 0.0))
-        busy[core] = round((ticks - was_busy) / max(total - was_total, 1.0), 3)
+    busy = {
+        f"cpu{core}": share for core, share in procstat.busy_shares(busy_before, busy_after).items()
+    }
     return {
         "seconds": round(seconds, 3),
         "applied": applied,

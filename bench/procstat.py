@@ -33,6 +33,32 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return int(fields[_UTIME_FIELD]) / _TICKS, int(fields[_STIME_FIELD]) / _TICKS
 
 
+def core_ticks() -> dict[int, tuple[int, int]]:
+    """Per core: (busy, total) clock ticks so far, from ``/proc/stat`` (the whole machine's).
+
+    Busy is every field but idle and iowait. Only the first eight fields count: guest and
+    guest_nice are already part of user and nice.
+    """
+    out = {}
+    for line in Path("/proc/stat").read_text(encoding="ascii").splitlines():
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit():
+            ticks = [int(field) for field in fields[:8]]
+            out[int(name[3:])] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+    return out
+
+
+def busy_shares(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]
+) -> dict[int, float]:
+    """Share of each core busy between two :func:`core_ticks` readings."""
+    return {
+        core: round((busy - before[core][0]) / max(1, total - before[core][1]), 3)
+        for core, (busy, total) in after.items()
+        if core in before
+    }
+
+
 def _status_kib(pid: int, key: str) -> int:
     raw = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
     match = re.search(rf"^{key}:\s+(\d+) kB", raw, re.MULTILINE)
