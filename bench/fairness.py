@@ -232,6 +232,26 @@ CLUSTER_PLANES: Final = {
 }
 
 
+def _cluster_planes(
+    profile_name: str, storms: Sequence[str] | None, only: Sequence[str] | None
+) -> list[ClusterPlane]:
+    """The cluster-like planes a run measures: every one of the profile's in a whole phase,
+    none when only quiescent storms were asked for (``storms``), or just ``only`` (keys).
+
+    An unknown key is a ``ValueError`` that names the known ones.
+    """
+    planes = list(CLUSTER_PLANES.get(profile_name, CLUSTER_PLANES["small"]))
+    if only is None:
+        return planes if storms is None else []
+    known = [plane.key for plane in planes]
+    unknown = sorted(set(only) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown cluster-like plane(s) {unknown} in profile {profile_name}: known {known}"
+        )
+    return [plane for plane in planes if plane.key in only]
+
+
 class _Reader:
     """The unrelated client: ``list pods`` in its namespace, steadily, in its own thread."""
 
@@ -622,16 +642,20 @@ def run(
     say: Say,
     *,
     storms: Sequence[str] | None = None,
+    clusters: Sequence[str] | None = None,
     sidecar_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The APF side-by-side rows (in the full profile, the seat-count sweep), then the
     cluster-like planes' rows.
 
     ``storms``: only these quiescent storms, and no cluster-like plane (``python -m
-    bench.fairness --storm``: one comparison without the whole phase); ``sidecar_args``: extra
-    receiver arguments for every storm (e.g. another ``--drain-concurrency``).
+    bench.fairness --storm``: one comparison without the whole phase); ``clusters``: only these
+    cluster-like planes (keys), and no quiescent storm unless ``storms`` names some;
+    ``sidecar_args``: extra receiver arguments for every storm (e.g. another
+    ``--drain-concurrency``).
     """
-    variants = _variants(profile.name, storms)
+    variants = _variants(profile.name, storms if storms is not None or clusters is None else [])
+    planes = _cluster_planes(profile.name, storms, clusters)
     probe_count, storm_seconds, idle_samples = SIZES.get(profile.name, SIZES["small"])
     workdir.mkdir(parents=True, exist_ok=True)
     stack = _Stack(
@@ -690,10 +714,7 @@ def run(
             "--clusterrole=system:node", "--group=system:nodes",
         )  # fmt: skip
         out["cluster_like"] = [
-            _cluster_plane(stack, reader, signer, plane, setting)
-            for plane in (
-                CLUSTER_PLANES.get(profile.name, CLUSTER_PLANES["small"]) if storms is None else ()
-            )
+            _cluster_plane(stack, reader, signer, plane, setting) for plane in planes
         ]
         out["sweep"] = [v.label for v in variants if v.label.startswith("shares_")]
         out["apf_objects"] = [
@@ -712,7 +733,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     idle baseline measured first, and no cluster-like plane); ``--sidecar-arg`` passes the
     receiver an extra argument. For example, what a deeper drain costs an unrelated client with
     Kubernetes' default FlowSchemas: ``--storm kubernetes_defaults`` with and without
-    ``--sidecar-arg=--drain-concurrency=32``.
+    ``--sidecar-arg=--drain-concurrency=32``. ``--cluster KEY`` (repeatable) runs only that
+    cluster-like plane (``cluster``: on every core; ``cluster_one_core``): its idle baseline and
+    its storms, and no quiescent storm unless ``--storm`` names some.
     """
     parser = argparse.ArgumentParser(prog="python -m bench.fairness", description=main.__doc__)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="full")
@@ -726,9 +749,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="an extra receiver argument (repeatable; e.g. --sidecar-arg=--drain-concurrency=32)",
     )
+    parser.add_argument(
+        "--cluster", action="append", default=None, help="a cluster-like plane's key (repeatable)"
+    )
     args = parser.parse_args(argv)
     try:
         _variants(args.profile, args.storm)
+        _cluster_planes(args.profile, args.storm, args.cluster)
     except ValueError as exc:
         parser.error(str(exc))
     started = time.monotonic()
@@ -741,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.workdir,
         say,
         storms=args.storm,
+        clusters=args.cluster,
         sidecar_args=args.sidecar_arg,
     )
     print(json.dumps(result, indent=1))

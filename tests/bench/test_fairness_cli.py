@@ -39,3 +39,27 @@ def test_an_unknown_storm_is_refused_before_anything_starts(
     assert "unknown storm(s) ['kubernetes_default']" in err
     assert "kubernetes_defaults" in err
     assert not (tmp_path / "w").exists()
+
+
+def test_only_the_named_cluster_like_plane_runs_and_no_quiescent_storm_unless_named(
+    fairness: ModuleType,
+) -> None:
+    every = [plane.key for plane in fairness._cluster_planes("full", None, None)]
+    assert every == ["cluster_one_core", "cluster"]
+    # --storm alone: quiescent storms only, as before.
+    assert fairness._cluster_planes("full", ["chart_apf"], None) == []
+    chosen = fairness._cluster_planes("full", None, ["cluster"])
+    assert [plane.key for plane in chosen] == ["cluster"]
+    assert chosen[0].unpinned
+
+
+def test_an_unknown_cluster_like_plane_is_refused_before_anything_starts(
+    fairness: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        fairness.main(["--workdir", str(tmp_path / "w"), "--cluster", "clusters"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown cluster-like plane(s) ['clusters']" in err
+    assert "'cluster_one_core', 'cluster'" in err
+    assert not (tmp_path / "w").exists()
