@@ -7,20 +7,21 @@ the real API server. ``bench`` is a directory of the checkout, imported from the
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 import itertools
-from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.bench.conftest import BenchImport
 
 NOW = dt.datetime(2026, 5, 4, 3, 2, 1, 234567, tzinfo=dt.UTC)
 
 
 @pytest.fixture
-def background(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(repo_root))
-    return importlib.import_module("bench.background")
+def background(bench_import: BenchImport) -> ModuleType:
+    return bench_import("background")
 
 
 def test_a_one_node_cluster_renews_two_leader_leases_every_2s_and_its_node_lease_every_10s(

@@ -8,17 +8,19 @@ numbers are is the benchmark's business, not the test's.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from tests.bounded import run_bounded
 
 from captchatask_sidecar.settings import DEFAULT_DRAIN_CONCURRENCY
+
+if TYPE_CHECKING:
+    from tests.bench.conftest import BenchImport
 
 REPO = Path(__file__).resolve().parents[2]
 TABLES = (
@@ -102,10 +104,9 @@ def test_ingestion_figures_are_finite_for_every_server(
 @pytest.mark.slow
 @pytest.mark.timeout(1140)
 def test_the_api_ceiling_and_the_overload_run_are_whole(
-    small_run: tuple[dict[str, Any], str, str], repo_root: Path, monkeypatch: pytest.MonkeyPatch
+    small_run: tuple[dict[str, Any], str, str], bench_import: BenchImport
 ) -> None:
-    monkeypatch.syspath_prepend(str(repo_root))
-    small = importlib.import_module("bench.profiles").SMALL
+    small = bench_import("profiles").SMALL
     ours = small_run[0]["ingestion"]["ours"]
     raw, overload = ours["raw_ceiling"], ours["overload"]
     assert raw["ok"] == raw["patches"] > 0

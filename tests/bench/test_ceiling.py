@@ -10,11 +10,10 @@ repository root.
 from __future__ import annotations
 
 import datetime as dt
-import importlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -24,6 +23,9 @@ from captchatask import kube
 from captchatask.decision import Result
 from captchatask.ledger import Ledger
 from captchatask.model import DeliveredBy, TaskRef
+
+if TYPE_CHECKING:
+    from tests.bench.conftest import BenchImport
 
 NOW = dt.datetime(2026, 5, 4, 3, 2, 1, tzinfo=dt.UTC)
 TOKEN = "0.token-of-the-bench"
@@ -50,12 +52,9 @@ class KeepingApiServer:
 
 
 @pytest.fixture
-def bench_modules(
-    repo_root: Path, monkeypatch: pytest.MonkeyPatch
-) -> tuple[ModuleType, ModuleType]:
+def bench_modules(bench_import: BenchImport) -> tuple[ModuleType, ModuleType]:
     """``bench.ceiling`` and ``bench.cluster``, imported from the checkout."""
-    monkeypatch.syspath_prepend(str(repo_root))
-    return importlib.import_module("bench.ceiling"), importlib.import_module("bench.cluster")
+    return bench_import("ceiling"), bench_import("cluster")
 
 
 @pytest.fixture

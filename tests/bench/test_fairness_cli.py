@@ -8,17 +8,19 @@ repository root.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.bench.conftest import BenchImport
+
 
 @pytest.fixture
-def fairness(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(repo_root))
-    return importlib.import_module("bench.fairness")
+def fairness(bench_import: BenchImport) -> ModuleType:
+    return bench_import("fairness")
 
 
 def test_only_the_named_storms_run_in_the_phase_order(fairness: ModuleType) -> None:

@@ -7,19 +7,19 @@ Pure functions of a results document (:mod:`bench.footprint`), so a hand-made on
 from __future__ import annotations
 
 import copy
-import importlib
 import re
-from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.bench.conftest import BenchImport
+
 
 @pytest.fixture
-def footprint(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(repo_root))
-    return importlib.import_module("bench.footprint")
+def footprint(bench_import: BenchImport) -> ModuleType:
+    return bench_import("footprint")
 
 
 def _listing(p99: float, cached_p99: float) -> dict[str, Any]:
@@ -132,10 +132,9 @@ def test_a_plane_on_every_core_shows_every_core_busy(footprint: ModuleType) -> N
 
 
 def test_every_cluster_like_storm_names_its_tasks_apart_and_validly(
-    repo_root: Path, monkeypatch: pytest.MonkeyPatch
+    bench_import: BenchImport,
 ) -> None:
-    monkeypatch.syspath_prepend(str(repo_root))
-    fairness = importlib.import_module("bench.fairness")
+    fairness = bench_import("fairness")
     prefixes = [
         fairness._task_prefix(plane.key, index)
         for planes in fairness.CLUSTER_PLANES.values()

@@ -5,18 +5,19 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
+if TYPE_CHECKING:
+    from tests.bench.conftest import BenchImport
+
 
 @pytest.fixture
-def procstat(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(repo_root))
-    return importlib.import_module("bench.procstat")
+def procstat(bench_import: BenchImport) -> ModuleType:
+    return bench_import("procstat")
 
 
 def test_every_core_of_this_process_is_read_and_busy_is_part_of_total(
