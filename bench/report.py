@@ -530,7 +530,8 @@ def overload_verdicts(ours: dict[str, Any]) -> list[Verdict]:
         ),
         Verdict(
             f"no 5xx at {factor} the API server's ceiling offered",
-            f"{summary.http_5xx} 5xx" + (" in every round together" if several else ""),
+            f"{summary.http_5xx} 5xx"
+            + (f" across the {len(summary.rounds)} rounds" if several else ""),
             summary.http_5xx == 0,
         ),
         Verdict(
