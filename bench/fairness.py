@@ -475,7 +475,7 @@ def _storm_with_reader(
     flow_before = _flowcontrol(stack)
     applied_before = _applied(stack)
     buckets_before = _list_pods_buckets(stack)
-    cpu_before = procstat.core_ticks()
+    cpu_before, used_before = procstat.core_ticks(), ingest.cpu_now(stack)
     # The client lists from the storm's start until the receiver's spool is empty again: our
     # writes go on at the same pace while it drains (with a pace, that is most of them).
     reader.start()
@@ -491,6 +491,7 @@ def _storm_with_reader(
     finally:
         listing = reader.stop()
     cpu = _cpu_busy(cpu_before)
+    used = ingest.cpu_now(stack)
     listing["server_p99_ms_at_most"] = _bucket_p99_ms(buckets_before, _list_pods_buckets(stack))
     flows = _flow_delta(flow_before, _flowcontrol(stack))
     applied = _applied(stack) - applied_before
@@ -503,6 +504,9 @@ def _storm_with_reader(
         },
         "outcomes": {key: after[key] - before[key] for key in after},
         "cpu_busy": cpu,
+        # CPU seconds per party over the same span: the plane's per result applied is what a
+        # write costs the API server at this rate (more per write at a pace than at saturation).
+        "cpu_seconds": {name: round(used[name] - used_before[name], 2) for name in used},
         "ledger": {
             "applied_during_storm": applied_storm,
             "applied": applied,
@@ -688,6 +692,11 @@ def run(
 
         say(f"fairness: {out['layout']}; probing ledger capacity with {probe_count} records")
         capacity = asyncio.run(_capacity(stack, _prepare(stack, probe_count, "cap")))
+        # Seconds after the pin: a Go runtime follows the affinity mask, so a pinned plane runs
+        # with one P, as on a machine of one core (a runtime with two would time-slice it).
+        out["apiserver_gomaxprocs"] = cluster.metric_sum(
+            cluster.apiserver_metrics(stack), "go_sched_gomaxprocs_threads"
+        )
         out["capacity_records_per_second"] = round(capacity, 1)
         rate = STORM_FACTOR * capacity
         out["storm_rate"] = round(rate)

@@ -301,9 +301,9 @@ def _raw_ceiling(
     """One raw probe, with the CPU each party used meanwhile (the plane's per patch, to hold
     against the overload row's: the same write each)."""
     config = kube.load_config(str(stack.plane.kubeconfig))
-    cpu_before = _cpu_now(stack)
+    cpu_before = cpu_now(stack)
     out = asyncio.run(ceiling.probe(config, tasks, token=TOKEN, in_flight=in_flight))
-    out["cpu_seconds"] = {k: round(v, 2) for k, v in _delta(_cpu_now(stack), cpu_before).items()}
+    out["cpu_seconds"] = {k: round(v, 2) for k, v in _delta(cpu_now(stack), cpu_before).items()}
     return out
 
 
@@ -332,14 +332,14 @@ def _overload(
     sampler = profiler.Profiler(
         stack.processes["sidecar"].pid, workdir / "sidecar-overload.pyspy", seconds=seconds * 4
     )
-    cpu_before, busy_before = _cpu_now(stack), procstat.core_ticks()
+    cpu_before, busy_before = cpu_now(stack), procstat.core_ticks()
     with sampler if spy else contextlib.nullcontext(sampler):
         run = paced(stack.pingback_url, paths_file, rate=rate, seconds=seconds)
-        sent_at, cpu_sent, busy_sent = time.time(), _cpu_now(stack), procstat.core_ticks()
+        sent_at, cpu_sent, busy_sent = time.time(), cpu_now(stack), procstat.core_ticks()
         applied_sent = _applied(cluster.scrape(stack.sidecar_metrics_url)) - before
         in_flight: list[float] = []
         done_at, applied = _wait_applied(stack, before, expected=len(tasks), in_flight=in_flight)
-    cpu_after, busy_after = _cpu_now(stack), procstat.core_ticks()
+    cpu_after, busy_after = cpu_now(stack), procstat.core_ticks()
     cpu = _delta(cpu_after, cpu_before)
     after_samples = cluster.scrape(stack.sidecar_metrics_url)
     api_after = cluster.apiserver_metrics(stack)
@@ -409,9 +409,9 @@ def _gc_collections(stack: Stack) -> dict[str, float]:
     }
 
 
-def _cpu_now(stack: Stack) -> dict[str, float]:
+def cpu_now(stack: Stack) -> dict[str, float]:
     """CPU seconds used so far by the sidecar, the control plane, this process and its children
-    (the load generator, once it has ended)."""
+    (the load generator, once it has ended). The fairness phase reads it around its storms."""
     own, children = (
         resource.getrusage(resource.RUSAGE_SELF),
         resource.getrusage(resource.RUSAGE_CHILDREN),

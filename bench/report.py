@@ -235,7 +235,7 @@ def rounds_table(ours: dict[str, Any]) -> str:
     done = rounds.of(ours)
     if len(done) < 2:
         return ""
-    median = ours.get("limit_median_round", rounds.median_index(done))
+    median = rounds.median_index(done)
     rows = []
     for index, round_ in enumerate(done):
         r = rounds.figures(round_)

@@ -25,9 +25,9 @@ its other clients wait (see :data:`~.settings.DEFAULT_DRAIN_CONCURRENCY`, whose 
 gentle); a burst of answers to many replays also holds up the pingbacks that share this event
 loop. So the drainer keeps at most :data:`BUSY_CONCURRENCY` replays in flight while pingbacks
 arrive, and deepens to ``concurrency`` (the flag, which bounds it always) once none has arrived for
-:data:`QUIET_SECONDS`: the spool a burst left behind then drains at the API server's
-deeper-queue pace. The first pingback after that brings the depth back down before another
-replay starts.
+:data:`QUIET_SECONDS`: the spool a burst left behind then drains with as many replays in
+flight as the flag allows (by default as many as while pingbacks arrive). The first pingback
+after that brings the depth back down before another replay starts.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -188,6 +189,10 @@ def test_the_api_server_footprint_phases_account_for_every_task(
         assert run["list_pods"]["cached"]["requests"] > 0
         assert run["pingbacks"]["ok"] > 0
         assert run["ledger"]["drained"]
+        assert run["cpu_seconds"]["kube-apiserver"] > 0  # what the storm's writes cost the plane
+    # The pinned plane's Go runtime follows the affinity mask: one P, as on a one-core machine.
+    unpinned = len(os.sched_getaffinity(0))
+    assert fairness["apiserver_gomaxprocs"] == (1 if fairness["pinned"]["plane"] else unpinned)
     assert plane["idle"]["requests"] > 0
     assert plane["background"]["renewals"] > 0
     assert plane["background"]["errors"] == 0
