@@ -182,10 +182,20 @@ class Engine:
         one kopf daemon calling this) per namespace.
         """
         async with self._lock:
-            self._active_refs += 1
-            if self._active_refs > 1:
+            if self._active_refs:
+                self._active_refs += 1
                 return
-            await self._rebuild()
+            try:
+                await self._rebuild()
+            except BaseException:
+                # Cancelled mid-listing (kopf cancels the leader daemon the moment a peer
+                # outranks this replica, and two replicas started together each resume for an
+                # instant first) or failed: stay a standby holding nothing half-read. The count
+                # moves only once the listing is done; counted before it, a cancelled activation
+                # left it at one with the engine inactive, and every later one returned early.
+                self._forget()
+                raise
+            self._active_refs = 1
             self.active = True
             self.active_since = self.clock()
             self._timer = asyncio.create_task(self.timer_loop.run(), name="captchatask timer")
@@ -206,8 +216,10 @@ class Engine:
     async def deactivate(self) -> None:
         """Become a standby (or stop): cancel everything and forget the in-memory state."""
         async with self._lock:
-            self._active_refs = max(0, self._active_refs - 1)
-            if self._active_refs > 0 or not self.active:
+            if not self._active_refs:
+                return
+            self._active_refs -= 1
+            if self._active_refs:
                 return
             self.active = False
             tasks = [t for t in (self._timer, *self._ops) if t is not None]
@@ -218,18 +230,22 @@ class Engine:
                     await task
             self._timer = None
             self._ops.clear()
-            self.tasks.clear()
-            self.providers.clear()
-            self.queues.clear()
-            self.schedule.clear()
-            self.poller.batches.clear()
-            self.poller.polls.clear()
-            self.poller.held.clear()  # their writers were cancelled above; the next active polls
-            self.busy.clear()
-            self.checks.clear()
-            self.requeuer.clear()
-            self.submitting = 0
+            self._forget()
             logger.info("engine inactive (standby or stopping)")
+
+    def _forget(self) -> None:
+        """Drop the in-memory state a standby must not keep (the ledger is the truth)."""
+        self.tasks.clear()
+        self.providers.clear()
+        self.queues.clear()
+        self.schedule.clear()
+        self.poller.batches.clear()
+        self.poller.polls.clear()
+        self.poller.held.clear()  # their writers are cancelled first; the next active polls
+        self.busy.clear()
+        self.checks.clear()
+        self.requeuer.clear()
+        self.submitting = 0
 
     def _namespace_scopes(self) -> list[str | None]:
         if self.settings.all_namespaces:
@@ -621,9 +637,13 @@ class Engine:
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine in the background; cancelled when the engine deactivates."""
+        self._start(coro)
+
+    def _start(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coro)
         self._ops.add(task)
         task.add_done_callback(self._op_done)
+        return task
 
     def _op_done(self, task: asyncio.Task[None]) -> None:
         """Forget a finished action; log and count one that raised (else it would go unseen)."""
@@ -681,7 +701,9 @@ class Engine:
                 # again at once and spin while the API server is away.
                 self._after_action(key, submitting=submitting, postponed=postponed)
 
-        self.spawn(wrapper())
+        # A deactivation can cancel the wrapper before it starts, and then nothing awaits the
+        # action: close it, or Python warns that it was never awaited.
+        self._start(wrapper()).add_done_callback(lambda _: coro.close())
         return True
 
     def _after_action(self, key: TaskKey, *, submitting: bool, postponed: bool = False) -> None:
