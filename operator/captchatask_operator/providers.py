@@ -156,19 +156,8 @@ class ProviderChecks:
         self.deps.metrics.provider_ready.labels(*spec.key).set(1 if verdict.ready else 0)
         now = self.deps.clock()
         status = _status(state, verdict, in_flight=engine.in_flight(spec.key), now=now)
-        try:
-            body = await self.deps.client.patch(
-                kube.PROVIDERS,
-                spec.namespace,
-                spec.name,
-                {"status": status},
-                subresource="status",
-            )
-        except kube.ApiError as exc:
-            if not exc.not_found:
-                raise
-        else:
-            engine.store_provider(body)
+        # Everything the verdict changes in memory happens before the status write, which can
+        # fail: the next check sees no change, so tasks not re-decided now never would be.
         provider_ref = ObjectRef(model.PROVIDER_KIND, spec.namespace, spec.name, spec.uid)
         if verdict.ready and not was_ready:
             self.deps.events.emit(provider_ref, EventType.NORMAL, "Ready", verdict.message)
@@ -184,6 +173,19 @@ class ProviderChecks:
         state.error_code = verdict.error_code
         wait = spec.recheck_seconds if verdict.ready else self.deps.settings.provider_retry_seconds
         engine.schedule_at(Kind.PROVIDER, spec.key, now + dt.timedelta(seconds=wait))
+        try:
+            body = await self.deps.client.patch(
+                kube.PROVIDERS,
+                spec.namespace,
+                spec.name,
+                {"status": status},
+                subresource="status",
+            )
+        except kube.ApiError as exc:
+            if not exc.not_found:
+                raise  # the caller re-checks soon, and that check writes the status
+        else:
+            engine.store_provider(body)
 
     async def _keep_readiness(self, state: ProviderState, verdict: policy.ProviderVerdict) -> None:
         """A transient check failure: keep the last known readiness, re-check soon (BUG-1).

@@ -457,6 +457,21 @@ async def serving(
         await runner.cleanup()
 
 
+async def forward(
+    session: aiohttp.ClientSession, upstream: str, request: web.Request, body: bytes
+) -> web.Response:
+    """Send a request a test proxy took (its ``body`` already read) on to ``upstream``."""
+    headers = {"Content-Type": request.headers.get("Content-Type", "")}
+    async with session.request(
+        request.method, upstream + request.path_qs, data=body, headers=headers
+    ) as response:
+        payload = await response.read()
+        content_type = response.headers.get("Content-Type", "text/plain")
+        return web.Response(
+            status=response.status, body=payload, headers={"Content-Type": content_type}
+        )
+
+
 def ref_of(body: dict[str, Any]) -> TaskRef:
     meta = body["metadata"]
     return TaskRef(meta["namespace"], meta["name"], meta["uid"])

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from tests.operator.conftest import serving
+from tests.operator.conftest import forward, serving
 
 from captchatask import model
 from captchatask.emulator.config import DEFAULT_API_KEY, EmulatorConfig
@@ -61,17 +61,13 @@ class CheckFailingProxy:
             return web.Response(status=502, text=HTML_502, content_type="text/html")
         if action == "get" and self.checks_rejected >= 2:
             self.polls_after_rejection += 1
-        headers = {"Content-Type": request.headers.get("Content-Type", "")}
-        async with self.session.request(
-            request.method, self.upstream + request.path_qs, data=body, headers=headers
-        ) as upstream:
-            status, payload = upstream.status, await upstream.read()
-            content_type = upstream.headers.get("Content-Type", "text/plain")
-        if check and b"ERROR_KEY_DOES_NOT_EXIST" in payload:
+        response = await forward(self.session, self.upstream, request, body)
+        assert isinstance(response.body, bytes)
+        if check and b"ERROR_KEY_DOES_NOT_EXIST" in response.body:
             self.checks_rejected += 1
         elif check:
             self.checks_passed += 1
-        return web.Response(status=status, body=payload, headers={"Content-Type": content_type})
+        return response
 
 
 @pytest.fixture
