@@ -734,7 +734,15 @@ class Spool:
         if doomed:
             for segment in doomed:
                 del self._segments[segment.seq]
-            await loop.run_in_executor(run, self._delete_segments, doomed)
+            try:
+                await loop.run_in_executor(run, self._delete_segments, doomed)
+            except BaseException:
+                # Back on the books, or the file stays on disk uncounted for, and the next
+                # compaction drops its tombstones: the next start would replay all of it. The
+                # next maintenance deletes it again ("gone" twice, or a missing file, is fine).
+                for segment in doomed:
+                    self._segments[segment.seq] = segment
+                raise
             # Only now: a deletion that failed leaves its bytes on the volume, and counted.
             self._bytes -= sum(segment.size for segment in doomed)
             return True

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -40,8 +41,8 @@ from captchatask.provider.codes import Dialect
 from captchatask_sidecar.metrics import Metrics
 from captchatask_sidecar.pingback import OUTCOME_HEADER, PingbackReceiver, create_pingback_app
 from captchatask_sidecar.recorder import Recorder
-from captchatask_sidecar.spool import Disk, Spool
-from captchatask_sidecar.spoolformat import SpoolRecord, scan
+from captchatask_sidecar.spool import JOURNAL_NAME, Disk, Spool
+from captchatask_sidecar.spoolformat import SpoolRecord, read_journal, scan
 
 NAMESPACE = "apps"
 #: A hang guard, never a speed assertion: how long a blocked disk call waits to be released.
@@ -427,3 +428,55 @@ async def test_a_crash_between_resolution_and_segment_removal_replays_nothing(
     after_kill = Spool(disk.snapshot)
     assert after_kill.open() == 0
     await after_kill.close()
+
+
+class GoneSyncFailingDisk(Disk):
+    """The first sync of a "gone" tombstone fails with EIO, as a failing volume's can."""
+
+    def __init__(self, journal: Path) -> None:
+        self.journal = journal
+        self.failed = 0
+
+    def sync(self, fd: int) -> None:
+        if (
+            not self.failed
+            and self.journal.exists()
+            and read_journal(self.journal.read_bytes()).gone
+        ):
+            self.failed += 1
+            raise OSError(errno.EIO, "Input/output error")
+        super().sync(fd)
+
+
+async def test_a_drained_segment_whose_deletion_failed_is_deleted_later_and_never_replayed(
+    tmp_path: Path,
+) -> None:
+    """A failed deletion is retried by the next maintenance, with the segment's tombstones kept.
+
+    The spool took a drained segment off its books before deleting it, and a deletion that
+    failed (its "gone" tombstone could not be made durable) left the file on disk and off the
+    books: its bytes counted for good, and the next compaction of the journal dropped its
+    tombstones, so the next start replayed every result in it.
+    """
+    directory = tmp_path / "spool"
+    disk = GoneSyncFailingDisk(directory / JOURNAL_NAME)
+    spool = Spool(directory, disk=disk)
+    spool.open()
+    for index in (1, 2):
+        await spool.append(record(index))
+    first_segment = spool.segment_files()
+    for entry in await spool.due(time.monotonic(), limit=10):
+        spool.resolve(entry)  # the segment is drained: maintenance rotates and deletes it
+    await spool.settle()
+    assert disk.failed == 1, "the deletion's tombstone was never synced"
+
+    await spool.append(record(3))
+    [entry] = await spool.due(time.monotonic(), limit=10)
+    spool.resolve(entry)  # drains the next segment: maintenance runs again, then compacts
+    await spool.close()
+    assert not set(first_segment) & set(spool.segment_files()), "the segment is still there"
+
+    reopened = Spool(directory)
+    assert reopened.open() == 0
+    assert reopened.records() == []
+    await reopened.close()
