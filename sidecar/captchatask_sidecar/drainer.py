@@ -67,11 +67,15 @@ BUSY_CONCURRENCY: Final = 8
 
 
 async def _all_done(running: set[asyncio.Task[str]]) -> set[asyncio.Task[str]]:
-    """Wait for every replay in flight to end; take them out of ``running``."""
+    """Wait for every replay in flight to end; take them out of ``running`` once they have.
+
+    Not before: cancelled during the wait (shutdown), :meth:`Drainer.run` must still find
+    them there to cancel them, or they outlive the spool it is closed with.
+    """
     done = set(running)
-    running.clear()
     if done:
         await asyncio.wait(done)
+    running.difference_update(done)
     return done
 
 
