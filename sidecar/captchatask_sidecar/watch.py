@@ -156,6 +156,15 @@ class TaskHub:
             except (kube.KubeUnavailable, ValueError) as exc:
                 await self._restart(backoff, exc)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            except Exception as exc:
+                # A bug. Uncaught, it ended the stream unseen while the hub still counted it as
+                # up, and the long-polls then waited out their timeouts for results written by
+                # anyone but this sidecar. Restart from a fresh list, which re-reads every
+                # waited-for task.
+                logger.exception("task watch failed; restarting it from a fresh list")
+                resource_version = None
+                await self._restart(backoff, exc)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
     async def _restart(self, delay: float, exc: Exception) -> None:
         self.connected.clear()
