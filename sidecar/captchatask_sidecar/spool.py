@@ -737,9 +737,10 @@ class Spool:
             try:
                 await loop.run_in_executor(run, self._delete_segments, doomed)
             except BaseException:
-                # Back on the books, or the file stays on disk uncounted for, and the next
-                # compaction drops its tombstones: the next start would replay all of it. The
-                # next maintenance deletes it again ("gone" twice, or a missing file, is fine).
+                # Back on the books. Off them, the file stayed on disk (and in the bytes
+                # counted) until a restart, and the next compaction dropped its tombstones, so
+                # that start replayed all of it. The next maintenance deletes it again (a second
+                # "gone" tombstone, or a file already unlinked, is fine).
                 for segment in doomed:
                     self._segments[segment.seq] = segment
                 raise
