@@ -80,7 +80,18 @@ class Runtime:
         return self.engine
 
     async def start(self) -> None:
-        """Connect, build the engine, serve the admin port, activate unless peering decides."""
+        """Connect, build the engine, serve the admin port, activate unless peering decides.
+
+        A failure releases what was taken so far: kopf retries a failed startup, and a retry
+        that found the admin port still bound could never start.
+        """
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def _start(self) -> None:
         config = kube.load_config()
         self._kube_session = aiohttp.ClientSession(connector=kube.connector(config))
         self._http = aiohttp.ClientSession(
@@ -128,17 +139,20 @@ class Runtime:
         self.started = True
 
     async def stop(self) -> None:
-        """Deactivate and release everything started in :meth:`start`."""
+        """Deactivate and release everything started in :meth:`start` (idempotent)."""
         if self.engine is not None:
             while self.engine.active:
                 await self.engine.deactivate()
         if self._events is not None:
             await self._events.close()
+            self._events = None
         if self._admin is not None:
             await self._admin.stop()
+            self._admin = None
         for session in (self._http, self._kube_session):
             if session is not None:
                 await session.close()
+        self._http = self._kube_session = None
 
 
 def configure_kopf(kopf_settings: kopf.OperatorSettings, settings: Settings) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import pwd
 import socket
@@ -12,10 +13,12 @@ import kopf
 import pytest
 from prometheus_client import CollectorRegistry
 
+from captchatask import testbed
 from captchatask.events import EventType, ObjectRef, build_event
 from captchatask.model import TaskRef
 from captchatask_operator import cli
 from captchatask_operator import settings as settings_module
+from captchatask_operator.engine import Engine
 from captchatask_operator.handlers import (
     WORKER_IDLE_TIMEOUT,
     WORKER_LIMIT,
@@ -200,3 +203,43 @@ def test_kopf_is_configured_without_deprecated_settings() -> None:
     configure_kopf(kopf_settings, settings_module.parse(["--namespace", "ns"], {}))
     assert kopf_settings.queueing.worker_limit == WORKER_LIMIT
     assert kopf_settings.queueing.idle_timeout == WORKER_IDLE_TIMEOUT
+
+
+async def test_a_startup_that_failed_releases_what_it_took_so_a_retry_can_start(
+    control_plane: testbed.ControlPlane, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kopf retries a failed startup handler; the retry must find the admin port free.
+
+    ``Runtime.start`` connects, binds the admin port and (without peering) activates the engine.
+    An unexpected error in the activation left the port bound and the sessions open, so every
+    retry failed to bind ("address already in use") and the operator never started.
+    """
+    monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    settings = settings_module.parse(
+        ["--namespace", namespace, "--admin-host", "127.0.0.1", "--admin-port", "0"], {}
+    )
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = dataclasses.replace(settings, admin_port=port)
+    rebuild = Engine._rebuild
+    failures = 0
+
+    async def rebuild_once_failing(engine: Engine) -> None:
+        nonlocal failures
+        if not failures:
+            failures += 1
+            raise RuntimeError("a bug in the initial listing")
+        await rebuild(engine)
+
+    monkeypatch.setattr(Engine, "_rebuild", rebuild_once_failing)
+    runtime = Runtime(settings, registry=CollectorRegistry(), signer=None)
+    with pytest.raises(RuntimeError, match="initial listing"):
+        await runtime.start()
+    try:
+        await runtime.start()  # as kopf retries it
+        assert runtime.started
+        assert runtime.admin_port == port
+        assert runtime.require_engine().active
+    finally:
+        await runtime.stop()
