@@ -11,9 +11,12 @@ planted, and the components' metrics tell the same story as the ledger.
 
 **Submitted twice** is counted per CaptchaTask from the emulator's own records (each provider
 task's pingback URL names the CaptchaTask it was created for). The rule the operator keeps: a
-CaptchaTask gets a further provider task only after an ``in.php`` whose reply was lost (the
-emulator marks it) *and* whose pingback had not been acknowledged when the next one was
-created. Any other extra provider task is a violation. A reply-lost task's pingback that
+CaptchaTask gets a further provider task only after an ``in.php`` whose reply it never saw *and*
+whose pingback had not been acknowledged when the next one was created. A reply it never saw is
+one the emulator lost (it marks them), or one of an ``in.php`` that reached the emulator during
+an operator's kill window, just before its SIGKILL: that reply, or the ``Submitted`` write after
+it, died with the process (an unresolved intent, resolved after the pingback grace). Any other
+extra provider task is a violation. A reply-lost task's pingback that
 arrives after the resubmission names a provider id other than the one on record and becomes a
 ``ProviderTaskMismatch`` dead letter (documented): those are counted apart, not as unplanted.
 """
@@ -231,18 +234,25 @@ class Submissions:
     """Provider tasks per CaptchaTask, from the emulator's records."""
 
     per_task: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
-    #: Extra provider tasks the at-most-once rule allows (reply lost, pingback not yet in).
+    #: Extra provider tasks the at-most-once rule allows (reply lost or unseen, pingback not in).
     allowed_extra: list[str] = field(default_factory=list)
     #: Extra provider tasks it does not allow.
     twice: list[str] = field(default_factory=list)
-    #: Provider ids of reply-lost tasks that were superseded by a resubmission.
+    #: Provider ids of reply-lost (or unseen) tasks that were superseded by a resubmission.
     abandoned: set[str] = field(default_factory=set)
 
 
 def count_submissions(
-    emulator_tasks: Iterable[Mapping[str, Any]], uids: Mapping[str, str]
+    emulator_tasks: Iterable[Mapping[str, Any]],
+    uids: Mapping[str, str],
+    operator_kills: Iterable[KillWindow] = (),
 ) -> Submissions:
-    """Group provider tasks by the CaptchaTask their URL names; judge every extra one."""
+    """Group provider tasks by the CaptchaTask their URL names; judge every extra one.
+
+    ``operator_kills``: a provider task created in one of these windows may have had its reply
+    die with the operator (see the module docs).
+    """
+    kills = list(operator_kills)
     found = Submissions()
     for record in emulator_tasks:
         owner = _pingback_owner(record)
@@ -253,7 +263,10 @@ def count_submissions(
         ordered = sorted(records, key=lambda r: float(r.get("created_at") or 0.0))
         for earlier, later in itertools.pairwise(ordered):
             delivered = earlier.get("pingback", {}).get("delivered_at")
-            lost_in_time = earlier.get("in_reply_lost") and (
+            unseen = earlier.get("in_reply_lost") or _in_windows(
+                float(earlier.get("created_at") or 0.0), kills
+            )
+            lost_in_time = unseen and (
                 delivered is None or float(delivered) >= float(later.get("created_at") or 0.0)
             )
             label = f"{name}({later.get('id')})"
@@ -366,6 +379,7 @@ def evaluate(snap: Snapshot) -> Verdict:
     submissions = count_submissions(
         snap.emulator_tasks,
         {name: str(body["metadata"].get("uid", "")) for name, body in tasks.items()},
+        snap.operator_kills,
     )
     owned = {str(r.get("id")) for records in submissions.per_task.values() for r in records}
     # Provider tasks no CaptchaTask's URL names (poll-only submissions) fall back to the ledger.

@@ -44,7 +44,11 @@ def verdict_module(repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleTy
 
 
 def _snapshot(
-    verdict_module: ModuleType, emulator_tasks: list[dict[str, Any]], *, on_record: str
+    verdict_module: ModuleType,
+    emulator_tasks: list[dict[str, Any]],
+    *,
+    on_record: str,
+    operator_kills: tuple[tuple[float, float], ...] = (),
 ) -> Any:
     task = {
         "metadata": {
@@ -70,7 +74,7 @@ def _snapshot(
         emulator_summary={"totals": {}},
         operator_metrics=[{("captchatask_fallback_recoveries_total", ()): 1.0}],
         sidecar_metrics=[{}],
-        operator_kills=[],
+        operator_kills=[verdict_module.KillWindow(*window) for window in operator_kills],
         sidecar_kills=[],
         spool_bytes=0,
         planted=[],
@@ -131,3 +135,47 @@ def test_a_second_provider_task_without_a_lost_reply_is_submitted_twice_even_if_
     verdict = verdict_module.evaluate(snap)
 
     assert verdict.figures["submitted_twice"] == 1
+
+
+def test_a_resubmission_after_an_in_php_cut_off_by_an_operator_kill_is_allowed(
+    verdict_module: ModuleType,
+) -> None:
+    """The operator was SIGKILLed right after its ``in.php`` reached the emulator.
+
+    The reply (or the ``Submitted`` write after it) died with the process: to the restarted
+    operator it is an unresolved intent, resubmitted after the pingback grace, as a lost reply.
+    """
+    snap = _snapshot(
+        verdict_module,
+        [
+            _provider_task("1000000001", created=100.0, lost=None, delivered=None),
+            _provider_task("1000000002", created=117.0, lost=None, delivered=None),
+        ],
+        on_record="1000000002",
+        operator_kills=((99.2, 100.1),),
+    )
+
+    verdict = verdict_module.evaluate(snap)
+
+    assert verdict.figures["submitted_twice"] == 0
+    assert verdict.figures["resubmitted_after_lost_reply"] == 1
+    assert verdict.passed, verdict.violations
+
+
+def test_a_second_provider_task_is_submitted_twice_if_the_first_was_created_outside_a_kill(
+    verdict_module: ModuleType,
+) -> None:
+    snap = _snapshot(
+        verdict_module,
+        [
+            _provider_task("1000000001", created=100.0, lost=None, delivered=None),
+            _provider_task("1000000002", created=117.0, lost=None, delivered=None),
+        ],
+        on_record="1000000002",
+        operator_kills=((100.5, 101.5),),  # killed after that in.php's reply could be seen
+    )
+
+    verdict = verdict_module.evaluate(snap)
+
+    assert verdict.figures["submitted_twice"] == 1
+    assert not verdict.passed
