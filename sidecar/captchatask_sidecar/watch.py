@@ -151,11 +151,9 @@ class TaskHub:
                 if exc.status == HTTP_GONE:
                     resource_version = None
                     continue
-                await self._restart(backoff, exc)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                backoff = await self._restart(backoff, exc)
             except (kube.KubeUnavailable, ValueError) as exc:
-                await self._restart(backoff, exc)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                backoff = await self._restart(backoff, exc)
             except Exception as exc:
                 # A bug. Uncaught, it ended the stream unseen while the hub still counted it as
                 # up, and the long-polls then waited out their timeouts for results written by
@@ -163,14 +161,15 @@ class TaskHub:
                 # waited-for task.
                 logger.exception("task watch failed; restarting it from a fresh list")
                 resource_version = None
-                await self._restart(backoff, exc)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                backoff = await self._restart(backoff, exc)
 
-    async def _restart(self, delay: float, exc: Exception) -> None:
+    async def _restart(self, delay: float, exc: Exception) -> float:
+        """Count, wait ``delay``; return the back-off for the next restart (doubled, capped)."""
         self.connected.clear()
         self.metrics.watch_restarts.inc()
         logger.debug("task watch interrupted (%s); restarting in %.2fs", type(exc).__name__, delay)
         await asyncio.sleep(delay)
+        return min(delay * 2, MAX_BACKOFF_SECONDS)
 
     async def _list(self) -> str:
         listing = await self.client.request(

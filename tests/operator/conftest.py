@@ -457,6 +457,11 @@ async def serving(
         await runner.cleanup()
 
 
+#: The account-check actions a test proxy tells apart (CaptchaAI: ``threadsinfo``; 2captcha:
+#: ``getbalance``).
+CHECK_ACTIONS = frozenset({"threadsinfo", "getbalance"})
+
+
 async def forward(
     session: aiohttp.ClientSession, upstream: str, request: web.Request, body: bytes
 ) -> web.Response:

@@ -23,15 +23,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from tests.operator.conftest import forward, serving
+from tests.operator.conftest import CHECK_ACTIONS, forward, serving
 
 from captchatask import model
 from captchatask.emulator.config import DEFAULT_API_KEY, EmulatorConfig
 from captchatask.emulator.server import RunningEmulator, run_emulator
 
 FAST_SOLVE = EmulatorConfig(seed=13, threads=50, solve_times={"recaptcha_v2": (1.0, 1.0)})
-#: The account-check actions (CaptchaAI: ``threadsinfo``; 2captcha: ``getbalance``).
-CHECK_ACTIONS = frozenset({"threadsinfo", "getbalance"})
 HTML_502 = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
 #: A well-formed key the emulator does not know (``ERROR_KEY_DOES_NOT_EXIST``).
 UNKNOWN_KEY = "0" * len(DEFAULT_API_KEY)

@@ -23,15 +23,13 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from tests.operator.conftest import forward, serving
+from tests.operator.conftest import CHECK_ACTIONS, forward, serving
 
 from captchatask import kube, model, testbed
 from captchatask.emulator.server import RunningEmulator
 
 POLICY = "captchatask-test-refuse-provider-status"
 REFUSAL = "provider status writes are refused in this test"
-#: The account-check actions (CaptchaAI: ``threadsinfo``; 2captcha: ``getbalance``).
-CHECK_ACTIONS = frozenset({"threadsinfo", "getbalance"})
 
 
 def policy_manifest(namespace: str) -> str:

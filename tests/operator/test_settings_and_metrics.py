@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import pwd
 import socket
@@ -215,13 +214,10 @@ async def test_a_startup_that_failed_releases_what_it_took_so_a_retry_can_start(
     retry failed to bind ("address already in use") and the operator never started.
     """
     monkeypatch.setenv("KUBECONFIG", str(control_plane.kubeconfig))
+    [port] = testbed.free_ports(1)
     settings = settings_module.parse(
-        ["--namespace", namespace, "--admin-host", "127.0.0.1", "--admin-port", "0"], {}
+        ["--namespace", namespace, "--admin-host", "127.0.0.1", "--admin-port", str(port)], {}
     )
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    settings = dataclasses.replace(settings, admin_port=port)
     rebuild = Engine._rebuild
     failures = 0
 
